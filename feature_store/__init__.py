@@ -1,0 +1,1 @@
+"""Feature cache: one-time extraction jobs writing versioned Parquet feature sets."""

@@ -1,0 +1,239 @@
+"""Typed configs: dataclasses, YAML presets, dotted overrides, validation that names the key.
+
+A component declares its config as a dataclass whose fields use :func:`option` (default, help
+text, bounds). A run is a YAML preset plus overrides such as ``objective.mmm_ratio=0.3``.
+Everything is checked before any work starts: an unknown key, a wrong type or an out-of-range
+value raises :class:`ConfigError`, whose one-line message names the dotted key.
+
+    cfg = load_config(PretrainConfig, "configs/demo/pretrain.yaml", ["objective.mmm_ratio=0.3"])
+    flatten(cfg)      # {"objective.mmm_ratio": "0.3", ...}  -> MLflow params
+    dump_yaml(cfg)    # loads back to an equal config
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+import types
+import typing
+from typing import Any, Literal, TypeVar, Union
+
+import yaml
+
+T = TypeVar("T")
+
+
+class ConfigError(ValueError):
+    """A config value is unknown, of the wrong type or out of range. ``key`` is its dotted path."""
+
+    def __init__(self, key: str, message: str):
+        self.key = key
+        super().__init__(f"config key '{key}': {message}" if key else message)
+
+
+def option(default: Any = dataclasses.MISSING, help: str = "", *, ge=None, gt=None, le=None, lt=None,
+           default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its documentation and numeric bounds (checked on load)."""
+    bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    return dataclasses.field(default=default, default_factory=default_factory,
+                             metadata={"help": help, **bounds})
+
+
+def _type_name(tp: Any) -> str:
+    if typing.get_origin(tp) is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
+
+
+def _is_optional(tp: Any) -> bool:
+    return typing.get_origin(tp) in (Union, types.UnionType) and type(None) in typing.get_args(tp)
+
+
+def _convert(value: Any, tp: Any, key: str) -> Any:
+    """Check ``value`` against the annotation ``tp`` and return it in canonical form."""
+    origin = typing.get_origin(tp)
+    if tp is Any:
+        return value
+    if _is_optional(tp):
+        if value is None:
+            return None
+        inner = [a for a in typing.get_args(tp) if a is not type(None)]
+        return _convert(value, inner[0] if len(inner) == 1 else Union[tuple(inner)], key)
+    if dataclasses.is_dataclass(tp):
+        if isinstance(value, tp):
+            value = dataclasses.asdict(value)
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping of {tp.__name__} fields, got {value!r}")
+        return from_dict(tp, value, prefix=key)
+    if origin is Literal:
+        choices = typing.get_args(tp)
+        if value not in choices:
+            raise ConfigError(key, f"must be one of {', '.join(map(repr, choices))}, got {value!r}")
+        return value
+    if origin in (list, tuple):
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, f"expected a list, got {value!r}")
+        (item,) = typing.get_args(tp)[:1] or (Any,)
+        return [_convert(v, item, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(key, f"expected a mapping, got {value!r}")
+        return dict(value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"expected true or false, got {value!r}")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, f"expected an integer, got {value!r}")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, f"expected a number, got {value!r}")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, f"expected a string, got {value!r}")
+        return value
+    raise ConfigError(key, f"unsupported annotation {tp!r}")  # a bug in the schema, not the input
+
+
+def _check_bounds(value: Any, meta: typing.Mapping, key: str) -> None:
+    if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return
+    checks = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
+              "le": (lambda v, b: v <= b, "<="), "lt": (lambda v, b: v < b, "<")}
+    for name, (ok, sign) in checks.items():
+        if name in meta and not ok(value, meta[name]):
+            raise ConfigError(key, f"must be {sign} {meta[name]}, got {value!r}")
+
+
+def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
+    """Build ``cls`` from a nested dict, validating every key (see module docstring)."""
+    data = dict(data or {})
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
+    for name in data:
+        if name not in fields:
+            near = difflib.get_close_matches(str(name), list(fields), n=1)
+            hint = f" (did you mean '{prefix + '.' if prefix else ''}{near[0]}'?)" if near else ""
+            raise ConfigError(f"{prefix}.{name}" if prefix else str(name), f"unknown key{hint}")
+    kwargs = {}
+    for name, f in fields.items():
+        key = f"{prefix}.{name}" if prefix else name
+        if name not in data:
+            if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+                raise ConfigError(key, "is required")
+            continue
+        value = _convert(data[name], hints[name], key)
+        _check_bounds(value, f.metadata, key)
+        kwargs[name] = value
+    obj = cls(**kwargs)
+    validate = getattr(obj, "validate", None)
+    if validate is not None:
+        try:
+            validate()
+        except ConfigError as err:
+            if prefix and not err.key.startswith(prefix):
+                raise ConfigError(f"{prefix}.{err.key}", str(err).split(": ", 1)[-1]) from None
+            raise
+    return obj
+
+
+def parse_overrides(overrides: list[str]) -> dict:
+    """``["a.b=1", "c=x"]`` -> ``{"a": {"b": 1}, "c": "x"}``; values are parsed as YAML scalars."""
+    tree: dict = {}
+    for item in overrides:
+        if "=" not in item:
+            raise ConfigError(item, "an override must look like key=value (e.g. objective.mmm_ratio=0.3)")
+        key, raw = item.split("=", 1)
+        key = key.strip()
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                raise ConfigError(key, "conflicts with another override")
+        node[parts[-1]] = value
+    return tree
+
+
+def merge(base: dict, update: dict) -> dict:
+    """Deep-merge ``update`` into a copy of ``base``."""
+    out = dict(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def read_yaml(path: str) -> dict:
+    """Read a YAML mapping from a local path or URI."""
+    from vidray import storage
+
+    try:
+        with storage.open_uri(path, "rb") as f:
+            data = yaml.safe_load(f)
+    except storage.StorageError as err:
+        raise ConfigError("", f"config file {err}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError("", f"config file {path} is not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError("", f"config file {path} must hold a mapping at the top level")
+    return data
+
+
+def load_config(cls: type[T], path: str | None = None, overrides: list[str] | None = None) -> T:
+    """The preset at ``path`` (if any) with ``overrides`` applied, validated."""
+    data = read_yaml(path) if path else {}
+    return from_dict(cls, merge(data, parse_overrides(overrides or [])))
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def dump_yaml(cfg: Any) -> str:
+    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+
+
+def flatten(cfg: Any) -> dict[str, str]:
+    """Dotted-key string params for MLflow (lists and dicts as JSON, None as 'null')."""
+    out: dict[str, str] = {}
+
+    def walk(node: Any, prefix: str) -> None:
+        if isinstance(node, dict) and node:
+            for k, v in node.items():
+                walk(v, f"{prefix}.{k}" if prefix else str(k))
+        elif isinstance(node, (list, tuple, dict)):
+            out[prefix] = json.dumps(node)
+        else:
+            out[prefix] = "null" if node is None else str(node)
+
+    walk(to_dict(cfg), "")
+    return out
+
+
+def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
+    """(dotted key, type, default, help) for every field, for `--help` and the README."""
+    rows = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}" if prefix else f.name
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, key))
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else (
+            f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
+        rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
+    return rows

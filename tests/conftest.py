@@ -1,0 +1,52 @@
+"""Session fixtures: one real local stack (moto S3 + MLflow server) and one local Ray cluster.
+
+They use the same code users run (`vidray.stack`), started once per test session.
+"""
+
+from __future__ import annotations
+
+import os
+import uuid
+
+import pytest
+
+from vidray import stack as local_stack
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(scope="session")
+def stack(tmp_path_factory):
+    """A running local stack; its environment is exported into this process (and so into Ray)."""
+    directory = tmp_path_factory.mktemp("stack")
+    info = local_stack.up(str(directory), bucket="vidray-test")
+    saved = {k: os.environ.get(k) for k in info.env}
+    os.environ.update(info.env)
+    yield info
+    local_stack.down(str(directory))
+    for key, value in saved.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+
+
+@pytest.fixture
+def s3_uri(stack, request):
+    """A fresh, empty prefix on the local S3 endpoint."""
+    name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:40]
+    return f"s3://{stack.bucket}/{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(stack):
+    """One local Ray cluster for the session; started after the stack so workers inherit its env.
+
+    More logical CPUs than cores so Ray Data tasks and Train workers can run side by side.
+    """
+    import ray
+
+    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": dict(stack.env)})
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,1 @@
+"""Ray Tune sweeps over config paths, with nested MLflow runs."""
