@@ -160,9 +160,16 @@ def _create_bucket(info: StackInfo) -> None:
         client.create_bucket(Bucket=info.bucket)
 
 
-def up(directory: str = DEFAULT_DIR, bucket: str = "vidray", timeout_s: float = 90.0) -> StackInfo:
-    """Start the S3 endpoint and the MLflow server (or return the healthy ones already running)."""
+def up(directory: str = DEFAULT_DIR, bucket: str = "vidray", timeout_s: float = 90.0,
+       mlflow_dir: str | None = None) -> StackInfo:
+    """Start the S3 endpoint and the MLflow server (or return the healthy ones already running).
+
+    State, pids and logs go to ``directory``; the MLflow sqlite database and artifacts to
+    ``mlflow_dir`` (default: ``directory``), so they outlive the stack. The S3 endpoint keeps its
+    objects in memory: they are gone after `down`.
+    """
     directory = os.path.abspath(directory)
+    mlflow_dir = os.path.abspath(mlflow_dir or directory)
     os.makedirs(directory, exist_ok=True)
     current = load(directory)
     if current and all(_healthy(s) for s in current.services.values()):
@@ -170,7 +177,7 @@ def up(directory: str = DEFAULT_DIR, bucket: str = "vidray", timeout_s: float = 
     if current:
         down(directory)
     s3_port, mlflow_port = free_port(), free_port()
-    artifacts = os.path.join(directory, "mlflow-artifacts")
+    artifacts = os.path.join(mlflow_dir, "artifacts")
     os.makedirs(artifacts, exist_ok=True)
     info = StackInfo(directory=directory, bucket=bucket)
     info.services["s3"] = _spawn(
@@ -180,7 +187,7 @@ def up(directory: str = DEFAULT_DIR, bucket: str = "vidray", timeout_s: float = 
         "mlflow",
         [sys.executable, "-m", "mlflow", "server", "--host", HOST, "--port", str(mlflow_port),
          "--workers", "1",
-         "--backend-store-uri", f"sqlite:///{os.path.join(directory, 'mlflow.db')}",
+         "--backend-store-uri", f"sqlite:///{os.path.join(mlflow_dir, 'mlflow.db')}",
          "--artifacts-destination", artifacts],
         directory, mlflow_port, f"http://{HOST}:{mlflow_port}")
     _save(info)

@@ -1,0 +1,39 @@
+# `make demo` and `make test` bootstrap .venv themselves on a fresh machine.
+# GPU clusters: override TORCH_SPEC with the CUDA build matching the driver, e.g.
+#   make setup TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+PYTHON ?= python3
+VENV ?= .venv
+TORCH_SPEC ?= torch==2.13.0
+WORKDIR ?= demo-work
+PYTEST_ARGS ?=
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+
+.PHONY: setup demo test bench stack-up stack-down clean
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q $(TORCH_SPEC)
+	$(BIN)/pip install -q -e ".[dev,bench]"
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+demo: setup
+	$(BIN)/vidray demo --workdir $(WORKDIR)
+
+test: setup
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench: setup
+	$(BIN)/python -m benchmarks all
+
+stack-up: setup
+	$(BIN)/vidray stack up
+
+stack-down: setup
+	$(BIN)/vidray stack down
+
+clean:
+	rm -rf $(WORKDIR) .pytest_cache

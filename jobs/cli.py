@@ -1,0 +1,271 @@
+"""The `vidray` command line. Each subcommand parses its config, validates it, then runs a job.
+
+Heavy libraries (ray, torch, mlflow) are imported inside the commands so `--help` stays instant.
+Exit codes: 0 ok, 1 the job failed, 2 bad usage or bad config, 3 not implemented yet.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Callable
+
+from vidray.config import ConfigError
+
+EXIT_FAILED, EXIT_USAGE, EXIT_NOT_IMPLEMENTED = 1, 2, 3
+
+CONFIG_EPILOG = """\
+overrides are dotted config keys, e.g.  objective.mmm_ratio=0.3  train.steps=50
+values are parsed as YAML (0.3, true, null, [0.9, 0.98]); unknown keys and bad values
+are rejected before any work starts. Use --print-config to see the resolved config."""
+
+
+class NotImplementedYet(Exception):
+    """A subcommand whose machinery arrives with a later issue; never a fake run."""
+
+
+def _add_config_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", nargs="?", help="YAML preset (e.g. configs/demo/pretrain.yaml); "
+                   "omit to start from the built-in defaults")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the resolved, validated config as YAML and exit")
+
+
+def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
+    # `vidray pretrain a.b=1` (no preset) puts the first override into `config`.
+    if args.config and "=" in args.config and not args.config.endswith((".yaml", ".yml")):
+        return None, [args.config, *args.overrides]
+    return args.config, list(args.overrides)
+
+
+def _resolve(args: argparse.Namespace, cls: type):
+    from vidray.config import dump_yaml, load_config
+
+    path, overrides = _split_config_and_overrides(args)
+    cfg = load_config(cls, path, overrides)
+    if args.print_config:
+        print(dump_yaml(cfg), end="")
+        raise SystemExit(0)
+    return cfg
+
+
+# --- subcommands -----------------------------------------------------------------------------
+
+def cmd_synth(args: argparse.Namespace) -> int:
+    from vidray.config import from_dict, merge, read_yaml
+    from vidray.synth import SynthConfig, synthesize
+
+    flags = {"videos": args.videos, "seed": args.seed, "min_seconds": args.min_seconds,
+             "max_seconds": args.max_seconds, "workers": args.workers}
+    base = read_yaml(args.config) if args.config else {}
+    cfg = from_dict(SynthConfig, merge(base, {k: v for k, v in flags.items() if v is not None}))
+    summary = synthesize(args.out, cfg, progress=not args.quiet)
+    print(json.dumps(vars(summary), indent=2, default=str))
+    return 0
+
+
+def cmd_adapt(args: argparse.Namespace) -> int:
+    from vidray.adapters import adapt, write_result
+    from vidray.config import parse_overrides
+
+    options = parse_overrides(args.option or [])
+    result = adapt(args.format, args.annotations, args.videos, split=args.split, **options)
+    for problem in result.problems:
+        print(f"skipped {problem}", file=sys.stderr)
+    written = write_result(result, args.out)
+    print(f"{result.manifest.num_rows} videos, {len(result.problems)} malformed rows skipped; "
+          f"wrote {', '.join(written)}")
+    return 0
+
+
+def cmd_clips(args: argparse.Namespace) -> int:
+    from vidray.clips import ClipsConfig, run_clips
+
+    cfg = _resolve(args, ClipsConfig)
+    report = run_clips(cfg)
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def _not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
+    def run(args: argparse.Namespace) -> int:
+        raise NotImplementedYet(f"vidray {what}: not implemented yet (arrives with {issue})")
+    return run
+
+
+def _validated_not_yet(what: str, issue: str, schema: Callable[[], type]):
+    def run(args: argparse.Namespace) -> int:
+        _resolve(args, schema())
+        raise NotImplementedYet(
+            f"vidray {what}: config is valid, but the job is not implemented yet (arrives with {issue})")
+    return run
+
+
+def _pretrain_schema() -> type:
+    from vidray.train.config import PretrainConfig
+
+    return PretrainConfig
+
+
+def cmd_stack(args: argparse.Namespace) -> int:
+    from vidray import stack
+
+    if args.action == "up":
+        info = stack.up(args.dir, bucket=args.bucket, mlflow_dir=args.mlflow_dir)
+        for name, s in info.services.items():
+            print(f"# {name:6s} {s.url}  pid {s.pid}  log {s.log}", file=sys.stderr)
+        print(f"# MLflow UI: {info.services['mlflow'].url}   bucket: s3://{info.bucket}",
+              file=sys.stderr)
+        print("# to use it:  eval \"$(vidray stack env)\"", file=sys.stderr)
+        print(info.export_lines())
+        return 0
+    if args.action == "env":
+        info = stack.load(args.dir)
+        if info is None:
+            print(f"no stack in {args.dir}: run `vidray stack up` first", file=sys.stderr)
+            return EXIT_FAILED
+        print(info.export_lines())
+        return 0
+    if args.action == "down":
+        stopped = stack.down(args.dir)
+        print(f"stopped: {', '.join(stopped) or 'nothing was running'}")
+        return 0
+    state = stack.status(args.dir)
+    if not state:
+        print(f"no stack in {args.dir}")
+        return EXIT_FAILED
+    for name, s in state.items():
+        health = "healthy" if s["healthy"] else ("running, not answering" if s["alive"] else "dead")
+        print(f"{name:6s} {s['url']:28s} pid {s['pid']:<8d} {health}")
+    return 0 if all(s["healthy"] for s in state.values()) else EXIT_FAILED
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from vidray.jobs.demo import run_demo
+
+    return run_demo(args.workdir, videos=args.videos, keep_stack=args.keep_stack)
+
+
+# --- parser ----------------------------------------------------------------------------------
+
+def build_parser() -> argparse.ArgumentParser:
+    from vidray import stack
+
+    parser = argparse.ArgumentParser(
+        prog="vidray", description="Ray-based data-and-training platform for video-language "
+        "pre-training. Every path may be a local path or an s3:// URI.",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    fmt = argparse.RawDescriptionHelpFormatter
+
+    p = sub.add_parser("synth", help="write a synthetic video-caption corpus (real H.264 MP4s)",
+                       description="Write OUT/videos/*.mp4, OUT/manifest.parquet, OUT/qa.jsonl and "
+                       "OUT/mc.jsonl: coloured shapes moving in named directions, with timestamped "
+                       "captions. Deterministic per seed.")
+    p.add_argument("out", help="output folder or s3:// prefix")
+    p.add_argument("--videos", type=int, help="number of videos (default 24)")
+    p.add_argument("--seed", type=int, help="random seed (default 0)")
+    p.add_argument("--min-seconds", type=float, help="shortest video (default 4)")
+    p.add_argument("--max-seconds", type=float, help="longest video (default 12)")
+    p.add_argument("--workers", type=int, help="encoder processes (default: one per core)")
+    p.add_argument("--config", help="a saved SynthConfig YAML (e.g. a demo's configs/synth.yaml); "
+                   "flags override it")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.set_defaults(run=cmd_synth)
+
+    p = sub.add_parser("adapt", help="turn annotation files (WebVid, HowTo100M, MSR-VTT, YouCook2, "
+                       "QA jsonl) into a vidray manifest",
+                       description="Malformed rows are reported with file and line and skipped.")
+    p.add_argument("format", help="webvid | howto100m | msrvtt | youcook2 | qa | mc")
+    p.add_argument("annotations", help="annotation file (local path or URI)")
+    p.add_argument("--videos", required=True, help="folder or prefix holding the videos")
+    p.add_argument("--out", required=True, help="manifest.parquet to write (qa/mc also write "
+                   "<name>.qa.parquet beside it)")
+    p.add_argument("--split", help="webvid/howto100m/qa/mc: the split of every row (default train); "
+                   "msrvtt/youcook2: keep only this split")
+    p.add_argument("--option", action="append", metavar="key=value",
+                   help="format-specific option: layout=flat (webvid), test_csv=URI (msrvtt), "
+                   "index_base=1 (mc)")
+    p.set_defaults(run=cmd_adapt)
+
+    p = sub.add_parser("clips", help="Ray Data clip pipeline: manifest -> sparsely sampled frames "
+                       "(Parquet) + quarantine of bad videos", epilog=CONFIG_EPILOG, formatter_class=fmt)
+    _add_config_args(p)
+    p.set_defaults(run=cmd_clips)
+
+    p = sub.add_parser("extract", help="one-time feature extraction to a versioned feature set",
+                       epilog=CONFIG_EPILOG, formatter_class=fmt)
+    _add_config_args(p)
+    p.set_defaults(run=_not_yet("extract", "the feature-store issue (#4)"))
+
+    for name, issue in (("pretrain", "#5"), ("finetune", "#5"), ("evaluate", "#5")):
+        p = sub.add_parser(name, help=f"{name} on Ray Train (arrives with issue {issue})",
+                           epilog=CONFIG_EPILOG, formatter_class=fmt)
+        _add_config_args(p)
+        if name == "pretrain":
+            p.set_defaults(run=_validated_not_yet(name, f"the VLM training issue ({issue})",
+                                                  _pretrain_schema))
+        else:
+            p.set_defaults(run=_not_yet(name, f"the VLM training issue ({issue})"))
+
+    p = sub.add_parser("sweep", help="Ray Tune sweep with nested MLflow runs (arrives with issue #6)",
+                       epilog=CONFIG_EPILOG, formatter_class=fmt)
+    _add_config_args(p)
+    p.add_argument("--resume", action="store_true", help="restore an interrupted sweep")
+    p.set_defaults(run=_not_yet("sweep", "the sweeps issue (#6)"))
+
+    p = sub.add_parser("features", help="inspect the feature store (arrives with issue #4)")
+    p.add_argument("action", choices=["ls", "show", "validate"])
+    p.add_argument("uri", help="feature-store root or feature-set URI")
+    p.set_defaults(run=_not_yet("features", "the feature-store issue (#4)"))
+
+    p = sub.add_parser("stack", help="the embedded local services: S3 endpoint + MLflow server",
+                       description="up: start moto (S3) and an MLflow server on 127.0.0.1 and print "
+                       "the environment to export; env: print it again; status: health-check; "
+                       "down: stop exactly the processes `up` started.")
+    p.add_argument("action", choices=["up", "down", "status", "env"])
+    p.add_argument("--dir", default=stack.DEFAULT_DIR,
+                   help=f"state, logs, sqlite and artifacts (default {stack.DEFAULT_DIR})")
+    p.add_argument("--bucket", default="vidray", help="bucket to create (default vidray)")
+    p.add_argument("--mlflow-dir", help="MLflow sqlite + artifacts (default: --dir); e.g. a demo's "
+                   "WORKDIR/mlflow to browse its runs")
+    p.set_defaults(run=cmd_stack)
+
+    p = sub.add_parser("demo", help="the whole path end to end on the embedded defaults",
+                       description="Starts the local stack, writes a synthetic corpus, runs every "
+                       "job that exists so far and logs to MLflow. Rerunning on the same workdir "
+                       "reuses what is done.")
+    p.add_argument("--workdir", default="demo-work", help="where everything goes (default ./demo-work)")
+    p.add_argument("--videos", type=int, default=24, help="synthetic videos (default 24)")
+    p.add_argument("--keep-stack", action="store_true",
+                   help="leave the S3 endpoint and MLflow server running afterwards (to browse the UI)")
+    p.set_defaults(run=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.run(args) or 0
+    except ConfigError as err:
+        print(f"vidray {args.command}: {err}", file=sys.stderr)
+        return EXIT_USAGE
+    except NotImplementedYet as err:
+        print(str(err), file=sys.stderr)
+        return EXIT_NOT_IMPLEMENTED
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except Exception as err:  # a failed job: one line for the user, the trace on request
+        if os.environ.get("VIDRAY_DEBUG"):
+            raise
+        print(f"vidray {args.command}: {type(err).__name__}: {err}\n"
+              "(set VIDRAY_DEBUG=1 for the full traceback)", file=sys.stderr)
+        return EXIT_FAILED
+
+
+if __name__ == "__main__":
+    sys.exit(main())

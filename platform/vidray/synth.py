@@ -1,0 +1,530 @@
+"""The synthetic video-caption corpus behind ``vidray synth``: real H.264 MP4s, deterministic per seed.
+
+Each video shows 1-3 coloured shapes (circle, square, triangle, star, cross in one of eight named
+colours) over a dark background whose colour drifts slowly. The video is cut into several
+*events*; in each event every shape moves in a straight line in its own direction (left, right,
+up or down), starting from a fresh position (an event boundary is a cut). An event's caption
+names what is drawn: "a red circle moves left and a blue square moves up". Colour and shape are
+visible in one frame; the direction needs two, so temporal modelling matters.
+
+What lands under ``OUT`` (a local path or an ``s3://`` URI):
+
+- ``videos/<video_id>.mp4``  libx264, yuv420p, 24/25/30 fps, 160x120 ... 320x240, 1-3 s events.
+- ``manifest.parquet``       one row per video (see :mod:`vidray.manifest`); ``captions`` are the
+  timestamped events (HowTo100M-like). ``duration_s`` is exactly ``frames / fps``.
+- ``qa.jsonl``               open-ended QA, one-word answers: ``{"video", "question", "answer",
+  "start", "end"}``, e.g. "what colour is the shape moving up?" -> "red".
+- ``mc.jsonl``               multiple choice: ``{"video", "question", "options": [5 captions],
+  "answer": index, "start", "end"}``; the wrong options differ from the truth in one colour,
+  shape or direction.
+
+Short single-caption clips (MSR-VTT-like) are not separate files: **every event is a clip**, the
+segment ``[start, end)`` of its video with the event's caption as its one sentence. QA and MC rows
+are about one event too, so they carry the same ``start``/``end``; inside one event the shapes
+move in distinct directions, so "the shape moving up" is never ambiguous there.
+
+Event ``k`` covers frames ``[f_k, f_{k+1})``; its caption has ``start = f_k / fps`` and
+``end = f_{k+1} / fps`` (the next event's start), so the frame for time ``t`` (the last frame whose
+presentation time is ``<= t``) of any ``t`` in ``[start, end)`` belongs to the event.
+
+Determinism: a video's content comes only from ``np.random.default_rng([seed, index])`` (its QA
+and split from sibling streams), x264 runs with one thread and fixed options, and every output
+is sorted by ``video_id``. The same seed therefore gives byte-identical MP4s and manifests,
+whatever the worker count or completion order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+import json
+import math
+import multiprocessing
+import os
+import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from dataclasses import dataclass, field
+from typing import Iterator, Optional
+
+import av
+import numpy as np
+from tqdm import tqdm
+
+from vidray import config, manifest, storage
+from vidray.config import ConfigError, option
+
+# Plain names a tokenizer knows; saturated colours far apart in RGB and far from the dark
+# background, so compression and chroma subsampling never make one look like another.
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "orange": (245, 135, 20),
+    "yellow": (245, 230, 50),
+    "green": (40, 190, 60),
+    "cyan": (40, 215, 225),
+    "blue": (40, 80, 235),
+    "purple": (155, 60, 205),
+    "white": (245, 245, 245),
+}
+SHAPES = ("circle", "square", "triangle", "star", "cross")
+# Unit step (dx, dy) in image coordinates: y grows downwards.
+DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+FPS_CHOICES = (24, 25, 30)
+FRAME_SIZES = ((160, 120), (192, 144), (224, 168), (256, 192), (320, 240))  # (width, height), even
+EVENT_SECONDS = (1.0, 3.0)        # length of one event (the last one may run up to 2 s)
+SHAPE_FRACTION = (0.22, 0.32)     # shape size as a fraction of the frame's shorter side
+TRAVEL_FRACTION = (0.35, 0.65)    # distance moved in one event, as a fraction of the free room
+BACKGROUND_RANGE = (10, 70)       # background channels stay dark
+PLACEMENT_TRIES = 256             # random placements tried before accepting overlapping paths
+# One thread and fixed options: x264 output then depends only on the frames.
+X264_OPTIONS = {"preset": "veryfast", "crf": "23"}
+KEYFRAME_SECONDS = 2              # a keyframe every 2 s, like real footage, so seeking matters
+SPLIT_STREAM, QA_STREAM = 1, 2    # sibling random streams of a video: [seed, index, stream]
+MC_OPTIONS = 5
+MC_QUESTION = "which caption describes the clip?"
+
+
+@dataclass
+class SynthConfig:
+    """How many synthetic videos to make, how long, and how to split them."""
+
+    videos: int = option(24, "number of videos", ge=1)
+    seed: int = option(0, "random seed; the same seed gives byte-identical output", ge=0)
+    min_seconds: float = option(4.0, "shortest video duration in seconds", gt=0)
+    max_seconds: float = option(12.0, "longest video duration in seconds", gt=0)
+    workers: Optional[int] = option(None, "encoding processes (null: one per CPU)", ge=1)
+    val_fraction: float = option(0.1, "fraction of videos in the val split", ge=0, le=1)
+    test_fraction: float = option(0.2, "fraction of videos in the test split", ge=0, le=1)
+
+    def validate(self) -> None:
+        """Cross-field checks; raises :class:`ConfigError` naming the key to change."""
+        if self.min_seconds > self.max_seconds:
+            raise ConfigError("min_seconds", f"must be <= max_seconds ({self.max_seconds}), "
+                                             f"got {self.min_seconds}")
+        if self.val_fraction + self.test_fraction > 1:
+            raise ConfigError("test_fraction", f"val_fraction + test_fraction must be <= 1, got "
+                                               f"{self.val_fraction} + {self.test_fraction}")
+
+
+@dataclass(frozen=True)
+class Shape:
+    """One shape of a video: the same colour, kind and size in every event."""
+
+    colour: str
+    kind: str
+    size: int  # side of its square bounding box, pixels
+
+
+@dataclass(frozen=True)
+class Motion:
+    """A shape moving in a straight line during one event; positions are bounding-box top-left."""
+
+    shape: int
+    direction: str
+    start: tuple[int, int]
+    end: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class Event:
+    """Frames ``[first_frame, end_frame)`` in which every shape makes one :class:`Motion`."""
+
+    first_frame: int
+    end_frame: int
+    motions: tuple[Motion, ...]
+
+
+@dataclass(frozen=True)
+class VideoPlan:
+    """Everything needed to render one video; cheap to make, so the parent makes all of them."""
+
+    video_id: str
+    index: int
+    fps: int
+    width: int
+    height: int
+    frames: int
+    background: tuple[tuple[int, int, int], tuple[int, int, int]]  # first and last frame's colour
+    shapes: tuple[Shape, ...]
+    events: tuple[Event, ...]
+
+    @property
+    def duration_s(self) -> float:
+        return self.frames / self.fps
+
+
+@dataclass
+class SynthSummary:
+    """What :func:`synthesize` wrote."""
+
+    out: str
+    manifest_uri: str
+    videos: int
+    clips: int          # events = captioned clips
+    qa: int
+    mc: int
+    frames: int
+    splits: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+# --- planning: all randomness lives here ------------------------------------------------------
+
+
+def video_id(index: int) -> str:
+    return f"synth_{index:06d}"
+
+
+def plan_video(seed: int, index: int, min_seconds: float, max_seconds: float) -> VideoPlan:
+    """The content of video ``index``, drawn from ``np.random.default_rng([seed, index])`` only."""
+    rng = np.random.default_rng([seed, index])
+    fps = int(rng.choice(FPS_CHOICES))
+    width, height = FRAME_SIZES[int(rng.integers(len(FRAME_SIZES)))]
+    # At least two frames: a direction needs two.
+    frames = max(2, round(rng.uniform(min_seconds, max_seconds) * fps))
+    background = (_dark_colour(rng), _dark_colour(rng))
+    shapes = _draw_shapes(rng, min(width, height))
+    events = tuple(_draw_event(rng, shapes, first, end, width, height)
+                   for first, end in _event_bounds(rng, frames, fps))
+    return VideoPlan(video_id(index), index, fps, width, height, frames, background, shapes, events)
+
+
+def _dark_colour(rng: np.random.Generator) -> tuple[int, int, int]:
+    lo, hi = BACKGROUND_RANGE
+    return tuple(int(c) for c in rng.integers(lo, hi + 1, size=3))
+
+
+def _draw_shapes(rng: np.random.Generator, short_side: int) -> tuple[Shape, ...]:
+    """1-3 shapes with distinct colours and distinct kinds, so a caption names each uniquely."""
+    count = int(rng.integers(1, 4))
+    colours = rng.choice(list(COLOURS), size=count, replace=False)
+    kinds = rng.choice(SHAPES, size=count, replace=False)
+    sizes = rng.uniform(*SHAPE_FRACTION, size=count) * short_side
+    return tuple(Shape(str(c), str(k), int(round(s))) for c, k, s in zip(colours, kinds, sizes))
+
+
+def _event_bounds(rng: np.random.Generator, frames: int, fps: int) -> list[tuple[int, int]]:
+    """Cut ``[0, frames)`` into events of EVENT_SECONDS each (one event if the video is shorter)."""
+    shortest = max(2, round(EVENT_SECONDS[0] * fps))
+    longest = max(shortest, round(EVENT_SECONDS[1] * fps))
+    cuts = [0]
+    # Cut only while what is left can hold this event and one more of the shortest length.
+    while frames - cuts[-1] >= 2 * shortest:
+        step = int(rng.integers(shortest, longest + 1))
+        cuts.append(min(cuts[-1] + step, frames - shortest))
+    cuts.append(frames)
+    return list(zip(cuts[:-1], cuts[1:]))
+
+
+def _draw_event(rng: np.random.Generator, shapes: tuple[Shape, ...], first: int, end: int,
+                width: int, height: int) -> Event:
+    """Distinct directions per shape; placements whose paths never touch, when one can be found."""
+    directions = [str(d) for d in rng.choice(list(DIRECTIONS), size=len(shapes), replace=False)]
+    motions: tuple[Motion, ...] = ()
+    for _ in range(PLACEMENT_TRIES):
+        motions = tuple(_draw_motion(rng, i, shape, d, width, height)
+                        for i, (shape, d) in enumerate(zip(shapes, directions)))
+        if not _paths_touch(motions, shapes):
+            break
+    return Event(first, end, motions)
+
+
+def _draw_motion(rng: np.random.Generator, index: int, shape: Shape, direction: str,
+                 width: int, height: int) -> Motion:
+    dx, dy = DIRECTIONS[direction]
+    room_x, room_y = width - shape.size, height - shape.size
+    travel = rng.uniform(*TRAVEL_FRACTION) * (room_x if dx else room_y)
+    start = []
+    for step, room in ((dx, room_x), (dy, room_y)):
+        if step > 0:
+            start.append(rng.uniform(0, room - travel))
+        elif step < 0:
+            start.append(rng.uniform(travel, room))
+        else:
+            start.append(rng.uniform(0, room))
+    x0, y0 = start
+    x1, y1 = x0 + dx * travel, y0 + dy * travel
+    return Motion(index, direction, (round(x0), round(y0)), (round(x1), round(y1)))
+
+
+def _paths_touch(motions: tuple[Motion, ...], shapes: tuple[Shape, ...], margin: int = 2) -> bool:
+    """Whether two bounding boxes come within ``margin`` pixels at any of 17 instants."""
+    if len(motions) < 2:
+        return False
+    t = np.linspace(0.0, 1.0, 17)[:, None]                       # [instants, 1]
+    start = np.array([m.start for m in motions], dtype=np.float64)  # [shapes, 2]
+    end = np.array([m.end for m in motions], dtype=np.float64)
+    low = start[None] + (end - start)[None] * t[..., None]        # [instants, shapes, 2]
+    high = low + np.array([shapes[m.shape].size for m in motions])[None, :, None]
+    # Boxes i and j touch when their intervals overlap on both axes at the same instant.
+    overlap = (low[:, :, None] < high[:, None] + margin) & (low[:, None] < high[:, :, None] + margin)
+    touching = overlap.all(axis=-1)                                # [instants, shapes, shapes]
+    touching[:, np.arange(len(motions)), np.arange(len(motions))] = False
+    return bool(touching.any())
+
+
+def _position(motion: Motion, t: float) -> tuple[int, int]:
+    """Top-left corner at fraction ``t`` in [0, 1] of the event."""
+    (x0, y0), (x1, y1) = motion.start, motion.end
+    return round(x0 + (x1 - x0) * t), round(y0 + (y1 - y0) * t)
+
+
+# --- captions, QA and multiple choice ---------------------------------------------------------
+
+
+def describe_motion(colour: str, kind: str, direction: str) -> str:
+    """``"a red circle moves left"`` (``"an orange ..."`` before a vowel)."""
+    article = "an" if colour[0] in "aeiou" else "a"
+    return f"{article} {colour} {kind} moves {direction}"
+
+
+def caption_text(parts: list[tuple[str, str, str]]) -> str:
+    """Join (colour, kind, direction) triples: "a, b and c"."""
+    phrases = [describe_motion(*p) for p in parts]
+    return phrases[0] if len(phrases) == 1 else ", ".join(phrases[:-1]) + " and " + phrases[-1]
+
+
+def event_parts(plan: VideoPlan, event: Event) -> list[tuple[str, str, str]]:
+    """(colour, kind, direction) of every motion in ``event``, in shape order."""
+    return [(plan.shapes[m.shape].colour, plan.shapes[m.shape].kind, m.direction)
+            for m in event.motions]
+
+
+def event_span(plan: VideoPlan, event: Event) -> tuple[float, float]:
+    return event.first_frame / plan.fps, event.end_frame / plan.fps
+
+
+def captions(plan: VideoPlan) -> list[dict]:
+    """The manifest's timestamped captions: one per event."""
+    out = []
+    for event in plan.events:
+        start, end = event_span(plan, event)
+        out.append({"start": start, "end": end, "text": caption_text(event_parts(plan, event))})
+    return out
+
+
+def qa_rows(plan: VideoPlan, seed: int) -> list[dict]:
+    """Three one-word-answer questions per event (colour, shape, direction) about a random shape."""
+    rng = np.random.default_rng([seed, plan.index, QA_STREAM])
+    rows = []
+    for event in plan.events:
+        start, end = event_span(plan, event)
+        parts = event_parts(plan, event)
+        questions = []
+        colour, kind, direction = parts[int(rng.integers(len(parts)))]
+        questions.append((f"what colour is the shape moving {direction}?", colour))
+        colour, kind, direction = parts[int(rng.integers(len(parts)))]
+        questions.append((f"what shape is moving {direction}?", kind))
+        colour, kind, direction = parts[int(rng.integers(len(parts)))]
+        questions.append((f"which direction does the {colour} {kind} move?", direction))
+        rows.extend({"video": plan.video_id, "question": q, "answer": a, "start": start, "end": end}
+                    for q, a in questions)
+    return rows
+
+
+def mc_rows(plan: VideoPlan, seed: int) -> list[dict]:
+    """One five-way caption choice per event; wrong options are near misses of the true caption."""
+    rng = np.random.default_rng([seed, plan.index, QA_STREAM, 1])
+    rows = []
+    for event in plan.events:
+        start, end = event_span(plan, event)
+        parts = event_parts(plan, event)
+        truth = caption_text(parts)
+        options = [truth]
+        while len(options) < MC_OPTIONS:
+            wrong = caption_text(_near_miss(rng, parts))
+            if wrong not in options:
+                options.append(wrong)
+        order = rng.permutation(MC_OPTIONS)
+        options = [options[i] for i in order]
+        rows.append({"video": plan.video_id, "question": MC_QUESTION, "options": options,
+                     "answer": options.index(truth), "start": start, "end": end})
+    return rows
+
+
+def _near_miss(rng: np.random.Generator, parts: list[tuple[str, str, str]]) -> list[tuple[str, str, str]]:
+    """``parts`` with one colour, kind or direction changed to one no other shape uses."""
+    parts = [list(p) for p in parts]
+    target = parts[int(rng.integers(len(parts)))]
+    slot = int(rng.integers(3))
+    vocabulary = (list(COLOURS), list(SHAPES), list(DIRECTIONS))[slot]
+    used = {p[slot] for p in parts}
+    target[slot] = str(rng.choice([w for w in vocabulary if w not in used]))
+    return [tuple(p) for p in parts]
+
+
+def assign_splits(cfg: SynthConfig) -> list[str]:
+    """Split of each video index: exact counts, chosen by per-video random keys (seed-stable)."""
+    keys = [np.random.default_rng([cfg.seed, i, SPLIT_STREAM]).random() for i in range(cfg.videos)]
+    n_test = math.floor(cfg.videos * cfg.test_fraction + 0.5)
+    n_val = min(math.floor(cfg.videos * cfg.val_fraction + 0.5), cfg.videos - n_test)
+    splits = ["train"] * cfg.videos
+    for rank, i in enumerate(np.argsort(keys, kind="stable")):
+        if rank < n_test:
+            splits[i] = "test"
+        elif rank < n_test + n_val:
+            splits[i] = "val"
+    return splits
+
+
+# --- rendering and encoding -------------------------------------------------------------------
+
+
+def shape_mask(kind: str, size: int) -> np.ndarray:
+    """Boolean ``[size, size]`` mask of ``kind`` filling its box (coordinates in [-1, 1])."""
+    centres = (np.arange(size) + 0.5) / size * 2 - 1
+    x, y = np.meshgrid(centres, centres)
+    if kind == "circle":
+        return x * x + y * y <= 1.0
+    if kind == "square":
+        return np.ones((size, size), dtype=bool)
+    if kind == "triangle":  # apex up, base along the bottom edge
+        return np.abs(x) <= (y + 1) / 2
+    if kind == "cross":
+        return (np.abs(x) <= 0.34) | (np.abs(y) <= 0.34)
+    if kind == "star":
+        angles = np.deg2rad(-90 + 36 * np.arange(10))
+        radii = np.where(np.arange(10) % 2 == 0, 1.0, 0.45)
+        return _inside_polygon(x, y, radii * np.cos(angles), radii * np.sin(angles) + 0.12)
+    raise ValueError(f"unknown shape {kind!r}; expected one of {SHAPES}")
+
+
+def _inside_polygon(x: np.ndarray, y: np.ndarray, px: np.ndarray, py: np.ndarray) -> np.ndarray:
+    """Even-odd rule: a point is inside when a ray to +x crosses the outline an odd number of times."""
+    inside = np.zeros(x.shape, dtype=bool)
+    for i in range(len(px)):
+        xa, ya, xb, yb = px[i - 1], py[i - 1], px[i], py[i]
+        if ya == yb:
+            continue
+        crosses = (ya > y) != (yb > y)
+        x_at = xa + (y - ya) * (xb - xa) / (yb - ya)
+        inside ^= crosses & (x < x_at)
+    return inside
+
+
+def render_frames(plan: VideoPlan) -> Iterator[np.ndarray]:
+    """The video's RGB frames, ``uint8 [height, width, 3]``, in order."""
+    masks = [shape_mask(s.kind, s.size) for s in plan.shapes]
+    colours = [np.array(COLOURS[s.colour], dtype=np.uint8) for s in plan.shapes]
+    first_bg, last_bg = (np.array(c, dtype=np.float64) for c in plan.background)
+    frame = np.empty((plan.height, plan.width, 3), dtype=np.uint8)
+    for event in plan.events:
+        length = event.end_frame - event.first_frame
+        for j in range(event.first_frame, event.end_frame):
+            t_video = j / (plan.frames - 1)
+            background = np.round(first_bg + (last_bg - first_bg) * t_video).astype(np.uint8)
+            # One whole row broadcast over all rows: much faster than broadcasting a 3-vector.
+            frame.reshape(plan.height, plan.width * 3)[:] = np.tile(background, plan.width)
+            t_event = (j - event.first_frame) / max(1, length - 1)
+            for motion in event.motions:
+                x, y = _position(motion, t_event)
+                size = plan.shapes[motion.shape].size
+                frame[y:y + size, x:x + size][masks[motion.shape]] = colours[motion.shape]
+            yield frame
+
+
+def encode_mp4(plan: VideoPlan) -> bytes:
+    """Render and encode ``plan`` as an H.264 MP4 in memory (one x264 thread: deterministic)."""
+    buffer = io.BytesIO()
+    with av.open(buffer, mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=plan.fps)
+        stream.width, stream.height, stream.pix_fmt = plan.width, plan.height, "yuv420p"
+        stream.codec_context.thread_count = 1
+        stream.codec_context.gop_size = KEYFRAME_SECONDS * plan.fps
+        stream.codec_context.options = dict(X264_OPTIONS)
+        for pts, rgb in enumerate(render_frames(plan)):
+            frame = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            frame.pts = pts
+            container.mux(stream.encode(frame))
+        container.mux(stream.encode(None))
+    return buffer.getvalue()
+
+
+def video_uri(root: str, index: int) -> str:
+    return storage.join(root, "videos", f"{video_id(index)}.mp4")
+
+
+def make_video(root: str, index: int, cfg: SynthConfig) -> VideoPlan:
+    """Plan, render, encode and store video ``index`` under ``root``; returns its plan.
+
+    The worker entry point: planning (placement retries) happens here too, so it runs in parallel.
+    """
+    plan = plan_video(cfg.seed, index, cfg.min_seconds, cfg.max_seconds)
+    storage.write_bytes(video_uri(root, index), encode_mp4(plan))
+    return plan
+
+
+# --- the job ----------------------------------------------------------------------------------
+
+
+def _root_uri(out: str) -> str:
+    """``out`` as an absolute local path or a remote URI, so manifest URIs work from anywhere."""
+    out = str(out)
+    if storage.is_remote(out):
+        return out.rstrip("/")
+    if out.startswith("file://"):
+        out = out[len("file://"):]
+    return os.path.abspath(out)
+
+
+def _checked(cfg: SynthConfig) -> SynthConfig:
+    """Re-validate through the config loader, so a hand-built config gets the bound checks too."""
+    return config.from_dict(SynthConfig, dataclasses.asdict(cfg))
+
+
+def _make_all(root: str, cfg: SynthConfig, workers: int, progress: bool) -> list[VideoPlan]:
+    """Make every video, in a process pool when ``workers > 1``; plans come back in index order."""
+    bar = tqdm(total=cfg.videos, desc="synth", unit="video", disable=not progress)
+    plans: dict[int, VideoPlan] = {}
+    try:
+        if workers <= 1:
+            for index in range(cfg.videos):
+                plans[index] = make_video(root, index, cfg)
+                bar.update()
+        else:
+            # 'spawn', never fork: the caller may have Ray (threads, sockets) running here.
+            context = multiprocessing.get_context("spawn")
+            with ProcessPoolExecutor(max_workers=workers, mp_context=context) as pool:
+                futures = {pool.submit(make_video, root, i, cfg): i for i in range(cfg.videos)}
+                try:
+                    for future in as_completed(futures):
+                        plans[futures[future]] = future.result()  # re-raises a worker's error
+                        bar.update()
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # don't encode the rest after a failure
+                    raise
+    finally:
+        bar.close()
+    return [plans[i] for i in range(cfg.videos)]
+
+
+def _jsonl(rows: list[dict]) -> bytes:
+    return "".join(json.dumps(row) + "\n" for row in rows).encode()
+
+
+def synthesize(out: str, cfg: SynthConfig, progress: bool = True) -> SynthSummary:
+    """Write the synthetic corpus under ``out`` (local path or s3:// URI); see the module docstring.
+
+    Videos go first and ``manifest.parquet`` last, so a manifest names only videos that exist.
+    """
+    started = time.perf_counter()
+    cfg = _checked(cfg)
+    root = _root_uri(out)
+    storage.makedirs(root)
+    workers = min(cfg.workers or os.cpu_count() or 1, cfg.videos)
+    plans = _make_all(root, cfg, workers, progress)
+    uris = [video_uri(root, p.index) for p in plans]
+
+    splits = assign_splits(cfg)
+    rows = [{"video_id": p.video_id, "uri": uri, "split": split, "duration_s": p.duration_s,
+             "fps": float(p.fps), "width": p.width, "height": p.height, "captions": captions(p)}
+            for p, uri, split in zip(plans, uris, splits)]
+    qa = [row for p in plans for row in qa_rows(p, cfg.seed)]
+    mc = [row for p in plans for row in mc_rows(p, cfg.seed)]
+    storage.write_bytes(storage.join(root, "qa.jsonl"), _jsonl(qa))
+    storage.write_bytes(storage.join(root, "mc.jsonl"), _jsonl(mc))
+    manifest_uri = storage.join(root, "manifest.parquet")
+    manifest.write_manifest(manifest.manifest_table(rows), manifest_uri)
+    return SynthSummary(
+        out=root, manifest_uri=manifest_uri, videos=len(plans),
+        clips=sum(len(p.events) for p in plans), qa=len(qa), mc=len(mc), frames=sum(p.frames for p in plans),
+        splits={s: splits.count(s) for s in manifest.SPLITS}, seconds=time.perf_counter() - started)

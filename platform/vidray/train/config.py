@@ -1,0 +1,71 @@
+"""Typed configs of the pre-training / fine-tuning jobs (defaults = the VLM paper's, REFERENCE.md)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from vidray.config import ConfigError, option
+from vidray.tracking import MLflowConfig
+
+
+@dataclass
+class ModelConfig:
+    flavour: Literal["tiny", "small", "base"] = option("tiny", "model size; tiny is for CPU tests")
+    text_backbone: Optional[str] = option(
+        None, "BERT checkpoint (local dir or hub name) to initialise from; null = random init")
+    video_dim: int = option(512, "width of the cached video features (S3D: 512)", ge=1)
+    max_video_tokens: int = option(32, "video tokens per example", ge=1)
+    max_seq_len: int = option(96, "[CLS] video [SEP] text [SEP] length", ge=8)
+
+
+@dataclass
+class ObjectiveConfig:
+    name: Literal["masked_token", "mfm_mlm"] = option(
+        "masked_token", "one softmax over video+text candidates, or the NCE+MLM baseline")
+    mmm_ratio: float = option(0.5, "share of examples with a whole modality masked", ge=0.0, le=1.0)
+    mlm_prob: float = option(0.15, "text token masking rate (80/10/10)", gt=0.0, lt=1.0)
+    mfm_prob: float = option(0.15, "video token masking rate (zeroed)", ge=0.0, lt=1.0)
+
+
+@dataclass
+class OptimConfig:
+    lr: float = option(5e-5, "peak learning rate", gt=0.0)
+    betas: list[float] = option(default_factory=lambda: [0.9, 0.98], help="Adam betas")
+    weight_decay: float = option(0.0, "decoupled weight decay", ge=0.0)
+    warmup_steps: int = option(1000, "linear warm-up steps before polynomial decay", ge=0)
+    grad_clip: float = option(2.0, "max global gradient norm", gt=0.0)
+
+    def validate(self) -> None:
+        if len(self.betas) != 2 or not all(0.0 <= b < 1.0 for b in self.betas):
+            raise ConfigError("betas", f"must be two numbers in [0, 1), got {self.betas}")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = option(1000, "optimizer steps", ge=1)
+    batch_size: int = option(256, "global batch size (split across workers)", ge=1)
+    grad_accum: int = option(1, "micro-batches per optimizer step", ge=1)
+    num_workers: int = option(2, "Ray Train workers", ge=1)
+    use_gpu: bool = option(False, "one GPU per worker")
+    precision: Literal["fp32", "bf16"] = option("bf16", "autocast dtype on GPU (CPU runs fp32)")
+    checkpoint_every: int = option(200, "steps between checkpoints", ge=1)
+    storage_path: str = option("runs", "checkpoint root (local path or s3://)")
+    run_name: Optional[str] = option(None, "stable name so a rerun resumes; null = derived")
+    max_failures: int = option(2, "worker-group restarts before giving up", ge=0)
+    seed: int = option(0, "global seed")
+
+
+@dataclass
+class DataConfig:
+    features: str = option("", "feature-set URI (video features + text tokens)")
+
+
+@dataclass
+class PretrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    objective: ObjectiveConfig = field(default_factory=ObjectiveConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)

@@ -1,0 +1,610 @@
+"""Read frames from videos with PyAV: probe, seek-based sparse sampling, fixed-fps windows.
+
+    from vidray import video
+
+    info = video.probe("s3://bucket/clip.mp4")          # VideoInfo(duration_s=12.0, fps=25.0, ...)
+    sample = video.sample_frames("clip.mp4", 8, size=224, strategy="random", seed=0)
+    clip = video.sample_frames(data, 4, start_s=3.0, end_s=7.5, uri="s3://bucket/clip.mp4")
+    sample.frames       # uint8 [8, 224, 224, 3], RGB, upright
+    sample.timestamps   # float64 [8], seconds from the first frame of the video stream
+    for window in video.iter_windows("clip.mp4"):       # uint8 [30, 224, 224, 3]: one second
+        ...                                              # at 30 fps, the S3D input
+
+Public names: :func:`probe`, :func:`sample_frames`, :func:`iter_windows`, :class:`VideoInfo`,
+:class:`SampledFrames`, :class:`VideoDecodeError`.
+
+A source is a local path, any URI :func:`vidray.storage.open_uri` understands (``s3://...``),
+or the file's ``bytes``. Times are in seconds from the first frame of the video stream, which is
+0.0 whatever the container's start time. The frame for time ``t`` is the last frame whose
+presentation time is ``<= t`` (the first frame for times before it, the last frame for times
+after the end). Frames come out upright: the container's display-matrix rotation is applied.
+
+Unreadable input of any kind raises :class:`VideoDecodeError`, the one exception type callers
+(the clip pipeline's quarantine) need to catch.
+"""
+
+from __future__ import annotations
+
+import bisect
+import io
+import math
+import os
+import time
+from dataclasses import dataclass
+from fractions import Fraction
+from typing import IO, Iterator, Union
+
+import av
+import numpy as np
+from av.video.reformatter import VideoReformatter
+
+from vidray import storage
+
+Source = Union[str, "os.PathLike[str]", bytes, bytearray, memoryview]
+
+STRATEGIES = ("uniform", "random")
+# Without a container index (MPEG-TS) we cannot know where keyframes are; decoding forward
+# this many seconds costs about as much as one seek plus a typical partial GOP.
+_BLIND_SEEK_GAP_S = 2.0
+# After a seek that lands past the target (a demuxer without an exact index), step back
+# this far, doubling each time, until the first decoded frame is at or before the target.
+_FIRST_BACKOFF_S = 0.5
+# FFmpeg opens text files (tty) and still images as one-stream "videos"; they are not videos.
+_NOT_VIDEO_FORMATS = {"tty": "a text file", "image2": "a still image"}
+
+
+class VideoDecodeError(RuntimeError):
+    """A video could not be read; ``uri`` names it, ``reason`` says why.
+
+    The one exception type for unreadable input: missing or unreadable file or object, empty,
+    truncated or corrupt data, not a video, no video stream, no decoder, decode timeout.
+    """
+
+    def __init__(self, uri: str, reason: str, hint: str = "") -> None:
+        self.uri = uri
+        self.reason = reason
+        self.hint = hint
+        super().__init__(f"{uri}: {reason}" + (f"; {hint}" if hint else ""))
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    """What :func:`probe` learns about a video's first video stream."""
+
+    duration_s: float
+    """Length of the video stream in seconds (from its first frame)."""
+    fps: float
+    """Average frame rate (frames per second)."""
+    num_frames: int
+    """Frame count from the container, or ``round(duration_s * fps)`` when it does not say."""
+    width: int
+    """Width of the upright (rotated) frames."""
+    height: int
+    """Height of the upright (rotated) frames."""
+    rotation: int
+    """Degrees (0, 90, 180, 270) the stored frames are turned clockwise to display upright."""
+    start_time_s: float
+    """Presentation time of the first frame in the container's timeline (often 0.0)."""
+    codec: str
+    """FFmpeg decoder name, e.g. ``"h264"``."""
+
+
+@dataclass
+class SampledFrames:
+    """Frames picked by :func:`sample_frames`."""
+
+    frames: np.ndarray
+    """uint8 [T, H, W, 3], RGB, upright."""
+    timestamps: np.ndarray
+    """float64 [T]: presentation time (seconds from the first frame) of each returned frame."""
+    requested: np.ndarray
+    """float64 [T]: the times that were asked for."""
+    decoded_frames: int
+    """Frames the decoder produced to get these (benchmarks report it per returned frame)."""
+
+
+def probe(source: Source, *, timeout_s: float = 60.0, uri: str | None = None) -> VideoInfo:
+    """Describe the first video stream of ``source`` (decodes only its first frame).
+
+    Raises :class:`VideoDecodeError` if the source cannot be read as a video. ``uri`` names
+    the video in error messages when ``source`` is its bytes.
+    """
+    with _Reader(source, timeout_s, uri) as reader:
+        return reader.info()
+
+
+def sample_frames(
+    source: Source,
+    num_frames: int,
+    *,
+    strategy: str = "uniform",
+    size: int | None = None,
+    seed: int | None = None,
+    crop: bool = True,
+    timeout_s: float = 60.0,
+    start_s: float = 0.0,
+    end_s: float | None = None,
+    uri: str | None = None,
+) -> SampledFrames:
+    """Pick ``num_frames`` frames spread over the video, decoding as little as possible.
+
+    The span ``[start_s, end_s)`` (default: the whole video; ``end_s`` is clipped to the
+    duration) is split into ``num_frames`` equal segments; ``"uniform"`` asks for each
+    segment's centre, ``"random"`` for a uniform random time inside each segment (drawn with
+    ``np.random.default_rng(seed)``). The frame for time ``t`` is the last frame whose
+    presentation time is ``<= t``; so a video with fewer frames than asked for gives repeated
+    frames, and times past the last frame repeat the last frame. A one-frame video returns that
+    frame ``num_frames`` times.
+
+    Decoding seeks to the keyframe before each time and decodes forward only up to it; when
+    the next time lies in the GOP being decoded it decodes on instead of seeking again.
+
+    ``size``: ``None`` keeps the native (upright) size; an int scales the shorter side to
+    ``size`` and, with ``crop=True``, centre-crops to ``size x size``.
+    ``timeout_s`` bounds the whole call; a slower (pathological) file raises
+    :class:`VideoDecodeError`, as does any unreadable input. ``uri`` names the video in error
+    messages when ``source`` is its bytes. A span that starts at or after the end of the video
+    raises ``ValueError``.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if strategy not in STRATEGIES:
+        raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if start_s < 0 or (end_s is not None and end_s <= start_s):
+        raise ValueError(f"need 0 <= start_s < end_s, got start_s={start_s}, end_s={end_s}")
+    with _Reader(source, timeout_s, uri) as reader:
+        end = reader.duration_s if end_s is None else min(end_s, reader.duration_s)
+        if start_s >= end:
+            raise ValueError(
+                f"{reader.uri}: span [{start_s}, {end_s}) starts after the video ends "
+                f"({reader.duration_s:.3f} s); check the clip times"
+            )
+        requested = _segment_times(start_s, end, num_frames, strategy, seed)
+        cursor = _SparseCursor(reader)
+        convert = _Converter(reader, size, crop)
+        images, times = [], []
+        previous: av.VideoFrame | None = None
+        for t in requested:
+            frame = cursor.frame_at(float(t))
+            if frame is not previous:  # convert now: holding native frames costs memory
+                image, previous = convert(frame), frame
+            images.append(image)
+            times.append(reader.seconds(frame))
+        return SampledFrames(
+            frames=np.stack(images),
+            timestamps=np.array(times, np.float64),
+            requested=requested,
+            decoded_frames=reader.decoded_frames,
+        )
+
+
+def iter_windows(
+    source: Source,
+    *,
+    fps: float = 30.0,
+    size: int = 224,
+    frames_per_window: int = 30,
+    timeout_s: float | None = None,
+    uri: str | None = None,
+) -> Iterator[np.ndarray]:
+    """Yield the video resampled to ``fps`` as uint8 ``[frames_per_window, size, size, 3]`` chunks.
+
+    The S3D feature reader: output frame ``k`` is the last source frame with presentation time
+    ``<= k / fps``, so 24/25 fps sources repeat frames and 60 fps sources drop them (dropped
+    frames are decoded but never converted). Each frame's shorter side is scaled to ``size``,
+    then centre-cropped to ``size x size``. There are ``ceil(duration * fps / frames_per_window)``
+    windows; the last partial window is padded by repeating its last frame.
+
+    Memory stays bounded for any length: frames are decoded in one forward pass and only the
+    current source frame, the window being filled and the decoder's own few reference frames
+    are held, never the whole video. ``timeout_s`` bounds the whole pass; ``None`` allows
+    60 s plus 2 s per second of video. ``uri`` names the video in errors for ``bytes`` sources.
+    """
+    if fps <= 0 or size < 1 or frames_per_window < 1:
+        raise ValueError(f"need fps > 0, size >= 1, frames_per_window >= 1; got {fps}, {size}, {frames_per_window}")
+    return _windows(source, fps, size, frames_per_window, timeout_s, uri)
+
+
+def _windows(
+    source: Source, fps: float, size: int, frames_per_window: int, timeout_s: float | None, uri: str | None
+) -> Iterator[np.ndarray]:
+    # Opening gets 60 s; the length-dependent default is known only once the duration is.
+    with _Reader(source, 60.0 if timeout_s is None else timeout_s, uri) as reader:
+        if timeout_s is None:
+            reader.deadline.extend_to(60.0 + 2.0 * reader.duration_s)
+        real = max(1, math.ceil(reader.duration_s * fps - 1e-9))
+        window: list[np.ndarray] = []
+        for image in _resampled(reader, fps, real, _Converter(reader, size, crop=True)):
+            window.append(image)
+            if len(window) == frames_per_window:
+                yield np.stack(window)
+                window = []
+        if window:
+            window += [window[-1]] * (frames_per_window - len(window))
+            yield np.stack(window)
+
+
+def _segment_times(start_s: float, end_s: float, count: int, strategy: str, seed: int | None) -> np.ndarray:
+    """One time (seconds) in each of ``count`` equal segments of ``[start_s, end_s)``."""
+    if strategy == "uniform":
+        offsets = np.full(count, 0.5)
+    else:
+        offsets = np.random.default_rng(seed).uniform(0.0, 1.0, count)
+    return start_s + (np.arange(count) + offsets) * ((end_s - start_s) / count)
+
+
+def _resampled(reader: _Reader, fps: float, count: int, convert: _Converter) -> Iterator[np.ndarray]:
+    """``count`` frames at ``k / fps``: the last source frame at or before each time."""
+    k = 0
+    held: av.VideoFrame | None = None
+    held_image: np.ndarray | None = None
+    for frame in reader.frames_from_start():
+        frame_time = reader.seconds(frame)
+        # `frame` starts after k / fps, so `held` is the last frame at or before it.
+        while held is not None and k < count and k / fps < frame_time:
+            if held_image is None:
+                held_image = convert(held)
+            yield held_image
+            k += 1
+        if k >= count:
+            return
+        held, held_image = frame, None
+    image = convert(held)
+    for _ in range(k, count):
+        yield image
+
+
+class _Deadline:
+    """Raises once ``timeout_s`` has passed since it was made (checked per packet and frame)."""
+
+    def __init__(self, uri: str, timeout_s: float | None) -> None:
+        self.uri = uri
+        self.timeout_s = timeout_s
+        self.start = time.monotonic()
+
+    def extend_to(self, timeout_s: float) -> None:
+        """Allow ``timeout_s`` in all, counted from the start."""
+        self.timeout_s = timeout_s
+
+    def check(self) -> None:
+        if self.timeout_s is not None and time.monotonic() - self.start > self.timeout_s:
+            raise VideoDecodeError(
+                self.uri,
+                f"decoding took longer than timeout_s={self.timeout_s:g}",
+                "the file may be pathological; pass a larger timeout_s if it is just long",
+            )
+
+
+class _Reader:
+    """One open video stream: container, first frame, timestamps and forward decoding.
+
+    Times are seconds from the first decoded frame (``origin``). The first frame is decoded on
+    open because it is the only reliable source of the stream's first presentation time and of
+    the display rotation (PyAV exposes the display matrix on frames, not streams), and because
+    it proves the stream is decodable before any work is planned on it.
+    """
+
+    def __init__(self, source: Source, timeout_s: float | None, uri: str | None = None) -> None:
+        self.uri = uri or _describe(source)
+        self.deadline = _Deadline(self.uri, timeout_s)
+        self.decoded_frames = 0
+        self._file: IO[bytes] | None = None  # our handle on a remote object, if any
+        try:
+            self.container = self._open(source)
+        except BaseException:
+            self._close_file()
+            raise
+        try:
+            self.stream = self._video_stream()
+            self.time_base: Fraction = self.stream.time_base
+            # MPEG-TS and friends build their index while demuxing; only an index that exists
+            # before we read anything (MP4 sample tables, MKV cues) lists every keyframe.
+            self.has_index = len(self.stream.index_entries) > 0
+            self._frames = self._decode()
+            self.first = self._first_frame()
+            self.origin: int = self.first.pts
+            self.rotation = (-round(self.first.rotation or 0)) % 360
+            self.duration_s = self._duration_s()
+        except BaseException:
+            self.close()
+            raise
+
+    # -- opening ---------------------------------------------------------------------------
+
+    def _open(self, source: Source) -> av.container.InputContainer:
+        if isinstance(source, (bytes, bytearray, memoryview)):
+            if len(source) == 0:
+                raise VideoDecodeError(self.uri, "empty input (0 bytes)", "pass the file's bytes")
+            target: str | IO[bytes] = io.BytesIO(bytes(source))
+        else:
+            target = self._local_path_or_file(os.fspath(source))
+        try:
+            container = av.open(target, metadata_errors="ignore")
+        except (av.error.FFmpegError, OSError) as err:
+            raise VideoDecodeError(self.uri, *_explain(err)) from err
+        format_name = container.format.name
+        kind = _NOT_VIDEO_FORMATS.get(format_name) or ("a still image" if format_name.endswith("_pipe") else None)
+        if kind:
+            container.close()
+            raise VideoDecodeError(self.uri, f"not a video: FFmpeg reads it as {kind} ({format_name})")
+        return container
+
+    def _local_path_or_file(self, uri: str) -> str | IO[bytes]:
+        """A local path (FFmpeg reads it directly) or an open file object for remote URIs."""
+        if uri.startswith("file://"):
+            uri = uri[len("file://"):]
+        if storage.is_remote(uri):
+            try:
+                self._file = storage.open_uri(uri, "rb")
+            except storage.StorageError as err:
+                reason = str(err).removeprefix(f"{uri}: ")
+                raise VideoDecodeError(self.uri, reason) from err
+            if getattr(self._file, "size", None) == 0:
+                raise VideoDecodeError(self.uri, "empty object (0 bytes)", "re-upload the video")
+            return self._file
+        if os.path.isfile(uri) and os.path.getsize(uri) == 0:
+            raise VideoDecodeError(self.uri, "empty file (0 bytes)", "re-download or re-encode the video")
+        return uri
+
+    def _video_stream(self) -> av.video.stream.VideoStream:
+        streams = self.container.streams
+        if not streams.video:
+            kinds = ", ".join(s.type for s in streams) or "none"
+            raise VideoDecodeError(self.uri, f"no video stream (streams: {kinds})", "is it an audio-only file?")
+        stream = streams.video[0]
+        if stream.codec_context is None:
+            raise VideoDecodeError(self.uri, "no decoder for its video codec in this FFmpeg build")
+        return stream
+
+    def _first_frame(self) -> av.VideoFrame:
+        first = next(self._frames, None)
+        if first is None:
+            raise VideoDecodeError(self.uri, "the video stream has no decodable frames", "the file may be truncated")
+        return first
+
+    def _duration_s(self) -> float:
+        stream, container = self.stream, self.container
+        if stream.duration:
+            return float(stream.duration * self.time_base)
+        if container.duration:
+            # The container's span over all streams, minus the time before our first frame.
+            start = (container.start_time or 0) / av.time_base
+            return max(container.duration / av.time_base - (self.container_seconds(self.origin) - start), 0.0)
+        raise VideoDecodeError(self.uri, "the container states no duration", "remux it into MP4 or MKV")
+
+    def close(self) -> None:
+        self.container.close()
+        self._close_file()
+
+    def _close_file(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+    def __enter__(self) -> _Reader:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- time ------------------------------------------------------------------------------
+
+    def seconds(self, frame: av.VideoFrame) -> float:
+        """Presentation time of ``frame`` in seconds from the first frame (exactly rounded)."""
+        return float((frame.pts - self.origin) * self.time_base)
+
+    def container_seconds(self, pts: int) -> float:
+        """``pts`` in seconds on the container's timeline."""
+        return float(pts * self.time_base)
+
+    def info(self) -> VideoInfo:
+        stream = self.stream
+        rate = stream.average_rate or stream.guessed_rate
+        if rate:
+            fps = float(rate)
+        else:
+            fps = stream.frames / self.duration_s if stream.frames and self.duration_s > 0 else 0.0
+        width, height = self.first.width, self.first.height
+        if self.rotation in (90, 270):
+            width, height = height, width
+        num_frames = stream.frames or max(1, round(self.duration_s * fps))
+        return VideoInfo(
+            duration_s=self.duration_s,
+            fps=fps,
+            num_frames=num_frames,
+            width=width,
+            height=height,
+            rotation=self.rotation,
+            start_time_s=self.container_seconds(self.origin),
+            codec=stream.codec_context.name,
+        )
+
+    # -- decoding --------------------------------------------------------------------------
+
+    def frames_from_start(self) -> Iterator[av.VideoFrame]:
+        """Every frame in presentation order, starting with the one decoded on open."""
+        yield self.first
+        yield from self._frames
+
+    def seek(self, offset: int) -> av.VideoFrame | None:
+        """Seek to the keyframe at or before ``offset`` (stream time base); the first frame after."""
+        self._frames.close()
+        try:
+            self.container.seek(offset, stream=self.stream, backward=True)
+        except av.error.FFmpegError as err:
+            raise VideoDecodeError(self.uri, f"cannot seek ({err})", "remux it into MP4 (faststart)") from err
+        self._frames = self._decode()
+        return next(self._frames, None)
+
+    def next_frame(self) -> av.VideoFrame | None:
+        return next(self._frames, None)
+
+    def _decode(self) -> Iterator[av.VideoFrame]:
+        """Frames in presentation order from the demuxer's position, checking the deadline."""
+        previous_pts = None
+        try:
+            for packet in self.container.demux(self.stream):
+                self.deadline.check()
+                for frame in packet.decode():
+                    self.deadline.check()
+                    frame.pts = _frame_pts(frame, self.uri)
+                    previous_pts = frame.pts
+                    self.decoded_frames += 1
+                    yield frame
+        except (av.error.FFmpegError, OSError) as err:  # OSError: a remote read failed
+            reason, hint = _explain(err)
+            where = f" after {self.container_seconds(previous_pts):.3f}s" if previous_pts is not None else ""
+            raise VideoDecodeError(self.uri, f"{reason}{where}", hint) from err
+
+
+class _SparseCursor:
+    """Answers "the frame at time t" for a rising sequence of times, seeking only when it pays.
+
+    It holds ``current`` (the last decoded frame at or before the previous time) and ``ahead``
+    (the next decoded frame, or None at the end of the stream).
+    """
+
+    def __init__(self, reader: _Reader) -> None:
+        self.reader = reader
+        self.current: av.VideoFrame | None = None
+        self.ahead: av.VideoFrame | None = reader.first
+        self._keyframes: tuple[list[float], list[int]] | None = None
+
+    def frame_at(self, t: float) -> av.VideoFrame:
+        if self._must_seek(t):
+            self._seek(t)
+        seconds = self.reader.seconds
+        while self.ahead is not None and seconds(self.ahead) <= t:
+            self.current, self.ahead = self.ahead, self.reader.next_frame()
+        held = self.current if self.current is not None else self.ahead
+        assert held is not None  # _seek guarantees a frame
+        return held
+
+    def _must_seek(self, t: float) -> bool:
+        seconds = self.reader.seconds
+        earliest = self.current if self.current is not None else self.ahead
+        if earliest is None or (seconds(earliest) > t and seconds(earliest) > 0.0):
+            return True  # the frame for t lies before what we hold (times went backwards)
+        if self.ahead is None or seconds(self.ahead) > t:
+            return False  # the answer is already held
+        keyframe = self._keyframe_at_or_before(t)
+        if keyframe is not None:
+            # Decoding on from `ahead` passes through keyframe; a seek starts right at it.
+            return keyframe[0] > seconds(self.ahead)
+        return t - seconds(self.ahead) > _BLIND_SEEK_GAP_S
+
+    def _seek(self, t: float) -> None:
+        """Seek so that the first decoded frame is at or before ``t`` (or is the stream's first)."""
+        reader = self.reader
+        start_offset = reader.origin
+        keyframe = self._keyframe_at_or_before(t)
+        target = reader.origin + math.floor(t / reader.time_base)
+        offset = keyframe[1] if keyframe is not None else target
+        backoff = _FIRST_BACKOFF_S
+        while True:
+            offset = max(offset, start_offset)
+            first = reader.seek(offset)
+            if first is not None and reader.seconds(first) <= t:
+                break
+            if offset <= start_offset:
+                if first is None:
+                    raise VideoDecodeError(reader.uri, "no frames after seeking to the start", "the file may be corrupt")
+                break  # t precedes the first frame: the first frame is the answer
+            # The demuxer landed past t (no exact index, or B-frame reordering): step back.
+            offset = min(offset - 1, target - math.ceil(backoff / reader.time_base))
+            backoff *= 2
+        self.current, self.ahead = None, first
+
+    def _keyframe_at_or_before(self, t: float) -> tuple[float, int] | None:
+        """(seconds, pts) of the last keyframe at or before t, estimated from the index."""
+        times, offsets = self._keyframe_index()
+        position = bisect.bisect_right(times, t) - 1
+        return (times[position], offsets[position]) if position >= 0 else None
+
+    def _keyframe_index(self) -> tuple[list[float], list[int]]:
+        if self._keyframes is None:
+            self._keyframes = self._read_keyframe_index()
+        return self._keyframes
+
+    def _read_keyframe_index(self) -> tuple[list[float], list[int]]:
+        reader = self.reader
+        if not reader.has_index:
+            return [], []
+        stamps = [e.timestamp for e in reader.stream.index_entries if e.is_keyframe and not e.is_discard]
+        if not stamps:
+            return [], []
+        # MP4 indexes decode timestamps, but seeks by presentation time; with B-frames the two
+        # differ by a constant delay, visible at the first keyframe (its pts is the first pts).
+        shift = max(reader.origin - stamps[0], 0)
+        offsets = [s + shift for s in stamps]
+        return [float((o - reader.origin) * reader.time_base) for o in offsets], offsets
+
+
+class _Converter:
+    """VideoFrame -> uint8 [H, W, 3] RGB, upright, optionally scaled and centre-cropped."""
+
+    def __init__(self, reader: _Reader, size: int | None, crop: bool) -> None:
+        if size is not None and size < 1:
+            raise ValueError(f"size must be a positive int or None, got {size}")
+        self.quarter_turns = reader.rotation // 90
+        stored_w, stored_h = reader.first.width, reader.first.height
+        upright_w, upright_h = (stored_h, stored_w) if self.quarter_turns % 2 else (stored_w, stored_h)
+        if size is not None:
+            # round() lands the shorter side on exactly `size`; max() guards the longer one.
+            scale = size / min(upright_w, upright_h)
+            upright_w, upright_h = max(size, round(upright_w * scale)), max(size, round(upright_h * scale))
+        self.crop = size if (size is not None and crop) else None
+        # swscale resizes the stored (unrotated) frame, so swap the target back for 90/270.
+        self.width, self.height = (upright_h, upright_w) if self.quarter_turns % 2 else (upright_w, upright_h)
+        # One reformatter keeps its swscale context: 3-4x faster than frame.to_ndarray(width=...),
+        # which builds a new one per frame.
+        self._reformatter = VideoReformatter()
+
+    def __call__(self, frame: av.VideoFrame) -> np.ndarray:
+        # Always give the size: a stream that changes resolution mid-way still stacks.
+        rgb = self._reformatter.reformat(frame, width=self.width, height=self.height, format="rgb24")
+        image = rgb.to_ndarray()
+        if self.quarter_turns:
+            # rotation is clockwise; np.rot90 turns counter-clockwise for positive k.
+            image = np.rot90(image, k=-self.quarter_turns)
+        if self.crop is not None:
+            top = (image.shape[0] - self.crop) // 2
+            left = (image.shape[1] - self.crop) // 2
+            image = image[top : top + self.crop, left : left + self.crop]
+        return np.ascontiguousarray(image)
+
+
+def _frame_pts(frame: av.VideoFrame, uri: str) -> int:
+    if frame.pts is not None:
+        return frame.pts
+    if frame.dts is not None:
+        return frame.dts
+    raise VideoDecodeError(
+        uri,
+        "frames carry no timestamps (a raw elementary stream?)",
+        "remux it into MP4 or MKV, e.g. `ffmpeg -i in.h264 -c copy out.mp4`",
+    )
+
+
+def _explain(err: BaseException) -> tuple[str, str]:
+    """A short reason and a fix for an FFmpeg / OS error."""
+    if isinstance(err, FileNotFoundError):
+        return "no such file", "check the path"
+    if isinstance(err, PermissionError):
+        return "permission denied", "check the file's permissions"
+    if isinstance(err, IsADirectoryError):
+        return "is a directory, not a video file", "pass the path of a video file"
+    if isinstance(err, av.error.InvalidDataError):
+        return (
+            "invalid or truncated video data (FFmpeg: invalid data found)",
+            "the file is corrupt, cut short or not a video; re-download or re-encode it",
+        )
+    if isinstance(err, av.error.DecoderNotFoundError):
+        return "no decoder for this codec in the installed FFmpeg", "re-encode it to H.264"
+    return f"cannot read it ({type(err).__name__}: {err})", ""
+
+
+def _describe(source: Source) -> str:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        return f"<{len(source)} bytes>"
+    return os.fspath(source)
