@@ -218,7 +218,7 @@ def _markdown(s: dict, args) -> str:
         f"keyframe every {s['gop']} frames, {s['workers']} worker processes for every reader. "
         f"{s['versions']}.",
         "",
-        "| reader | videos/s | vidray is | decoded frames per returned frame |",
+        "| reader | videos/s | vidray / reader | decoded frames per returned frame |",
         "|---|---:|---:|---:|",
     ]
     names = {"vidray": "vidray `sample_frames` (process pool)",
@@ -229,7 +229,7 @@ def _markdown(s: dict, args) -> str:
     for key, label in names.items():
         if key not in r:
             continue
-        ratio = "1.00x" if key == "vidray" else f"{s['ratios']['vs_' + key]:.2f}x faster"
+        ratio = "1.00x" if key == "vidray" else f"{s['ratios']['vs_' + key]:.2f}x"
         dpr = r[key].get("decoded_per_returned")
         dpr_text = f"{dpr:.1f}" if dpr is not None else (
             f"{s['frames_in_videos'] / (s['videos'] * FRAMES_PER_VIDEO):.1f} (all)"

@@ -90,7 +90,11 @@ def _contact_sheet(clips_dir: str, count: int = 4):
     import matplotlib.pyplot as plt
     import ray
 
-    rows = ray.data.read_parquet(clips_dir).take(count)
+    rows, seen = [], set()
+    for row in ray.data.read_parquet(clips_dir).take(200):  # one clip per video: more variety
+        if row["video_id"] not in seen and len(rows) < count:
+            seen.add(row["video_id"])
+            rows.append(row)
     frames_per_clip = len(rows[0]["frames"])
     fig, axes = plt.subplots(len(rows), frames_per_clip, figsize=(2 * frames_per_clip, 2.2 * len(rows)),
                              squeeze=False)

@@ -68,6 +68,12 @@ def colour_mask(frame: np.ndarray, colour: str) -> np.ndarray:
     return distance < COLOUR_DISTANCE
 
 
+def centroid(mask: np.ndarray) -> np.ndarray:
+    """(x, y) mean of the set pixels."""
+    ys, xs = np.nonzero(mask)
+    return np.array([xs.mean(), ys.mean()])
+
+
 def classify_shape(mask: np.ndarray) -> str:
     """Shape kind from the pixels alone, by how full a few regions of the blob's bounding box are.
 
@@ -79,11 +85,13 @@ def classify_shape(mask: np.ndarray) -> str:
 
     def fullness(u0: float, u1: float, v0: float, v1: float) -> float:  # u, v in [-1, 1]
         r0, c0 = round((v0 + 1) / 2 * height), round((u0 + 1) / 2 * width)
-        r1, c1 = max(r0 + 1, round((v1 + 1) / 2 * height)), max(c0 + 1, round((u1 + 1) / 2 * width))
+        r1 = max(r0 + 1, round((v1 + 1) / 2 * height))
+        c1 = max(c0 + 1, round((u1 + 1) / 2 * width))
         return float(box[r0:r1, c0:c1].mean())
 
     def mean_of_four(lo: float, hi: float) -> float:
-        return float(np.mean([fullness(*u, *v) for u in ((-hi, -lo), (lo, hi)) for v in ((-hi, -lo), (lo, hi))]))
+        spans = ((-hi, -lo), (lo, hi))
+        return float(np.mean([fullness(*u, *v) for u in spans for v in spans]))
 
     if box[: height // 2].sum() < 0.5 * box[(height + 1) // 2:].sum():
         return "triangle"  # the only kind much heavier at the bottom
@@ -154,7 +162,7 @@ def test_captions_describe_the_pixels(corpus):
                 start_mask, end_mask = colour_mask(first, colour), colour_mask(last, colour)
                 assert start_mask.sum() > 100 and end_mask.sum() > 100, f"{colour} too small to learn"
                 assert classify_shape(start_mask) == kind, cap["text"]
-                moved = np.mean(np.nonzero(end_mask)[::-1], axis=1) - np.mean(np.nonzero(start_mask)[::-1], axis=1)
+                moved = centroid(end_mask) - centroid(start_mask)
                 along = float(np.dot(moved, STEP[direction]))
                 across = float(abs(np.dot(moved, STEP[direction][::-1])))
                 assert along > 10 and along > 3 * across, f"{cap['text']!r}: {colour} moved {moved}"
@@ -166,7 +174,8 @@ def test_qa_and_mc_agree_with_captions(corpus):
     out, summary = corpus
     events = {(r["video_id"], c["start"], c["end"]): parse_caption(c["text"])
               for r in read_rows(out) for c in r["captions"]}
-    captions = {(r["video_id"], c["start"], c["end"]): c["text"] for r in read_rows(out) for c in r["captions"]}
+    captions = {(r["video_id"], c["start"], c["end"]): c["text"]
+                for r in read_rows(out) for c in r["captions"]}
     qa = read_jsonl(out / "qa.jsonl")
     assert len(qa) == summary.qa == 3 * len(events)
     for q in qa:
@@ -247,7 +256,8 @@ def test_synth_to_s3(s3_uri):
     cfg = SynthConfig(videos=2, seed=1, min_seconds=1.0, max_seconds=1.5, workers=2)
     summary = synthesize(s3_uri, cfg, progress=False)
     assert summary.manifest_uri == f"{s3_uri}/manifest.parquet"
-    for name in ("manifest.parquet", "qa.jsonl", "mc.jsonl", "videos/synth_000000.mp4", "videos/synth_000001.mp4"):
+    names = ("manifest.parquet", "qa.jsonl", "mc.jsonl", "videos/synth_000000.mp4", "videos/synth_000001.mp4")
+    for name in names:
         assert storage.exists(f"{s3_uri}/{name}"), name
     rows = manifest.read_manifest(summary.manifest_uri).to_pylist()
     assert [r["uri"] for r in rows] == [f"{s3_uri}/videos/synth_00000{i}.mp4" for i in range(2)]

@@ -30,7 +30,8 @@ presentation time is ``<= t``) of any ``t`` in ``[start, end)`` belongs to the e
 Determinism: a video's content comes only from ``np.random.default_rng([seed, index])`` (its QA
 and split from sibling streams), x264 runs with one thread and fixed options, and every output
 is sorted by ``video_id``. The same seed therefore gives byte-identical MP4s and manifests,
-whatever the worker count or completion order.
+whatever the worker count or completion order (with the same numpy and PyAV/FFmpeg builds: numpy
+does not promise the same random streams, nor x264 the same bitstream, across versions).
 """
 
 from __future__ import annotations
@@ -70,7 +71,7 @@ SHAPES = ("circle", "square", "triangle", "star", "cross")
 DIRECTIONS: dict[str, tuple[int, int]] = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
 FPS_CHOICES = (24, 25, 30)
 FRAME_SIZES = ((160, 120), (192, 144), (224, 168), (256, 192), (320, 240))  # (width, height), even
-EVENT_SECONDS = (1.0, 3.0)        # length of one event (the last one may run up to 2 s)
+EVENT_SECONDS = (1.0, 3.0)        # length of an event; the last one is 1-2 s (or the whole video)
 SHAPE_FRACTION = (0.22, 0.32)     # shape size as a fraction of the frame's shorter side
 TRAVEL_FRACTION = (0.35, 0.65)    # distance moved in one event, as a fraction of the free room
 BACKGROUND_RANGE = (10, 70)       # background channels stay dark
