@@ -9,7 +9,7 @@ import sys
 import urllib.request
 
 from conftest import REPO
-from vidray import stack
+from vidray import stack as local_stack
 
 
 def vidray(*args):
@@ -25,7 +25,7 @@ def test_stack_up_status_down_through_the_cli(tmp_path, stack):
     assert set(env) >= {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                         "MLFLOW_TRACKING_URI"}
     assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
-    info = stack.load(directory)
+    info = local_stack.load(directory)
     pids = {name: s.pid for name, s in info.services.items()}
 
     # Real HTTP: MLflow answers its health check and its REST API; the bucket exists on S3.
@@ -46,28 +46,24 @@ def test_stack_up_status_down_through_the_cli(tmp_path, stack):
     assert status.returncode == 0 and status.stdout.count("healthy") == 2
 
     again = vidray("stack", "up", "--dir", directory)  # idempotent: reuses the healthy stack
-    assert again.returncode == 0 and stack.load(directory).services["s3"].pid == pids["s3"]
+    assert again.returncode == 0 and local_stack.load(directory).services["s3"].pid == pids["s3"]
 
     down = vidray("stack", "down", "--dir", directory)
     assert down.returncode == 0 and "s3" in down.stdout and "mlflow" in down.stdout
     for pid in pids.values():
-        assert not stack._alive(pid)
+        assert not local_stack._alive(pid)
     assert vidray("stack", "status", "--dir", directory).returncode == 1
     # The session's own stack (another directory) is untouched.
-    assert all(s["healthy"] for s in stack.status(stack_dir(stack)).values())
-
-
-def stack_dir(info):
-    return info.directory
+    assert all(s["healthy"] for s in local_stack.status(stack.directory).values())
 
 
 def test_down_never_signals_a_process_it_did_not_start(tmp_path):
     bystander = subprocess.Popen(["sleep", "60"])
     try:
-        fake = stack.StackInfo(directory=str(tmp_path), bucket="x", services={
-            "s3": stack.Service("s3", bystander.pid, 1, "http://127.0.0.1:1", str(tmp_path / "log"))})
-        stack._save(fake)
-        assert stack.down(str(tmp_path)) == []
+        fake = local_stack.StackInfo(directory=str(tmp_path), bucket="x", services={
+            "s3": local_stack.Service("s3", bystander.pid, 1, "http://127.0.0.1:1", str(tmp_path / "log"))})
+        local_stack._save(fake)
+        assert local_stack.down(str(tmp_path)) == []
         assert bystander.poll() is None  # still running: its cmdline is not moto's
     finally:
         bystander.kill()
@@ -75,6 +71,6 @@ def test_down_never_signals_a_process_it_did_not_start(tmp_path):
 
 
 def test_status_of_a_directory_without_a_stack(tmp_path):
-    assert stack.status(str(tmp_path)) == {}
+    assert local_stack.status(str(tmp_path)) == {}
     proc = vidray("stack", "env", "--dir", str(tmp_path))
     assert proc.returncode == 1 and "vidray stack up" in proc.stderr

@@ -149,6 +149,21 @@ def test_a_span_is_split_like_a_whole_video(videos):
         video.sample_frames(path, 4, start_s=1.0, end_s=1.0)
 
 
+@pytest.mark.parametrize("name", ["bframes", "vfr", "long_mpegts"])
+def test_sample_clips_on_one_open_equals_one_call_per_span(videos, name):
+    # Spans out of order and overlapping: the shared cursor must seek back correctly.
+    spans = [(1.2, 1.9), (0.0, 0.6), (0.3, None), (1.0, 1.4)]
+    seeds = [1, 2, 3, 4]
+    together = video.sample_clips(videos[name], spans, 3, strategy="random", seeds=seeds, size=32)
+    for (start, end), seed, got in zip(spans, seeds, together):
+        alone = video.sample_frames(videos[name], 3, strategy="random", seed=seed, size=32,
+                                    start_s=start, end_s=end)
+        np.testing.assert_array_equal(got.frames, alone.frames)
+        np.testing.assert_array_equal(got.timestamps, alone.timestamps)
+    with pytest.raises(ValueError, match="seeds"):
+        video.sample_clips(videos[name], spans, 3, seeds=[1])
+
+
 def test_random_strategy_is_reproducible_per_seed(videos):
     path = videos["plain"]
     a = video.sample_frames(path, 6, strategy="random", seed=3)

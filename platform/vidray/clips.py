@@ -24,7 +24,6 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Literal, Optional
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -88,18 +87,15 @@ def decode_video_clips(row: dict[str, Any], cfg: ClipsConfig) -> list[dict[str, 
     from vidray import video
 
     try:
-        data = storage.read_bytes(row["uri"])  # once per video, however many clips it has
-        out = []
-        for i, spec in enumerate(clip_specs(row.get("captions"), row.get("duration_s"), cfg.clip)):
-            sampled = video.sample_frames(
-                data, cfg.num_frames, strategy=cfg.strategy, size=cfg.size,
-                seed=clip_seed(cfg.seed, row["video_id"], i), start_s=spec["start_s"],
-                end_s=spec["end_s"], timeout_s=cfg.timeout_s, uri=row["uri"])
-            out.append({"video_id": row["video_id"], "clip_index": i, "start_s": spec["start_s"],
-                        "end_s": spec["end_s"] if spec["end_s"] is not None else float("nan"),
-                        "texts": spec["texts"], "frames": sampled.frames,
-                        "timestamps": sampled.timestamps.astype(np.float64)})
-        return out
+        specs = clip_specs(row.get("captions"), row.get("duration_s"), cfg.clip)
+        sampled = video.sample_clips(
+            row["uri"], [(s["start_s"], s["end_s"]) for s in specs], cfg.num_frames,
+            strategy=cfg.strategy, size=cfg.size, timeout_s=cfg.timeout_s,
+            seeds=[clip_seed(cfg.seed, row["video_id"], i) for i in range(len(specs))])
+        return [{"video_id": row["video_id"], "clip_index": i, "start_s": spec["start_s"],
+                 "end_s": spec["end_s"],
+                 "texts": spec["texts"], "frames": clip.frames, "timestamps": clip.timestamps}
+                for i, (spec, clip) in enumerate(zip(specs, sampled))]
     except Exception as err:  # noqa: BLE001 - any failure of one video quarantines that video only
         reason = f"{type(err).__name__}: {err}"
         record = {"video_id": row["video_id"], "uri": row["uri"], "error": reason}

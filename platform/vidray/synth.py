@@ -79,7 +79,13 @@ PLACEMENT_TRIES = 256             # random placements tried before accepting ove
 # One thread and fixed options: x264 output then depends only on the frames.
 X264_OPTIONS = {"preset": "veryfast", "crf": "23"}
 KEYFRAME_SECONDS = 2              # a keyframe every 2 s, like real footage, so seeking matters
-SPLIT_STREAM, QA_STREAM = 1, 2    # sibling random streams of a video: [seed, index, stream]
+SPLIT_STREAM, QA_STREAM, MC_STREAM = 1, 2, 3  # sibling random streams: rng([seed, index, stream])
+# (question, which word answers it); directions are distinct within an event, so each is unambiguous.
+QA_TEMPLATES = (
+    ("what colour is the shape moving {direction}?", "colour"),
+    ("what shape is moving {direction}?", "kind"),
+    ("which direction does the {colour} {kind} move?", "direction"),
+)
 MC_OPTIONS = 5
 MC_QUESTION = "which caption describes the clip?"
 
@@ -304,27 +310,23 @@ def captions(plan: VideoPlan) -> list[dict]:
 
 
 def qa_rows(plan: VideoPlan, seed: int) -> list[dict]:
-    """Three one-word-answer questions per event (colour, shape, direction) about a random shape."""
+    """One question of each template per event, about a randomly chosen shape of that event."""
     rng = np.random.default_rng([seed, plan.index, QA_STREAM])
     rows = []
     for event in plan.events:
         start, end = event_span(plan, event)
         parts = event_parts(plan, event)
-        questions = []
-        colour, kind, direction = parts[int(rng.integers(len(parts)))]
-        questions.append((f"what colour is the shape moving {direction}?", colour))
-        colour, kind, direction = parts[int(rng.integers(len(parts)))]
-        questions.append((f"what shape is moving {direction}?", kind))
-        colour, kind, direction = parts[int(rng.integers(len(parts)))]
-        questions.append((f"which direction does the {colour} {kind} move?", direction))
-        rows.extend({"video": plan.video_id, "question": q, "answer": a, "start": start, "end": end}
-                    for q, a in questions)
+        for template, answer_key in QA_TEMPLATES:
+            colour, kind, direction = parts[int(rng.integers(len(parts)))]
+            words = {"colour": colour, "kind": kind, "direction": direction}
+            rows.append({"video": plan.video_id, "question": template.format(**words),
+                         "answer": words[answer_key], "start": start, "end": end})
     return rows
 
 
 def mc_rows(plan: VideoPlan, seed: int) -> list[dict]:
     """One five-way caption choice per event; wrong options are near misses of the true caption."""
-    rng = np.random.default_rng([seed, plan.index, QA_STREAM, 1])
+    rng = np.random.default_rng([seed, plan.index, MC_STREAM])
     rows = []
     for event in plan.events:
         start, end = event_span(plan, event)

@@ -10,7 +10,7 @@
     for window in video.iter_windows("clip.mp4"):       # uint8 [30, 224, 224, 3]: one second
         ...                                              # at 30 fps, the S3D input
 
-Public names: :func:`probe`, :func:`sample_frames`, :func:`iter_windows`, :class:`VideoInfo`,
+Public names: :func:`probe`, :func:`sample_frames`, :func:`sample_clips`, :func:`iter_windows`, :class:`VideoInfo`,
 :class:`SampledFrames`, :class:`VideoDecodeError`.
 
 A source is a local path, any URI :func:`vidray.storage.open_uri` understands (``s3://...``),
@@ -146,36 +146,67 @@ def sample_frames(
     messages when ``source`` is its bytes. A span that starts at or after the end of the video
     raises ``ValueError``.
     """
+    return sample_clips(source, [(start_s, end_s)], num_frames, strategy=strategy, size=size,
+                        seeds=[seed], crop=crop, timeout_s=timeout_s, uri=uri)[0]
+
+
+def sample_clips(
+    source: Source,
+    spans: list[tuple[float, float | None]],
+    num_frames: int,
+    *,
+    strategy: str = "uniform",
+    size: int | None = None,
+    seeds: list[int | None] | None = None,
+    crop: bool = True,
+    timeout_s: float = 60.0,
+    uri: str | None = None,
+) -> list[SampledFrames]:
+    """:func:`sample_frames` for several spans ``(start_s, end_s)`` of one video, opened once.
+
+    The clip pipeline's path: a HowTo100M video has dozens of caption clips, and reopening the
+    container (and decoding its first frame) for each would double the work. ``seeds[i]`` seeds
+    span ``i``'s random times. ``decoded_frames`` of each result counts the frames decoded since
+    the previous span.
+    """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
-    if start_s < 0 or (end_s is not None and end_s <= start_s):
-        raise ValueError(f"need 0 <= start_s < end_s, got start_s={start_s}, end_s={end_s}")
+    seeds = list(seeds) if seeds is not None else [None] * len(spans)
+    if len(seeds) != len(spans):
+        raise ValueError(f"got {len(seeds)} seeds for {len(spans)} spans")
+    for start_s, end_s in spans:
+        if start_s < 0 or (end_s is not None and end_s <= start_s):
+            raise ValueError(f"need 0 <= start_s < end_s, got start_s={start_s}, end_s={end_s}")
     with _Reader(source, timeout_s, uri) as reader:
-        end = reader.duration_s if end_s is None else min(end_s, reader.duration_s)
-        if start_s >= end:
-            raise ValueError(
-                f"{reader.uri}: span [{start_s}, {end_s}) starts after the video ends "
-                f"({reader.duration_s:.3f} s); check the clip times"
-            )
-        requested = _segment_times(start_s, end, num_frames, strategy, seed)
         cursor = _SparseCursor(reader)
         convert = _Converter(reader, size, crop)
-        images, times = [], []
-        previous: av.VideoFrame | None = None
-        for t in requested:
-            frame = cursor.frame_at(float(t))
-            if frame is not previous:  # convert now: holding native frames costs memory
-                image, previous = convert(frame), frame
-            images.append(image)
-            times.append(reader.seconds(frame))
-        return SampledFrames(
-            frames=np.stack(images),
-            timestamps=np.array(times, np.float64),
-            requested=requested,
-            decoded_frames=reader.decoded_frames,
-        )
+        results, decoded_before = [], 0
+        for (start_s, end_s), seed in zip(spans, seeds):
+            end = reader.duration_s if end_s is None else min(end_s, reader.duration_s)
+            if start_s >= end:
+                raise ValueError(
+                    f"{reader.uri}: span [{start_s}, {end_s}) starts after the video ends "
+                    f"({reader.duration_s:.3f} s); check the clip times"
+                )
+            requested = _segment_times(start_s, end, num_frames, strategy, seed)
+            images, times = [], []
+            previous: av.VideoFrame | None = None
+            for t in requested:
+                frame = cursor.frame_at(float(t))
+                if frame is not previous:  # convert now: holding native frames costs memory
+                    image, previous = convert(frame), frame
+                images.append(image)
+                times.append(reader.seconds(frame))
+            results.append(SampledFrames(
+                frames=np.stack(images),
+                timestamps=np.array(times, np.float64),
+                requested=requested,
+                decoded_frames=reader.decoded_frames - decoded_before,
+            ))
+            decoded_before = reader.decoded_frames
+        return results
 
 
 def iter_windows(
@@ -496,7 +527,9 @@ class _SparseCursor:
     def _seek(self, t: float) -> None:
         """Seek so that the first decoded frame is at or before ``t`` (or is the stream's first)."""
         reader = self.reader
-        start_offset = reader.origin
+        # A second before the stream starts: some demuxers (MPEG-TS) asked for the very first
+        # timestamp land on a later keyframe, while a time before the start gives the first packet.
+        start_offset = reader.origin - math.ceil(1.0 / reader.time_base)
         keyframe = self._keyframe_at_or_before(t)
         target = reader.origin + math.floor(t / reader.time_base)
         offset = keyframe[1] if keyframe is not None else target
