@@ -46,3 +46,27 @@ def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "vidray")
     proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and "usage: vidray" in proc.stdout
+
+
+def test_adapt_writes_a_manifest_and_reports_bad_rows(tmp_path):
+    import pyarrow.parquet as pq
+
+    csv = tmp_path / "webvid.csv"
+    csv.write_text("videoid,contentUrl,duration,page_idx,page_dir,name\n"
+                   "1001,http://x/1001.mp4,PT00H00M11S,1,dir_a,a dog runs on the beach\n"
+                   "1002,http://x/1002.mp4,PT00H00M07S,1,dir_a,\n"
+                   "1003,http://x/1003.mp4,PT00H00M05S,1,dir_b,a cat sleeps\n")
+    out = tmp_path / "manifest.parquet"
+    proc = vidray("adapt", "webvid", str(csv), "--videos", "s3://bucket/webvid", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert f"{csv}:3" in proc.stderr  # the row without a caption, by file and line
+    table = pq.read_table(out).to_pylist()
+    assert [r["video_id"] for r in table] == ["1001", "1003"]
+    assert table[0]["uri"] == "s3://bucket/webvid/dir_a/1001.mp4"
+    assert table[0]["duration_s"] == 11.0
+
+
+def test_adapt_unknown_format_is_a_clear_error(tmp_path):
+    proc = vidray("adapt", "kinetics", str(tmp_path / "x.csv"), "--videos", "/v", "--out", str(tmp_path / "m"))
+    assert proc.returncode == 1
+    assert "webvid" in proc.stderr and "kinetics" in proc.stderr

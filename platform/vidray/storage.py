@@ -8,9 +8,10 @@ client version reads ``AWS_ENDPOINT_URL`` by itself.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import posixpath
-from typing import IO
+from typing import IO, Iterator
 
 import fsspec
 import pyarrow.fs as pafs
@@ -57,28 +58,43 @@ def join(uri: str, *parts: str) -> str:
     return os.path.join(uri, *parts)
 
 
-def open_uri(uri: str, mode: str = "rb") -> IO:
-    """Open ``uri``; missing objects and unreachable endpoints raise :class:`StorageError`."""
-    fs, path = filesystem(uri)
-    if "w" in mode and not is_remote(uri):
-        fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+@contextlib.contextmanager
+def storage_errors(uri: str) -> Iterator[None]:
+    """Turn any failure to reach ``uri`` into a :class:`StorageError` naming it and the fix."""
     try:
-        return fs.open(path, mode)
+        yield
+    except StorageError:
+        raise
     except FileNotFoundError as err:
         raise StorageError(f"{uri}: no such file or object") from err
     except PermissionError as err:
-        raise StorageError(f"{uri}: permission denied (check the credentials in AWS_* env vars)") from err
-    except OSError as err:
-        raise StorageError(f"{uri}: cannot open ({err}); is AWS_ENDPOINT_URL right?") from err
+        raise StorageError(f"{uri}: permission denied (check the credentials in the AWS_* "
+                           "environment variables, or the file's mode)") from err
+    except IsADirectoryError as err:
+        raise StorageError(f"{uri}: is a directory, not a file") from err
+    except Exception as err:  # botocore/aiohttp errors do not derive from OSError
+        if not is_remote(uri) and not isinstance(err, OSError):
+            raise
+        raise StorageError(f"{uri}: cannot reach it ({type(err).__name__}: {err}); check "
+                           "AWS_ENDPOINT_URL and the credentials") from err
+
+
+def open_uri(uri: str, mode: str = "rb") -> IO:
+    """Open ``uri``; missing objects and unreachable endpoints raise :class:`StorageError`."""
+    fs, path = filesystem(uri)
+    with storage_errors(uri):
+        if "w" in mode and not is_remote(uri):
+            fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+        return fs.open(path, mode)
 
 
 def read_bytes(uri: str) -> bytes:
-    with open_uri(uri, "rb") as f:
+    with storage_errors(uri), open_uri(uri, "rb") as f:
         return f.read()
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    with open_uri(uri, "wb") as f:
+    with storage_errors(uri), open_uri(uri, "wb") as f:
         f.write(data)
 
 
@@ -93,7 +109,8 @@ def parent(uri: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    return fs.exists(path)
+    with storage_errors(uri):
+        return fs.exists(path)
 
 
 def makedirs(uri: str) -> None:
