@@ -18,6 +18,9 @@ What lands under ``OUT`` (a local path or an ``s3://`` URI):
   "answer": index, "start", "end"}``; the wrong options differ from the truth in one colour,
   shape or direction.
 
+Shapes stay inside the frame's centred square, so the frames models' preprocessing (shorter side
+resized, centre crop) never cuts one off.
+
 Short single-caption clips (MSR-VTT-like) are not separate files: **every event is a clip**, the
 segment ``[start, end)`` of its video with the event's caption as its one sentence. QA and MC rows
 are about one event too, so they carry the same ``start``/``end``; inside one event the shapes
@@ -237,17 +240,21 @@ def _draw_event(rng: np.random.Generator, shapes: tuple[Shape, ...], first: int,
 
 def _draw_motion(rng: np.random.Generator, index: int, shape: Shape, direction: str,
                  width: int, height: int) -> Motion:
+    # Shapes stay inside the centred square: the frames models resize the shorter side and
+    # centre-crop, which would otherwise cut off shapes near the sides of a 4:3 frame.
+    side = min(width, height)
+    left, top = (width - side) // 2, (height - side) // 2
     dx, dy = DIRECTIONS[direction]
-    room_x, room_y = width - shape.size, height - shape.size
-    travel = rng.uniform(*TRAVEL_FRACTION) * (room_x if dx else room_y)
+    room = side - shape.size
+    travel = rng.uniform(*TRAVEL_FRACTION) * room
     start = []
-    for step, room in ((dx, room_x), (dy, room_y)):
+    for step, offset in ((dx, left), (dy, top)):
         if step > 0:
-            start.append(rng.uniform(0, room - travel))
+            start.append(offset + rng.uniform(0, room - travel))
         elif step < 0:
-            start.append(rng.uniform(travel, room))
+            start.append(offset + rng.uniform(travel, room))
         else:
-            start.append(rng.uniform(0, room))
+            start.append(offset + rng.uniform(0, room))
     x0, y0 = start
     x1, y1 = x0 + dx * travel, y0 + dy * travel
     return Motion(index, direction, (round(x0), round(y0)), (round(x1), round(y1)))
