@@ -164,6 +164,23 @@ def test_sample_clips_on_one_open_equals_one_call_per_span(videos, name):
         video.sample_clips(videos[name], spans, 3, seeds=[1])
 
 
+def test_skipping_non_reference_frames_decodes_less_and_changes_nothing(tmp_path):
+    # 24 fps with B-frames, then a 1.5 s gap: the answer for a time inside the gap is the last
+    # frame before it, possibly a skipped B-frame, which must trigger the exact fallback.
+    pts = [i * 1000 // 24 for i in range(72)] + [4500 + i * 1000 // 24 for i in range(72)]
+    path = videogen.write_video(tmp_path / "gap.mp4", num_frames=len(pts), pts=pts,
+                                time_base=Fraction(1, 1000), bframes=3, gop=96)
+    assert videogen.has_bframes(path)
+    for t in (2.9, 3.5, 4.2, 4.49, 4.5, 6.9):
+        result = video.sample_clips(path, [(t, t + 1e-3)], 1)[0]
+        assert_matches_reference(path, result)
+    dense = video.sample_frames(path, 8, strategy="random", seed=3)
+    assert_matches_reference(path, dense)
+    # Fewer frames decoded than frames passed over (the non-reference ones were skipped).
+    last = video.sample_frames(path, 1, start_s=2.9, end_s=2.95)
+    assert last.decoded_frames < 69
+
+
 def test_random_strategy_is_reproducible_per_seed(videos):
     path = videos["plain"]
     a = video.sample_frames(path, 6, strategy="random", seed=3)

@@ -49,6 +49,8 @@ _BLIND_SEEK_GAP_S = 2.0
 # After a seek that lands past the target (a demuxer without an exact index), step back
 # this far, doubling each time, until the first decoded frame is at or before the target.
 _FIRST_BACKOFF_S = 0.5
+# Non-reference frames are skipped only this many frame intervals before a requested time.
+_SKIP_MARGIN_FRAMES = 2
 # FFmpeg opens text files (tty) and still images as one-stream "videos"; they are not videos.
 _NOT_VIDEO_FORMATS = {"tty": "a text file", "image2": "a still image"}
 
@@ -319,6 +321,11 @@ class _Reader:
         self.uri = uri or _describe(source)
         self.deadline = _Deadline(self.uri, timeout_s)
         self.decoded_frames = 0
+        # Packets with a pts below this are decoded with non-reference frames skipped (see
+        # _SparseCursor.frame_at); None decodes everything.
+        self.skip_before: int | None = None
+        self._skipping = False
+        self.skipped_since_seek = False
         self._file: IO[bytes] | None = None  # our handle on a remote object, if any
         try:
             self.container = self._open(source)
@@ -428,13 +435,18 @@ class _Reader:
         """``pts`` in seconds on the container's timeline."""
         return float(pts * self.time_base)
 
-    def info(self) -> VideoInfo:
+    @property
+    def fps(self) -> float:
+        """Average frame rate; 0.0 when neither the container nor the frame count tells."""
         stream = self.stream
         rate = stream.average_rate or stream.guessed_rate
         if rate:
-            fps = float(rate)
-        else:
-            fps = stream.frames / self.duration_s if stream.frames and self.duration_s > 0 else 0.0
+            return float(rate)
+        return stream.frames / self.duration_s if stream.frames and self.duration_s > 0 else 0.0
+
+    def info(self) -> VideoInfo:
+        stream = self.stream
+        fps = self.fps
         width, height = self.first.width, self.first.height
         if self.rotation in (90, 270):
             width, height = height, width
@@ -460,6 +472,7 @@ class _Reader:
     def seek(self, offset: int) -> av.VideoFrame | None:
         """Seek to the keyframe at or before ``offset`` (stream time base); the first frame after."""
         self._frames.close()
+        self.skipped_since_seek = False
         try:
             self.container.seek(offset, stream=self.stream, backward=True)
         except av.error.FFmpegError as err:
@@ -470,12 +483,23 @@ class _Reader:
     def next_frame(self) -> av.VideoFrame | None:
         return next(self._frames, None)
 
+    def _set_skipping(self, skip: bool) -> None:
+        # Non-reference frames are never needed to decode later ones, so far before a
+        # requested time they are dropped by the decoder: about half the frames of typical
+        # H.264 (every unreferenced B-frame), and the cheap half to skip.
+        if skip != self._skipping:
+            self.stream.codec_context.skip_frame = "NONREF" if skip else "DEFAULT"
+            self._skipping = skip
+
     def _decode(self) -> Iterator[av.VideoFrame]:
         """Frames in presentation order from the demuxer's position, checking the deadline."""
         previous_pts = None
         try:
             for packet in self.container.demux(self.stream):
                 self.deadline.check()
+                self._set_skipping(self.skip_before is not None and packet.pts is not None
+                                   and packet.pts < self.skip_before)
+                self.skipped_since_seek |= self._skipping
                 for frame in packet.decode():
                     self.deadline.check()
                     frame.pts = _frame_pts(frame, self.uri)
@@ -500,8 +524,30 @@ class _SparseCursor:
         self.current: av.VideoFrame | None = None
         self.ahead: av.VideoFrame | None = reader.first
         self._keyframes: tuple[list[float], list[int]] | None = None
+        self.skip_allowed = True
 
     def frame_at(self, t: float) -> av.VideoFrame:
+        reader = self.reader
+        # Frames more than _SKIP_MARGIN_FRAMES frame intervals before t cannot be the answer
+        # when the frame rate holds, so their non-reference frames are not decoded at all.
+        skip = self.skip_allowed and reader.fps > 0
+        skip_before = reader.origin + math.floor((t - _SKIP_MARGIN_FRAMES / max(reader.fps, 1e-3))
+                                                 / reader.time_base)
+        reader.skip_before = skip_before if skip else None
+        try:
+            held = self._step_to(t)
+        finally:
+            reader.skip_before = None
+        if skip and reader.skipped_since_seek and held.pts < skip_before:
+            # A gap in the frame rate: a skipped frame may have been the answer. Decode the
+            # stretch again without skipping (exact, and rare: variable frame rate only).
+            self.skip_allowed = False
+            self._seek(t)
+            held = self._step_to(t)
+            self.skip_allowed = True
+        return held
+
+    def _step_to(self, t: float) -> av.VideoFrame:
         if self._must_seek(t):
             self._seek(t)
         seconds = self.reader.seconds
