@@ -181,6 +181,30 @@ def open_dataset(uri: str, columns: list[str] | None = None):
     return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
 
 
+def with_manifest_columns(ds, manifest_uri: str, columns: tuple[str, ...] = ("captions", "split")):
+    """Inner-join a feature Dataset with manifest columns on ``video_id``.
+
+    The manifest side is small (one row per video), so it is broadcast to the workers once
+    rather than shuffled (Ray Data's own join also needs polars).
+    """
+    from vidray.manifest import read_manifest
+
+    table = read_manifest(manifest_uri).select(["video_id", *columns])
+    return ds.map_batches(_add_manifest_columns, batch_format="pyarrow",
+                          fn_kwargs={"manifest": table, "columns": list(columns)})
+
+
+def _add_manifest_columns(batch: pa.Table, manifest: pa.Table, columns: list[str]) -> pa.Table:
+    import pyarrow.compute as pc
+
+    index = pc.index_in(batch["video_id"], value_set=manifest["video_id"])
+    keep = pc.is_valid(index)
+    batch, index = batch.filter(keep), index.filter(keep)
+    for column in columns:
+        batch = batch.append_column(column, manifest[column].take(index))
+    return batch
+
+
 def validate(uri: str) -> dict:
     """Check every part against the manifest: schema, row counts, feature widths, no duplicates.
 

@@ -178,3 +178,70 @@ def test_killed_extraction_resumes_exactly_once(ray_cluster, corpus, tmp_path):
     # Stray temporary files of the killed run are never listed as parts.
     assert all(p["file"].startswith("part-") for p in feature_set.manifest["parts"])
     assert pq.read_metadata(storage.arrow_filesystem(feature_set.part_uris[0])[1]).num_rows >= 1
+
+
+def test_open_join_cli_and_validate_catches_damage(ray_cluster, corpus, tmp_path):
+    cfg = ExtractConfig(manifest=corpus["manifest"], root=str(tmp_path), extractor="text", videos_per_part=4)
+    uri = run_extract(cfg, progress=False)["uri"]
+
+    ds = store.open_dataset(uri, columns=["video_id"])
+    assert ds.schema().names == ["video_id"] and ds.count() == 8
+    joined = store.with_manifest_columns(store.open_dataset(uri), corpus["manifest"], ("split",))
+    rows = joined.take_all()
+    assert len(rows) == 8 and all(r["split"] in ("train", "val", "test") for r in rows)
+
+    def vidray(*args):
+        return subprocess.run([sys.executable, "-m", "vidray.jobs.cli", *args], cwd=REPO,
+                              capture_output=True, text=True, timeout=120)
+
+    listing = vidray("features", "ls", str(tmp_path))
+    assert listing.returncode == 0 and "text" in listing.stdout and "8 rows" in listing.stdout
+    shown = vidray("features", "show", uri)
+    assert shown.returncode == 0 and "no_captions: ValueError: no captions" in shown.stdout
+    assert vidray("features", "validate", uri).returncode == 0
+
+    # Damage: a part duplicated under its own name's rows -> counts and duplicate keys are caught.
+    feature_set = store.open_version(uri)
+    first, second = feature_set.part_uris[:2]
+    table = pq.read_table(first)
+    pq.write_table(pq.read_table(second).slice(0, 1).cast(table.schema), second)
+    pq.write_table(pa_concat(table, table.slice(0, 1)), first)
+    report = vidray("features", "validate", uri)
+    assert report.returncode == 1
+    problems = json.loads(report.stdout)["problems"]
+    assert any("duplicate key" in p for p in problems)
+    assert any("rows, manifest says" in p for p in problems)
+
+    missing = vidray("features", "show", str(tmp_path / "text" / "v-000000000000"))
+    assert missing.returncode == 1 and "not a committed feature-set version" in missing.stderr
+
+
+def pa_concat(*tables):
+    import pyarrow as pa
+
+    return pa.concat_tables(tables)
+
+
+def test_s3d_features_equal_a_direct_computation(ray_cluster, corpus, tmp_path):
+    from vidray.feature_store.extractors import S3DExtractConfig, S3DExtractor
+
+    s3d = S3DExtractConfig(flavour="tiny", size=64, seconds_per_batch=4)
+    cfg = ExtractConfig(manifest=corpus["manifest"], root=str(tmp_path), extractor="s3d", s3d=s3d,
+                        limit=5, videos_per_part=2)
+    report = run_extract(cfg, progress=False)
+    feature_set = store.open_version(report["uri"])
+    assert feature_set.manifest["weights_digest"] == "random-init(seed=0)"
+    assert feature_set.manifest["dims"] == {"features": 512}
+    assert store.validate(report["uri"])["ok"]
+    rows = {r["video_id"]: r for r in read_rows(feature_set)}
+    videos = {v["video_id"]: v for v in corpus["rows"]}
+    direct = S3DExtractor(s3d)
+    good = [v for v in rows if v not in BAD]
+    assert len(good) >= 2
+    for video_id in good:
+        expected = direct.embed(videos[video_id]["uri"])
+        got = np.array(rows[video_id]["features"], dtype=np.float16)
+        assert got.shape == expected.shape == (rows[video_id]["num_seconds"], 512)
+        assert got.shape[0] == int(np.ceil(videos[video_id]["duration_s"] - 1e-9))
+        np.testing.assert_allclose(got.astype(np.float32), expected.astype(np.float32), atol=2e-3)
+        np.testing.assert_allclose(np.linalg.norm(got.astype(np.float32), axis=1), 1.0, atol=2e-3)

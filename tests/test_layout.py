@@ -61,3 +61,17 @@ def test_stdlib_platform_inside_ray_worker_with_repo_working_dir(ray_cluster, tm
     assert system == __import__("platform").system()
     assert path.startswith(STDLIB)
     assert vidray_name == "vidray"
+
+
+def test_every_subpackage_is_packaged():
+    """A wheel (not only an editable install) must carry every package under the mapped folders."""
+    import tomllib
+
+    config = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["tool"]["setuptools"]
+    listed, found = set(config["packages"]), set()
+    for package, folder in config["package-dir"].items():
+        for dirpath, _, files in os.walk(os.path.join(REPO, folder)):
+            if "__init__.py" in files and "__pycache__" not in dirpath:
+                rel = os.path.relpath(dirpath, os.path.join(REPO, folder))
+                found.add(package if rel == "." else package + "." + rel.replace(os.sep, "."))
+    assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"

@@ -1,0 +1,1 @@
+"""Model definitions for one device: encoders, fusion models and their checkpoint loaders."""
