@@ -11,11 +11,11 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench stack-up stack-down clean
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH_SPEC)
-	$(BIN)/pip install -q -e ".[dev,bench]"
+	$(BIN)/pip install -q -c constraints.txt -e ".[dev,bench]"
 	touch $(STAMP)
 
 setup: $(STAMP)
