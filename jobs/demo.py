@@ -1,6 +1,6 @@
 """`vidray demo`: the whole path that exists so far, end to end, on the embedded defaults.
 
-Everything lands under the work dir (see DESIGN.md): ``corpus/``, ``clips/``, ``mlflow/``,
+Everything lands under the work dir (see DESIGN.md): ``corpus/``, ``clips/``, ``features/``, ``mlflow/``,
 ``configs/<step>.yaml`` (each runnable again with its subcommand) and ``demo.json``. A rerun on
 the same work dir reuses every step whose resolved config did not change.
 """
@@ -17,7 +17,6 @@ from vidray.config import dump_yaml, flatten
 
 # Steps of the product that later issues build; the demo says so instead of pretending.
 NOT_YET = {
-    "extract": "feature-store issue (#4)",
     "pretrain": "VLM training issue (#5)",
     "finetune + evaluate": "VLM training issue (#5)",
     "sweep": "sweeps issue (#6)",
@@ -82,6 +81,30 @@ def _clips(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
             "reused": False, "config": cfg}
 
 
+def _features(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
+    """Cache text ids, S3D features (tiny S3D-G, random init: no weights can be downloaded here)
+    and JPEG frames as versioned feature sets; a rerun finds them committed and does nothing."""
+    from vidray.feature_store.extract import ExtractConfig, run_extract
+    from vidray.feature_store.extractors import FramesExtractConfig, S3DExtractConfig
+
+    root = os.path.join(workdir, "features")
+    steps = {
+        "text": ExtractConfig(manifest=manifest_uri, root=root, extractor="text", videos_per_part=8),
+        "s3d": ExtractConfig(manifest=manifest_uri, root=root, extractor="s3d", videos_per_part=4,
+                             s3d=S3DExtractConfig(flavour="tiny", size=112)),
+        "frames": ExtractConfig(manifest=manifest_uri, root=root, extractor="frames", videos_per_part=8,
+                                frames=FramesExtractConfig(num_frames=4, size=112)),
+    }
+    out = {}
+    for name, cfg in steps.items():
+        say(f"extract {name}: one-time feature extraction to {root}/{name}/")
+        _save_config(configs_dir, f"extract_{name}", cfg)
+        report = run_extract(cfg, progress=True, say=say)
+        out[name] = {k: report.get(k) for k in ("uri", "rows", "quarantined", "extracted_videos",
+                                                "videos_per_s")}
+    return out
+
+
 def _contact_sheet(clips_dir: str, count: int = 4):
     """A figure of a few sampled clips, their frames left to right, caption above."""
     import matplotlib
@@ -109,17 +132,19 @@ def _contact_sheet(clips_dir: str, count: int = 4):
     return fig
 
 
-def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str) -> dict:
+def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str, features: dict) -> dict:
     import mlflow
 
     mlflow.set_experiment("vidray-demo")
     with mlflow.start_run(run_name="demo-data-path") as run:
-        mlflow.set_tags({"job": "demo", "steps": "synth,clips"})
+        mlflow.set_tags({"job": "demo", "steps": "synth,clips,extract",
+                         **{f"feature_set.{k}": v["uri"] for k, v in features.items()}})
         params = {f"synth.{k}": v for k, v in flatten(corpus["config"]).items()}
         params.update({f"clips.{k}": v for k, v in flatten(clips["config"]).items()})
         mlflow.log_params(params)
         metrics = {"corpus_videos": corpus["videos"], "corpus_captions": corpus["captions"],
-                   "clips": clips["clips"], "clips_quarantined": clips["quarantined"]}
+                   "clips": clips["clips"], "clips_quarantined": clips["quarantined"],
+                   **{f"features_{k}_rows": v["rows"] for k, v in features.items()}}
         if not clips["reused"]:
             metrics["clips_videos_per_s"] = clips["videos_per_s"]
         mlflow.log_metrics(metrics)
@@ -146,7 +171,9 @@ def run_demo(workdir: str, videos: int = 24, keep_stack: bool = False) -> int:
         ray.init(num_cpus=max(2, os.cpu_count() or 1), include_dashboard=False,
                  log_to_driver=False, ignore_reinit_error=True)
         clips = _clips(workdir, configs_dir, corpus["manifest"])
-        tracked = _log_to_mlflow(configs_dir, corpus, clips, os.path.join(workdir, "clips", "clips"))
+        features = _features(workdir, configs_dir, corpus["manifest"])
+        tracked = _log_to_mlflow(configs_dir, corpus, clips, os.path.join(workdir, "clips", "clips"),
+                                 features)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -156,6 +183,7 @@ def run_demo(workdir: str, videos: int = 24, keep_stack: bool = False) -> int:
     result = {
         "done": {"synth": {k: v for k, v in corpus.items() if k != "config"},
                  "clips": {k: v for k, v in clips.items() if k != "config"},
+                 "features": features,
                  "mlflow": tracked},
         "not_implemented_yet": NOT_YET,
         "seconds": round(time.monotonic() - started, 1),

@@ -29,6 +29,11 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert result["done"]["synth"]["videos"] == 4
     clips = result["done"]["clips"]
     assert clips["clips"] == result["done"]["synth"]["captions"] > 4 and clips["quarantined"] == 0
+    features = result["done"]["features"]
+    assert set(features) == {"text", "s3d", "frames"}
+    assert features["s3d"]["rows"] == features["text"]["rows"] == 4
+    assert features["frames"]["rows"] == clips["clips"]
+    assert (tmp_path / "configs" / "extract_s3d.yaml").exists()
     # It says plainly what it did not do.
     assert "pretrain" in result["not_implemented_yet"]
     assert "not implemented yet: pretrain" in first.stdout
@@ -44,6 +49,8 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     second = demo(tmp_path)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "corpus: reusing" in second.stdout and "clips: reusing" in second.stdout
+    assert second.stdout.count("nothing to do:") == 3
+    assert json.loads((tmp_path / "demo.json").read_text())["done"]["features"]["s3d"]["extracted_videos"] == 0
     again = json.loads((tmp_path / "demo.json").read_text())
     assert again["done"]["clips"]["clips"] == clips["clips"]
     assert again["done"]["mlflow"]["run_id"] != result["done"]["mlflow"]["run_id"]
