@@ -6,7 +6,7 @@ import argparse
 import importlib
 
 # Plain-dict registry: benchmark name -> module with `add_arguments(parser)` and `run(args)`.
-BENCHMARKS = {"decode": "benchmarks.decode"}
+BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache"}
 
 
 def main() -> None:
