@@ -8,7 +8,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from videogen import truncate_copy, write_video
+from videogen import broken_videos, write_video
 from vidray import storage
 from vidray.clips import ClipsConfig, clip_specs, run_clips
 from vidray.manifest import manifest_table, read_manifest, write_manifest
@@ -35,13 +35,8 @@ def corpus_on_s3(stack, tmp_path_factory):
     synthesize(root, SynthConfig(videos=4, seed=3, min_seconds=2.0, max_seconds=3.0, workers=2),
                progress=False)
     good = read_manifest(storage.join(root, "manifest.parquet")).to_pylist()
-    local = tmp_path_factory.mktemp("broken")
-    real = write_video(local / "real.mp4", num_frames=48, fps=24)
-    broken = {
-        "zero_byte": b"",
-        "truncated": open(truncate_copy(real, local / "cut.mp4", 0.3), "rb").read(),
-        "not_a_video": b"this is a caption file, not a video\n" * 20,
-    }
+    broken = broken_videos(tmp_path_factory.mktemp("broken"))
+    del broken["good"]
     rows = list(good)
     for name, data in broken.items():
         uri = storage.join(root, "bad", f"{name}.mp4")

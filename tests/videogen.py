@@ -128,3 +128,12 @@ def has_bframes(path: str | os.PathLike) -> bool:
         stream = container.streams.video[0]
         pts = [p.pts for p in container.demux(stream) if p.pts is not None]
     return any(b < a for a, b in zip(pts, pts[1:]))
+
+
+def broken_videos(directory: str | os.PathLike) -> dict[str, bytes]:
+    """Bytes of the bad inputs batch jobs must quarantine, plus one good video for comparison:
+    ``zero_byte``, ``truncated`` (first 30% of a real MP4), ``not_a_video`` and ``good``."""
+    real = write_video(os.path.join(directory, "real.mp4"), num_frames=48, fps=24)
+    cut = truncate_copy(real, os.path.join(directory, "cut.mp4"), 0.3)
+    return {"zero_byte": b"", "truncated": open(cut, "rb").read(),
+            "not_a_video": b"this is a caption file, not a video\n" * 20, "good": open(real, "rb").read()}

@@ -27,7 +27,8 @@ def is_remote(uri: str) -> bool:
 
 def _s3_options() -> dict:
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
-    options: dict = {}
+    # Other processes (Ray workers, a killed run) write what we list: never trust a cached listing.
+    options: dict = {"use_listings_cache": False}
     if endpoint:
         options["client_kwargs"] = {"endpoint_url": endpoint}
     return options
