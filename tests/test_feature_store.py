@@ -21,7 +21,7 @@ from vidray import storage
 from vidray.config import load_config
 from vidray.feature_store import store
 from vidray.feature_store.extract import ExtractConfig, run_extract
-from vidray.feature_store.extractors import (FramesExtractConfig, FramesExtractor, TextExtractConfig,
+from vidray.feature_store.extractors import (FramesExtractConfig, FramesExtractor,
                                              TextExtractor, decode_jpeg)
 from vidray.manifest import manifest_table, read_manifest, write_manifest
 from vidray.synth import SynthConfig, synthesize
