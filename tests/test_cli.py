@@ -33,8 +33,7 @@ def test_each_subcommand_has_help(name):
     assert proc.stdout.startswith(f"usage: vidray {name}")
 
 
-@pytest.mark.parametrize("args", [["finetune"], ["evaluate"], ["sweep"],
-                                  ["pretrain", "configs/demo/pretrain.yaml"]])
+@pytest.mark.parametrize("args", [["finetune"], ["evaluate"], ["sweep"]])
 def test_unbuilt_subcommands_exit_nonzero_saying_so(args):
     proc = vidray(*args)
     assert proc.returncode == 3

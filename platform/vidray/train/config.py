@@ -7,6 +7,7 @@ from typing import Literal, Optional
 
 from vidray.config import ConfigError, option
 from vidray.tracking import MLflowConfig
+from vidray.vlm.data import DataConfig
 
 
 @dataclass
@@ -50,15 +51,11 @@ class TrainConfig:
     use_gpu: bool = option(False, "one GPU per worker")
     precision: Literal["fp32", "bf16"] = option("bf16", "autocast dtype on GPU (CPU runs fp32)")
     checkpoint_every: int = option(200, "steps between checkpoints", ge=1)
+    log_every: int = option(10, "steps between progress lines (MLflow gets every step)", ge=1)
     storage_path: str = option("runs", "checkpoint root (local path or s3://)")
     run_name: Optional[str] = option(None, "stable name so a rerun resumes; null = derived")
     max_failures: int = option(2, "worker-group restarts before giving up", ge=0)
     seed: int = option(0, "global seed")
-
-
-@dataclass
-class DataConfig:
-    features: str = option("", "feature-set URI (video features + text tokens)")
 
 
 @dataclass

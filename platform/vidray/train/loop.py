@@ -1,0 +1,213 @@
+"""The Ray Train loop: model-agnostic, short, resumable.
+
+    load the latest checkpoint (if any) -> loop over `system.training_step(batch)` with gradient
+    accumulation, clipping and a warm-up + polynomial-decay schedule -> checkpoint every N steps
+    (model, optimizer, scheduler, step, RNG, config) -> rank 0 logs every step to MLflow.
+
+A *system* (see :mod:`vidray.vlm.system`) bundles a model for one device with its objective and
+exposes ``model`` and ``training_step(batch) -> (loss, logs)``; this file applies distribution
+(DDP via ``prepare_model``), precision and the optimizer in one place.
+
+Resumption: the run's name is stable (given, or derived from the config), so both Ray Train's
+own restarts (``FailureConfig.max_failures``, e.g. a killed worker) and a rerun of the same
+command start from the latest checkpoint, and the step counter continues where it stopped.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from typing import Any, Callable
+
+import torch
+
+CHECKPOINT_FILE = "state.pt"
+
+
+def warmup_poly_decay(warmup_steps: int, total_steps: int, power: float = 1.0) -> Callable[[int], float]:
+    """LR multiplier: linear warm-up to 1, then polynomial decay to 0 at ``total_steps``."""
+    def factor(step: int) -> float:
+        if warmup_steps and step < warmup_steps:
+            return (step + 1) / warmup_steps
+        remaining = max(total_steps - step, 0) / max(total_steps - warmup_steps, 1)
+        return remaining ** power
+    return factor
+
+
+def rng_state() -> dict:
+    import random
+
+    import numpy as np
+
+    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+
+
+def set_rng_state(state: dict) -> None:
+    import random
+
+    import numpy as np
+
+    torch.set_rng_state(state["torch"])
+    np.random.set_state(state["numpy"])
+    random.setstate(state["python"])
+
+
+def save_checkpoint(directory: str, model, optimizer, scheduler, step: int, config: dict,
+                    extra: dict | None = None) -> str:
+    path = os.path.join(directory, CHECKPOINT_FILE)
+    torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+                "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
+                "config": config, **(extra or {})}, path)
+    return path
+
+
+def load_checkpoint(directory: str) -> dict:
+    return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+
+
+def unwrap(model):
+    return model.module if hasattr(model, "module") else model
+
+
+class MLflowRun:
+    """Rank 0's MLflow run, found again by its run name when a job resumes (so curves continue)."""
+
+    def __init__(self, tracking_uri: str | None, experiment: str, run_name: str, params: dict,
+                 tags: dict):
+        import mlflow
+
+        self.mlflow = mlflow
+        if tracking_uri:
+            mlflow.set_tracking_uri(tracking_uri)
+        experiment_id = mlflow.set_experiment(experiment).experiment_id
+        found = mlflow.search_runs([experiment_id], filter_string=f"tags.`vidray.run_name` = '{run_name}'",
+                                   output_format="list", max_results=1)
+        if found:
+            self.run = mlflow.start_run(run_id=found[0].info.run_id)
+        else:
+            self.run = mlflow.start_run(run_name=run_name, tags={"vidray.run_name": run_name, **tags})
+            mlflow.log_params(params)
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    def log(self, metrics: dict, step: int) -> None:
+        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+
+    def finish(self, status: str = "FINISHED") -> None:
+        self.mlflow.end_run(status=status)
+
+
+def train_loop_per_worker(config: dict) -> None:
+    """Runs on every Ray Train worker. ``config`` = {"cfg": <resolved config dict>, "build": fn}."""
+    import ray.train
+    from ray.train.torch import prepare_model
+
+    cfg, build_system = config["cfg_obj"], config["build_system"]
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    torch.manual_seed(cfg.train.seed + rank)
+    device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
+    system = build_system(cfg, device)
+    model = prepare_model(system.model) if world > 1 else system.model.to(device)
+    system.model = model
+    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+                                 weight_decay=cfg.optim.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, warmup_poly_decay(cfg.optim.warmup_steps, cfg.train.steps))
+    step = 0
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory)
+        unwrap(model).load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        set_rng_state(state["rng"])
+        step = state["step"]
+    tracker = config["make_tracker"]() if rank == 0 else None
+    try:
+        _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world, device)
+    except BaseException:
+        if tracker:
+            tracker.finish("FAILED")
+        raise
+    if tracker:
+        tracker.finish()
+
+
+def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world, device) -> None:
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("train")
+    per_worker = max(1, cfg.train.batch_size // (world * cfg.train.grad_accum))
+    use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
+    started, examples, micro = time.monotonic(), 0, 0
+    if rank == 0:
+        print(f"[vidray] training from step {step} to {cfg.train.steps} on {world} worker(s)", flush=True)
+    while step < cfg.train.steps:
+        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
+                                        collate_fn=system.collate, drop_last=True):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                loss, logs = system.training_step(batch)
+            (loss / cfg.train.grad_accum).backward()
+            micro += 1
+            examples += per_worker * world
+            if micro % cfg.train.grad_accum:
+                continue
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            step += 1
+            elapsed = time.monotonic() - started
+            metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+                       "examples_per_s": examples / elapsed if elapsed else 0.0,
+                       **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            if tracker:
+                tracker.log(metrics, step)
+                if step % cfg.train.log_every == 0 or step == cfg.train.steps:
+                    print(f"[vidray] step {step}/{cfg.train.steps} loss {metrics['loss']:.4f} "
+                          f"lr {metrics['lr']:.2e} {metrics['examples_per_s']:.1f} examples/s", flush=True)
+            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
+                _report_with_checkpoint(cfg, model, optimizer, scheduler, step, metrics, rank)
+            if step >= cfg.train.steps:
+                return
+
+
+def _report_with_checkpoint(cfg, model, optimizer, scheduler, step, metrics, rank) -> None:
+    import dataclasses
+
+    import ray.train
+
+    with tempfile.TemporaryDirectory() as directory:
+        if rank == 0:  # DDP keeps replicas identical: one copy is enough
+            save_checkpoint(directory, model, optimizer, scheduler, step, dataclasses.asdict(cfg))
+        checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
+        ray.train.report({**metrics, "step": step}, checkpoint=checkpoint,
+                         checkpoint_dir_name=f"checkpoint_{step:08d}")
+
+
+def fit(cfg: Any, build_system: Callable, dataset, make_tracker: Callable, run_name: str,
+        storage_path: str) -> Any:
+    """Build the TorchTrainer and run it; returns Ray Train's Result."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from vidray import storage
+
+    filesystem, path = (storage.arrow_filesystem(storage_path) if storage.is_remote(storage_path)
+                        else (None, os.path.abspath(storage_path)))
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"cfg_obj": cfg, "build_system": build_system, "make_tracker": make_tracker},
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
+                             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
+                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
+        datasets={"train": dataset},
+    )
+    return trainer.fit()

@@ -1,0 +1,139 @@
+"""Training examples for VLM from the cached feature sets: S3D seconds + caption token ids.
+
+An example (REFERENCE.md): pick a random centre caption, grow the span to neighbouring captions
+until the text reaches a random length in [min_text_tokens, max_text_tokens] (or the span reaches
+``max_span_s``); its video is the S3D features of seconds floor(start)..ceil(end), capped at
+the model's ``max_video_tokens``. ``clips_per_video`` examples are drawn per video per epoch.
+
+Rows hold numpy arrays of varying length; :func:`collate` pads them into the batch contract of
+:mod:`vidray.vlm.model` (text ends with [SEP], then [PAD]).
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+
+from vidray.config import option
+
+
+@dataclass
+class DataConfig:
+    features: str = option("", "S3D feature-set version URI (<root>/s3d/<version>)")
+    text: str = option("", "text feature-set version URI (<root>/text/<version>)")
+    clips_per_video: int = option(8, "examples drawn per video per epoch (paper: 32)", ge=1)
+    min_text_tokens: int = option(8, "shortest text of an example, in WordPiece tokens", ge=1)
+    max_text_tokens: int = option(61, "longest text of an example (96 - 32 video - 3 special)", ge=1)
+    max_span_s: float = option(256.0, "longest span of one example, seconds", gt=0)
+    split: str = option("train", "manifest split of the videos to train on (needs data.manifest)")
+    manifest: str = option("", "manifest, to select the split; empty = every video in the sets")
+
+
+def grow_span(captions: list[dict], centre: int, target_tokens: int, max_span_s: float) -> tuple[int, int]:
+    """Indices [lo, hi] of captions around ``centre`` whose ids reach ``target_tokens``."""
+    lo = hi = centre
+    tokens = len(captions[centre]["input_ids"])
+    while tokens < target_tokens:
+        grew = False
+        for side in (-1, 1):
+            i = lo - 1 if side < 0 else hi + 1
+            if 0 <= i < len(captions) and tokens < target_tokens:
+                span = max(captions[hi]["end"], captions[i]["end"]) - min(captions[lo]["start"], captions[i]["start"])
+                if span <= max_span_s:
+                    lo, hi = min(lo, i), max(hi, i)
+                    tokens += len(captions[i]["input_ids"])
+                    grew = True
+        if not grew:
+            break
+    return lo, hi
+
+
+def examples_of_video(features: np.ndarray, captions: list[dict], rng: np.random.Generator,
+                      cfg: DataConfig, max_video_tokens: int) -> list[dict]:
+    """``cfg.clips_per_video`` examples of one video (features [seconds, dim], timed captions)."""
+    timed = [c for c in captions if c["start"] is not None and c["end"] is not None]
+    if not timed or len(features) == 0:
+        return []
+    out = []
+    for _ in range(cfg.clips_per_video):
+        target = int(rng.integers(cfg.min_text_tokens, cfg.max_text_tokens + 1))
+        lo, hi = grow_span(timed, int(rng.integers(len(timed))), target, cfg.max_span_s)
+        ids = [i for c in timed[lo:hi + 1] for i in c["input_ids"]][:cfg.max_text_tokens]
+        first = min(int(math.floor(timed[lo]["start"])), len(features) - 1)
+        last = max(first + 1, min(int(math.ceil(timed[hi]["end"])), len(features)))
+        video = features[first:last][:max_video_tokens]
+        out.append({"video": np.asarray(video, np.float32), "text_ids": np.asarray(ids, np.int64)})
+    return out
+
+
+def collate(examples: dict, max_video_tokens: int, max_text_tokens: int, sep_id: int,
+            pad_id: int = 0) -> dict:
+    """Pad a batch of examples (numpy dict from Ray Data) into model tensors."""
+    import torch
+
+    videos, texts = list(examples["video"]), list(examples["text_ids"])
+    batch, dim = len(videos), videos[0].shape[-1]
+    lv, lt = max_video_tokens, max_text_tokens + 1  # + the final [SEP]
+    video = torch.zeros(batch, lv, dim)
+    video_mask = torch.zeros(batch, lv, dtype=torch.bool)
+    text_ids = torch.full((batch, lt), pad_id, dtype=torch.long)
+    text_mask = torch.zeros(batch, lt, dtype=torch.bool)
+    for b, (v, t) in enumerate(zip(videos, texts)):
+        v = np.asarray(v, np.float32).reshape(-1, dim)[:lv]
+        t = np.asarray(t, np.int64)[:max_text_tokens]
+        video[b, :len(v)] = torch.from_numpy(v)
+        video_mask[b, :len(v)] = True
+        text_ids[b, :len(t)] = torch.from_numpy(t)
+        text_ids[b, len(t)] = sep_id
+        text_mask[b, :len(t) + 1] = True
+    return {"video": video, "video_mask": video_mask, "text_ids": text_ids, "text_mask": text_mask}
+
+
+def _video_seed(seed: int, epoch: int, video_id: str) -> int:
+    return zlib.crc32(f"{seed}:{epoch}:{video_id}".encode())
+
+
+def _to_examples(batch: pa.Table, text: pa.Table, cfg: DataConfig, max_video_tokens: int,
+                 seed: int, epoch: int) -> dict:
+    index = pc.index_in(batch["video_id"], value_set=text["video_id"]).to_pylist()
+    videos, texts = [], []
+    for row, t in zip(batch.to_pylist(), index):
+        if t is None:
+            continue
+        features = np.asarray(row["features"], np.float32)
+        captions = text["captions"][t].as_py()
+        rng = np.random.default_rng(_video_seed(seed, epoch, row["video_id"]))
+        for ex in examples_of_video(features, captions, rng, cfg, max_video_tokens):
+            videos.append(ex["video"])
+            texts.append(ex["text_ids"])
+    return {"video": _ragged(videos), "text_ids": _ragged(texts)}
+
+
+def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
+    out = np.empty(len(arrays), dtype=object)
+    out[:] = arrays
+    return out
+
+
+def examples_dataset(cfg: DataConfig, max_video_tokens: int, seed: int = 0, epoch: int = 0):
+    """A Ray Dataset of training examples (columns ``video``, ``text_ids``)."""
+    from vidray.feature_store import store
+
+    # The text set is small (ids of captions): read it here and broadcast it to the tasks.
+    text_table = pa.concat_tables([store.read_parquet(u, ["video_id", "captions"])
+                                   for u in store.open_version(cfg.text).part_uris])
+    ds = store.open_dataset(cfg.features, columns=["video_id", "features"])
+    if cfg.manifest:
+        from vidray.manifest import read_manifest
+
+        keep = read_manifest(cfg.manifest)
+        keep = keep.filter(pc.equal(keep["split"], cfg.split))["video_id"]
+        text_table = text_table.filter(pc.is_in(text_table["video_id"], value_set=keep))
+    return ds.map_batches(_to_examples, batch_format="pyarrow", batch_size=4,
+                          fn_kwargs={"text": text_table, "cfg": cfg, "max_video_tokens": max_video_tokens,
+                                     "seed": seed, "epoch": epoch})

@@ -1,0 +1,61 @@
+"""The VLM pre-training system: model + masking + objective behind `training_step(batch)`.
+
+The loss is computed inside one ``nn.Module`` forward (``Pretrainer``) so that DDP, applied by
+the training loop, wraps everything that touches parameters.
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+from torch import nn
+
+from vidray.vlm.data import collate
+from vidray.vlm.model import build_vlm
+from vidray.vlm.objectives import (OBJECTIVES, SpecialIds, gather_predictions, mask_batch,
+                                   video_candidates)
+
+
+class Pretrainer(nn.Module):
+    """VLM + the chosen objective: forward(batch of masked inputs) -> (loss, logs)."""
+
+    def __init__(self, vlm: nn.Module, objective: str):
+        super().__init__()
+        self.vlm, self.objective = vlm, objective
+
+    def forward(self, masked, video_mask: torch.Tensor, text_mask: torch.Tensor):
+        vlm = self.vlm
+        hidden = vlm(masked.video, video_mask, masked.text_ids, text_mask, attention="full")
+        video_hidden, text_hidden, text_targets = gather_predictions(hidden, masked, video_mask.shape[1])
+        pos, cand = video_candidates(vlm.video_embeddings(masked.video_original), masked)
+        pred_video = vlm.head_transform(video_hidden)
+        if self.objective == "masked_token":
+            return OBJECTIVES["masked_token"](pred_video, pos, cand, vlm.head_transform(text_hidden),
+                                              text_targets, vlm.word_embeddings, vlm.lm_bias)
+        return OBJECTIVES["mfm_mlm"](pred_video, pos, cand, vlm.lm_logits(text_hidden), text_targets)
+
+
+class VLMSystem:
+    """What the training loop needs: ``model``, ``collate`` and ``training_step``."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg = cfg
+        vlm = build_vlm(cfg.model)
+        self.special = SpecialIds(vocab_size=vlm.vocab_size)
+        self.model = Pretrainer(vlm, cfg.objective.name).to(device)
+        self.generator = torch.Generator(device="cpu").manual_seed(cfg.train.seed)
+        self.collate = partial(collate, max_video_tokens=cfg.model.max_video_tokens,
+                               max_text_tokens=cfg.data.max_text_tokens, sep_id=self.special.sep,
+                               pad_id=self.special.pad)
+
+    def training_step(self, batch: dict):
+        device = batch["video"].device
+        cpu = {k: v.cpu() for k, v in batch.items()}
+        masked = mask_batch(cpu, self.cfg.objective, self.special, self.generator)
+        masked = masked.to(device) if hasattr(masked, "to") else masked
+        return self.model(masked, batch["video_mask"], batch["text_mask"])
+
+
+def build_system(cfg, device) -> VLMSystem:
+    return VLMSystem(cfg, device)
