@@ -30,12 +30,13 @@ def test_every_preset_loads_and_round_trips(path):
 def test_overrides_apply_with_yaml_types():
     cfg = load_config(PretrainConfig, os.path.join(REPO, "configs/demo/pretrain.yaml"),
                       ["objective.mmm_ratio=0.3", "optim.betas=[0.9, 0.99]", "model.text_backbone=null",
-                       "train.use_gpu=true", "train.run_name=exp-1"])
+                       "train.use_gpu=true", "train.run_name=exp-1", "optim.lr=1e-3"])
     assert cfg.objective.mmm_ratio == 0.3
     assert cfg.optim.betas == [0.9, 0.99]
     assert cfg.model.text_backbone is None
     assert cfg.train.use_gpu is True and cfg.train.run_name == "exp-1"
     assert cfg.train.steps == 60  # from the preset, untouched
+    assert cfg.optim.lr == 1e-3  # YAML 1.1 would read '1e-3' as a string
 
 
 @pytest.mark.parametrize("override, key, words", [

@@ -41,16 +41,25 @@ def _config(feature_sets, tmp_path, stack, steps: int) -> PretrainConfig:
         f"mlflow.tracking_uri={stack.env['MLFLOW_TRACKING_URI']}", "mlflow.experiment=test-pretrain"])
 
 
-def _kill_a_worker_after_first_checkpoint(run_dir: str, killed: list) -> None:
-    from ray.util.state import list_actors
+def _train_worker_pids() -> list[int]:
+    """Ray names an actor's process after its class ("ray::RayTrainWorker...")."""
+    import psutil
 
+    pids = []
+    for proc in psutil.process_iter(["pid", "cmdline"]):
+        if "RayTrainWorker" in " ".join(proc.info["cmdline"] or []):
+            pids.append(proc.info["pid"])
+    return pids
+
+
+def _kill_a_worker_after_first_checkpoint(run_dir: str, killed: list) -> None:
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline:
         if os.path.isdir(run_dir) and any(n.startswith("checkpoint_") for n in os.listdir(run_dir)):
-            workers = list_actors(filters=[("class_name", "=", "RayTrainWorker"), ("state", "=", "ALIVE")])
-            if workers:
-                os.kill(workers[-1].pid, signal.SIGKILL)
-                killed.append(workers[-1].pid)
+            pids = _train_worker_pids()
+            if pids:
+                os.kill(pids[-1], signal.SIGKILL)
+                killed.append(pids[-1])
                 return
         time.sleep(0.2)
 

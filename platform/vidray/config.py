@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import re
 import types
 import typing
 from typing import Any, Literal, TypeVar, Union
@@ -153,6 +154,7 @@ def parse_overrides(overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw.strip() else ""
         except yaml.YAMLError:
             value = raw
+        value = _number_if_numeric(value)
         node = tree
         parts = key.split(".")
         for part in parts[:-1]:
@@ -161,6 +163,16 @@ def parse_overrides(overrides: list[str]) -> dict:
                 raise ConfigError(key, "conflicts with another override")
         node[parts[-1]] = value
     return tree
+
+
+_NUMBER = re.compile(r"^[+-]?(\d+\.?\d*|\.\d+)[eE][+-]?\d+$")
+
+
+def _number_if_numeric(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-3`` (no dot) as a string; people mean a number."""
+    if isinstance(value, str) and _NUMBER.match(value.strip()):
+        return float(value)
+    return value
 
 
 def merge(base: dict, update: dict) -> dict:

@@ -148,8 +148,8 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
     if rank == 0:
         print(f"[vidray] training from step {step} to {cfg.train.steps} on {world} worker(s)", flush=True)
     while step < cfg.train.steps:
-        for batch in shard.iter_batches(batch_size=per_worker, batch_format="numpy",
-                                        collate_fn=system.collate, drop_last=True):
+        for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate,
+                                              drop_last=True):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 loss, logs = system.training_step(batch)
