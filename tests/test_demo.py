@@ -34,9 +34,12 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert features["s3d"]["rows"] == features["text"]["rows"] == 4
     assert features["frames"]["rows"] == clips["clips"]
     assert (tmp_path / "configs" / "extract_s3d.yaml").exists()
+    pretrain = result["done"]["pretrain"]
+    assert pretrain["step"] == 60 and pretrain["checkpoint"].endswith("checkpoint_00000060")
+    assert (tmp_path / "configs" / "pretrain.yaml").exists()
     # It says plainly what it did not do.
-    assert "pretrain" in result["not_implemented_yet"]
-    assert "not implemented yet: pretrain" in first.stdout
+    assert any(k.startswith("finetune") for k in result["not_implemented_yet"])
+    assert "not implemented yet: finetune" in first.stdout
     # Saved configs load back with their own schema (and are what the steps ran with).
     assert load_config(SynthConfig, str(tmp_path / "configs" / "synth.yaml")).videos == 4
     assert load_config(ClipsConfig, str(tmp_path / "configs" / "clips.yaml")).num_frames == 4
@@ -54,3 +57,6 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     again = json.loads((tmp_path / "demo.json").read_text())
     assert again["done"]["clips"]["clips"] == clips["clips"]
     assert again["done"]["mlflow"]["run_id"] != result["done"]["mlflow"]["run_id"]
+    # The same pre-training command resumes its finished run instead of training again.
+    assert again["done"]["pretrain"]["mlflow_run_id"] == pretrain["mlflow_run_id"]
+    assert again["done"]["pretrain"]["step"] == 60
