@@ -101,7 +101,8 @@ class MLflowRun:
 
 
 def train_loop_per_worker(config: dict) -> None:
-    """Runs on every Ray Train worker. ``config`` = {"cfg": <resolved config dict>, "build": fn}."""
+    """Runs on every Ray Train worker. ``config`` holds the typed config (``cfg_obj``), the
+    ``build_system(cfg, device)`` function and ``make_tracker()`` (rank 0's MLflow run)."""
     import ray.train
     from ray.train.torch import prepare_model
 

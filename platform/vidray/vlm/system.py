@@ -50,11 +50,10 @@ class VLMSystem:
                                pad_id=self.special.pad)
 
     def training_step(self, batch: dict):
-        device = batch["video"].device
+        # Masking draws from a CPU generator so that a seed gives the same masks on any device.
         cpu = {k: v.cpu() for k, v in batch.items()}
         masked = mask_batch(cpu, self.cfg.objective, self.special, self.generator)
-        masked = masked.to(device) if hasattr(masked, "to") else masked
-        return self.model(masked, batch["video_mask"], batch["text_mask"])
+        return self.model(masked.to(batch["video"].device), batch["video_mask"], batch["text_mask"])
 
 
 def build_system(cfg, device) -> VLMSystem:
