@@ -1,0 +1,36 @@
+"""Retrieval metrics against a naive per-query loop, and the pessimistic tie rule."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from vidray.metrics import ranks_of_correct, retrieval_metrics
+
+
+def naive_rank(row: np.ndarray, correct: int) -> int:
+    better_or_equal = [j for j in range(len(row)) if j != correct and row[j] >= row[correct]]
+    return 1 + len(better_or_equal)
+
+
+def test_ranks_match_a_naive_loop():
+    sim = np.random.default_rng(0).normal(size=(50, 50)).round(1)  # rounding makes ties
+    expected = [naive_rank(sim[i], i) for i in range(50)]
+    np.testing.assert_array_equal(ranks_of_correct(sim), expected)
+
+
+def test_perfect_constant_and_reversed():
+    perfect = retrieval_metrics(np.eye(20))
+    assert perfect["t2v_R@1"] == perfect["v2t_R@1"] == 1.0 and perfect["t2v_MdR"] == 1.0
+    constant = retrieval_metrics(np.zeros((20, 20)))  # all tied: pessimistic -> last place
+    assert constant["t2v_R@1"] == 0.0 and constant["t2v_MdR"] == 20.0
+    assert constant["chance_R@1"] == pytest.approx(0.05)
+
+
+def test_directions_differ_when_the_matrix_is_asymmetric():
+    sim = np.array([[0.9, 0.1, 0.0], [0.95, 0.5, 0.0], [0.0, 0.0, 1.0]])
+    metrics = retrieval_metrics(sim, ks=(1,))
+    assert metrics["t2v_R@1"] == pytest.approx(2 / 3)  # text 1 prefers video 0
+    assert metrics["v2t_R@1"] == pytest.approx(2 / 3)  # video 0 prefers text 1 (0.95 > 0.9)
+    with pytest.raises(ValueError, match="square"):
+        retrieval_metrics(np.zeros((2, 3)))
