@@ -211,19 +211,16 @@ class FramesExtractor:
         return "none"
 
     def extract(self, row: dict) -> list[dict]:
-        from vidray.clips import clip_seed, clip_specs
-        from vidray.video import sample_clips
+        from vidray.clips import sample_video_clips
 
-        specs = clip_specs(row.get("captions"), row.get("duration_s"), self.cfg.clip)
-        clips = sample_clips(row["uri"], [(s["start_s"], s["end_s"]) for s in specs],
-                             self.cfg.num_frames, strategy=self.cfg.strategy, size=self.cfg.size,
-                             seeds=[clip_seed(self.cfg.seed, row["video_id"], i) for i in range(len(specs))])
-        return [{"video_id": row["video_id"], "clip_index": i, "start_s": spec["start_s"],
-                 "end_s": spec["end_s"], "texts": spec["texts"],
-                 "timestamps": clip.timestamps.tolist(),
-                 "jpeg": [encode_jpeg(frame, self.cfg.jpeg_quality) for frame in clip.frames],
-                 "height": clip.frames.shape[1], "width": clip.frames.shape[2]}
-                for i, (spec, clip) in enumerate(zip(specs, clips))]
+        clips = sample_video_clips(row, num_frames=self.cfg.num_frames, strategy=self.cfg.strategy,
+                                   size=self.cfg.size, clip=self.cfg.clip, seed=self.cfg.seed)
+        for clip in clips:
+            frames = clip.pop("frames")
+            clip.update(timestamps=clip["timestamps"].tolist(), height=frames.shape[1],
+                        width=frames.shape[2],
+                        jpeg=[encode_jpeg(frame, self.cfg.jpeg_quality) for frame in frames])
+        return clips
 
     def to_table(self, rows: list[dict]) -> pa.Table:
         return pa.Table.from_pylist(rows, schema=self.schema)

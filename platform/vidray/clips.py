@@ -82,20 +82,30 @@ def _quarantine_uri(output: str, video_id: str) -> str:
     return storage.join(output, "_quarantine", f"{safe}-{zlib.crc32(video_id.encode()):08x}.json")
 
 
-def decode_video_clips(row: dict[str, Any], cfg: ClipsConfig) -> list[dict[str, Any]]:
-    """All clip rows of one manifest row, or none (and a quarantine record) if it can't be read."""
+def sample_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, size: int | None,
+                       clip: str, seed: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
+    """The clips of one manifest row with their frames and timestamps (one open of the video).
+
+    Shared by the clip pipeline and the ``frames`` extractor; raises on an unreadable video.
+    """
     from vidray import video
 
+    specs = clip_specs(row.get("captions"), row.get("duration_s"), clip)
+    sampled = video.sample_clips(
+        row["uri"], [(s["start_s"], s["end_s"]) for s in specs], num_frames, strategy=strategy,
+        size=size, timeout_s=timeout_s,
+        seeds=[clip_seed(seed, row["video_id"], i) for i in range(len(specs))])
+    return [{"video_id": row["video_id"], "clip_index": i, "start_s": spec["start_s"],
+             "end_s": spec["end_s"], "texts": spec["texts"], "frames": clip.frames,
+             "timestamps": clip.timestamps}
+            for i, (spec, clip) in enumerate(zip(specs, sampled))]
+
+
+def decode_video_clips(row: dict[str, Any], cfg: ClipsConfig) -> list[dict[str, Any]]:
+    """All clip rows of one manifest row, or none (and a quarantine record) if it can't be read."""
     try:
-        specs = clip_specs(row.get("captions"), row.get("duration_s"), cfg.clip)
-        sampled = video.sample_clips(
-            row["uri"], [(s["start_s"], s["end_s"]) for s in specs], cfg.num_frames,
-            strategy=cfg.strategy, size=cfg.size, timeout_s=cfg.timeout_s,
-            seeds=[clip_seed(cfg.seed, row["video_id"], i) for i in range(len(specs))])
-        return [{"video_id": row["video_id"], "clip_index": i, "start_s": spec["start_s"],
-                 "end_s": spec["end_s"],
-                 "texts": spec["texts"], "frames": clip.frames, "timestamps": clip.timestamps}
-                for i, (spec, clip) in enumerate(zip(specs, sampled))]
+        return sample_video_clips(row, num_frames=cfg.num_frames, strategy=cfg.strategy,
+                                  size=cfg.size, clip=cfg.clip, seed=cfg.seed, timeout_s=cfg.timeout_s)
     except Exception as err:  # noqa: BLE001 - any failure of one video quarantines that video only
         reason = f"{type(err).__name__}: {err}"
         record = {"video_id": row["video_id"], "uri": row["uri"], "error": reason}
