@@ -48,13 +48,15 @@ class S3DExtractor:
     def __init__(self, cfg: S3DExtractConfig, device: str = "cpu"):
         import torch
 
-        from vidray.models.s3d import build_s3d, load_s3d_weights
+        from vidray.models.s3d import build_s3d, calibrate_batchnorm, load_s3d_weights
 
         self.cfg, self.device = cfg, device
         torch.manual_seed(cfg.seed)
         self.model = build_s3d(cfg.flavour)
         if cfg.weights:
             load_s3d_weights(self.model, cfg.weights, allow_partial=cfg.allow_partial)
+        else:
+            calibrate_batchnorm(self.model, seed=cfg.seed)
         self.model.to(device).eval()
         self.dim = self.model.fc.out_features
 
@@ -62,7 +64,7 @@ class S3DExtractor:
     def weights_digest(cfg: S3DExtractConfig) -> str:
         from vidray.models.s3d import weights_digest
 
-        return weights_digest(cfg.weights) if cfg.weights else f"random-init(seed={cfg.seed})"
+        return weights_digest(cfg.weights) if cfg.weights else f"random-init(seed={cfg.seed}, bn-calibrated)"
 
     @property
     def schema(self) -> pa.Schema:

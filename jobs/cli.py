@@ -142,6 +142,28 @@ def cmd_pretrain(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_finetune(args: argparse.Namespace) -> int:
+    from vidray.train.config import FinetuneConfig
+
+    cfg = _resolve(args, FinetuneConfig)
+    from vidray.vlm.finetune import run_finetune
+
+    report = run_finetune(cfg, say=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from vidray.train.config import EvaluateConfig
+
+    cfg = _resolve(args, EvaluateConfig)
+    from vidray.vlm.evaluate import run_evaluate
+
+    report = run_evaluate(cfg, say=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 def cmd_stack(args: argparse.Namespace) -> int:
     from vidray import stack
 
@@ -234,15 +256,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(run=cmd_extract)
 
-    for name, issue in (("pretrain", "#5"), ("finetune", "#5"), ("evaluate", "#5")):
-        p = sub.add_parser(name, help=f"{name} on Ray Train" + ("" if name == "pretrain" else
-                           f" (arrives with issue {issue})"),
-                           epilog=CONFIG_EPILOG, formatter_class=fmt)
+    commands = {
+        "pretrain": ("VLM pre-training on Ray Train (MMM + masked token loss) from S3D + text "
+                     "feature sets", cmd_pretrain),
+        "finetune": ("fine-tune VLM for retrieval, captioning or action segmentation on Ray Train "
+                     "(init_from=a pre-training checkpoint)", cmd_finetune),
+        "evaluate": ("evaluate a fine-tuned checkpoint: retrieval R@K/MdR (+ MC-QA), captioning "
+                     "BLEU/METEOR/ROUGE-L/CIDEr, segmentation frame accuracy; logged to MLflow", cmd_evaluate),
+    }
+    for name, (help_text, run) in commands.items():
+        p = sub.add_parser(name, help=help_text, description=help_text, epilog=CONFIG_EPILOG,
+                           formatter_class=fmt)
         _add_config_args(p)
-        if name == "pretrain":
-            p.set_defaults(run=cmd_pretrain)
-        else:
-            p.set_defaults(run=_not_yet(name, f"the VLM training issue ({issue})"))
+        p.set_defaults(run=run)
 
     p = sub.add_parser("sweep", help="Ray Tune sweep with nested MLflow runs (arrives with issue #6)",
                        epilog=CONFIG_EPILOG, formatter_class=fmt)

@@ -50,3 +50,23 @@ def ray_cluster(stack):
              runtime_env={"env_vars": dict(stack.env)})
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def feature_sets(ray_cluster, tmp_path_factory):
+    """A synthetic corpus (16 short videos: train/val/test splits) with its tiny-S3D and text
+    feature sets, shared by the pre-training and fine-tuning tests."""
+    from vidray.feature_store.extract import ExtractConfig, run_extract
+    from vidray.feature_store.extractors import S3DExtractConfig
+    from vidray.synth import SynthConfig, synthesize
+
+    root = tmp_path_factory.mktemp("vlm")
+    synthesize(str(root / "corpus"), SynthConfig(videos=16, seed=11, min_seconds=4.0, max_seconds=6.0,
+                                                 workers=2), progress=False)
+    manifest = str(root / "corpus" / "manifest.parquet")
+    common = {"manifest": manifest, "root": str(root / "features")}
+    s3d = run_extract(ExtractConfig(**common, extractor="s3d",
+                                    s3d=S3DExtractConfig(flavour="tiny", size=32)), progress=False)
+    text = run_extract(ExtractConfig(**common, extractor="text"), progress=False)
+    return {"s3d": s3d["uri"], "text": text["uri"], "root": root, "manifest": manifest,
+            "corpus": root / "corpus"}

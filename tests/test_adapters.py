@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -14,8 +15,11 @@ from vidray.adapters import (
     QA_SCHEMA,
     AdapterError,
     adapt,
+    label_vocabulary,
     merge_asr_captions,
+    per_second_labels,
     qa_uri,
+    read_action_segments,
     write_result,
 )
 from vidray.manifest import MANIFEST_SCHEMA, read_manifest
@@ -416,3 +420,112 @@ def test_annotations_on_s3(s3_uri):
 
     with pytest.raises(AdapterError, match="missing.json: no such file"):
         adapt("youcook2", storage.join(s3_uri, "missing.json"), "/videos")
+
+
+# ----------------------------------------------------------------------------- action segments (COIN)
+
+COIN = {
+    "database": {
+        "vidA": {"subset": "training", "duration": 9.5, "recipe_type": 3, "annotation": [
+            {"id": "12", "segment": [4.0, 7.5], "label": "pour water"},
+            {"id": "11", "segment": [0.5, 3.0], "label": "open lid"},
+            {"id": "11", "segment": [5]},                                    # malformed
+            {"id": "13", "segment": [7.5, 9.0]},                             # no label
+            {"id": "12", "segment": [8.0, 6.0], "label": "pour water"},      # end before start
+            {"id": "12", "segment": ["1", 2.0], "label": "pour water"},      # string time
+        ]},
+        "vidB": {"subset": "testing", "duration": 4, "annotation": [
+            {"id": "13", "segment": [1, 4], "label": "close lid"}]},
+        "vidC": {"subset": "holdout", "annotation": []},
+        "vidD": {"subset": "training", "annotation": {"segment": [0, 1]}},
+        "vidE": {"subset": "validation", "annotation": [["not", "an", "object"]]},
+    }
+}
+
+
+def test_read_action_segments_sorted_with_problems(tmp_path):
+    path = write(tmp_path / "COIN.json", json.dumps(COIN))
+    found = read_action_segments(path)
+
+    assert found.segments == {
+        "vidA": [{"start": 0.5, "end": 3.0, "label": "open lid"},
+                 {"start": 4.0, "end": 7.5, "label": "pour water"}],
+        "vidB": [{"start": 1.0, "end": 4.0, "label": "close lid"}],
+        "vidE": [],  # every segment was malformed: the video stays, all background
+    }
+    assert found.splits == {"vidA": "train", "vidB": "test", "vidE": "val"}
+    assert found.durations == {"vidA": 9.5, "vidB": 4.0, "vidE": None}
+    problems = {path: reason for (name, path), reason in problems_at(found).items() if name == "COIN.json"}
+    assert len(problems) == len(found.problems)
+    assert set(problems) == {f"database.vidA.annotation[{j}]" for j in (2, 3, 4, 5)} | {
+        "database.vidC", "database.vidD", "database.vidE.annotation[0]"}
+    assert "segment must be a list [start, end], got [5]" in problems["database.vidA.annotation[2]"]
+    assert problems["database.vidA.annotation[3]"] == "label is missing (segment skipped)"
+    assert "segment end 6.0 is before segment start 8.0" in problems["database.vidA.annotation[4]"]
+    assert "segment start must be a number, got str" in problems["database.vidA.annotation[5]"]
+    assert "subset 'holdout' is not one of" in problems["database.vidC"]
+    assert problems["database.vidD"].endswith("(video skipped)")
+    assert problems["database.vidE.annotation[0]"].endswith("(segment skipped)")
+
+    assert list(read_action_segments(path, split="test").segments) == ["vidB"]
+    assert label_vocabulary(found.segments) == {"close lid": 0, "open lid": 1, "pour water": 2}
+    with pytest.raises(AdapterError, match="split 'dev'"):
+        read_action_segments(path, split="dev")
+    with pytest.raises(AdapterError, match="top-level key 'database'"):
+        read_action_segments(write(tmp_path / "empty.json", "{}"))
+
+
+def naive_per_second(segments, num_seconds, classes, background=-100):
+    """The rule spelled out: the last segment (by start, end, label) holding the second's middle."""
+    out = []
+    for second in range(num_seconds):
+        middle = second + 0.5
+        holding = [seg for seg in segments if seg["start"] <= middle < seg["end"]]
+        last = max(holding, key=lambda seg: (seg["start"], seg["end"], seg["label"]), default=None)
+        out.append(background if last is None else classes[last["label"]])
+    return out
+
+
+def test_per_second_labels_match_naive_loop():
+    rng = np.random.default_rng(0)
+    classes = {"a": 0, "b": 1, "c": 2}
+    for _ in range(200):
+        # Half-second grid times hit the s + 0.5 boundaries exactly; some segments overlap.
+        times = np.sort(rng.integers(0, 24, size=(int(rng.integers(0, 5)), 2)) / 2, axis=1)
+        segments = [{"start": float(a), "end": float(b), "label": str(rng.choice(list(classes)))}
+                    for a, b in times]
+        num_seconds = int(rng.integers(0, 14))
+        labels = per_second_labels(segments, num_seconds, classes)
+        assert labels.dtype == np.int64 and labels.shape == (num_seconds,)
+        assert labels.tolist() == naive_per_second(segments, num_seconds, classes)
+
+
+def test_per_second_labels_gaps_boundaries_and_unknown_labels():
+    classes = {"open lid": 0, "pour water": 1}
+    segments = [{"start": 0.2, "end": 2.5, "label": "open lid"},     # middles 0.5, 1.5
+                {"start": 2.5, "end": 3.4, "label": "pour water"},   # 2.5: the later segment
+                {"start": 6.0, "end": 7.6, "label": "pour water"}]   # 6.5, 7.5
+    labels = per_second_labels(segments, 9, classes)
+    assert labels.tolist() == [0, 0, 1, -100, -100, -100, 1, 1, -100]
+    assert per_second_labels(segments, 9, classes, background=-1).tolist()[3:6] == [-1, -1, -1]
+    assert per_second_labels([], 3, classes).tolist() == [-100, -100, -100]
+    with pytest.raises(ValueError, match="'stir'"):
+        per_second_labels(segments + [{"start": 20.0, "end": 21.0, "label": "stir"}], 9, classes)
+
+
+def test_synth_coin_json_reads_back(tmp_path):
+    """vidray synth's coin.json (built from plans, no encoding) reads back with no problems."""
+    from vidray.synth import captions, coin_json, plan_video
+
+    plans = [plan_video(3, i, 2.0, 6.0) for i in range(3)]
+    path = tmp_path / "coin.json"
+    path.write_bytes(coin_json(plans, ["train", "val", "test"]))
+    found = read_action_segments(str(path))
+    assert found.problems == []
+    assert found.splits == {p.video_id: s for p, s in zip(plans, ["train", "val", "test"])}
+    for plan in plans:
+        spans = [(c["start"], c["end"]) for c in captions(plan)]
+        assert [(s["start"], s["end"]) for s in found.segments[plan.video_id]] == spans
+        labels = per_second_labels(found.segments[plan.video_id], int(plan.duration_s),
+                                   label_vocabulary(found.segments))
+        assert (labels >= 0).all(), "events tile the video: no second is background"

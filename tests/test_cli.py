@@ -33,12 +33,18 @@ def test_each_subcommand_has_help(name):
     assert proc.stdout.startswith(f"usage: vidray {name}")
 
 
-@pytest.mark.parametrize("args", [["finetune"], ["evaluate"], ["sweep"]])
+@pytest.mark.parametrize("args", [["sweep"]])
 def test_unbuilt_subcommands_exit_nonzero_saying_so(args):
     proc = vidray(*args)
     assert proc.returncode == 3
     assert "not implemented yet" in proc.stderr
     assert proc.stdout == ""
+
+
+@pytest.mark.parametrize("args, key", [(["finetune"], "data.features"), (["evaluate"], "checkpoint")])
+def test_training_subcommands_name_the_missing_key(args, key):
+    proc = vidray(*args)
+    assert proc.returncode == 2 and f"'{key}'" in proc.stderr and "is required" in proc.stderr
 
 
 def test_console_script_is_installed():

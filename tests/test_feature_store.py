@@ -227,7 +227,7 @@ def test_s3d_features_equal_a_direct_computation(ray_cluster, corpus, tmp_path):
                         limit=5, videos_per_part=2)
     report = run_extract(cfg, progress=False)
     feature_set = store.open_version(report["uri"])
-    assert feature_set.manifest["weights_digest"] == "random-init(seed=0)"
+    assert feature_set.manifest["weights_digest"] == "random-init(seed=0, bn-calibrated)"
     assert feature_set.manifest["dims"] == {"features": 512}
     assert store.validate(report["uri"])["ok"]
     rows = {r["video_id"]: r for r in read_rows(feature_set)}

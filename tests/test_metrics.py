@@ -21,16 +21,16 @@ def test_ranks_match_a_naive_loop():
 
 def test_perfect_constant_and_reversed():
     perfect = retrieval_metrics(np.eye(20))
-    assert perfect["t2v_R@1"] == perfect["v2t_R@1"] == 1.0 and perfect["t2v_MdR"] == 1.0
+    assert perfect["t2v_R1"] == perfect["v2t_R1"] == 1.0 and perfect["t2v_MdR"] == 1.0
     constant = retrieval_metrics(np.zeros((20, 20)))  # all tied: pessimistic -> last place
-    assert constant["t2v_R@1"] == 0.0 and constant["t2v_MdR"] == 20.0
-    assert constant["chance_R@1"] == pytest.approx(0.05)
+    assert constant["t2v_R1"] == 0.0 and constant["t2v_MdR"] == 20.0
+    assert constant["chance_R1"] == pytest.approx(0.05)
 
 
 def test_directions_differ_when_the_matrix_is_asymmetric():
     sim = np.array([[0.9, 0.1, 0.0], [0.95, 0.5, 0.0], [0.0, 0.0, 1.0]])
     metrics = retrieval_metrics(sim, ks=(1,))
-    assert metrics["t2v_R@1"] == pytest.approx(2 / 3)  # text 1 prefers video 0
-    assert metrics["v2t_R@1"] == pytest.approx(2 / 3)  # video 0 prefers text 1 (0.95 > 0.9)
+    assert metrics["t2v_R1"] == pytest.approx(2 / 3)  # text 1 prefers video 0
+    assert metrics["v2t_R1"] == pytest.approx(2 / 3)  # video 0 prefers text 1 (0.95 > 0.9)
     with pytest.raises(ValueError, match="square"):
         retrieval_metrics(np.zeros((2, 3)))

@@ -203,6 +203,30 @@ def test_qa_and_mc_agree_with_captions(corpus):
     assert len({m["answer"] for m in mc}) > 1, "the right answer should not sit at one index"
 
 
+def test_coin_segments_match_captions(corpus):
+    """coin.json holds one segment per caption, with its times and the first shape's direction."""
+    out, summary = corpus
+    assert summary.coin_uri == str(out / "coin.json")
+    with open(out / "coin.json") as f:
+        database = json.load(f)["database"]
+    rows = read_rows(out)
+    assert list(database) == [r["video_id"] for r in rows]
+    subsets = {"train": "training", "val": "validation", "test": "testing"}
+    for row in rows:
+        entry = database[row["video_id"]]
+        assert set(entry) == {"subset", "duration", "annotation"}
+        assert entry["subset"] == subsets[row["split"]]
+        assert entry["duration"] == row["duration_s"]
+        assert len(entry["annotation"]) == len(row["captions"])
+        for annotation, cap in zip(entry["annotation"], row["captions"]):
+            assert annotation["segment"] == [cap["start"], cap["end"]]
+            direction = parse_caption(cap["text"])[0][2]
+            assert annotation["label"] == "moves " + direction
+            assert annotation["id"] == {"left": "1", "right": "2", "up": "3", "down": "4"}[direction]
+    labels = {a["label"] for e in database.values() for a in e["annotation"]}
+    assert len(labels) > 1, "more than one action class should occur"
+
+
 def test_same_seed_gives_identical_bytes(corpus, tmp_path):
     """Two runs into the same path, with different worker counts, write identical files."""
     original, _ = corpus
@@ -213,7 +237,7 @@ def test_same_seed_gives_identical_bytes(corpus, tmp_path):
     synthesize(str(out), CFG, progress=False)
     names = sorted(os.path.relpath(os.path.join(d, f), kept) for d, _, fs in os.walk(kept) for f in fs)
     assert len([n for n in names if n.endswith(".mp4")]) == CFG.videos
-    assert {"manifest.parquet", "qa.jsonl", "mc.jsonl"} <= set(names)
+    assert {"manifest.parquet", "qa.jsonl", "mc.jsonl", "coin.json"} <= set(names)
     for name in names:
         assert (kept / name).read_bytes() == (out / name).read_bytes(), name
     # Another directory differs only in the uri column of the manifest.
@@ -258,7 +282,8 @@ def test_synth_to_s3(s3_uri):
     cfg = SynthConfig(videos=2, seed=1, min_seconds=1.0, max_seconds=1.5, workers=2)
     summary = synthesize(s3_uri, cfg, progress=False)
     assert summary.manifest_uri == f"{s3_uri}/manifest.parquet"
-    names = ("manifest.parquet", "qa.jsonl", "mc.jsonl", "videos/synth_000000.mp4", "videos/synth_000001.mp4")
+    names = ("manifest.parquet", "qa.jsonl", "mc.jsonl", "coin.json",
+             "videos/synth_000000.mp4", "videos/synth_000001.mp4")
     for name in names:
         assert storage.exists(f"{s3_uri}/{name}"), name
     rows = manifest.read_manifest(summary.manifest_uri).to_pylist()

@@ -12,24 +12,8 @@ import time
 import pytest
 
 from vidray.config import load_config
-from vidray.feature_store.extract import ExtractConfig, run_extract
-from vidray.feature_store.extractors import S3DExtractConfig
-from vidray.synth import SynthConfig, synthesize
 from vidray.train.config import PretrainConfig
 from vidray.vlm.pretrain import run_pretrain
-
-
-@pytest.fixture(scope="module")
-def feature_sets(ray_cluster, tmp_path_factory):
-    root = tmp_path_factory.mktemp("vlm")
-    synthesize(str(root / "corpus"), SynthConfig(videos=6, seed=11, min_seconds=4.0, max_seconds=6.0,
-                                                 workers=2), progress=False)
-    manifest = str(root / "corpus" / "manifest.parquet")
-    common = {"manifest": manifest, "root": str(root / "features")}
-    s3d = run_extract(ExtractConfig(**common, extractor="s3d",
-                                    s3d=S3DExtractConfig(flavour="tiny", size=32)), progress=False)
-    text = run_extract(ExtractConfig(**common, extractor="text"), progress=False)
-    return {"s3d": s3d["uri"], "text": text["uri"], "root": root}
 
 
 def _config(feature_sets, tmp_path, stack, steps: int) -> PretrainConfig:

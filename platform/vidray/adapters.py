@@ -53,6 +53,21 @@ Formats
   read as an index: ``"2"`` must be the text of an option.
   For qa and mc, ``video`` is a video id or file name: a trailing ``<ext>`` is dropped from the
   id. The manifest holds each referenced video once (first-seen order) with no captions.
+
+Action segments (COIN) are labels, not a manifest, so they have their own reader rather than an
+entry in ``ADAPTERS``:
+
+    found = read_action_segments("s3://data/coin/COIN.json")   # also vidray synth's coin.json
+    found.segments     # {video_id: [{"start", "end", "label"}, ...]} sorted by (start, end, label)
+    found.problems     # [Problem(...)]: the same rules and JSON paths as the adapters above
+    classes = label_vocabulary(found.segments)                  # {label: 0..K-1}, labels sorted
+    per_second_labels(found.segments[vid], num_seconds, classes)  # int64 [num_seconds]
+
+``COIN.json`` is ``database[vid]{subset, duration, annotation[{id, segment: [start, end],
+label}]}``; subset training/validation/testing -> train/val/test (``split=`` keeps one).
+``id`` (COIN's step id) is not read: classes come from :func:`label_vocabulary`, so they are
+contiguous whatever the ids are. A result object (not a bare dict) carries the problems the way
+:class:`AdapterResult` does, so callers report skipped entries like every adapter's.
 """
 
 from __future__ import annotations
@@ -66,8 +81,9 @@ import math
 import os
 import re
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, Iterator, Mapping
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -627,6 +643,121 @@ def _choice_options(options: Any) -> list[str]:
     if len(set(texts)) != len(texts):
         raise _Skip("options repeat a choice, so the answer would be ambiguous")
     return texts
+
+
+# ----------------------------------------------------------------------------- action segments
+
+_COIN_SPLITS = {"training": "train", "validation": "val", "testing": "test"}
+
+
+@dataclasses.dataclass
+class ActionSegments:
+    """What :func:`read_action_segments` found: labelled segments per video, and skipped entries."""
+
+    segments: dict[str, list[dict]]  # video id -> [{start, end, label}], sorted
+    splits: dict[str, str]           # video id -> train/val/test
+    durations: dict[str, float | None]  # video id -> seconds, None when the file has none
+    problems: list[Problem]
+
+
+def read_action_segments(uri: str, *, split: str | None = None) -> ActionSegments:
+    """COIN-format action segments (``COIN.json``, or ``coin.json`` of ``vidray synth``).
+
+    Each video keeps its valid segments sorted by (start, end, label); a malformed segment is a
+    problem at ``database.<vid>.annotation[j]``, a malformed video at ``database.<vid>``. A video
+    whose segments were all skipped stays, with none (every second is background). ``split``
+    keeps only that split's videos. Raises :class:`AdapterError` for an unusable file or split.
+    """
+    if split is not None and split not in SPLITS:
+        raise AdapterError(f"split {split!r} is not one of {SPLITS}")
+    data = _read_json(uri, {"database": dict})
+    report = _Report()
+    found = ActionSegments({}, {}, {}, report.problems)
+    for video_id, entry in data["database"].items():
+        path = _key_path("database", video_id)
+        try:
+            subset, duration, annotations = _coin_video(entry)
+        except _Skip as skip:
+            report.add(uri, path, str(skip), "video")
+            continue
+        if split is not None and subset != split:
+            continue
+        found.segments[video_id] = _coin_segments(annotations, path, uri, report)
+        found.splits[video_id], found.durations[video_id] = subset, duration
+    return found
+
+
+def _coin_video(entry: Any) -> tuple[str, float | None, list]:
+    """(split, duration, raw annotations) of one ``database`` entry."""
+    if not isinstance(entry, dict):
+        raise _Skip(f"expected an object, got {type(entry).__name__}")
+    subset = entry.get("subset")
+    if subset not in _COIN_SPLITS:
+        raise _Skip(f"subset {subset!r} is not one of {sorted(_COIN_SPLITS)}")
+    duration = _seconds(entry["duration"], "duration") if entry.get("duration") is not None else None
+    annotations = entry.get("annotation", [])
+    if not isinstance(annotations, list):
+        raise _Skip(f"'annotation' must be a list, got {type(annotations).__name__}")
+    return _COIN_SPLITS[subset], duration, annotations
+
+
+def _coin_segments(annotations: list, path: str, file: str, report: _Report) -> list[dict]:
+    """The valid segments, sorted; each bad one is reported at ``<path>.annotation[j]``."""
+    segments = []
+    for j, annotation in enumerate(annotations):
+        try:
+            segments.append(_coin_segment(annotation))
+        except _Skip as skip:
+            report.add(file, f"{path}.annotation[{j}]", str(skip), "segment")
+    return sorted(segments, key=lambda s: (s["start"], s["end"], s["label"]))
+
+
+def _coin_segment(annotation: Any) -> dict:
+    if not isinstance(annotation, dict):
+        raise _Skip(f"expected an object {{segment, label}}, got {type(annotation).__name__}")
+    segment = annotation.get("segment")
+    if not isinstance(segment, list) or len(segment) != 2:
+        raise _Skip(f"segment must be a list [start, end], got {segment!r}")
+    caption = _timed_caption(segment[0], segment[1], annotation.get("label"),
+                             "segment start", "segment end", "label")
+    return {"start": caption["start"], "end": caption["end"], "label": caption["text"]}
+
+
+def label_vocabulary(segments_by_video: Mapping[str, list[dict]]) -> dict[str, int]:
+    """Every label that occurs, sorted by name, -> 0..K-1 (the classifier's class indices).
+
+    Sorted rather than first-seen, so the same label set gives the same classes whatever the
+    order of videos or files.
+    """
+    labels = {segment["label"] for segments in segments_by_video.values() for segment in segments}
+    return {label: index for index, label in enumerate(sorted(labels))}
+
+
+def per_second_labels(segments: list[dict], num_seconds: int, classes: Mapping[str, int],
+                      background: int = -100) -> np.ndarray:
+    """Class of each second ``s`` in ``[0, num_seconds)``: int64 ``[num_seconds]``.
+
+    Second ``s`` takes the class of the segment ``[start, end)`` that contains ``s + 0.5``, its
+    middle, so a boundary inside a second goes to whichever segment covers more of it; half-open
+    segments give a shared boundary to the later segment only. Where segments overlap, the one
+    that sorts last by (start, end, label) wins: a later, nested step is the more specific one.
+    Seconds no segment covers get ``background`` (-100 is what cross entropy ignores by default).
+    Raises ValueError for a label not in ``classes`` (checked for every segment, so a vocabulary
+    built from other videos fails loudly rather than mislabelling).
+    """
+    if num_seconds < 0:
+        raise ValueError(f"num_seconds must be >= 0, got {num_seconds}")
+    unknown = sorted({s["label"] for s in segments} - set(classes))
+    if unknown:
+        raise ValueError(f"label {unknown[0]!r} is not in the class vocabulary "
+                         f"({len(unknown)} unknown label(s): {unknown})")
+    middles = np.arange(num_seconds, dtype=np.float64) + 0.5
+    labels = np.full(num_seconds, background, dtype=np.int64)
+    # Few segments per video: one vectorised pass each; later ones overwrite earlier ones.
+    for segment in sorted(segments, key=lambda s: (s["start"], s["end"], s["label"])):
+        inside = (middles >= segment["start"]) & (middles < segment["end"])
+        labels[inside] = classes[segment["label"]]
+    return labels
 
 
 # ----------------------------------------------------------------------------- entry points

@@ -2,7 +2,8 @@
 
 Retrieval: R@1/5/10 and median rank (1-based) from a similarity matrix whose row i's correct
 column is i; ties are broken pessimistically (a candidate scoring the same as the correct one
-ranks above it), so a constant model scores at chance, never above it.
+ranks above it), so a constant model scores at chance, never above it. Keys read
+``t2v_R1`` for R@1 text -> video (MLflow metric names cannot hold "@").
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ def retrieval_metrics(similarity: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) 
     for direction, matrix in (("t2v", similarity), ("v2t", np.asarray(similarity).T)):
         ranks = ranks_of_correct(matrix)
         for k in ks:
-            out[f"{direction}_R@{k}"] = float(np.mean(ranks <= k))
+            out[f"{direction}_R{k}"] = float(np.mean(ranks <= k))
         out[f"{direction}_MdR"] = float(np.median(ranks))
-    out["chance_R@1"] = 1.0 / len(similarity)
+    out["chance_R1"] = 1.0 / len(similarity)
     return out

@@ -17,6 +17,14 @@ What lands under ``OUT`` (a local path or an ``s3://`` URI):
 - ``mc.jsonl``               multiple choice: ``{"video", "question", "options": [5 captions],
   "answer": index, "start", "end"}``; the wrong options differ from the truth in one colour,
   shape or direction.
+- ``coin.json``              action segmentation in the COIN annotation format (COIN.json):
+  ``{"database": {video_id: {"subset", "duration", "annotation": [{"id", "label",
+  "segment": [start, end]}]}}}``, one annotation per event with the event's caption times.
+  ``label`` is ``"moves <direction>"`` of the event's first shape (direction needs temporal
+  modelling; colour and shape would not); ``id`` is the label's step id (``"1"``-``"4"``, the
+  direction's position in ``DIRECTIONS``), shared by every segment with that label as COIN's
+  step ids are. ``subset`` is ``"training"``/``"validation"``/``"testing"`` for our
+  train/val/test (COIN itself has only training and testing).
 
 Shapes stay inside the frame's centred square, so the frames models' preprocessing (shorter side
 resized, centre crop) never cuts one off.
@@ -79,8 +87,11 @@ SHAPE_FRACTION = (0.22, 0.32)     # shape size as a fraction of the frame's shor
 TRAVEL_FRACTION = (0.35, 0.65)    # distance moved in one event, as a fraction of the free room
 BACKGROUND_RANGE = (10, 70)       # background channels stay dark
 PLACEMENT_TRIES = 256             # random placements tried before accepting overlapping paths
-# One thread and fixed options: x264 output then depends only on the frames.
-X264_OPTIONS = {"preset": "veryfast", "crf": "23"}
+# One thread and fixed options: x264 output then depends only on the frames. mbtree=0: with the
+# macroblock-tree rate control on, this x264 build (core 165, SIMD on an AVX-512 CPU) gave some
+# videos different bytes depending on what the process had encoded before (the same frames went
+# in); without it (or with asm=0, 3x slower) the bytes repeat. Compression barely matters here.
+X264_OPTIONS = {"preset": "veryfast", "crf": "23", "x264-params": "mbtree=0"}
 KEYFRAME_SECONDS = 2              # a keyframe every 2 s, like real footage, so seeking matters
 SPLIT_STREAM, QA_STREAM, MC_STREAM = 1, 2, 3  # sibling random streams: rng([seed, index, stream])
 # (question, which word answers it); directions are distinct within an event, so each is unambiguous.
@@ -91,6 +102,8 @@ QA_TEMPLATES = (
 )
 MC_OPTIONS = 5
 MC_QUESTION = "which caption describes the clip?"
+# Our split -> COIN's "subset" value (COIN has training/testing; validation follows the pattern).
+COIN_SUBSETS = {"train": "training", "val": "validation", "test": "testing"}
 
 
 @dataclass
@@ -168,6 +181,7 @@ class SynthSummary:
 
     out: str
     manifest_uri: str
+    coin_uri: str       # action segments (COIN format)
     videos: int
     clips: int          # events = captioned clips
     qa: int
@@ -362,6 +376,29 @@ def _near_miss(rng: np.random.Generator, parts: list[tuple[str, str, str]]) -> l
     return [tuple(p) for p in parts]
 
 
+def action_label(event: Event) -> str:
+    """The event's action-segmentation label: ``"moves <direction>"`` of its first shape."""
+    return f"moves {event.motions[0].direction}"
+
+
+def coin_entry(plan: VideoPlan, split: str) -> dict:
+    """One video's ``database`` entry of ``coin.json``: one annotation per event, in time order."""
+    annotations = []
+    for event in plan.events:
+        start, end = event_span(plan, event)
+        # COIN's "id" is the step id, equal for equal labels, so it follows from the direction.
+        step_id = list(DIRECTIONS).index(event.motions[0].direction) + 1
+        annotations.append({"id": str(step_id), "label": action_label(event), "segment": [start, end]})
+    return {"subset": COIN_SUBSETS[split], "duration": plan.duration_s, "annotation": annotations}
+
+
+def coin_json(plans: list[VideoPlan], splits: list[str]) -> bytes:
+    """``coin.json``'s bytes; sorted keys and no run-dependent values, so the same seed gives the
+    same bytes."""
+    database = {plan.video_id: coin_entry(plan, split) for plan, split in zip(plans, splits)}
+    return (json.dumps({"database": database}, sort_keys=True) + "\n").encode()
+
+
 def assign_splits(cfg: SynthConfig) -> list[str]:
     """Split of each video index: exact counts, chosen by per-video random keys (seed-stable)."""
     keys = [np.random.default_rng([cfg.seed, i, SPLIT_STREAM]).random() for i in range(cfg.videos)]
@@ -532,9 +569,11 @@ def synthesize(out: str, cfg: SynthConfig, progress: bool = True) -> SynthSummar
     mc = [row for p in plans for row in mc_rows(p, cfg.seed)]
     storage.write_bytes(storage.join(root, "qa.jsonl"), _jsonl(qa))
     storage.write_bytes(storage.join(root, "mc.jsonl"), _jsonl(mc))
+    coin_uri = storage.join(root, "coin.json")
+    storage.write_bytes(coin_uri, coin_json(plans, splits))
     manifest_uri = storage.join(root, "manifest.parquet")
     manifest.write_manifest(manifest.manifest_table(rows), manifest_uri)
     return SynthSummary(
-        out=root, manifest_uri=manifest_uri, videos=len(plans),
+        out=root, manifest_uri=manifest_uri, coin_uri=coin_uri, videos=len(plans),
         clips=sum(len(p.events) for p in plans), qa=len(qa), mc=len(mc), frames=sum(p.frames for p in plans),
         splits={s: splits.count(s) for s in manifest.SPLITS}, seconds=time.perf_counter() - started)

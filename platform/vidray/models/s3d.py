@@ -96,6 +96,34 @@ def build_s3d(flavour: str = "full") -> "S3DG":
     return S3D_FLAVOURS[flavour].build()
 
 
+@torch.no_grad()
+def calibrate_batchnorm(model: nn.Module, seed: int = 0, frames: int = 32, size: int = 112,
+                        clips: int = 8) -> None:
+    """Give a randomly initialised network BatchNorm statistics, from seeded smooth noise.
+
+    Why: fresh BatchNorm layers hold mean 0 / variance 1, so in eval mode they normalise
+    nothing; through S3D-G's depth the ReLU activations then shrink towards a constant and every
+    video gets the *same* embedding (measured: zero spread across videos). Statistics gathered
+    on low-frequency noise (random 4 x 8 x 8 volumes upsampled, like natural video) keep every
+    layer near unit scale, so random-init features differ between videos — useful for tests
+    and demos that need no downloaded weights. Deterministic for a seed; never used when real
+    weights are loaded (they carry their own statistics).
+    """
+    generator = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(clips, 3, 4, 8, 8, generator=generator)
+    noise = F.interpolate(coarse, size=(frames, size, size), mode="trilinear", align_corners=False)
+    batchnorms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    saved = [(m.momentum, m.training) for m in batchnorms]
+    for m in batchnorms:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average: one pass gives the batch's own statistics
+        m.train()
+    model(noise)
+    for m, (momentum, training) in zip(batchnorms, saved):
+        m.momentum = momentum
+        m.train(training)
+
+
 # ----------------------------------------------------------------------------- building blocks
 
 

@@ -66,3 +66,55 @@ class PretrainConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+
+# --- fine-tuning and evaluation --------------------------------------------------------------
+
+TASKS = ("retrieval", "captioning", "action_segmentation")
+
+
+@dataclass
+class FinetuneDataConfig:
+    features: str = option("", "S3D feature-set version URI (<root>/s3d/<version>)")
+    text: str = option("", "text feature-set version URI (<root>/text/<version>); its tokenizer "
+                       "also tokenizes MC options and decodes generated captions")
+    manifest: str = option("", "manifest of the corpus: selects the split (empty = every video)")
+    split: str = option("train", "manifest split to fine-tune on")
+    labels: str = option("", "action_segmentation: COIN-format annotations (database/annotation/"
+                         "segment/label), e.g. the synthetic corpus's coin.json")
+    segment_stride: int = option(16, "action_segmentation: stride of the sliding windows, seconds", ge=1)
+
+
+@dataclass
+class FinetuneConfig:
+    """`vidray finetune`: one task on top of a pre-trained (or freshly initialised) VLM."""
+
+    task: Literal["retrieval", "captioning", "action_segmentation"] = option(
+        "retrieval", "retrieval: isolated masks + contrastive loss; captioning: causal text mask + "
+        "LM head; action_segmentation: per-second classifier over the video tokens")
+    init_from: Optional[str] = option(
+        None, "pre-training checkpoint folder (…/checkpoint_NNNNNNNN, local or s3://) whose VLM "
+              "weights start the fine-tuning; null = model.text_backbone / random init")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(warmup_steps=122))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
+    data: FinetuneDataConfig = field(default_factory=FinetuneDataConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    """`vidray evaluate`: a fine-tuned checkpoint on a split; data URIs default to the checkpoint's."""
+
+    checkpoint: str = option("", "fine-tuning checkpoint folder (…/checkpoint_NNNNNNNN, local or s3://)")
+    split: str = option("test", "manifest split to evaluate on")
+    features: str = option("", "S3D feature-set version; empty = the one the checkpoint was trained on")
+    text: str = option("", "text feature-set version; empty = the checkpoint's")
+    manifest: str = option("", "manifest; empty = the checkpoint's")
+    labels: str = option("", "action_segmentation labels (COIN format); empty = the checkpoint's")
+    mc: str = option("", "retrieval: multiple-choice QA jsonl ({video, options, answer, start, end}) "
+                     "scored with the retrieval model; empty = skip")
+    batch_size: int = option(64, "clips per forward pass", ge=1)
+    beam_size: int = option(5, "captioning: beam width (1 = greedy only)", ge=1)
+    max_caption_tokens: int = option(24, "captioning: longest generated caption", ge=1)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)

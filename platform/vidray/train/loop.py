@@ -114,7 +114,7 @@ def train_loop_per_worker(config: dict) -> None:
     system = build_system(cfg, device)
     model = prepare_model(system.model) if world > 1 else system.model.to(device)
     system.model = model
-    optimizer = torch.optim.Adam(model.parameters(), lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
                                  weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_poly_decay(cfg.optim.warmup_steps, cfg.train.steps))

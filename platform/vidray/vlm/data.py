@@ -64,11 +64,44 @@ def examples_of_video(features: np.ndarray, captions: list[dict], rng: np.random
         target = int(rng.integers(cfg.min_text_tokens, cfg.max_text_tokens + 1))
         lo, hi = grow_span(timed, int(rng.integers(len(timed))), target, cfg.max_span_s)
         ids = [i for c in timed[lo:hi + 1] for i in c["input_ids"]][:cfg.max_text_tokens]
-        first = min(int(math.floor(timed[lo]["start"])), len(features) - 1)
-        last = max(first + 1, min(int(math.ceil(timed[hi]["end"])), len(features)))
+        first, last = seconds_of_span(timed[lo]["start"], timed[hi]["end"], len(features))
         video = features[first:last][:max_video_tokens]
         out.append({"video": np.asarray(video, np.float32), "text_ids": np.asarray(ids, np.int64)})
     return out
+
+
+def seconds_of_span(start: float, end: float, num_seconds: int) -> tuple[int, int]:
+    """S3D seconds ``[first, last)`` of a span: floor(start)..ceil(end), at least one second, inside
+    the video's ``num_seconds`` features."""
+    first = min(int(math.floor(start)), num_seconds - 1)
+    return first, max(first + 1, min(int(math.ceil(end)), num_seconds))
+
+
+def clip_examples_of_video(video_id: str, features: np.ndarray, captions: list[dict],
+                           max_video_tokens: int, max_text_tokens: int) -> list[dict]:
+    """One fine-tuning example per timed caption (a clip): its seconds of video and its ids.
+    ``clip_index`` is the caption's index in the video, as in the clip pipeline."""
+    out = []
+    for index, caption in enumerate(captions):
+        if caption["start"] is None or caption["end"] is None or len(features) == 0:
+            continue
+        first, last = seconds_of_span(caption["start"], caption["end"], len(features))
+        out.append({"video_id": video_id, "clip_index": index, "start": float(caption["start"]),
+                    "end": float(caption["end"]), "caption": caption["text"],
+                    "video": np.asarray(features[first:last][:max_video_tokens], np.float32),
+                    "text_ids": np.asarray(caption["input_ids"][:max_text_tokens], np.int64)})
+    return out
+
+
+def segment_windows(video_id: str, features: np.ndarray, labels: np.ndarray, window: int,
+                    stride: int) -> list[dict]:
+    """Sliding windows over a video's seconds (``window`` long, every ``stride``; the last one
+    ends at the video's end) with their per-second labels; ``first`` is the window's first second."""
+    starts = list(range(0, max(len(features) - window, 0) + 1, stride))
+    if starts[-1] + window < len(features):
+        starts.append(len(features) - window)
+    return [{"video_id": video_id, "first": s, "video": np.asarray(features[s:s + window], np.float32),
+             "labels": np.asarray(labels[s:s + window], np.int64)} for s in starts]
 
 
 def collate(examples: dict, max_video_tokens: int, max_text_tokens: int, sep_id: int,
@@ -120,20 +153,28 @@ def _ragged(arrays: list[np.ndarray]) -> np.ndarray:
     return out
 
 
+def text_table(text_uri: str, manifest_uri: str = "", split: str = "") -> pa.Table:
+    """``video_id, captions`` of a committed text set, restricted to a manifest split if given.
+    The text set is small (ids of captions): it is read whole and broadcast to the Ray tasks."""
+    from vidray.feature_store import store
+
+    table = pa.concat_tables([store.read_parquet(u, ["video_id", "captions"])
+                              for u in store.open_version(text_uri).part_uris])
+    if manifest_uri:
+        from vidray.manifest import read_manifest
+
+        keep = read_manifest(manifest_uri)
+        keep = keep.filter(pc.equal(keep["split"], split))["video_id"]
+        table = table.filter(pc.is_in(table["video_id"], value_set=keep))
+    return table
+
+
 def examples_dataset(cfg: DataConfig, max_video_tokens: int, seed: int = 0, epoch: int = 0):
     """A Ray Dataset of training examples (columns ``video``, ``text_ids``)."""
     from vidray.feature_store import store
 
-    # The text set is small (ids of captions): read it here and broadcast it to the tasks.
-    text_table = pa.concat_tables([store.read_parquet(u, ["video_id", "captions"])
-                                   for u in store.open_version(cfg.text).part_uris])
+    text = text_table(cfg.text, cfg.manifest, cfg.split)
     ds = store.open_dataset(cfg.features, columns=["video_id", "features"])
-    if cfg.manifest:
-        from vidray.manifest import read_manifest
-
-        keep = read_manifest(cfg.manifest)
-        keep = keep.filter(pc.equal(keep["split"], cfg.split))["video_id"]
-        text_table = text_table.filter(pc.is_in(text_table["video_id"], value_set=keep))
     return ds.map_batches(_to_examples, batch_format="pyarrow", batch_size=4,
-                          fn_kwargs={"text": text_table, "cfg": cfg, "max_video_tokens": max_video_tokens,
+                          fn_kwargs={"text": text, "cfg": cfg, "max_video_tokens": max_video_tokens,
                                      "seed": seed, "epoch": epoch})

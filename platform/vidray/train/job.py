@@ -1,0 +1,75 @@
+"""What every training job's driver does around :func:`vidray.train.loop.fit`: start Ray, name
+the run, hand rank 0 its MLflow run, then record the final checkpoint and the config on it."""
+
+from __future__ import annotations
+
+import os
+from functools import partial
+from typing import Any, Callable
+
+from vidray.config import dump_yaml, flatten
+from vidray.train.loop import MLflowRun, fit, load_checkpoint
+
+
+def find_run(tracking_uri: str | None, experiment: str, run_name: str):
+    """The MLflow run tagged ``vidray.run_name = run_name`` in ``experiment``, or None."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = mlflow.search_runs([found.experiment_id], output_format="list", max_results=1,
+                              filter_string=f"tags.`vidray.run_name` = '{run_name}'")
+    return runs[0] if runs else None
+
+
+def ensure_ray(num_train_workers: int) -> None:
+    """Join the cluster in ``RAY_ADDRESS``, or start a local one with room for Ray Data's tasks
+    beside the Train workers (on a 2-core machine the default of one CPU per core lets two
+    workers take every CPU, and the data tasks that feed them wait forever)."""
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(num_cpus=max(os.cpu_count() or 1, num_train_workers + 2))
+
+
+def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_system: Callable,
+                 make_dataset: Callable, tags: dict, say: Callable[[str], None] = print) -> dict[str, Any]:
+    """Fit ``build_system`` on ``make_dataset()`` (a Ray Dataset, made once Ray is up) under Ray
+    Train; returns run name, checkpoint URI,
+    MLflow run id and the final metrics (``step`` read from the checkpoint itself)."""
+    import mlflow
+    import ray
+
+    ensure_ray(cfg.train.num_workers)
+    tags = {"job": job, "ray_job_id": ray.get_runtime_context().get_job_id(), **tags}
+    tracking_uri = cfg.mlflow.resolved_uri()
+    tracker = partial(MLflowRun, tracking_uri, experiment, run_name, flatten(cfg), tags)
+    say(f"{job} run '{run_name}': checkpoints under {cfg.train.storage_path}/{run_name}")
+    # Materialised once: every epoch then streams ready examples instead of re-running the
+    # feature-set -> examples transform (which, on a small fine-tuning set, cost more than the steps).
+    dataset = make_dataset().materialize()
+    result = fit(cfg, build_system, dataset, tracker, run_name, cfg.train.storage_path)
+    checkpoint = result.checkpoint.path if result.checkpoint else None
+    if checkpoint and "://" not in checkpoint and cfg.train.storage_path.startswith("s3://"):
+        checkpoint = "s3://" + checkpoint  # Ray reports paths inside its filesystem, scheme-less
+    metrics = dict(result.metrics or {})
+    if result.checkpoint:  # the checkpoint is authoritative (a rerun of a finished run reports nothing)
+        with result.checkpoint.as_directory() as directory:
+            metrics["step"] = load_checkpoint(directory)["step"]
+
+    # The driver adds what only it knows once training is done: the final checkpoint and config.
+    run = find_run(tracking_uri, experiment, run_name)
+    client = mlflow.MlflowClient()
+    client.set_tag(run.info.run_id, "checkpoint_uri", str(checkpoint))
+    client.log_text(run.info.run_id, dump_yaml(cfg), "config.yaml")
+    say(f"{job} '{run_name}' done at step {metrics.get('step')}: loss {metrics.get('loss', float('nan')):.4f}; "
+        f"checkpoint {checkpoint}; MLflow run {run.info.run_id}")
+    return {"run_name": run_name, "checkpoint": checkpoint, "mlflow_run_id": run.info.run_id,
+            "metrics": metrics}

@@ -1,0 +1,172 @@
+"""caption_metrics: COCO-convention BLEU/METEOR/ROUGE-L/CIDEr on normalized captions.
+
+METEOR starts a JVM that loads a 60 MB paraphrase table (~6 s), so only the tests about METEOR
+itself run it; the others simulate an absent JRE (`no_jre`) to keep this file fast.
+"""
+
+from __future__ import annotations
+
+import itertools
+import os
+import shutil
+import stat
+
+import pytest
+
+from vidray import caption_metrics as cm
+from vidray.caption_metrics import caption_metrics, normalize_caption
+
+SENTENCE = "A man is playing a guitar on stage."
+
+# Three clips; CLOSE paraphrases each reference set, FAR only shares a word or two with it.
+CORPUS_REFS = {
+    "v1": ["a man is playing a guitar", "a person plays the guitar on stage"],
+    "v2": ["a woman is cooking pasta in a kitchen", "someone cooks noodles in the kitchen"],
+    "v3": ["a dog runs across a grassy field", "a brown dog is running on the grass"],
+}
+CLOSE = {
+    "v1": "a man is playing the guitar",
+    "v2": "a woman is cooking in a kitchen",
+    "v3": "a dog is running on the grass",
+}
+FAR = {"v1": "a person is on stage", "v2": "a woman is in a room", "v3": "an animal is outside"}
+
+
+@pytest.fixture
+def no_jre(monkeypatch):
+    """Simulate a machine without a Java runtime: `shutil.which("java")` finds nothing."""
+    monkeypatch.setattr(cm.shutil, "which", lambda name, *args, **kwargs: None)
+
+
+def naive_lcs(a: list[str], b: list[str]) -> int:
+    """Longest common subsequence by brute force: the longest subsequence of `a` found in `b`."""
+
+    def is_subsequence(seq: tuple[str, ...], of: list[str]) -> bool:
+        remaining = iter(of)
+        return all(token in remaining for token in seq)
+
+    for length in range(len(a), 0, -1):
+        if any(is_subsequence(combo, b) for combo in itertools.combinations(a, length)):
+            return length
+    return 0
+
+
+def naive_rouge_l(candidate: str, refs: list[str], beta: float = 1.2) -> float:
+    """ROUGE-L F-measure as COCO defines it: best precision and best recall over references."""
+    cand = candidate.split()
+    precision = max(naive_lcs(cand, ref.split()) / len(cand) for ref in refs)
+    recall = max(naive_lcs(cand, ref.split()) / len(ref.split()) for ref in refs)
+    if precision == 0 or recall == 0:
+        return 0.0
+    return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
+
+
+def test_normalize_caption_strips_punctuation_case_and_spacing():
+    assert normalize_caption("  A Man, playing-guitar!\n Isn't it?? ") == "a man playing guitar isnt it"
+    assert normalize_caption("The dog\u2019s \u201cball\u201d\u2026 (red)") == "the dogs ball red"
+    assert normalize_caption("?!.") == ""
+
+
+def test_identical_caption_scores_perfectly_and_meteor_runs_when_java_present():
+    metrics, skipped = caption_metrics({"v": SENTENCE}, {"v": [SENTENCE.lower().rstrip(".")]})
+    assert metrics["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["BLEU-3"] == pytest.approx(1.0, abs=1e-6)
+    assert metrics["ROUGE-L"] == pytest.approx(1.0)
+    if shutil.which("java"):
+        assert "METEOR" not in skipped
+        assert metrics["METEOR"] == pytest.approx(1.0, abs=1e-3)
+    else:
+        assert "METEOR" in skipped
+
+
+def test_rouge_l_matches_naive_lcs_f_measure(no_jre):
+    predictions = {"a": "A cat sits on the mat.", "b": "a dog runs"}
+    references = {
+        "a": ["the cat is on the mat", "a dog sits outside"],
+        "b": ["a brown dog runs across the field"],
+    }
+    # By hand: "a" has P = R = 4/6 (LCS "cat on the mat"), so F = 2/3; "b" has P = 1, R = 3/7.
+    assert naive_rouge_l("a cat sits on the mat", references["a"]) == pytest.approx(2 / 3)
+    expected_b = (1 + 1.44) * 1.0 * (3 / 7) / (3 / 7 + 1.44 * 1.0)
+    assert naive_rouge_l("a dog runs", references["b"]) == pytest.approx(expected_b)
+
+    metrics, _ = caption_metrics(predictions, references)
+    expected = (naive_rouge_l("a cat sits on the mat", references["a"]) + expected_b) / 2
+    assert metrics["ROUGE-L"] == pytest.approx(expected, rel=1e-9)
+
+
+def test_disjoint_prediction_has_zero_bleu(no_jre):
+    metrics, _ = caption_metrics({"v": "zebra xylophone quantum orbit"}, {"v": ["a man plays the guitar"]})
+    assert metrics["BLEU-4"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["BLEU-3"] == pytest.approx(0.0, abs=1e-6)
+    assert metrics["ROUGE-L"] == 0.0
+
+
+def test_cider_ranks_closer_predictions_higher(no_jre):
+    close, _ = caption_metrics(CLOSE, CORPUS_REFS)
+    far, _ = caption_metrics(FAR, CORPUS_REFS)
+    assert close["CIDEr"] > 2 * far["CIDEr"]
+    for name in ("BLEU-3", "BLEU-4", "ROUGE-L"):
+        assert close[name] > far[name], name
+
+
+def test_punctuation_and_case_do_not_change_scores(no_jre):
+    shouted = {key: caption.upper().replace(" is ", ", is ") + "!" for key, caption in CLOSE.items()}
+    assert caption_metrics(shouted, CORPUS_REFS) == caption_metrics(CLOSE, CORPUS_REFS)
+
+
+def test_references_without_predictions_are_ignored(no_jre):
+    subset = {"v1": CLOSE["v1"], "v2": CLOSE["v2"]}
+    two_refs = {key: CORPUS_REFS[key] for key in subset}
+    assert caption_metrics(subset, CORPUS_REFS) == caption_metrics(subset, two_refs)
+
+
+@pytest.mark.parametrize(
+    ("predictions", "references", "match"),
+    [
+        ({}, {"v1": ["a caption"]}, "empty"),
+        ({"v1": "a cat", "v9": "a dog"}, {"v1": ["a cat"]}, "'v9'"),
+        ({"v1": "a cat", "v2": "a dog"}, {"v1": ["a cat"], "v2": []}, "'v2'"),
+        ({"v1": "a cat"}, {"v1": "a cat"}, "'v1'"),
+    ],
+    ids=["no-predictions", "missing-id", "empty-reference-list", "bare-string-reference"],
+)
+def test_invalid_inputs_raise_naming_the_id(predictions, references, match):
+    with pytest.raises(ValueError, match=match):
+        caption_metrics(predictions, references)
+
+
+def test_meteor_skipped_without_java(no_jre):
+    metrics, skipped = caption_metrics({"v": SENTENCE}, {"v": [SENTENCE]})
+    assert "METEOR" not in metrics
+    assert skipped == {"METEOR": cm.JAVA_MISSING_REASON}
+    assert "java" in skipped["METEOR"] and "apt-get install" in skipped["METEOR"]
+    assert set(metrics) == {"BLEU-3", "BLEU-4", "ROUGE-L", "CIDEr"}
+
+
+def test_meteor_subprocess_failure_is_reported_not_raised(tmp_path, monkeypatch):
+    # A broken JRE: a `java` first on PATH that exits at once without reading or answering.
+    fake_java = tmp_path / "java"
+    fake_java.write_text("#!/bin/sh\necho 'Error: corrupt JRE' >&2\nexit 1\n")
+    fake_java.chmod(fake_java.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+
+    metrics, skipped = caption_metrics({"v": SENTENCE}, {"v": [SENTENCE]})
+    assert "METEOR" not in metrics
+    assert skipped["METEOR"].startswith("METEOR subprocess failed")
+    assert "corrupt JRE" in skipped["METEOR"]  # java's own complaint is passed on
+    assert metrics["BLEU-4"] == pytest.approx(1.0, abs=1e-6)
+
+
+def test_hung_meteor_is_killed_and_reported(tmp_path, monkeypatch):
+    # A JVM that never answers: the watchdog must kill it instead of blocking evaluation forever.
+    fake_java = tmp_path / "java"
+    fake_java.write_text("#!/bin/sh\nexec sleep 60\n")
+    fake_java.chmod(fake_java.stat().st_mode | stat.S_IXUSR)
+    monkeypatch.setenv("PATH", f"{tmp_path}{os.pathsep}{os.environ.get('PATH', '')}")
+    monkeypatch.setattr(cm, "METEOR_TIMEOUT_S", 0.5)
+
+    metrics, skipped = caption_metrics({"v": SENTENCE}, {"v": [SENTENCE]})
+    assert "METEOR" not in metrics
+    assert skipped["METEOR"].startswith("METEOR subprocess failed")
+    assert "killed" in skipped["METEOR"]

@@ -1,0 +1,151 @@
+"""Fine-tuning heads (tiny VLM): retrieval's separate passes equal the joint isolated pass and its
+loss equals a naive loop; captioning's teacher forcing, causality and loss; segmentation's
+per-second loss with padding ignored; clip examples and sliding windows."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.testing import assert_close
+
+from vidray.train.config import ModelConfig
+from vidray.vlm.data import clip_examples_of_video, collate, segment_windows, seconds_of_span
+from vidray.vlm.finetune import collate_windows
+from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm, pool
+from vidray.vlm.objectives import IGNORE_INDEX
+from vidray.vlm.tasks import (CaptioningModel, RetrievalModel, SegmentationModel, contrastive_loss,
+                              shift_right)
+
+LV, LT, DIM = 4, 7, 8
+CFG = ModelConfig(flavour="tiny", video_dim=DIM, max_video_tokens=LV, max_seq_len=LV + LT + 2)
+
+
+@pytest.fixture(scope="module")
+def vlm():
+    torch.manual_seed(0)
+    return build_vlm(CFG).eval()
+
+
+def batch_of(n: int = 3, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    videos = [rng.normal(size=(int(rng.integers(1, LV + 1)), DIM)).astype(np.float32) for _ in range(n)]
+    texts = [rng.integers(1000, 2000, size=int(rng.integers(1, LT))) for _ in range(n)]
+    return collate({"video": videos, "text_ids": texts}, LV, LT - 1, SEP_ID)
+
+
+def test_retrieval_separate_passes_equal_the_joint_isolated_pass(vlm):
+    model, batch = RetrievalModel(vlm), batch_of()
+    with torch.no_grad():
+        hidden = vlm(batch["video"], batch["video_mask"], batch["text_ids"], batch["text_mask"], "isolated")
+        joint_video, joint_text = pool(hidden, batch["video_mask"], batch["text_mask"])
+        assert_close(model.encode_video(batch["video"], batch["video_mask"]), joint_video, atol=1e-5, rtol=1e-5)
+        assert_close(model.encode_text(batch["text_ids"], batch["text_mask"]), joint_text, atol=1e-5, rtol=1e-5)
+        # The video vector does not move when the text changes (and the other way round).
+        other = batch_of(seed=1)
+        assert_close(model.encode_text(batch["text_ids"], batch["text_mask"]),
+                     pool(vlm(other["video"], other["video_mask"], batch["text_ids"], batch["text_mask"],
+                              "isolated"), other["video_mask"], batch["text_mask"])[1], atol=1e-5, rtol=1e-5)
+
+
+def test_contrastive_loss_matches_a_naive_loop():
+    torch.manual_seed(1)
+    text, video = torch.randn(5, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)
+    naive = []
+    for i in range(5):
+        scores = torch.stack([text[i] @ video[j] for j in range(5)])
+        naive.append(-(scores[i] - torch.logsumexp(scores, 0)))
+    expected = torch.stack(naive).mean()
+    assert_close(contrastive_loss(text, video), expected)
+    g1 = torch.autograd.grad(contrastive_loss(text, video), (text, video))
+    g2 = torch.autograd.grad(expected, (text, video))
+    for a, b in zip(g1, g2):
+        assert_close(a, b)
+
+
+def test_retrieval_forward_is_the_contrastive_loss_of_the_pooled_sides(vlm):
+    model, batch = RetrievalModel(vlm), batch_of(4)
+    with torch.no_grad():
+        loss, logs = model(**batch)
+        video, text = model.encode_video(batch["video"], batch["video_mask"]), model.encode_text(
+            batch["text_ids"], batch["text_mask"])
+    assert_close(loss, contrastive_loss(text, video), atol=1e-5, rtol=1e-5)
+    assert 0.0 <= logs["t2v_batch_accuracy"] <= 1.0
+
+
+def test_shift_right_puts_bos_first_and_drops_the_final_sep_from_the_inputs():
+    text_ids = torch.tensor([[5, 6, SEP_ID, 0], [7, 8, 9, SEP_ID]])
+    mask = torch.tensor([[True, True, True, False], [True] * 4])
+    inputs, input_mask = shift_right(text_ids, mask)
+    assert inputs.tolist() == [[CLS_ID, 5, 6, SEP_ID], [CLS_ID, 7, 8, 9]]
+    assert input_mask.tolist() == mask.tolist()  # n + 1 valid slots on both sides
+
+
+def test_captioning_loss_is_next_token_cross_entropy_and_causal(vlm):
+    model, batch = CaptioningModel(vlm), batch_of(3, seed=2)
+    with torch.no_grad():
+        loss, _ = model(**batch)
+        inputs, input_mask = shift_right(batch["text_ids"], batch["text_mask"])
+        logits = model.text_logits(batch["video"], batch["video_mask"], inputs, input_mask)
+    terms = [F.cross_entropy(logits[b, j][None], batch["text_ids"][b, j][None])
+             for b in range(3) for j in range(LT) if batch["text_mask"][b, j]]
+    assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+
+    # Changing a later input token leaves the logits of earlier positions as they were.
+    changed = inputs.clone()
+    changed[:, 2] = 1500
+    with torch.no_grad():
+        after = model.text_logits(batch["video"], batch["video_mask"], changed, input_mask)
+    assert_close(after[:, :2], logits[:, :2], atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(after[0, 2:3], logits[0, 2:3])
+
+
+def test_next_token_log_probs_read_the_last_prefix_slot(vlm):
+    model, batch = CaptioningModel(vlm), batch_of(2, seed=3)
+    prefixes = torch.tensor([[CLS_ID, 1200, 1300], [CLS_ID, 1400, 1500]])
+    log_probs = model.next_token_log_probs(batch["video"], batch["video_mask"], prefixes)
+    with torch.no_grad():
+        logits = model.text_logits(batch["video"], batch["video_mask"], prefixes, torch.ones_like(prefixes).bool())
+    assert_close(log_probs, torch.log_softmax(logits[:, -1], -1))
+    assert_close(log_probs.exp().sum(-1), torch.ones(2))
+
+
+def test_segmentation_loss_ignores_unlabelled_and_padded_seconds(vlm):
+    model = SegmentationModel(vlm, num_classes=3)
+    windows = {"video": [np.ones((4, DIM), np.float32), np.ones((2, DIM), np.float32)],
+               "labels": [np.array([0, 1, IGNORE_INDEX, 2]), np.array([1, 1])]}
+    batch = collate_windows(windows, window=LV)
+    assert batch["labels"].tolist() == [[0, 1, IGNORE_INDEX, 2], [1, 1, IGNORE_INDEX, IGNORE_INDEX]]
+    assert batch["video_mask"].tolist() == [[True] * 4, [True, True, False, False]]
+    with torch.no_grad():
+        loss, logs = model(**batch)
+        logits = model.logits(batch["video"], batch["video_mask"])
+    terms = [F.cross_entropy(logits[b, s][None], batch["labels"][b, s][None])
+             for b in range(2) for s in range(LV) if batch["labels"][b, s] != IGNORE_INDEX]
+    assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
+    assert 0.0 <= logs["frame_accuracy"] <= 1.0
+
+
+def test_clip_examples_take_the_seconds_of_each_caption():
+    features = np.arange(10 * 2, dtype=np.float32).reshape(10, 2)
+    captions = [{"start": 0.0, "end": 2.4, "text": "a", "input_ids": [1, 2]},
+                {"start": 2.4, "end": 2.6, "text": "b", "input_ids": [3]},
+                {"start": 9.5, "end": 11.0, "text": "c", "input_ids": [4, 5, 6]},
+                {"start": None, "end": None, "text": "untimed", "input_ids": [7]}]
+    examples = clip_examples_of_video("v", features, captions, max_video_tokens=2, max_text_tokens=2)
+    assert [e["clip_index"] for e in examples] == [0, 1, 2]
+    assert [len(e["video"]) for e in examples] == [2, 1, 1]   # 0..3 capped at 2; 2..3; 9..10
+    assert examples[1]["video"].tolist() == features[2:3].tolist()
+    assert examples[2]["text_ids"].tolist() == [4, 5]
+    assert seconds_of_span(12.0, 13.0, 10) == (9, 10)         # past the end: the last second
+
+
+def test_segment_windows_cover_every_second_and_end_at_the_end():
+    features, labels = np.zeros((40, 2), np.float32), np.arange(40)
+    windows = segment_windows("v", features, labels, window=16, stride=10)
+    assert [w["first"] for w in windows] == [0, 10, 20, 24]
+    assert all(len(w["video"]) == 16 and w["labels"].tolist() == list(range(w["first"], w["first"] + 16))
+               for w in windows)
+    short = segment_windows("v", features[:5], labels[:5], window=16, stride=10)
+    assert [(w["first"], len(w["video"])) for w in short] == [(0, 5)]
