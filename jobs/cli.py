@@ -301,7 +301,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "job that exists so far and logs to MLflow. Rerunning on the same workdir "
                        "reuses what is done.")
     p.add_argument("--workdir", default="demo-work", help="where everything goes (default ./demo-work)")
-    p.add_argument("--videos", type=int, default=24, help="synthetic videos (default 24)")
+    p.add_argument("--videos", type=int, default=48, help="synthetic videos (default 48)")
     p.add_argument("--keep-stack", action="store_true",
                    help="leave the S3 endpoint and MLflow server running afterwards (to browse the UI)")
     p.set_defaults(run=cmd_demo)

@@ -35,18 +35,28 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert features["frames"]["rows"] == clips["clips"]
     assert (tmp_path / "configs" / "extract_s3d.yaml").exists()
     pretrain = result["done"]["pretrain"]
-    assert pretrain["step"] == 60 and pretrain["checkpoint"].endswith("checkpoint_00000060")
+    assert pretrain["step"] == 300 and pretrain["checkpoint"].endswith("checkpoint_00000300")
     assert (tmp_path / "configs" / "pretrain.yaml").exists()
+    # Retrieval fine-tuned from the pre-trained checkpoint and from random init, both evaluated
+    # on the held-out split and printed next to chance.
+    retrieval = result["done"]["retrieval"]
+    assert set(retrieval) == {"pretrained", "random_init"}
+    for run in retrieval.values():
+        assert run["examples"] > 0 and run["chance_R1"] == pytest.approx(1 / run["examples"])
+        assert 0 <= run["t2v_R1"] <= run["t2v_R5"] <= 1 and run["mc_questions"] == run["examples"]
+        assert run["checkpoint"].endswith("checkpoint_00000300")
+    assert "retrieval on the held-out test split" in first.stdout and "random init" in first.stdout
+    assert (tmp_path / "configs" / "evaluate_pretrained.yaml").exists()
     # It says plainly what it did not do.
-    assert any(k.startswith("finetune") for k in result["not_implemented_yet"])
-    assert "not implemented yet: finetune" in first.stdout
+    assert list(result["not_implemented_yet"]) == ["sweep"]
+    assert "not implemented yet: sweep" in first.stdout
     # Saved configs load back with their own schema (and are what the steps ran with).
     assert load_config(SynthConfig, str(tmp_path / "configs" / "synth.yaml")).videos == 4
     assert load_config(ClipsConfig, str(tmp_path / "configs" / "clips.yaml")).num_frames == 4
     # MLflow's sqlite store and artifacts live under the work dir; the stack was stopped.
     assert (tmp_path / "mlflow" / "mlflow.db").exists()
     pngs = [f for _, _, files in os.walk(tmp_path / "mlflow") for f in files if f.endswith(".png")]
-    assert pngs == ["contact_sheet.png"]
+    assert sorted(pngs) == ["contact_sheet.png", "recall_at_k.png", "recall_at_k.png"]
     assert local_stack.status(str(tmp_path / "stack")) == {}
 
     second = demo(tmp_path)
@@ -59,4 +69,6 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert again["done"]["mlflow"]["run_id"] != result["done"]["mlflow"]["run_id"]
     # The same pre-training command resumes its finished run instead of training again.
     assert again["done"]["pretrain"]["mlflow_run_id"] == pretrain["mlflow_run_id"]
-    assert again["done"]["pretrain"]["step"] == 60
+    assert again["done"]["pretrain"]["step"] == 300
+    assert second.stdout.count("evaluate: reusing") == 2
+    assert again["done"]["retrieval"] == retrieval   # the same runs, resumed, the same numbers

@@ -89,8 +89,11 @@ def _test_videos(feature_sets) -> set[str]:
 
 
 @pytest.mark.heavy
-def test_captioning_generates_and_scores_captions(feature_sets, tmp_path, stack):
-    tuned = _finetune(feature_sets, tmp_path, stack, "task=captioning", "train.steps=20", "train.num_workers=1")
+def test_captioning_generates_and_scores_captions(feature_sets, tmp_path, stack, s3_uri):
+    # Checkpoints on the local S3 endpoint: evaluate reads the model back from there.
+    tuned = _finetune(feature_sets, tmp_path, stack, "task=captioning", "train.steps=20", "train.num_workers=1",
+                      f"train.storage_path={s3_uri}/runs")
+    assert tuned["checkpoint"].startswith(f"{s3_uri}/runs/vlm-captioning-")
     report = _evaluate(tuned["checkpoint"], stack, beam_size=2, max_caption_tokens=8)
     metrics = report["metrics"]
     for decoder in ("greedy", "beam"):
