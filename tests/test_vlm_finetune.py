@@ -136,3 +136,4 @@ def test_cli_errors_name_the_key(capsys, feature_sets):
     assert "data.labels" in capsys.readouterr().err
     assert cli(["evaluate", "checkpoint=/nonexistent/checkpoint_00000001"]) == 2
     assert "does not exist" in capsys.readouterr().err
+
