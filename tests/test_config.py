@@ -13,9 +13,11 @@ import yaml
 from conftest import REPO
 from vidray.clips import ClipsConfig
 from vidray.config import ConfigError, dump_yaml, flatten, from_dict, load_config, parse_overrides
-from vidray.train.config import PretrainConfig
+from vidray.train.config import FinetuneConfig, PretrainConfig
 
-PRESETS = {"pretrain": PretrainConfig, "vlm_pretrain": PretrainConfig, "clips": ClipsConfig}
+PRESETS = {"pretrain": PretrainConfig, "vlm_pretrain": PretrainConfig, "clips": ClipsConfig,
+           "finetune_retrieval": FinetuneConfig, "vlm_finetune_retrieval": FinetuneConfig,
+           "vlm_finetune_captioning": FinetuneConfig, "vlm_finetune_segmentation": FinetuneConfig}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))))
