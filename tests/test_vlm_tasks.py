@@ -149,3 +149,27 @@ def test_segment_windows_cover_every_second_and_end_at_the_end():
                for w in windows)
     short = segment_windows("v", features[:5], labels[:5], window=16, stride=10)
     assert [(w["first"], len(w["video"])) for w in short] == [(0, 5)]
+
+
+def test_segmentation_evaluation_averages_overlapping_windows():
+    """A stand-in model whose logits say "class = second index mod 2, confidence = window's first
+    second + 1": where windows overlap the sum (= average for argmax) must decide per second."""
+    from vidray.vlm.evaluate import evaluate_segmentation
+
+    class Scripted:
+        def logits(self, video, video_mask):
+            seconds = video[..., 0]                          # the features carry their second index
+            out = torch.zeros(*seconds.shape, 2)
+            out[..., 0] = (seconds.long() % 2 == 0).float()
+            out[..., 1] = (seconds.long() % 2 == 1).float()
+            return out
+
+    features = np.repeat(np.arange(6, dtype=np.float32)[:, None], DIM, axis=1)
+    labels = np.array([0, 1, 0, 1, IGNORE_INDEX, 0])        # second 5 is labelled wrong on purpose
+    windows = segment_windows("v", features, labels, window=4, stride=2)
+    metrics, table, per_class = evaluate_segmentation(Scripted(), windows, {"even": 0, "odd": 1}, 2, 4)
+    assert [r["second"] for r in table] == [0, 1, 2, 3, 5]   # the unlabelled second is left out
+    assert [r["predicted"] for r in table] == ["even", "odd", "even", "odd", "odd"]
+    assert metrics["frame_accuracy"] == pytest.approx(4 / 5) and metrics["seconds"] == 5
+    assert per_class == {"even": pytest.approx(2 / 3), "odd": 1.0}
+    assert metrics["majority_accuracy"] == pytest.approx(3 / 5) and metrics["chance_accuracy"] == 0.5

@@ -234,24 +234,22 @@ def bar_figure(values: dict[str, float], title: str, ylabel: str):
 def evaluate_segmentation(model, windows: list[dict], classes: dict[str, int], batch_size: int,
                           window: int) -> tuple[dict, list[dict], dict]:
     """Frame accuracy over labelled seconds, logits averaged where windows overlap."""
-    summed: dict[str, np.ndarray] = {}
-    labels: dict[str, np.ndarray] = {}
+    by_video: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = {}
     for chunk in _chunks(windows, batch_size):
         batch = collate_windows({"video": [w["video"] for w in chunk], "labels": [w["labels"] for w in chunk]},
                                 window)
         logits = model.logits(batch["video"], batch["video_mask"]).numpy()
         for w, lg in zip(chunk, logits):
-            n, first = len(w["video"]), w["first"]
-            end = first + n
-            if w["video_id"] not in summed:
-                summed[w["video_id"]] = np.zeros((0, lg.shape[-1]))
-                labels[w["video_id"]] = np.zeros(0, np.int64)
-            if len(summed[w["video_id"]]) < end:  # grow to cover this window
-                grow = end - len(summed[w["video_id"]])
-                summed[w["video_id"]] = np.concatenate([summed[w["video_id"]], np.zeros((grow, lg.shape[-1]))])
-                labels[w["video_id"]] = np.concatenate([labels[w["video_id"]], np.full(grow, IGNORE_INDEX)])
-            summed[w["video_id"]][first:end] += lg[:n]
-            labels[w["video_id"]][first:end] = w["labels"]
+            by_video.setdefault(w["video_id"], []).append((w["first"], lg[:len(w["video"])], w["labels"]))
+    summed: dict[str, np.ndarray] = {}
+    labels: dict[str, np.ndarray] = {}
+    for video_id, parts in by_video.items():
+        length = max(first + len(lg) for first, lg, _ in parts)
+        summed[video_id] = np.zeros((length, parts[0][1].shape[-1]))
+        labels[video_id] = np.full(length, IGNORE_INDEX)
+        for first, lg, y in parts:  # summing equals averaging for the argmax
+            summed[video_id][first:first + len(lg)] += lg
+            labels[video_id][first:first + len(lg)] = y
     names = {i: name for name, i in classes.items()}
     table, per_class = [], {name: [] for name in classes}
     for video_id in sorted(summed):
