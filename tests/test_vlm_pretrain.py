@@ -78,3 +78,36 @@ def test_pretrain_survives_a_killed_worker_and_a_rerun_resumes(feature_sets, tmp
     assert again["metrics"]["step"] == 120
     history = client.get_metric_history(run.info.run_id, "loss")
     assert max(m.step for m in history) == 120
+
+
+@pytest.mark.heavy
+def test_fsdp_pretraining_checkpoints_whole_states_and_resumes(feature_sets, tmp_path, stack):
+    """FSDP2 on 2 CPU workers: the checkpoint holds unsharded states (a plain one-device VLM loads
+    them), and a longer rerun of the same run resumes from it with continuous steps."""
+    import mlflow
+    import torch
+
+    from vidray.vlm.finetune import load_state
+    from vidray.vlm.system import Pretrainer
+    from vidray.vlm.model import build_vlm
+
+    base = _config(feature_sets, tmp_path, stack, steps=10)
+    overrides = ["train.strategy=fsdp", "train.run_name=fsdp-run", "train.checkpoint_every=10",
+                 f"data.features={feature_sets['s3d']}", f"data.text={feature_sets['text']}",
+                 "model.flavour=tiny", "train.num_workers=2", "train.batch_size=8", "optim.lr=1e-3",
+                 f"train.storage_path={tmp_path / 'runs'}", "mlflow.experiment=test-pretrain",
+                 f"mlflow.tracking_uri={stack.env['MLFLOW_TRACKING_URI']}"]
+    first = run_pretrain(load_config(PretrainConfig, None, overrides + ["train.steps=10"]), say=print)
+    assert first["metrics"]["step"] == 10 and base.train.strategy == "ddp"
+
+    state = load_state(first["checkpoint"])
+    plain = Pretrainer(build_vlm(base.model), "masked_token")
+    plain.load_state_dict(state["model"])                 # whole tensors, plain names
+    assert all(not type(t).__name__.startswith("DTensor") for t in state["model"].values())
+    assert torch.isfinite(torch.tensor(first["metrics"]["loss"]))
+
+    again = run_pretrain(load_config(PretrainConfig, None, overrides + ["train.steps=20"]), say=print)
+    assert again["metrics"]["step"] == 20 and again["mlflow_run_id"] == first["mlflow_run_id"]
+    client = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    steps = sorted(m.step for m in client.get_metric_history(again["mlflow_run_id"], "loss"))
+    assert steps == list(range(1, 21))

@@ -49,6 +49,9 @@ class TrainConfig:
     grad_accum: int = option(1, "micro-batches per optimizer step", ge=1)
     num_workers: int = option(2, "Ray Train workers", ge=1)
     use_gpu: bool = option(False, "one GPU per worker")
+    strategy: Literal["ddp", "fsdp"] = option(
+        "ddp", "ddp: a full replica per worker; fsdp: parameters, gradients and optimizer state "
+        "sharded across workers (FSDP2, one unit per transformer layer)")
     precision: Literal["fp32", "bf16"] = option("bf16", "autocast dtype on GPU (CPU runs fp32)")
     checkpoint_every: int = option(200, "steps between checkpoints", ge=1)
     log_every: int = option(10, "steps between progress lines (MLflow gets every step)", ge=1)

@@ -6,7 +6,7 @@
 
 A *system* (see :mod:`vidray.vlm.system`) bundles a model for one device with its objective and
 exposes ``model`` and ``training_step(batch) -> (loss, logs)``; this file applies distribution
-(DDP via ``prepare_model``), precision and the optimizer in one place.
+(DDP or FSDP, :mod:`vidray.train.parallel`), precision and the optimizer in one place.
 
 Resumption: the run's name is stable (given, or derived from the config), so both Ray Train's
 own restarts (``FailureConfig.max_failures``, e.g. a killed worker) and a rerun of the same
@@ -21,6 +21,8 @@ import time
 from typing import Any, Callable
 
 import torch
+
+from vidray.train.parallel import full_state, load_full_state, local_value, parallelize
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -53,10 +55,10 @@ def set_rng_state(state: dict) -> None:
     random.setstate(state["python"])
 
 
-def save_checkpoint(directory: str, model, optimizer, scheduler, step: int, config: dict,
-                    extra: dict | None = None) -> str:
+def save_checkpoint(directory: str, model_state: dict, optimizer_state: dict, scheduler, step: int,
+                    config: dict, extra: dict | None = None) -> str:
     path = os.path.join(directory, CHECKPOINT_FILE)
-    torch.save({"model": unwrap(model).state_dict(), "optimizer": optimizer.state_dict(),
+    torch.save({"model": model_state, "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
                 "config": config, **(extra or {})}, path)
     return path
@@ -64,10 +66,6 @@ def save_checkpoint(directory: str, model, optimizer, scheduler, step: int, conf
 
 def load_checkpoint(directory: str) -> dict:
     return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
-
-
-def unwrap(model):
-    return model.module if hasattr(model, "module") else model
 
 
 class MLflowRun:
@@ -104,7 +102,6 @@ def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker. ``config`` holds the typed config (``cfg_obj``), the
     ``build_system(cfg, device)`` function and ``make_tracker()`` (rank 0's MLflow run)."""
     import ray.train
-    from ray.train.torch import prepare_model
 
     cfg, build_system = config["cfg_obj"], config["build_system"]
     context = ray.train.get_context()
@@ -112,10 +109,9 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     system = build_system(cfg, device)
-    model = prepare_model(system.model) if world > 1 else system.model.to(device)
-    system.model = model
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr, betas=tuple(cfg.optim.betas),
-                                 weight_decay=cfg.optim.weight_decay)
+    model = system.model = parallelize(system.model, cfg.train.strategy, world, device)
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
+                                 betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_poly_decay(cfg.optim.warmup_steps, cfg.train.steps))
     step = 0
@@ -123,8 +119,7 @@ def train_loop_per_worker(config: dict) -> None:
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
-        unwrap(model).load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
+        load_full_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         set_rng_state(state["rng"])
         step = state["step"]
@@ -165,7 +160,7 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.monotonic() - started
-            metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": float(grad_norm),
+            metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": local_value(grad_norm),
                        "examples_per_s": examples / elapsed if elapsed else 0.0,
                        **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             if tracker:
@@ -184,9 +179,10 @@ def _report_with_checkpoint(cfg, model, optimizer, scheduler, step, metrics, ran
 
     import ray.train
 
+    model_state, optimizer_state = full_state(model, optimizer)  # every rank: collective under FSDP
     with tempfile.TemporaryDirectory() as directory:
-        if rank == 0:  # DDP keeps replicas identical: one copy is enough
-            save_checkpoint(directory, model, optimizer, scheduler, step, dataclasses.asdict(cfg))
+        if rank == 0:  # the states are whole on rank 0: one copy is enough
+            save_checkpoint(directory, model_state, optimizer_state, scheduler, step, dataclasses.asdict(cfg))
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint_{step:08d}")

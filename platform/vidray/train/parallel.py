@@ -1,0 +1,78 @@
+"""Distribution, applied in one place (model code is written for one device).
+
+- ``ddp``: Ray's ``prepare_model`` (DistributedDataParallel); every rank holds the whole model.
+- ``fsdp``: PyTorch's FSDP2 (``fully_shard``): each transformer layer is a shard unit, then the
+  rest of the model; parameters, gradients and optimizer state are split across ranks. Unlike
+  FSDP1 it runs on CPU (gloo) too, so it is tested here.
+
+Checkpoints hold *full* (unsharded) state dicts whatever the strategy, so any checkpoint loads
+into a plain one-device model (evaluation, ``init_from``). Gathering them is collective under
+FSDP: every rank must call :func:`full_state`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+STRATEGIES = ("ddp", "fsdp")
+
+
+def shard_units(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers: FSDP's units of sharding (one all-gather each in forward/backward)."""
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    return [m for m in model.modules() if isinstance(m, BertLayer)]
+
+
+def parallelize(model: nn.Module, strategy: str, world: int, device: torch.device) -> nn.Module:
+    model = model.to(device)
+    if world == 1:
+        return model
+    if strategy == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        for layer in shard_units(model):
+            fully_shard(layer)
+        fully_shard(model)
+        return model
+    from ray.train.torch import prepare_model
+
+    return prepare_model(model)
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    return model.module if hasattr(model, "module") else model
+
+
+def is_sharded(model: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(model, FSDPModule)
+
+
+def full_state(model: nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict, dict]:
+    """(model state, optimizer state), unsharded, on CPU. Collective under FSDP."""
+    if not is_sharded(model):
+        return unwrap(model).state_dict(), optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+    return get_state_dict(model, optimizer, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+
+
+def load_full_state(model: nn.Module, optimizer: torch.optim.Optimizer, model_state: dict,
+                    optimizer_state: dict) -> None:
+    """Load what :func:`full_state` saved (every rank reads the whole checkpoint)."""
+    if not is_sharded(model):
+        unwrap(model).load_state_dict(model_state)
+        optimizer.load_state_dict(optimizer_state)
+        return
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+    set_state_dict(model, optimizer, model_state_dict=model_state, optim_state_dict=optimizer_state,
+                   options=StateDictOptions(full_state_dict=True))
+
+
+def local_value(tensor: torch.Tensor) -> float:
+    """A scalar that may be a DTensor (e.g. FSDP's gradient norm) as a plain float."""
+    return float(tensor.full_tensor() if hasattr(tensor, "full_tensor") else tensor)
