@@ -520,7 +520,7 @@ def _apply_msrvtt_1k_test(videos: dict[str, dict], test_csv: str, report: _Repor
 
 # ----------------------------------------------------------------------------- youcook2
 
-_YOUCOOK2_SPLITS = {"training": "train", "validation": "val", "testing": "test"}
+_DATABASE_SPLITS = {"training": "train", "validation": "val", "testing": "test"}
 
 
 def adapt_youcook2(annotations: str, video_root: str, *, split: str | None = None,
@@ -540,24 +540,31 @@ def adapt_youcook2(annotations: str, video_root: str, *, split: str | None = Non
     return AdapterResult(manifest_table(rows), report.problems)
 
 
-def _youcook2_video(video_id: str, entry: Any, path: str, file: str, report: _Report) -> dict:
+def _database_entry(entry: Any, annotations_key: str) -> tuple[str, float | None, list]:
+    """(split, duration, raw annotations) of one ``database`` entry of the YouCook2 / COIN
+    layout: ``{subset: training|validation|testing, duration?, <annotations_key>: [...]}``."""
     if not isinstance(entry, dict):
         raise _Skip(f"expected an object, got {type(entry).__name__}")
-    _path_part(video_id, "video id")
     subset = entry.get("subset")
-    if subset not in _YOUCOOK2_SPLITS:
-        raise _Skip(f"subset {subset!r} is not one of {sorted(_YOUCOOK2_SPLITS)}")
+    if subset not in _DATABASE_SPLITS:
+        raise _Skip(f"subset {subset!r} is not one of {sorted(_DATABASE_SPLITS)}")
     duration = _seconds(entry["duration"], "duration") if entry.get("duration") is not None else None
-    annotations = entry.get("annotations", [])
+    annotations = entry.get(annotations_key, [])
     if not isinstance(annotations, list):
-        raise _Skip(f"'annotations' must be a list, got {type(annotations).__name__}")
+        raise _Skip(f"'{annotations_key}' must be a list, got {type(annotations).__name__}")
+    return _DATABASE_SPLITS[subset], duration, annotations
+
+
+def _youcook2_video(video_id: str, entry: Any, path: str, file: str, report: _Report) -> dict:
+    split, duration, annotations = _database_entry(entry, "annotations")
+    _path_part(video_id, "video id")
     captions = []
     for j, annotation in enumerate(annotations):
         try:
             captions.append(_youcook2_caption(annotation))
         except _Skip as skip:
             report.add(file, f"{path}.annotations[{j}]", str(skip), "caption")
-    return {"video_id": video_id, "split": _YOUCOOK2_SPLITS[subset], "duration_s": duration,
+    return {"video_id": video_id, "split": split, "duration_s": duration,
             "captions": captions}
 
 
@@ -647,7 +654,6 @@ def _choice_options(options: Any) -> list[str]:
 
 # ----------------------------------------------------------------------------- action segments
 
-_COIN_SPLITS = {"training": "train", "validation": "val", "testing": "test"}
 
 
 @dataclasses.dataclass
@@ -676,7 +682,7 @@ def read_action_segments(uri: str, *, split: str | None = None) -> ActionSegment
     for video_id, entry in data["database"].items():
         path = _key_path("database", video_id)
         try:
-            subset, duration, annotations = _coin_video(entry)
+            subset, duration, annotations = _database_entry(entry, "annotation")
         except _Skip as skip:
             report.add(uri, path, str(skip), "video")
             continue
@@ -687,18 +693,6 @@ def read_action_segments(uri: str, *, split: str | None = None) -> ActionSegment
     return found
 
 
-def _coin_video(entry: Any) -> tuple[str, float | None, list]:
-    """(split, duration, raw annotations) of one ``database`` entry."""
-    if not isinstance(entry, dict):
-        raise _Skip(f"expected an object, got {type(entry).__name__}")
-    subset = entry.get("subset")
-    if subset not in _COIN_SPLITS:
-        raise _Skip(f"subset {subset!r} is not one of {sorted(_COIN_SPLITS)}")
-    duration = _seconds(entry["duration"], "duration") if entry.get("duration") is not None else None
-    annotations = entry.get("annotation", [])
-    if not isinstance(annotations, list):
-        raise _Skip(f"'annotation' must be a list, got {type(annotations).__name__}")
-    return _COIN_SPLITS[subset], duration, annotations
 
 
 def _coin_segments(annotations: list, path: str, file: str, report: _Report) -> list[dict]:
