@@ -205,6 +205,18 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 # --- parser ----------------------------------------------------------------------------------
 
+def _config_keys(command: str) -> str:
+    """The config keys of a training command, with type, default and help, for its --help."""
+    from vidray.config import describe
+    from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}[command]
+    lines = [f"config keys of `vidray {command}`:"]
+    for key, type_name, default, help_text in describe(cls):
+        lines.append(f"  {key} ({type_name}, default {default!r}): {help_text}")
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from vidray import stack
 
@@ -265,8 +277,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "BLEU/METEOR/ROUGE-L/CIDEr, segmentation frame accuracy; logged to MLflow", cmd_evaluate),
     }
     for name, (help_text, run) in commands.items():
-        p = sub.add_parser(name, help=help_text, description=help_text, epilog=CONFIG_EPILOG,
-                           formatter_class=fmt)
+        p = sub.add_parser(name, help=help_text, description=help_text, formatter_class=fmt,
+                           epilog=CONFIG_EPILOG + "\n\n" + _config_keys(name))
         _add_config_args(p)
         p.set_defaults(run=run)
 
