@@ -555,27 +555,38 @@ def _database_entry(entry: Any, annotations_key: str) -> tuple[str, float | None
     return _DATABASE_SPLITS[subset], duration, annotations
 
 
+def _parse_each(items: list, parse: Callable[[Any], dict], file: str, path: str, what: str,
+                report: _Report) -> list[dict]:
+    """``parse`` of every item; a bad one is reported at ``<path>[j]`` and skipped."""
+    out = []
+    for j, item in enumerate(items):
+        try:
+            out.append(parse(item))
+        except _Skip as skip:
+            report.add(file, f"{path}[{j}]", str(skip), what)
+    return out
+
+
 def _youcook2_video(video_id: str, entry: Any, path: str, file: str, report: _Report) -> dict:
     split, duration, annotations = _database_entry(entry, "annotations")
     _path_part(video_id, "video id")
-    captions = []
-    for j, annotation in enumerate(annotations):
-        try:
-            captions.append(_youcook2_caption(annotation))
-        except _Skip as skip:
-            report.add(file, f"{path}.annotations[{j}]", str(skip), "caption")
-    return {"video_id": video_id, "split": split, "duration_s": duration,
-            "captions": captions}
+    captions = _parse_each(annotations, _youcook2_caption, file, f"{path}.annotations", "caption", report)
+    return {"video_id": video_id, "split": split, "duration_s": duration, "captions": captions}
 
 
-def _youcook2_caption(annotation: Any) -> dict:
+def _timed_segment(annotation: Any, text_key: str) -> dict:
+    """``{segment: [start, end], <text_key>: ...}`` (YouCook2 sentences, COIN labels) as a timed caption."""
     if not isinstance(annotation, dict):
-        raise _Skip(f"expected an object {{segment, sentence}}, got {type(annotation).__name__}")
+        raise _Skip(f"expected an object {{segment, {text_key}}}, got {type(annotation).__name__}")
     segment = annotation.get("segment")
     if not isinstance(segment, list) or len(segment) != 2:
         raise _Skip(f"segment must be a list [start, end], got {segment!r}")
-    return _timed_caption(segment[0], segment[1], annotation.get("sentence"),
-                          "segment start", "segment end", "sentence")
+    return _timed_caption(segment[0], segment[1], annotation.get(text_key),
+                          "segment start", "segment end", text_key)
+
+
+def _youcook2_caption(annotation: Any) -> dict:
+    return _timed_segment(annotation, "sentence")
 
 
 # ----------------------------------------------------------------------------- qa / mc
@@ -693,27 +704,14 @@ def read_action_segments(uri: str, *, split: str | None = None) -> ActionSegment
     return found
 
 
-
-
 def _coin_segments(annotations: list, path: str, file: str, report: _Report) -> list[dict]:
     """The valid segments, sorted; each bad one is reported at ``<path>.annotation[j]``."""
-    segments = []
-    for j, annotation in enumerate(annotations):
-        try:
-            segments.append(_coin_segment(annotation))
-        except _Skip as skip:
-            report.add(file, f"{path}.annotation[{j}]", str(skip), "segment")
+    segments = _parse_each(annotations, _coin_segment, file, f"{path}.annotation", "segment", report)
     return sorted(segments, key=lambda s: (s["start"], s["end"], s["label"]))
 
 
 def _coin_segment(annotation: Any) -> dict:
-    if not isinstance(annotation, dict):
-        raise _Skip(f"expected an object {{segment, label}}, got {type(annotation).__name__}")
-    segment = annotation.get("segment")
-    if not isinstance(segment, list) or len(segment) != 2:
-        raise _Skip(f"segment must be a list [start, end], got {segment!r}")
-    caption = _timed_caption(segment[0], segment[1], annotation.get("label"),
-                             "segment start", "segment end", "label")
+    caption = _timed_segment(annotation, "label")
     return {"start": caption["start"], "end": caption["end"], "label": caption["text"]}
 
 

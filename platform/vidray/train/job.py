@@ -39,15 +39,14 @@ def ensure_ray(num_train_workers: int) -> None:
         ray.init(num_cpus=max(os.cpu_count() or 1, num_train_workers + 2))
 
 
-def repeat_for_steps(dataset, batch_size: int, min_steps: int = 50):
-    """The materialised ``dataset`` repeated until one pass holds ``min_steps`` batches.
+def repeat_for_steps(dataset, rows: int, batch_size: int, min_steps: int = 50):
+    """The materialised ``dataset`` (``rows`` long) repeated until one pass holds ``min_steps`` batches.
 
     Why: each pass over a Ray Dataset starts a streaming split across the workers (about a second
     here); a small fine-tuning set gives one or two steps per pass, so training would spend most
     of its time starting passes. Materialising first also runs the feature-set -> examples
     transform once, not once per pass. Repeats share blocks: no data is copied.
     """
-    rows = dataset.count()
     copies = max(1, -(-min_steps * batch_size // max(rows, 1)))  # ceil
     return dataset if copies == 1 else dataset.union(*[dataset] * (copies - 1))
 
@@ -66,10 +65,11 @@ def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_sy
     tracker = partial(MLflowRun, tracking_uri, experiment, run_name, flatten(cfg), tags)
     say(f"{job} run '{run_name}': checkpoints under {cfg.train.storage_path}/{run_name}")
     dataset = make_dataset().materialize()
-    if dataset.count() == 0:
+    rows = dataset.count()
+    if rows == 0:
         raise ConfigError("data", "no training examples: check data.split (and data.manifest) and that "
                           "the feature sets hold videos with timed captions")
-    dataset = repeat_for_steps(dataset, cfg.train.batch_size)
+    dataset = repeat_for_steps(dataset, rows, cfg.train.batch_size)
     result = fit(cfg, build_system, dataset, tracker, run_name, cfg.train.storage_path)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and "://" not in checkpoint and cfg.train.storage_path.startswith("s3://"):

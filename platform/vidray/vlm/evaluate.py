@@ -110,7 +110,7 @@ def evaluate_retrieval(model, clips: list[dict], batch_size: int, max_video_toke
     return metrics, table, similarity
 
 
-def mc_questions(mc_uri: str, clips: list[dict], features: dict[str, np.ndarray], tokenizer,
+def mc_questions(mc_uri: str, features: dict[str, np.ndarray], tokenizer,
                  max_video_tokens: int, max_text_tokens: int) -> list[dict]:
     """MC rows of the evaluated videos, with the clip's seconds and each option's ids."""
     from vidray import storage
@@ -314,7 +314,7 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print) -> dic
         figures["recall_at_k"] = recall_curve_figure(similarity, f"retrieval on {cfg.split} ({len(examples)} clips)")
         if cfg.mc:
             features = {v: f for v, f, _ in video_rows(table)}
-            questions = mc_questions(cfg.mc, examples, features, tokenizer_of(cfg.text or ft.data.text), lv, lt)
+            questions = mc_questions(cfg.mc, features, tokenizer_of(cfg.text or ft.data.text), lv, lt)
             mc_metrics, tables["multiple_choice"] = evaluate_mc(model, questions, lv, lt)
             metrics.update(mc_metrics)
     elif ft.task == "captioning":
