@@ -54,8 +54,8 @@ def repeat_for_steps(dataset, rows: int, batch_size: int, min_steps: int = 50):
 def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_system: Callable,
                  make_dataset: Callable, tags: dict, say: Callable[[str], None] = print) -> dict[str, Any]:
     """Fit ``build_system`` on ``make_dataset()`` (a Ray Dataset, made once Ray is up) under Ray
-    Train; returns run name, checkpoint URI,
-    MLflow run id and the final metrics (``step`` read from the checkpoint itself)."""
+    Train; returns run name, checkpoint URI, MLflow run id and the final metrics (``step`` read
+    from the checkpoint itself)."""
     import mlflow
     import ray
 
