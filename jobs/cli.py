@@ -1,7 +1,7 @@
 """The `vidray` command line. Each subcommand parses its config, validates it, then runs a job.
 
 Heavy libraries (ray, torch, mlflow) are imported inside the commands so `--help` stays instant.
-Exit codes: 0 ok, 1 the job failed, 2 bad usage or bad config, 3 not implemented yet.
+Exit codes: 0 ok, 1 the job failed, 2 bad usage or bad config.
 """
 
 from __future__ import annotations
@@ -10,11 +10,10 @@ import argparse
 import json
 import os
 import sys
-from typing import Callable
 
 from vidray.config import ConfigError
 
-EXIT_FAILED, EXIT_USAGE, EXIT_NOT_IMPLEMENTED = 1, 2, 3
+EXIT_FAILED, EXIT_USAGE = 1, 2
 
 CONFIG_EPILOG = """\
 overrides are dotted config keys, e.g.  objective.mmm_ratio=0.3  train.steps=50
@@ -22,8 +21,12 @@ values are parsed as YAML (0.3, true, null, [0.9, 0.98]); unknown keys and bad v
 are rejected before any work starts. Use --print-config to see the resolved config."""
 
 
-class NotImplementedYet(Exception):
-    """A subcommand whose machinery arrives with a later issue; never a fake run."""
+SWEEP_EPILOG = """\
+e.g.  vidray sweep configs/demo/sweep.yaml pretrain.data.features=URI pretrain.data.text=URI \\
+          pretrain.data.manifest=URI 'space.objective.mmm_ratio={grid: [0.0, 0.3, 0.5, 0.7]}'
+overrides are dotted keys of the sweep config; space.<path>=SPEC sets one search-space entry.
+Unknown paths and malformed entries are rejected before anything starts; a value the schema
+rejects fails its own trial only. --print-config shows the resolved sweep (with its name)."""
 
 
 def _add_config_args(p: argparse.ArgumentParser) -> None:
@@ -125,12 +128,6 @@ def cmd_features(args: argparse.Namespace) -> int:
     return 0 if report["ok"] else EXIT_FAILED
 
 
-def _not_yet(what: str, issue: str) -> Callable[[argparse.Namespace], int]:
-    def run(args: argparse.Namespace) -> int:
-        raise NotImplementedYet(f"vidray {what}: not implemented yet (arrives with {issue})")
-    return run
-
-
 def cmd_pretrain(args: argparse.Namespace) -> int:
     from vidray.train.config import PretrainConfig
 
@@ -160,6 +157,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vidray.vlm.evaluate import run_evaluate
 
     report = run_evaluate(cfg, say=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
+def cmd_sweep(args: argparse.Namespace) -> int:
+    from vidray.tuning.sweep import load_sweep
+
+    path, overrides = _split_config_and_overrides(args)
+    cfg = load_sweep(path, overrides)
+    if args.print_config:
+        from vidray.config import dump_yaml
+
+        print(dump_yaml(cfg), end="")
+        return 0
+    from vidray.tuning.sweep import run_sweep
+
+    report = run_sweep(cfg, resume=args.resume, say=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report, indent=2, default=str))
     return 0
 
@@ -210,7 +224,15 @@ def _config_keys(command: str) -> str:
     from vidray.config import describe
     from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 
-    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig}[command]
+    from vidray.tuning.config import SweepConfig
+
+    cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
+           "sweep": SweepConfig}[command]
+    if command == "sweep":  # the job configs inside have their own commands' --help
+        return "config keys of `vidray sweep` (pretrain.*, finetune.*, evaluate.*: see those commands):\n" + \
+            "\n".join(f"  {key} ({type_name}, default {default!r}): {help_text}"
+                      for key, type_name, default, help_text in describe(cls)
+                      if not key.startswith(("pretrain.", "finetune.", "evaluate.")))
     lines = [f"config keys of `vidray {command}`:"]
     for key, type_name, default, help_text in describe(cls):
         lines.append(f"  {key} ({type_name}, default {default!r}): {help_text}")
@@ -282,11 +304,15 @@ def build_parser() -> argparse.ArgumentParser:
         _add_config_args(p)
         p.set_defaults(run=run)
 
-    p = sub.add_parser("sweep", help="Ray Tune sweep with nested MLflow runs (arrives with issue #6)",
-                       epilog=CONFIG_EPILOG, formatter_class=fmt)
+    help_text = ("Ray Tune sweep over config paths (MMM ratio, masking rates, tokenizers): each "
+                 "trial runs the real pre-training (+ fine-tuning and evaluation), ASHA stops "
+                 "laggards, MLflow holds a parent run with one child run per trial")
+    p = sub.add_parser("sweep", help=help_text, description=help_text, formatter_class=fmt,
+                       epilog=SWEEP_EPILOG + "\n\n" + _config_keys("sweep"))
     _add_config_args(p)
-    p.add_argument("--resume", action="store_true", help="restore an interrupted sweep")
-    p.set_defaults(run=_not_yet("sweep", "the sweeps issue (#6)"))
+    p.add_argument("--resume", action="store_true", help="continue the interrupted sweep of the same "
+                   "name: finished trials are kept, the others run (each from its last checkpoint)")
+    p.set_defaults(run=cmd_sweep)
 
     p = sub.add_parser("features", help="inspect the feature store",
                        description="ls ROOT: every set and version (committed or not); "
@@ -327,9 +353,6 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"vidray {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except NotImplementedYet as err:
-        print(str(err), file=sys.stderr)
-        return EXIT_NOT_IMPLEMENTED
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

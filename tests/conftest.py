@@ -46,7 +46,7 @@ def ray_cluster(stack):
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
              runtime_env={"env_vars": dict(stack.env)})
     yield ray
     ray.shutdown()

@@ -29,8 +29,11 @@ class ConfigError(ValueError):
     """A config value is unknown, of the wrong type or out of range. ``key`` is its dotted path."""
 
     def __init__(self, key: str, message: str):
-        self.key = key
+        self.key, self.message = key, message
         super().__init__(f"config key '{key}': {message}" if key else message)
+
+    def __reduce__(self):  # Ray copies and pickles errors to carry them across processes
+        return type(self), (self.key, self.message)
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge=None, gt=None, le=None, lt=None,

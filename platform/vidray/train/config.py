@@ -55,6 +55,8 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = option("bf16", "autocast dtype on GPU (CPU runs fp32)")
     checkpoint_every: int = option(200, "steps between checkpoints", ge=1)
     log_every: int = option(10, "steps between progress lines (MLflow gets every step)", ge=1)
+    val_every: int = option(0, "steps between held-out validation passes (val_* metrics, fixed "
+                            "masking so runs compare); 0 = none", ge=0)
     storage_path: str = option("runs", "checkpoint root (local path or s3://)")
     run_name: Optional[str] = option(None, "stable name so a rerun resumes; null = derived")
     max_failures: int = option(2, "worker-group restarts before giving up", ge=0)

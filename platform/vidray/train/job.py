@@ -52,10 +52,11 @@ def repeat_for_steps(dataset, rows: int, batch_size: int, min_steps: int = 50):
 
 
 def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_system: Callable,
-                 make_dataset: Callable, tags: dict, say: Callable[[str], None] = print) -> dict[str, Any]:
+                 make_dataset: Callable, tags: dict, say: Callable[[str], None] = print,
+                 make_val_dataset: Callable | None = None, callbacks: tuple = ()) -> dict[str, Any]:
     """Fit ``build_system`` on ``make_dataset()`` (a Ray Dataset, made once Ray is up) under Ray
-    Train; returns run name, checkpoint URI, MLflow run id and the final metrics (``step`` read
-    from the checkpoint itself)."""
+    Train, scoring ``make_val_dataset()`` every ``train.val_every`` steps; returns run name,
+    checkpoint URI, MLflow run id and the final metrics (``step`` read from the checkpoint)."""
     import mlflow
     import ray
 
@@ -70,7 +71,16 @@ def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_sy
         raise ConfigError("data", "no training examples: check data.split (and data.manifest) and that "
                           "the feature sets hold videos with timed captions")
     dataset = repeat_for_steps(dataset, rows, cfg.train.batch_size)
-    result = fit(cfg, build_system, dataset, tracker, run_name, cfg.train.storage_path)
+    val_dataset = None
+    if cfg.train.val_every:
+        if make_val_dataset is None:
+            raise ConfigError("train.val_every", f"{job} has no held-out set to validate on; set it to 0")
+        val_dataset = make_val_dataset().materialize()
+        if val_dataset.count() == 0:
+            raise ConfigError("data.val_split", "the held-out split has no examples (videos with timed "
+                              "captions); choose another split or set train.val_every=0")
+    result = fit(cfg, build_system, dataset, tracker, run_name, cfg.train.storage_path,
+                 val_dataset=val_dataset, callbacks=callbacks)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and "://" not in checkpoint and cfg.train.storage_path.startswith("s3://"):
         checkpoint = "s3://" + checkpoint  # Ray reports paths inside its filesystem, scheme-less

@@ -168,17 +168,59 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     print(f"[vidray] step {step}/{cfg.train.steps} loss {metrics['loss']:.4f} "
                           f"lr {metrics['lr']:.2e} {metrics['examples_per_s']:.1f} examples/s", flush=True)
-            if step % cfg.train.checkpoint_every == 0 or step == cfg.train.steps:
-                _report_with_checkpoint(cfg, model, optimizer, scheduler, step, metrics, rank)
+            last = step == cfg.train.steps
+            validate_now = cfg.train.val_every and (step % cfg.train.val_every == 0 or last)
+            if validate_now:
+                metrics.update(_validate(system, model, per_worker, world, cfg.train.seed, device))
+                if tracker:
+                    tracker.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step)
+            if step % cfg.train.checkpoint_every == 0 or last:
+                _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint=True)
+            elif validate_now:  # a result without a checkpoint: Tune's schedulers act on it
+                _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint=False)
             if step >= cfg.train.steps:
                 return
 
 
-def _report_with_checkpoint(cfg, model, optimizer, scheduler, step, metrics, rank) -> None:
+def _validate(system, model, per_worker: int, world: int, seed: int, device) -> dict[str, float]:
+    """``val_<name>``: the system's ``validation_step`` metrics averaged over every held-out
+    example on every worker. Masks come from a generator reseeded per pass, so two passes (and
+    two trials of a sweep) score the same examples the same way."""
+    import ray.train
+
+    shard = ray.train.get_dataset_shard("val")
+    generator = torch.Generator().manual_seed(seed)
+    sums: dict[str, float] = {}
+    count = 0
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate):
+            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+            n = len(next(v for v in batch.values() if torch.is_tensor(v)))
+            for name, value in system.validation_step(batch, generator).items():
+                sums[name] = sums.get(name, 0.0) + float(value) * n
+            count += n
+    model.train(was_training)
+    names = sorted(sums)
+    totals = torch.tensor([sums[k] for k in names] + [float(count)], dtype=torch.float64, device=device)
+    if world > 1:
+        import torch.distributed as dist
+
+        dist.all_reduce(totals)
+    if totals[-1] == 0:
+        return {}
+    return {f"val_{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(names)}
+
+
+def _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint: bool) -> None:
     import dataclasses
 
     import ray.train
 
+    if not with_checkpoint:
+        ray.train.report({**metrics, "step": step})
+        return
     model_state, optimizer_state = full_state(model, optimizer)  # every rank: collective under FSDP
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:  # the states are whole on rank 0: one copy is enough
@@ -189,8 +231,10 @@ def _report_with_checkpoint(cfg, model, optimizer, scheduler, step, metrics, ran
 
 
 def fit(cfg: Any, build_system: Callable, dataset, make_tracker: Callable, run_name: str,
-        storage_path: str) -> Any:
-    """Build the TorchTrainer and run it; returns Ray Train's Result."""
+        storage_path: str, val_dataset=None, callbacks: tuple = ()) -> Any:
+    """Build the TorchTrainer and run it; returns Ray Train's Result. ``val_dataset`` is scored
+    every ``train.val_every`` steps; ``callbacks`` are Ray Train callbacks (a sweep passes
+    Tune's ``TuneReportCallback``)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -204,7 +248,8 @@ def fit(cfg: Any, build_system: Callable, dataset, make_tracker: Callable, run_n
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
-                             checkpoint_config=CheckpointConfig(num_to_keep=2)),
-        datasets={"train": dataset},
+                             checkpoint_config=CheckpointConfig(num_to_keep=2),
+                             callbacks=list(callbacks)),
+        datasets={"train": dataset, **({"val": val_dataset} if val_dataset is not None else {})},
     )
     return trainer.fit()

@@ -32,6 +32,7 @@ class DataConfig:
     max_span_s: float = option(256.0, "longest span of one example, seconds", gt=0)
     split: str = option("train", "manifest split of the videos to train on (needs data.manifest)")
     manifest: str = option("", "manifest, to select the split; empty = every video in the sets")
+    val_split: str = option("val", "manifest split scored every train.val_every steps (needs data.manifest)")
 
 
 def grow_span(captions: list[dict], centre: int, target_tokens: int, max_span_s: float) -> tuple[int, int]:

@@ -270,7 +270,7 @@ def evaluate_segmentation(model, windows: list[dict], classes: dict[str, int], b
 # --- the job ------------------------------------------------------------------------------------
 
 def _log(cfg: EvaluateConfig, ft: FinetuneConfig, metrics: dict, tables: dict[str, list[dict]],
-         figures: dict[str, Any], notes: dict) -> str:
+         figures: dict[str, Any], notes: dict, extra_tags: dict) -> str:
     import mlflow
 
     if cfg.mlflow.resolved_uri():
@@ -278,7 +278,8 @@ def _log(cfg: EvaluateConfig, ft: FinetuneConfig, metrics: dict, tables: dict[st
     mlflow.set_experiment(cfg.mlflow.experiment or EXPERIMENT)
     run_name = f"evaluate-{ft.task}-{cfg.split}"
     tags = {"job": "evaluate", "task": ft.task, "split": cfg.split, "checkpoint_uri": cfg.checkpoint,
-            "finetune_run_name": ft.train.run_name or os.path.basename(os.path.dirname(cfg.checkpoint.rstrip("/")))}
+            "finetune_run_name": ft.train.run_name or os.path.basename(os.path.dirname(cfg.checkpoint.rstrip("/"))),
+            **extra_tags}
     with mlflow.start_run(run_name=run_name, tags=tags) as run:
         mlflow.log_params({**flatten(cfg), **{f"finetune.{k}": v for k, v in flatten(ft).items()}})
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
@@ -294,7 +295,9 @@ def _log(cfg: EvaluateConfig, ft: FinetuneConfig, metrics: dict, tables: dict[st
         return run.info.run_id
 
 
-def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print) -> dict[str, Any]:
+def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print,
+                 tags: dict | None = None) -> dict[str, Any]:
+    """Evaluate; ``tags`` go on the MLflow run (a sweep's trial nests it under its own run)."""
     if not cfg.checkpoint:
         raise ConfigError("checkpoint", "is required: a fine-tuning checkpoint folder "
                           "(printed by `vidray finetune`)")
@@ -329,7 +332,7 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print) -> dic
         figures["per_class_accuracy"] = bar_figure(per_class, f"frame accuracy per class on {cfg.split}",
                                                    "accuracy")
     metrics["examples"] = len(examples)
-    run_id = _log(cfg, ft, metrics, tables, figures, notes)
+    run_id = _log(cfg, ft, metrics, tables, figures, notes, tags or {})
     say(f"evaluate {ft.task} on {cfg.split}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)) + f"; MLflow run {run_id}")
     return {"task": ft.task, "split": cfg.split, "metrics": metrics, "mlflow_run_id": run_id,

@@ -204,9 +204,9 @@ def check_data(cfg: FinetuneConfig) -> dict[str, str]:
     return tags
 
 
-def run_finetune(cfg: FinetuneConfig, say=print) -> dict[str, Any]:
-    tags = check_data(cfg)
-    tags.update({"task": cfg.task, "init_from": str(cfg.init_from)})
+def run_finetune(cfg: FinetuneConfig, say=print, tags: dict | None = None) -> dict[str, Any]:
+    """Fine-tune; ``tags`` go on the MLflow run (a sweep's trial nests it under its own run)."""
+    tags = {**check_data(cfg), "task": cfg.task, "init_from": str(cfg.init_from), **(tags or {})}
     report = run_training(cfg, job="finetune", experiment=cfg.mlflow.experiment or EXPERIMENT,
                           run_name=run_name(cfg), build_system=build_system,
                           make_dataset=lambda: finetune_dataset(cfg), tags=tags, say=say)

@@ -20,14 +20,24 @@ def run_name(cfg: PretrainConfig) -> str:
     return cfg.train.run_name or "vlm-pretrain-" + digest(dataclasses.asdict(cfg))[:10]
 
 
-def run_pretrain(cfg: PretrainConfig, say=print) -> dict[str, Any]:
+def run_pretrain(cfg: PretrainConfig, say=print, tags: dict | None = None, callbacks: tuple = ()) -> dict[str, Any]:
+    """Pre-train; ``tags`` go on the MLflow run, ``callbacks`` to Ray Train (a sweep's trial
+    passes its parent run and Tune's report callback)."""
     for key in ("features", "text"):
         if not getattr(cfg.data, key):
             raise ConfigError(f"data.{key}", "is required: the URI of a committed feature-set version "
                               "(see `vidray features ls ROOT`)")
+    if cfg.train.val_every and not cfg.data.manifest:
+        raise ConfigError("data.manifest", "is required with train.val_every > 0: it names the videos "
+                          "of data.val_split")
     features, text = open_version(cfg.data.features), open_version(cfg.data.text)  # clear errors first
+    held_out = dataclasses.replace(cfg.data, split=cfg.data.val_split)
     return run_training(cfg, job="pretrain", experiment=cfg.mlflow.experiment or EXPERIMENT,
                         run_name=run_name(cfg), build_system=build_system,
                         make_dataset=lambda: examples_dataset(cfg.data, cfg.model.max_video_tokens,
                                                               seed=cfg.train.seed),
-                        tags={"feature_set.s3d": features.uri, "feature_set.text": text.uri}, say=say)
+                        make_val_dataset=lambda: examples_dataset(held_out, cfg.model.max_video_tokens,
+                                                                  seed=cfg.train.seed),
+                        tags={"feature_set.s3d": features.uri, "feature_set.text": text.uri,
+                              **(tags or {})},
+                        callbacks=callbacks, say=say)
