@@ -6,7 +6,8 @@ import argparse
 import importlib
 
 # Plain-dict registry: benchmark name -> module with `add_arguments(parser)` and `run(args)`.
-BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache"}
+BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache",
+              "sweep_asha": "benchmarks.sweep_asha"}
 
 
 def main() -> None:

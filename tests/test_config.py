@@ -14,10 +14,12 @@ from conftest import REPO
 from vidray.clips import ClipsConfig
 from vidray.config import ConfigError, dump_yaml, flatten, from_dict, load_config, parse_overrides
 from vidray.train.config import FinetuneConfig, PretrainConfig
+from vidray.tuning.config import SweepConfig
 
 PRESETS = {"pretrain": PretrainConfig, "vlm_pretrain": PretrainConfig, "clips": ClipsConfig,
            "finetune_retrieval": FinetuneConfig, "vlm_finetune_retrieval": FinetuneConfig,
-           "vlm_finetune_captioning": FinetuneConfig, "vlm_finetune_segmentation": FinetuneConfig}
+           "vlm_finetune_captioning": FinetuneConfig, "vlm_finetune_segmentation": FinetuneConfig,
+           "sweep": SweepConfig, "vlm_sweep_mmm": SweepConfig}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))))

@@ -14,11 +14,12 @@ from vidray import stack as local_stack
 from vidray.config import load_config
 from vidray.clips import ClipsConfig
 from vidray.synth import SynthConfig
+from vidray.tuning.config import SweepConfig
 
 
 def demo(workdir):
     return subprocess.run([sys.executable, "-m", "vidray.jobs.cli", "demo", "--workdir", str(workdir),
-                           "--videos", "4"], cwd=REPO, capture_output=True, text=True, timeout=900)
+                           "--videos", "6"], cwd=REPO, capture_output=True, text=True, timeout=900)
 
 
 @pytest.mark.heavy
@@ -26,12 +27,13 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     first = demo(tmp_path)
     assert first.returncode == 0, first.stderr[-3000:]
     result = json.loads((tmp_path / "demo.json").read_text())
-    assert result["done"]["synth"]["videos"] == 4
+    assert result["done"]["synth"]["videos"] == 6
+    assert result["done"]["synth"]["splits"] == {"test": 1, "train": 4, "val": 1}
     clips = result["done"]["clips"]
-    assert clips["clips"] == result["done"]["synth"]["captions"] > 4 and clips["quarantined"] == 0
+    assert clips["clips"] == result["done"]["synth"]["captions"] > 6 and clips["quarantined"] == 0
     features = result["done"]["features"]
     assert set(features) == {"text", "s3d", "frames"}
-    assert features["s3d"]["rows"] == features["text"]["rows"] == 4
+    assert features["s3d"]["rows"] == features["text"]["rows"] == 6
     assert features["frames"]["rows"] == clips["clips"]
     assert (tmp_path / "configs" / "extract_s3d.yaml").exists()
     pretrain = result["done"]["pretrain"]
@@ -47,16 +49,23 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
         assert run["checkpoint"].endswith("checkpoint_00000300")
     assert "retrieval on the held-out test split" in first.stdout and "random init" in first.stdout
     assert (tmp_path / "configs" / "evaluate_pretrained.yaml").exists()
-    # It says plainly what it did not do.
-    assert list(result["not_implemented_yet"]) == ["sweep"]
-    assert "not implemented yet: sweep" in first.stdout
+    # It ends with a small MMM-ratio sweep: three trials, the best by val R@1, its config saved.
+    sweep = result["done"]["sweep"]
+    assert [t["objective.mmm_ratio"] for t in sweep["trials"]] == [0.0, 0.3, 0.7]
+    assert sum(sweep["counts"].values()) == 3 and sweep["counts"]["failed"] == 0
+    assert sweep["best"]["status"] == "done" and 0 <= sweep["best"]["t2v_R1"] <= 1
+    assert f"sweep {sweep['name']}: best MMM ratio" in first.stdout
+    assert load_config(SweepConfig, str(tmp_path / "configs" / "sweep.yaml")).space == {
+        "objective.mmm_ratio": {"grid": [0.0, 0.3, 0.7]}}
     # Saved configs load back with their own schema (and are what the steps ran with).
-    assert load_config(SynthConfig, str(tmp_path / "configs" / "synth.yaml")).videos == 4
+    assert load_config(SynthConfig, str(tmp_path / "configs" / "synth.yaml")).videos == 6
     assert load_config(ClipsConfig, str(tmp_path / "configs" / "clips.yaml")).num_frames == 4
     # MLflow's sqlite store and artifacts live under the work dir; the stack was stopped.
     assert (tmp_path / "mlflow" / "mlflow.db").exists()
     pngs = [f for _, _, files in os.walk(tmp_path / "mlflow") for f in files if f.endswith(".png")]
-    assert sorted(pngs) == ["contact_sheet.png", "recall_at_k.png", "recall_at_k.png"]
+    # contact sheet, the two held-out evaluations, the sweep's plot and its finishers' val evaluations
+    done = sweep["counts"]["done"]
+    assert sorted(pngs) == sorted(["contact_sheet.png", "t2v_R1_vs_params.png"] + ["recall_at_k.png"] * (2 + done))
     assert local_stack.status(str(tmp_path / "stack")) == {}
 
     second = demo(tmp_path)
@@ -72,3 +81,4 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert again["done"]["pretrain"]["step"] == 300
     assert second.stdout.count("evaluate: reusing") == 2
     assert again["done"]["retrieval"] == retrieval   # the same runs, resumed, the same numbers
+    assert "sweep: reusing" in second.stdout and again["done"]["sweep"] == sweep

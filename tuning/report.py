@@ -95,28 +95,32 @@ def format_table(cfg, rows: list[dict]) -> str:
 
 
 def metric_figure(cfg, rows: list[dict]):
-    """The sweep's metric against each swept parameter: done trials filled, stopped hollow."""
+    """The sweep's metric (and ASHA's, when it differs) against each swept parameter: done
+    trials filled, trials stopped early hollow (ASHA's metric at the step they stopped)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     keys = list(cfg.space)
-    fig, axes = plt.subplots(1, len(keys), figsize=(4.2 * len(keys), 3.4), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        values = [r[key] for r in rows]
-        numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
-        labels = sorted({str(v) for v in values})
-        for status, style in (("done", dict(marker="o")), ("stopped", dict(marker="o", facecolors="none"))):
-            picked = [r for r in rows if r["status"] == status and r[cfg.metric] is not None]
-            xs = [r[key] if numeric else labels.index(str(r[key])) for r in picked]
-            ax.scatter(xs, [r[cfg.metric] for r in picked], edgecolors="C0", label=status, **style)
-        if not numeric:
-            ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
-        ax.set(xlabel=key, ylabel=cfg.metric)
-        ax.grid(alpha=0.3)
+    metrics = list(dict.fromkeys([cfg.metric, cfg.scheduler_metric]))
+    fig, axes = plt.subplots(len(metrics), len(keys), figsize=(4.2 * len(keys), 3.2 * len(metrics)),
+                             squeeze=False)
+    for i, metric in enumerate(metrics):
+        for ax, key in zip(axes[i], keys):
+            values = [r[key] for r in rows]
+            numeric = all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values)
+            labels = sorted({str(v) for v in values})
+            for status, style in (("done", {"color": "C0"}), ("stopped", {"facecolors": "none"})):
+                picked = [r for r in rows if r["status"] == status and r[metric] is not None]
+                xs = [r[key] if numeric else labels.index(str(r[key])) for r in picked]
+                ax.scatter(xs, [r[metric] for r in picked], edgecolors="C0", label=status, **style)
+            if not numeric:
+                ax.set_xticks(range(len(labels)), labels, rotation=20, fontsize=7)
+            ax.set(xlabel=key, ylabel=metric)
+            ax.grid(alpha=0.3)
     axes[0][0].legend(fontsize=8)
-    fig.suptitle(f"{cfg.name}: {cfg.metric} ({cfg.mode}) per trial")
+    fig.suptitle(f"{cfg.name}: best = {cfg.mode} {cfg.metric}")
     fig.tight_layout()
     return fig
 

@@ -102,7 +102,7 @@ def run_trial(params: dict, sweep: SweepConfig, parent_run_id: str) -> None:
     from vidray.vlm.pretrain import run_pretrain
 
     report = run_pretrain(pretrain, tags={"mlflow.parentRunId": parent_run_id},
-                          callbacks=(TuneReportCallback(),))
+                          callbacks=(TuneReportCallback(),), say=_to_stderr)
     final = {"step": report["metrics"]["step"],
              **{k: v for k, v in report["metrics"].items() if k.startswith("val_")}}
     if finetune is not None:
@@ -119,13 +119,17 @@ def _finetune_and_evaluate(sweep: SweepConfig, finetune, checkpoint: str, parent
 
     finetune = dataclasses.replace(finetune, init_from=checkpoint)
     nested = {"mlflow.parentRunId": parent}
-    tuned = run_finetune(finetune, tags=nested)
+    tuned = run_finetune(finetune, tags=nested, say=_to_stderr)
     evaluate = dataclasses.replace(sweep.evaluate, checkpoint=tuned["checkpoint"],
                                    mlflow=dataclasses.replace(sweep.evaluate.mlflow,
                                                               tracking_uri=sweep.mlflow.resolved_uri(),
                                                               experiment=experiment_of(sweep)))
-    result = run_evaluate(evaluate, tags=nested)
+    result = run_evaluate(evaluate, tags=nested, say=_to_stderr)
     return {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
+
+
+def _to_stderr(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
 
 
 def _now() -> int:
@@ -257,8 +261,10 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, say: Callable[[str], None]
                                         time_budget_s=cfg.time_budget_s or None),
             run_config=tune.RunConfig(name=cfg.name, storage_path=root, storage_filesystem=filesystem,
                                       verbose=1))
-        say(f"sweep {cfg.name}: {_trial_count(cfg)} trial(s), {parallel} at a time, "
-            f"{cfg.scheduler.name} on {cfg.scheduler_metric}; Tune state in {path}; "
+        stopping = (f"ASHA on {cfg.scheduler_mode} {cfg.scheduler_metric}" if cfg.scheduler.name == "asha"
+                    else "no early stopping")
+        say(f"sweep {cfg.name}: {_trial_count(cfg)} trial(s), {parallel} at a time, {stopping}; "
+            f"Tune state in {path}; "
             f"MLflow parent run {parent}")
     with contextlib.redirect_stdout(sys.stderr):  # Tune's progress tables; stdout is the report
         results = tuner.fit()

@@ -16,6 +16,7 @@ command start from the latest checkpoint, and the step counter continues where i
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
 import time
 from typing import Any, Callable
@@ -25,6 +26,12 @@ import torch
 from vidray.train.parallel import full_state, load_full_state, local_value, parallelize
 
 CHECKPOINT_FILE = "state.pt"
+
+
+def log(message: str) -> None:
+    """Progress from a worker: to stderr, which Ray forwards to the driver's stderr (stdout is
+    where the CLI prints its JSON report)."""
+    print(f"[vidray] {message}", file=sys.stderr, flush=True)
 
 
 def warmup_poly_decay(warmup_steps: int, total_steps: int, power: float = 1.0) -> Callable[[int], float]:
@@ -142,7 +149,7 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
     use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
     started, examples, micro = time.monotonic(), 0, 0
     if rank == 0:
-        print(f"[vidray] training from step {step} to {cfg.train.steps} on {world} worker(s)", flush=True)
+        log(f"training from step {step} to {cfg.train.steps} on {world} worker(s)")
     while step < cfg.train.steps:
         for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate,
                                               drop_last=True):
@@ -166,8 +173,8 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
             if tracker:
                 tracker.log(metrics, step)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
-                    print(f"[vidray] step {step}/{cfg.train.steps} loss {metrics['loss']:.4f} "
-                          f"lr {metrics['lr']:.2e} {metrics['examples_per_s']:.1f} examples/s", flush=True)
+                    log(f"step {step}/{cfg.train.steps} loss {metrics['loss']:.4f} "
+                        f"lr {metrics['lr']:.2e} {metrics['examples_per_s']:.1f} examples/s")
             last = step == cfg.train.steps
             validate_now = cfg.train.val_every and (step % cfg.train.val_every == 0 or last)
             if validate_now:
