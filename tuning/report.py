@@ -21,7 +21,7 @@ def trial_rows(cfg, results, children: dict[str, Any]) -> list[dict]:
     rows = []
     for result in results:
         metrics = result.metrics or {}
-        trial_id = metrics.get("trial_id") or _trial_id_from_path(result.path)
+        trial_id = metrics.get("trial_id") or os.path.basename(str(result.path))  # Tune adds trial_id
         status = "failed" if result.error else ("done" if metrics.get("trial_done") else "stopped")
         child = children.get(trial_id)
         rows.append({
@@ -39,12 +39,6 @@ def trial_rows(cfg, results, children: dict[str, Any]) -> list[dict]:
             "_run_id": child.info.run_id if child else None,
         })
     return sorted(rows, key=lambda r: r["trial"])
-
-
-def _trial_id_from_path(path: str | None) -> str:
-    # Tune names trial folders "<trainable>_<trial id>_<index>_<params>_<date>".
-    parts = os.path.basename(str(path or "")).split("_")
-    return "_".join(parts[1:3]) if len(parts) > 2 else str(path)
 
 
 def _shown(key: str, value: Any) -> Any:

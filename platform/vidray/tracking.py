@@ -8,6 +8,11 @@ from typing import Optional
 
 from vidray.config import option
 
+# MLflow writes "View run ... at URL" to stdout when a run ends on a tracking server; from Ray
+# workers that lands in the driver's stdout, where `vidray` prints its JSON report. Our jobs say
+# their run ids on stderr instead. (Every job imports this module, in the driver and the workers.)
+os.environ.setdefault("MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "true")
+
 
 @dataclass
 class MLflowConfig:
