@@ -245,6 +245,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, say: Callable[[str], None]
     # Save Tune's state within a second of each change, so a killed sweep loses no finished trial.
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     ensure_ray(cfg.pretrain.train.num_workers)
+    # Trials run on workers that may not share this process's environment: resolve MLflow here.
+    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=cfg.mlflow.resolved_uri()))
     parent = _parent_run(cfg, resume)
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=cfg, parent_run_id=parent),
                                     {"cpu": 1})
