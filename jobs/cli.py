@@ -55,6 +55,48 @@ def _resolve(args: argparse.Namespace, cls: type):
     return cfg
 
 
+# model.arch -> (config class, job function) of `vidray pretrain` / `vidray finetune`. Dotted
+# strings, imported on use, keep `--help` instant; `vidray evaluate` follows the checkpoint.
+ARCH_JOBS: dict[str, dict[str, tuple[str, str]]] = {
+    "pretrain": {
+        "vlm": ("vidray.train.config:PretrainConfig", "vidray.vlm.pretrain:run_pretrain"),
+        "allinone": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
+    },
+    "finetune": {
+        "vlm": ("vidray.train.config:FinetuneConfig", "vidray.vlm.finetune:run_finetune"),
+        "allinone": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
+    },
+}
+
+
+def _load(dotted: str):
+    import importlib
+
+    module, name = dotted.split(":")
+    return getattr(importlib.import_module(module), name)
+
+
+def arch_of(path: str | None, overrides: list[str]) -> str:
+    """``model.arch`` of a preset + overrides (``vlm`` when unset)."""
+    from vidray.config import merge, parse_overrides, read_yaml
+
+    data = merge(read_yaml(path) if path else {}, parse_overrides(overrides))
+    model = data.get("model") or {}
+    return model.get("arch", "vlm") if isinstance(model, dict) else "vlm"
+
+
+def _run_training_command(args: argparse.Namespace) -> int:
+    path, overrides = _split_config_and_overrides(args)
+    arch, jobs = arch_of(path, overrides), ARCH_JOBS[args.command]
+    if arch not in jobs:
+        raise ConfigError("model.arch", f"unknown architecture {arch!r}; choose one of {', '.join(jobs)}")
+    config_class, job = (_load(s) for s in jobs[arch])
+    cfg = _resolve(args, config_class)
+    report = job(cfg, say=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 # --- subcommands -----------------------------------------------------------------------------
 
 def cmd_synth(args: argparse.Namespace) -> int:
@@ -129,25 +171,11 @@ def cmd_features(args: argparse.Namespace) -> int:
 
 
 def cmd_pretrain(args: argparse.Namespace) -> int:
-    from vidray.train.config import PretrainConfig
-
-    cfg = _resolve(args, PretrainConfig)
-    from vidray.vlm.pretrain import run_pretrain
-
-    report = run_pretrain(cfg, say=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(report, indent=2, default=str))
-    return 0
+    return _run_training_command(args)
 
 
 def cmd_finetune(args: argparse.Namespace) -> int:
-    from vidray.train.config import FinetuneConfig
-
-    cfg = _resolve(args, FinetuneConfig)
-    from vidray.vlm.finetune import run_finetune
-
-    report = run_finetune(cfg, say=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(report, indent=2, default=str))
-    return 0
+    return _run_training_command(args)
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
@@ -214,7 +242,7 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vidray.jobs.demo import run_demo
 
-    return run_demo(args.workdir, videos=args.videos, keep_stack=args.keep_stack)
+    return run_demo(args.workdir, videos=args.videos, keep_stack=args.keep_stack, model=args.model)
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -233,9 +261,15 @@ def _config_keys(command: str) -> str:
             "\n".join(f"  {key} ({type_name}, default {default!r}): {help_text}"
                       for key, type_name, default, help_text in describe(cls)
                       if not key.startswith(("pretrain.", "finetune.", "evaluate.")))
-    lines = [f"config keys of `vidray {command}`:"]
+    lines = [f"config keys of `vidray {command}`" + (" (VLM; model.arch=allinone has its own, listed "
+                                                    "below)" if command in ARCH_JOBS else "") + ":"]
     for key, type_name, default, help_text in describe(cls):
         lines.append(f"  {key} ({type_name}, default {default!r}): {help_text}")
+    for arch, (config_class, _) in ARCH_JOBS.get(command, {}).items():
+        if arch != "vlm":
+            lines.append(f"\nconfig keys of `vidray {command}` with model.arch={arch}:")
+            lines += [f"  {key} ({type_name}, default {default!r}): {help_text}"
+                      for key, type_name, default, help_text in describe(_load(config_class))]
     return "\n".join(lines)
 
 
@@ -291,10 +325,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_extract)
 
     commands = {
-        "pretrain": ("VLM pre-training on Ray Train (MMM + masked token loss) from S3D + text "
-                     "feature sets", cmd_pretrain),
-        "finetune": ("fine-tune VLM for retrieval, captioning or action segmentation on Ray Train "
-                     "(init_from=a pre-training checkpoint)", cmd_finetune),
+        "pretrain": ("pre-training on Ray Train: VLM (MMM + masked token loss) from S3D + text "
+                     "feature sets, or with model.arch=allinone All-in-one (MLM + VTM) from the "
+                     "frames feature set", cmd_pretrain),
+        "finetune": ("fine-tune on Ray Train (init_from=a pre-training checkpoint): VLM for retrieval, "
+                     "captioning or action segmentation; All-in-one for retrieval or open-ended QA",
+                     cmd_finetune),
         "evaluate": ("evaluate a fine-tuned checkpoint: retrieval R@K/MdR (+ MC-QA), captioning "
                      "BLEU/METEOR/ROUGE-L/CIDEr, segmentation frame accuracy; logged to MLflow", cmd_evaluate),
     }
@@ -340,6 +376,9 @@ def build_parser() -> argparse.ArgumentParser:
                        "reuses what is done.")
     p.add_argument("--workdir", default="demo-work", help="where everything goes (default ./demo-work)")
     p.add_argument("--videos", type=int, default=48, help="synthetic videos (default 48)")
+    p.add_argument("--model", choices=["vlm", "allinone"], default="vlm",
+                   help="vlm (default): S3D + text features, VLM pre-training, retrieval, a sweep; "
+                   "allinone: frames feature set, All-in-one pre-training, retrieval and QA")
     p.add_argument("--keep-stack", action="store_true",
                    help="leave the S3 endpoint and MLflow server running afterwards (to browse the UI)")
     p.set_defaults(run=cmd_demo)

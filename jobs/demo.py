@@ -73,7 +73,8 @@ def _clips(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
             "reused": False, "config": cfg}
 
 
-def _features(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
+def _features(workdir: str, configs_dir: str, manifest_uri: str,
+              names: tuple[str, ...] = ("text", "s3d", "frames")) -> dict:
     """Cache text ids, S3D features (tiny S3D-G, random init: no weights can be downloaded here)
     and JPEG frames as versioned feature sets; a rerun finds them committed and does nothing."""
     from vidray.feature_store.extract import ExtractConfig, run_extract
@@ -89,6 +90,8 @@ def _features(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
     }
     out = {}
     for name, cfg in steps.items():
+        if name not in names:
+            continue
         say(f"extract {name}: one-time feature extraction to {root}/{name}/")
         _save_config(configs_dir, f"extract_{name}", cfg)
         report = run_extract(cfg, progress=True, say=say)
@@ -123,7 +126,6 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
     init; both evaluated on the held-out test split (R@K both ways + multiple-choice QA)."""
     from vidray.config import load_config
     from vidray.train.config import EvaluateConfig, FinetuneConfig
-    from vidray.vlm.evaluate import run_evaluate
     from vidray.vlm.finetune import run_finetune
 
     mc = os.path.join(workdir, "corpus", "mc.jsonl")
@@ -143,19 +145,74 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
         tuned = run_finetune(cfg, say=say)
         evaluation = EvaluateConfig(checkpoint=tuned["checkpoint"], split="test", mc=mc)
         evaluation.mlflow.experiment = "vidray-demo"
-        saved = os.path.join(workdir, "eval", f"{label}.json")
-        if _step_is_done(configs_dir, f"evaluate_{label}", evaluation, saved):
-            say(f"evaluate: reusing {saved}")
-            report = json.loads(open(saved).read())
-        else:
-            report = run_evaluate(evaluation, say=say)
-            os.makedirs(os.path.dirname(saved), exist_ok=True)
-            with open(saved, "w") as f:
-                json.dump(report, f, indent=2)
-            _save_config(configs_dir, f"evaluate_{label}", evaluation)
+        report = _evaluate_once(workdir, configs_dir, label, evaluation)
         out[label] = {"finetune_run": tuned["run_name"], "checkpoint": tuned["checkpoint"],
                       "evaluate_mlflow_run_id": report["mlflow_run_id"], **report["metrics"]}
     return out
+
+
+def _evaluate_once(workdir: str, configs_dir: str, label: str, evaluation) -> dict:
+    """Evaluate a checkpoint, or reuse the saved report of the same evaluation."""
+    from vidray.vlm.evaluate import run_evaluate
+
+    saved = os.path.join(workdir, "eval", f"{label}.json")
+    if _step_is_done(configs_dir, f"evaluate_{label}", evaluation, saved):
+        say(f"evaluate: reusing {saved}")
+        return json.loads(open(saved).read())
+    report = run_evaluate(evaluation, say=say)
+    os.makedirs(os.path.dirname(saved), exist_ok=True)
+    with open(saved, "w") as f:
+        json.dump(report, f, indent=2)
+    _save_config(configs_dir, f"evaluate_{label}", evaluation)
+    return report
+
+
+def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, arch: str) -> dict:
+    """A frames model end to end: pre-training (MLM + VTM), then retrieval and open-ended QA
+    fine-tuning from its checkpoint, both evaluated on the held-out test split next to chance.
+    The settings are configs/demo/<arch>_*.yaml, spelled out (the installed package has no configs/)."""
+    from vidray.config import load_config
+    from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
+    from vidray.frames.run import run_frames_finetune, run_frames_pretrain
+    from vidray.train.config import EvaluateConfig
+
+    common = [f"model.arch={arch}", "model.flavour=tiny", "model.image_size=64", "model.num_frames=3",
+              "model.max_text_tokens=32", f"data.frames={features['frames']['uri']}",
+              f"data.manifest={corpus['manifest']}", "data.split=train",
+              f"data.qa={os.path.join(workdir, 'corpus', 'qa.jsonl')}", "train.batch_size=16",
+              "train.num_workers=2", "train.log_every=50", f"train.storage_path={os.path.join(workdir, 'runs')}",
+              "optim.lr=5e-4", "optim.warmup_steps=10", "mlflow.experiment=vidray-demo"]
+    cfg = load_config(FramesPretrainConfig, None, common + ["train.steps=200", "train.checkpoint_every=100"])
+    _save_config(configs_dir, f"{arch}_pretrain", cfg)
+    say(f"pretrain {arch} (tiny) on Ray Train, 2 workers, {cfg.train.steps} steps, MLM + video-text matching "
+        "on 3 frames per clip")
+    pretrain = run_frames_pretrain(cfg, say=say)
+    out = {"pretrain": {k: pretrain[k] for k in ("run_name", "checkpoint", "mlflow_run_id")}
+           | {"step": pretrain["metrics"].get("step"), "loss": pretrain["metrics"].get("loss")}}
+    for task in ("retrieval", "qa"):
+        cfg = load_config(FramesFinetuneConfig, None, common + [
+            f"task={task}", f"init_from={pretrain['checkpoint']}", "train.steps=200",
+            "train.checkpoint_every=200"])
+        _save_config(configs_dir, f"{arch}_finetune_{task}", cfg)
+        say(f"finetune {arch} for {task} from the pre-trained checkpoint: {cfg.train.steps} steps on 2 workers")
+        tuned = run_frames_finetune(cfg, say=say)
+        evaluation = EvaluateConfig(checkpoint=tuned["checkpoint"], split="test")
+        evaluation.mlflow.experiment = "vidray-demo"
+        report = _evaluate_once(workdir, configs_dir, f"{arch}_{task}", evaluation)
+        out[task] = {"finetune_run": tuned["run_name"], "checkpoint": tuned["checkpoint"],
+                     "evaluate_mlflow_run_id": report["mlflow_run_id"], **report["metrics"]}
+    return out
+
+
+def _print_frames_model(arch: str, result: dict) -> None:
+    r, qa = result["retrieval"], result["qa"]
+    say(f"{arch} retrieval on the held-out test split ({r['examples']} clips): R@1 {r['t2v_R1']:.3f} "
+        f"(chance {r['chance_R1']:.3f}), R@5 {r['t2v_R5']:.3f}, median rank {r['t2v_MdR']:.0f}")
+    temporal = (f"; direction questions {qa['qa_temporal_accuracy']:.3f} (best constant answer "
+                f"{qa['qa_temporal_majority']:.3f})" if "qa_temporal_accuracy" in qa else "")
+    say(f"{arch} open-ended QA on the test split ({qa['qa_questions']} questions): accuracy "
+        f"{qa['qa_accuracy']:.3f} (chance {qa['qa_chance']:.3f}, best constant answer {qa['qa_majority']:.3f})"
+        + temporal)
 
 
 def _sweep(workdir: str, configs_dir: str, corpus: dict, features: dict) -> dict | None:
@@ -259,8 +316,8 @@ def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str, 
         return {"run_id": run.info.run_id, "experiment": "vidray-demo"}
 
 
-def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False) -> int:
-    """Run the demo; returns the process exit code."""
+def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: str = "vlm") -> int:
+    """Run the demo for ``model`` (vlm, or a frames model: allinone); returns the exit code."""
     import ray
 
     from vidray.train.job import start_local_ray
@@ -282,10 +339,15 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False) -> int:
         if not ray.is_initialized():
             start_local_ray(num_cpus=max(4, 2 * (os.cpu_count() or 1)), log_to_driver=False)
         clips = _clips(workdir, configs_dir, corpus["manifest"])
-        features = _features(workdir, configs_dir, corpus["manifest"])
-        pretrain = _pretrain(workdir, configs_dir, corpus, features)
-        retrieval = _finetune_and_evaluate(workdir, configs_dir, corpus, features, pretrain)
-        sweep = _sweep(workdir, configs_dir, corpus, features)
+        pretrain = retrieval = sweep = frames_model = None
+        if model == "vlm":
+            features = _features(workdir, configs_dir, corpus["manifest"])
+            pretrain = _pretrain(workdir, configs_dir, corpus, features)
+            retrieval = _finetune_and_evaluate(workdir, configs_dir, corpus, features, pretrain)
+            sweep = _sweep(workdir, configs_dir, corpus, features)
+        else:  # frames models read the frames feature set only
+            features = _features(workdir, configs_dir, corpus["manifest"], names=("frames",))
+            frames_model = _frames_model(workdir, configs_dir, corpus, features, model)
         tracked = _log_to_mlflow(configs_dir, corpus, clips, os.path.join(workdir, "clips", "clips"),
                                  features)
     finally:
@@ -294,21 +356,23 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False) -> int:
         if not keep_stack:
             stack.down(stack_dir)
 
-    result = {
-        "done": {"synth": {k: v for k, v in corpus.items() if k != "config"},
-                 "clips": {k: v for k, v in clips.items() if k != "config"},
-                 "features": features,
-                 "pretrain": pretrain,
-                 "retrieval": retrieval,
-                 "sweep": sweep and {k: sweep[k] for k in ("name", "parent_run_id", "counts", "best", "trials")},
-                 "mlflow": tracked},
-        "seconds": round(time.monotonic() - started, 1),
-    }
+    done = {"synth": {k: v for k, v in corpus.items() if k != "config"},
+            "clips": {k: v for k, v in clips.items() if k != "config"},
+            "features": features}
+    if model == "vlm":
+        done |= {"pretrain": pretrain, "retrieval": retrieval,
+                 "sweep": sweep and {k: sweep[k] for k in ("name", "parent_run_id", "counts", "best", "trials")}}
+    else:
+        done[model] = frames_model
+    result = {"model": model, "done": {**done, "mlflow": tracked}, "seconds": round(time.monotonic() - started, 1)}
     with open(os.path.join(workdir, "demo.json"), "w") as f:
         json.dump(result, f, indent=2)
     say(f"done in {result['seconds']} s: {corpus['videos']} videos -> {clips['clips']} clips "
         f"({clips['quarantined']} quarantined); MLflow run {tracked['run_id']}")
-    _print_retrieval(retrieval)
+    if retrieval:
+        _print_retrieval(retrieval)
+    if frames_model:
+        _print_frames_model(model, frames_model)
     if sweep and sweep["best"]:
         best = sweep["best"]
         say(f"sweep {sweep['name']}: best MMM ratio {best['objective.mmm_ratio']} with val R@1 "

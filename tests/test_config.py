@@ -13,13 +13,16 @@ import yaml
 from conftest import REPO
 from vidray.clips import ClipsConfig
 from vidray.config import ConfigError, dump_yaml, flatten, from_dict, load_config, parse_overrides
+from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
 from vidray.train.config import FinetuneConfig, PretrainConfig
 from vidray.tuning.config import SweepConfig
 
 PRESETS = {"pretrain": PretrainConfig, "vlm_pretrain": PretrainConfig, "clips": ClipsConfig,
            "finetune_retrieval": FinetuneConfig, "vlm_finetune_retrieval": FinetuneConfig,
            "vlm_finetune_captioning": FinetuneConfig, "vlm_finetune_segmentation": FinetuneConfig,
-           "sweep": SweepConfig, "vlm_sweep_mmm": SweepConfig}
+           "sweep": SweepConfig, "vlm_sweep_mmm": SweepConfig,
+           "allinone_pretrain": FramesPretrainConfig, "allinone_finetune_retrieval": FramesFinetuneConfig,
+           "allinone_finetune_qa": FramesFinetuneConfig}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))))

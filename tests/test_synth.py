@@ -179,7 +179,7 @@ def test_qa_and_mc_agree_with_captions(corpus):
     qa = read_jsonl(out / "qa.jsonl")
     assert len(qa) == summary.qa == 3 * len(events)
     for q in qa:
-        assert set(q) == {"video", "question", "answer", "start", "end"}
+        assert set(q) == {"video", "question", "answer", "type", "start", "end"}
         parts = events[(q["video"], q["start"], q["end"])]
         assert re.fullmatch(r"[a-z]+", q["answer"]), q
         if m := re.fullmatch(r"what colour is the shape moving (\w+)\?", q["question"]):
@@ -191,6 +191,7 @@ def test_qa_and_mc_agree_with_captions(corpus):
         else:
             raise AssertionError(f"unexpected question {q['question']!r}")
         assert matches == [q["answer"]], f"{q} vs {parts}"  # exactly one shape fits: unambiguous
+        assert q["type"] == {"what colour": "colour", "what shape ": "kind", "which direc": "direction"}[q["question"][:11]]
 
     mc = read_jsonl(out / "mc.jsonl")
     assert len(mc) == summary.mc == len(events)

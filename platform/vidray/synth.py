@@ -13,7 +13,8 @@ What lands under ``OUT`` (a local path or an ``s3://`` URI):
 - ``manifest.parquet``       one row per video (see :mod:`vidray.manifest`); ``captions`` are the
   timestamped events (HowTo100M-like). ``duration_s`` is exactly ``frames / fps``.
 - ``qa.jsonl``               open-ended QA, one-word answers: ``{"video", "question", "answer",
-  "start", "end"}``, e.g. "what colour is the shape moving up?" -> "red".
+  "type", "start", "end"}``, e.g. "what colour is the shape moving up?" -> "red"; ``type`` is
+  what the answer names (colour, kind, direction): direction questions need temporal modelling.
 - ``mc.jsonl``               multiple choice: ``{"video", "question", "options": [5 captions],
   "answer": index, "start", "end"}``; the wrong options differ from the truth in one colour,
   shape or direction.
@@ -341,7 +342,7 @@ def qa_rows(plan: VideoPlan, seed: int) -> list[dict]:
             colour, kind, direction = parts[int(rng.integers(len(parts)))]
             words = {"colour": colour, "kind": kind, "direction": direction}
             rows.append({"video": plan.video_id, "question": template.format(**words),
-                         "answer": words[answer_key], "start": start, "end": end})
+                         "answer": words[answer_key], "type": answer_key, "start": start, "end": end})
     return rows
 
 

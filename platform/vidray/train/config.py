@@ -12,6 +12,8 @@ from vidray.vlm.data import DataConfig
 
 @dataclass
 class ModelConfig:
+    arch: Literal["vlm"] = option("vlm", "vlm: BERT over cached S3D features + text; frames models "
+                                  "(allinone) have their own model.* keys, see the README")
     flavour: Literal["tiny", "small", "base"] = option("tiny", "model size; tiny is for CPU tests")
     text_backbone: Optional[str] = option(
         None, "BERT checkpoint (local dir or hub name) to initialise from; null = random init")
@@ -117,6 +119,8 @@ class EvaluateConfig:
     text: str = option("", "text feature-set version; empty = the checkpoint's")
     manifest: str = option("", "manifest; empty = the checkpoint's")
     labels: str = option("", "action_segmentation labels (COIN format); empty = the checkpoint's")
+    frames: str = option("", "frames models: frames feature-set version; empty = the checkpoint's")
+    qa: str = option("", "frames models, qa task: questions jsonl; empty = the checkpoint's")
     mc: str = option("", "retrieval: multiple-choice QA jsonl ({video, options, answer, start, end}) "
                      "scored with the retrieval model; empty = skip")
     batch_size: int = option(64, "clips per forward pass", ge=1)

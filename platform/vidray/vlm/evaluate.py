@@ -37,9 +37,9 @@ EXPERIMENT = "vidray-evaluate"
 
 # --- loading -----------------------------------------------------------------------------------
 
-def load_finetuned(checkpoint: str) -> tuple[FinetuneConfig, torch.nn.Module]:
+def load_finetuned(checkpoint: str, state: dict | None = None) -> tuple[FinetuneConfig, torch.nn.Module]:
     """The fine-tuning config and its task model (eval mode, CPU) from a checkpoint folder."""
-    state = load_state(checkpoint)
+    state = state or load_state(checkpoint)
     try:
         cfg = from_dict(FinetuneConfig, state["config"])
     except ConfigError as err:
@@ -301,7 +301,12 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print,
     if not cfg.checkpoint:
         raise ConfigError("checkpoint", "is required: a fine-tuning checkpoint folder "
                           "(printed by `vidray finetune`)")
-    ft, model = load_finetuned(cfg.checkpoint)
+    state = load_state(cfg.checkpoint)
+    if state["config"].get("model", {}).get("arch", "vlm") != "vlm":  # a frames model's checkpoint
+        from vidray.frames.run import run_frames_evaluate
+
+        return run_frames_evaluate(cfg, state, say, tags)
+    ft, model = load_finetuned(cfg.checkpoint, state)
     features_uri, manifest = cfg.features or ft.data.features, cfg.manifest or ft.data.manifest
     table = read_split(features_uri, manifest, cfg.split)
     lv, lt = ft.model.max_video_tokens, text_budget(ft.model)

@@ -1,0 +1,1 @@
+"""Frames models: trained end to end on sparsely sampled frames (the ``frames`` feature set)."""

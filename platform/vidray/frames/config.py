@@ -1,0 +1,78 @@
+"""Typed configs of the frames models (they train on the ``frames`` feature set, not on S3D).
+
+The same commands as VLM run them: ``vidray pretrain|finetune CONFIG`` picks the frames path when
+the config says ``model.arch: allinone``; ``vidray evaluate`` follows the checkpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal, Optional
+
+from vidray.config import option
+from vidray.tracking import MLflowConfig
+from vidray.train.config import OptimConfig, TrainConfig
+
+FRAMES_ARCHS = ("allinone",)
+
+
+@dataclass
+class FramesModelConfig:
+    arch: Literal["allinone"] = option(
+        "allinone", "allinone: one transformer over text + per-frame ViT patches, temporal token rolling")
+    flavour: Literal["tiny", "base"] = option("tiny", "model size; tiny is for CPU tests and the demo")
+    image_size: int = option(224, "frames are resized to image_size x image_size (a multiple of the "
+                             "patch size, 16)", ge=16)
+    num_frames: int = option(3, "frames per clip, evenly picked from the feature set's frames", ge=1)
+    max_text_tokens: int = option(40, "WordPiece tokens of a caption or question, [CLS] and [SEP] included",
+                                  ge=4)
+    tokenizer: str = option("minilm", "tokenizer folder, hub name, or 'minilm' (offline package); "
+                            "its vocabulary sizes the word embeddings")
+    embed_dim: int = option(256, "width of the retrieval embeddings", ge=1)
+
+
+@dataclass
+class FramesDataConfig:
+    frames: str = option("", "frames feature-set version URI (<root>/frames/<version>)")
+    manifest: str = option("", "manifest of the corpus: selects the split (empty = every video)")
+    split: str = option("train", "manifest split to train on")
+    val_split: str = option("val", "manifest split scored every train.val_every steps (needs data.manifest)")
+    qa: str = option("", "open-ended QA jsonl ({video, question, answer, start, end}; the synthetic "
+                     "corpus's qa.jsonl): the qa task's questions, matched to clips by video and start")
+
+
+@dataclass
+class FramesObjectiveConfig:
+    mlm_prob: float = option(0.15, "text token masking rate (80/10/10)", gt=0.0, lt=1.0)
+    vtm_weight: float = option(1.0, "weight of the video-text matching loss next to MLM", ge=0.0)
+
+
+@dataclass
+class FramesPretrainConfig:
+    """`vidray pretrain` of a frames model: MLM + video-text matching on the frames feature set."""
+
+    model: FramesModelConfig = field(default_factory=FramesModelConfig)
+    objective: FramesObjectiveConfig = field(default_factory=FramesObjectiveConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=1000))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
+    data: FramesDataConfig = field(default_factory=FramesDataConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+
+@dataclass
+class FramesFinetuneConfig:
+    """`vidray finetune` of a frames model for retrieval or open-ended QA."""
+
+    task: Literal["retrieval", "qa"] = option(
+        "retrieval", "retrieval: text-only and video-only passes, contrastive loss (fast retrieval); "
+        "qa: joint pass over question + frames, a classifier over the answer vocabulary")
+    init_from: Optional[str] = option(
+        None, "pre-training checkpoint folder (…/checkpoint_NNNNNNNN) whose weights start the "
+              "fine-tuning; null = random init")
+    answers: list[str] = option(default_factory=list, help="qa: the answer vocabulary; empty = every "
+                                "answer of the training split's questions (filled in before training)")
+    model: FramesModelConfig = field(default_factory=FramesModelConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=100))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32))
+    data: FramesDataConfig = field(default_factory=FramesDataConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)

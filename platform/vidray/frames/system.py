@@ -1,0 +1,208 @@
+"""Training systems of the frames models: a model + its objective behind ``training_step(batch)``.
+
+Pre-training (All-in-one): MLM (15% of text tokens, 80/10/10) + video-text matching, where half
+of the clips get another clip's frames (the batch rolled by one) and the text [CLS] state says
+match or not; MLM counts only on matched pairs. Fine-tuning: ``retrieval`` (contrastive loss over
+text-only and video-only passes, both directions) or ``qa`` (a classifier over the answer
+vocabulary on a joint pass of question + frames).
+
+The loss is computed inside one ``nn.Module`` forward so DDP wraps everything that touches
+parameters; heads a task never reads are frozen (DDP would wait for their gradients).
+"""
+
+from __future__ import annotations
+
+from functools import partial
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vidray.config import ConfigError
+from vidray.frames.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads
+from vidray.frames.data import IGNORE_INDEX, collate, tokenizer_for
+
+RETRIEVAL_TEMPERATURE = 0.05
+
+
+def build_net(model_cfg, num_answers: int = 0) -> AllInOneHeads:
+    """The model of ``model.arch`` with its heads (``num_answers`` > 0 adds the QA classifier)."""
+    if model_cfg.flavour not in ALLINONE_FLAVOURS:
+        raise ConfigError("model.flavour", f"unknown flavour {model_cfg.flavour!r}; choose one of "
+                          f"{sorted(ALLINONE_FLAVOURS)}")
+    dims = ALLINONE_FLAVOURS[model_cfg.flavour]
+    if model_cfg.image_size % dims.patch:
+        raise ConfigError("model.image_size", f"{model_cfg.image_size} is not a multiple of the patch "
+                          f"size {dims.patch}")
+    vocab = len(tokenizer_for(model_cfg.tokenizer))
+    backbone = AllInOne(dims, vocab, model_cfg.image_size, model_cfg.num_frames, model_cfg.max_text_tokens)
+    return AllInOneHeads(backbone, num_answers, model_cfg.embed_dim)
+
+
+def size_figures(model_cfg, num_answers: int = 0) -> dict[str, float]:
+    """Parameter count and forward GFLOPs of one clip (joint pass, full-length text)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    # Train mode (no dropout anywhere): in eval mode nn.MultiheadAttention takes a fused kernel
+    # the FLOP counter cannot see into.
+    net = build_net(model_cfg, num_answers)
+    frames = torch.zeros(1, model_cfg.num_frames, 3, model_cfg.image_size, model_cfg.image_size)
+    ids = torch.ones(1, model_cfg.max_text_tokens, dtype=torch.long)
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        net.backbone(frames, ids, torch.ones_like(ids, dtype=torch.bool))
+    return {"model.parameters": sum(p.numel() for p in net.parameters()),
+            "model.gflops_per_clip": round(counter.get_total_flops() / 1e9, 4)}
+
+
+def freeze(*modules: nn.Module | nn.Parameter | None) -> None:
+    for m in modules:
+        if m is None:
+            continue
+        for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()):
+            p.requires_grad_(False)
+
+
+def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, prob: float, mask_id: int, vocab: int,
+              generator: torch.Generator, special: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: ``prob`` of the real tokens chosen; of those 80% [MASK], 10% random, 10% kept.
+    Returns (inputs, targets with IGNORE_INDEX where nothing is predicted)."""
+    candidates = text_mask & ~torch.isin(text_ids, torch.tensor(special))
+    chosen = candidates & (torch.rand(text_ids.shape, generator=generator) < prob)
+    targets = text_ids.masked_fill(~chosen, IGNORE_INDEX)
+    roll = torch.rand(text_ids.shape, generator=generator)
+    random_ids = torch.randint(vocab, text_ids.shape, generator=generator)
+    inputs = torch.where(chosen & (roll < 0.8), torch.full_like(text_ids, mask_id), text_ids)
+    inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, inputs)
+    return inputs, targets
+
+
+class PretrainModel(nn.Module):
+    def __init__(self, net: AllInOneHeads, vtm_weight: float):
+        super().__init__()
+        self.net, self.vtm_weight = net, vtm_weight
+        freeze(net.text_proj, net.video_proj)
+
+    def forward(self, frames, inputs, text_mask, mlm_targets, matched):
+        lt = inputs.shape[1]
+        # Mismatched clips see the next clip's frames; their text is not predicted.
+        frames = torch.where(matched.view(-1, 1, 1, 1, 1), frames, frames.roll(1, dims=0))
+        states = self.net.backbone(frames, inputs, text_mask)
+        targets = mlm_targets.masked_fill(~matched.unsqueeze(1), IGNORE_INDEX)
+        logits = self.net.mlm_logits(states[:, :lt])
+        mlm = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
+        mlm = torch.nan_to_num(mlm)  # a batch with no masked token on a matched pair
+        vtm_logits = self.net.vtm(states[:, 0])
+        vtm = F.cross_entropy(vtm_logits.float(), matched.long())
+        with torch.no_grad():
+            vtm_accuracy = (vtm_logits.argmax(-1) == matched.long()).float().mean()
+        return mlm + self.vtm_weight * vtm, {"mlm_loss": mlm.item(), "vtm_loss": vtm.item(),
+                                             "vtm_accuracy": vtm_accuracy.item()}
+
+
+class RetrievalModel(nn.Module):
+    def __init__(self, net: AllInOneHeads):
+        super().__init__()
+        self.net = net
+        freeze(net.mlm_transform, net.mlm_bias, net.vtm)
+
+    def forward(self, frames, text_ids, text_mask):
+        text, video = self.net.encode_text(text_ids, text_mask), self.net.encode_video(frames)
+        logits = (text @ video.T).float() / RETRIEVAL_TEMPERATURE
+        target = torch.arange(len(logits), device=logits.device)
+        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        with torch.no_grad():
+            accuracy = (logits.argmax(1) == target).float().mean()
+        return loss, {"t2v_batch_accuracy": accuracy.item()}
+
+
+class QAModel(nn.Module):
+    def __init__(self, net: AllInOneHeads):
+        super().__init__()
+        self.net = net
+        freeze(net.mlm_transform, net.mlm_bias, net.vtm, net.text_proj, net.video_proj)
+
+    def logits(self, frames, text_ids, text_mask) -> torch.Tensor:
+        return self.net.qa(self.net.backbone(frames, text_ids, text_mask)[:, 0])
+
+    def forward(self, frames, text_ids, text_mask, answer):
+        logits = self.logits(frames, text_ids, text_mask)
+        loss = torch.nan_to_num(F.cross_entropy(logits.float(), answer, ignore_index=IGNORE_INDEX))
+        with torch.no_grad():
+            accuracy = (logits.argmax(-1) == answer).float().mean()
+        return loss, {"qa_batch_accuracy": accuracy.item()}
+
+
+class FramesPretrainSystem:
+    """What the training loop needs: ``model``, ``collate``, ``training_step``, ``validation_step``."""
+
+    def __init__(self, cfg, device: torch.device):
+        self.cfg = cfg
+        tok = tokenizer_for(cfg.model.tokenizer)
+        self.mask_id, self.vocab = tok.mask_token_id, len(tok)
+        self.special = tuple(tok.all_special_ids)
+        self.model = PretrainModel(build_net(cfg.model), cfg.objective.vtm_weight).to(device)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)
+        self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=tok.pad_token_id)
+
+    def _step(self, batch: dict, generator: torch.Generator):
+        # Masks and pairings come from a CPU generator: the same seed gives the same on any device.
+        ids, mask = batch["text_ids"].cpu(), batch["text_mask"].cpu()
+        inputs, targets = mask_text(ids, mask, self.cfg.objective.mlm_prob, self.mask_id, self.vocab,
+                                    generator, self.special)
+        matched = torch.rand(len(ids), generator=generator) < 0.5
+        if len(ids) == 1:
+            matched[:] = True
+        device = batch["frames"].device
+        return self.model(batch["frames"], inputs.to(device), batch["text_mask"], targets.to(device),
+                          matched.to(device))
+
+    def training_step(self, batch: dict):
+        return self._step(batch, self.generator)
+
+    def validation_step(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
+        loss, logs = self._step(batch, generator)
+        return {"loss": loss.item(), **logs}
+
+
+class FramesFinetuneSystem:
+    def __init__(self, cfg, device: torch.device):
+        tok = tokenizer_for(cfg.model.tokenizer)
+        net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
+        if cfg.init_from:
+            init_from(net, cfg.init_from, cfg.model)
+        self.model = (QAModel(net) if cfg.task == "qa" else RetrievalModel(net)).to(device)
+        self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=tok.pad_token_id)
+
+    def training_step(self, batch: dict):
+        return self.model(**batch)
+
+
+def init_from(net: AllInOneHeads, checkpoint: str, model_cfg) -> None:
+    """Copy the weights of a pre-training (or fine-tuning) checkpoint into ``net``; a task head the
+    checkpoint lacks (the QA classifier) keeps its fresh initialisation."""
+    import dataclasses
+
+    from vidray.vlm.finetune import load_state
+
+    state = load_state(checkpoint)
+    saved = state["config"]["model"]
+    differ = [k for k, v in dataclasses.asdict(model_cfg).items() if saved.get(k) != v]
+    if differ:
+        raise ConfigError("model." + differ[0], "differs from the checkpoint in init_from ("
+                          + ", ".join(f"{k}: {saved.get(k)!r} there" for k in differ)
+                          + "); set the same model.* values")
+    weights = {k[len("net."):]: v for k, v in state["model"].items()
+               if k.startswith("net.") and not k.startswith("net.qa.")}
+    missing, unexpected = net.load_state_dict(weights, strict=False)
+    if unexpected or any(not k.startswith("qa.") for k in missing):
+        raise ConfigError("init_from", f"{checkpoint} does not hold this model's weights "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def build_pretrain_system(cfg, device) -> FramesPretrainSystem:
+    return FramesPretrainSystem(cfg, device)
+
+
+def build_finetune_system(cfg, device) -> FramesFinetuneSystem:
+    return FramesFinetuneSystem(cfg, device)

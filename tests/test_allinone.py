@@ -1,0 +1,118 @@
+"""All-in-one: temporal token rolling against a naive reference, the model's passes and sizes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vidray.frames import allinone
+from vidray.frames.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads, temporal_roll
+from vidray.frames.config import FramesModelConfig
+from vidray.frames.system import mask_text, size_figures
+
+
+def naive_roll(visual: torch.Tensor) -> torch.Tensor:
+    """REFERENCE.md's rule, one token at a time: fold = P // 8; tokens 1..fold of frame t come from
+    frame t-1, the last fold tokens from frame t+1 (cyclic); CLS and the rest stay."""
+    b, t, l, h = visual.shape
+    fold = (l - 1) // 8
+    out = visual.clone()
+    for frame in range(t):
+        for token in range(l):
+            if 1 <= token <= fold:
+                out[:, frame, token] = visual[:, (frame - 1) % t, token]
+            elif fold and token >= l - fold:
+                out[:, frame, token] = visual[:, (frame + 1) % t, token]
+    return out
+
+
+@pytest.mark.parametrize("frames,patches", [(3, 16), (4, 49), (8, 196), (2, 9), (3, 7)])
+def test_temporal_roll_is_exactly_the_reference_permutation(frames, patches):
+    visual = torch.randn(2, frames, 1 + patches, 5)
+    rolled = temporal_roll(visual)
+    torch.testing.assert_close(rolled, naive_roll(visual), rtol=0, atol=0)
+    # A permutation: the same values, moved; applying its inverse (roll back) restores the input.
+    assert torch.equal(rolled.flatten().sort().values, visual.flatten().sort().values)
+    fold = patches // 8
+    if fold:
+        assert not torch.equal(rolled, visual)
+        back = rolled.clone()
+        back[:, :, 1:fold + 1] = rolled[:, :, 1:fold + 1].roll(-1, dims=1)
+        back[:, :, -fold:] = rolled[:, :, -fold:].roll(1, dims=1)
+        assert torch.equal(back, visual)
+    else:  # fewer than 8 patches: nothing to roll
+        assert torch.equal(rolled, visual)
+
+
+def tiny_model(frames: int = 3, size: int = 64) -> AllInOne:
+    torch.manual_seed(0)
+    return AllInOne(ALLINONE_FLAVOURS["tiny"], vocab_size=100, image_size=size, num_frames=frames,
+                    max_text_tokens=12)
+
+
+def test_rolling_runs_before_every_block_of_joint_passes_only(monkeypatch):
+    """A spy on the module's ``temporal_roll`` (not a fault mock): counted, then delegated."""
+    calls = []
+    monkeypatch.setattr(allinone, "temporal_roll", lambda v: calls.append(v.shape) or temporal_roll(v))
+    model = tiny_model().eval()
+    frames, ids = torch.randn(2, 3, 3, 64, 64), torch.randint(5, 100, (2, 7))
+    mask = torch.ones(2, 7, dtype=torch.bool)
+    joint = model(frames, ids, mask)
+    assert joint.shape == (2, 7 + 17, 64) and len(calls) == model.dims.layers
+    assert all(shape == (2, 3, 17, 64) for shape in calls)  # visual tokens only: text is not rolled
+    calls.clear()
+    assert model(None, ids, mask).shape == (2, 7, 64) and model(frames, None).shape == (2, 17, 64)
+    assert calls == []
+    assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model().parameters())
+
+
+def test_joint_pass_depends_on_frame_order_and_ignores_padded_text():
+    model = tiny_model().eval()
+    frames, ids = torch.randn(1, 3, 3, 64, 64), torch.randint(5, 100, (1, 7))
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    with torch.no_grad():
+        out = model(frames, ids, mask)
+        # Temporal embeddings and rolling make the order of frames matter.
+        assert not torch.allclose(out, model(frames.flip(1), ids, mask), atol=1e-5)
+        # Padding after the text changes nothing for the real slots.
+        padded_ids = torch.cat([ids, torch.zeros(1, 3, dtype=torch.long)], 1)
+        padded_mask = torch.cat([mask, torch.zeros(1, 3, dtype=torch.bool)], 1)
+        padded = model(frames, padded_ids, padded_mask)
+        torch.testing.assert_close(padded[:, :7], out[:, :7], rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(padded[:, 10:], out[:, 7:], rtol=1e-4, atol=1e-5)
+
+
+def test_fast_retrieval_vectors_are_unit_and_separate():
+    heads = AllInOneHeads(tiny_model(), embed_dim=16).eval()
+    with torch.no_grad():
+        text = heads.encode_text(torch.randint(5, 100, (3, 6)), torch.ones(3, 6, dtype=torch.bool))
+        video = heads.encode_video(torch.randn(3, 3, 3, 64, 64))
+    assert text.shape == video.shape == (3, 16)
+    torch.testing.assert_close(text.norm(dim=-1), torch.ones(3))
+    torch.testing.assert_close(video.norm(dim=-1), torch.ones(3))
+
+
+def test_mlm_masking_follows_bert_rates_and_spares_special_tokens():
+    ids = torch.randint(1000, 2000, (400, 40))
+    ids[:, 0], ids[:, -1] = 101, 102
+    mask = torch.ones_like(ids, dtype=torch.bool)
+    inputs, targets = mask_text(ids, mask, 0.15, 103, 30522, torch.Generator().manual_seed(0), (0, 101, 102, 103))
+    chosen = targets != -100
+    assert not chosen[:, 0].any() and not chosen[:, -1].any()
+    assert abs(chosen.float().mean().item() * 40 / 38 - 0.15) < 0.01
+    masked = (inputs == 103) & chosen
+    assert abs(masked.sum().item() / chosen.sum().item() - 0.8) < 0.03
+    kept = (inputs == ids) & chosen
+    assert abs(kept.sum().item() / chosen.sum().item() - 0.1) < 0.03
+    assert torch.equal(targets[chosen], ids[chosen]) and torch.equal(inputs[~chosen], ids[~chosen])
+
+
+def test_size_figures_count_parameters_and_scale_flops_with_frames():
+    three = size_figures(FramesModelConfig(flavour="tiny", image_size=64, num_frames=3, max_text_tokens=16))
+    six = size_figures(FramesModelConfig(flavour="tiny", image_size=64, num_frames=6, max_text_tokens=16))
+    assert three["model.parameters"] > 30522 * 64  # the word embeddings alone
+    assert 1.8 < six["model.gflops_per_clip"] / three["model.gflops_per_clip"] < 2.2
+    base = size_figures(FramesModelConfig(flavour="base", image_size=224, num_frames=3, max_text_tokens=40))
+    # ViT-B/16 + BERT embeddings: ~110M parameters; ~3 x 17.6 GFLOPs (multiply-adds x 2) per clip.
+    assert 100e6 < base["model.parameters"] < 125e6
+    assert 90 < base["model.gflops_per_clip"] < 130
