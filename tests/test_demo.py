@@ -17,21 +17,23 @@ from vidray.synth import SynthConfig
 from vidray.tuning.config import SweepConfig
 
 
-def demo(workdir, timeout_s: float):
+def demo(workdir, timeout_s: float, *flags: str):
     """Runs the demo; if it overruns, fails with what it printed last instead of a bare timeout."""
     try:
         return subprocess.run([sys.executable, "-m", "vidray.jobs.cli", "demo", "--workdir", str(workdir),
-                               "--videos", "6"], cwd=REPO, capture_output=True, text=True, timeout=timeout_s)
+                               "--videos", "6", *flags], cwd=REPO, capture_output=True, text=True,
+                              timeout=timeout_s)
     except subprocess.TimeoutExpired as overrun:
         tail = lambda out: (out.decode(errors="replace") if isinstance(out, bytes) else out or "")[-4000:]
         pytest.fail(f"vidray demo ran past {timeout_s:.0f} s\n--- stdout ---\n{tail(overrun.stdout)}"
                     f"\n--- stderr ---\n{tail(overrun.stderr)}")
 
 
-# About 5.5 minutes for the first run and 1.5 for the rerun on 2 cores; the limits leave room for
-# a slower CI machine, and the per-run limits fire before pytest-timeout so the output is kept.
+# About 5.5 minutes for the first run, 1.5 for the rerun and 2.5 for All-in-one on 2 cores; the
+# limits leave room for a slower CI machine, and the per-run limits fire before pytest-timeout so
+# the output is kept.
 @pytest.mark.heavy
-@pytest.mark.timeout(1500)
+@pytest.mark.timeout(2000)
 def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     first = demo(tmp_path, 1000)
     assert first.returncode == 0, first.stderr[-3000:]
@@ -91,3 +93,19 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert second.stdout.count("evaluate: reusing") == 2
     assert again["done"]["retrieval"] == retrieval   # the same runs, resumed, the same numbers
     assert "sweep: reusing" in second.stdout and again["done"]["sweep"] == sweep
+
+    # The same work dir with the All-in-one frames model: corpus, clips and the frames feature set
+    # are reused; pre-training, retrieval and QA fine-tuning and their evaluations run.
+    frames_run = demo(tmp_path, 500, "--model", "allinone")
+    assert frames_run.returncode == 0, frames_run.stderr[-3000:]
+    assert "corpus: reusing" in frames_run.stdout and frames_run.stdout.count("nothing to do:") == 1
+    allinone = json.loads((tmp_path / "demo.json").read_text())
+    assert allinone["model"] == "allinone" and set(allinone["done"]["features"]) == {"frames"}
+    result = allinone["done"]["allinone"]
+    assert result["pretrain"]["step"] == 300
+    retrieval, qa = result["retrieval"], result["qa"]
+    assert retrieval["chance_R1"] == pytest.approx(1 / retrieval["examples"]) and 0 <= retrieval["t2v_R1"] <= 1
+    assert qa["qa_questions"] == 3 * retrieval["examples"]  # three questions per clip
+    assert qa["qa_chance"] < qa["qa_majority"] <= 1 and 0 <= qa["qa_temporal_accuracy"] <= 1
+    assert "allinone retrieval on the held-out test split" in frames_run.stdout
+    assert "allinone open-ended QA on the test split" in frames_run.stdout

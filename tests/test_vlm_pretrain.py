@@ -87,7 +87,7 @@ def test_fsdp_pretraining_checkpoints_whole_states_and_resumes(feature_sets, tmp
     import mlflow
     import torch
 
-    from vidray.vlm.finetune import load_state
+    from vidray.train.job import load_state
     from vidray.vlm.system import Pretrainer
     from vidray.vlm.model import build_vlm
 

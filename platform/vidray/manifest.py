@@ -84,3 +84,13 @@ def read_manifest(uri: str) -> pa.Table:
         if name not in table.column_names:
             table = table.append_column(name, pa.nulls(len(table), MANIFEST_SCHEMA.field(name).type))
     return table.select(MANIFEST_SCHEMA.names).cast(MANIFEST_SCHEMA)
+
+
+def split_videos(manifest: str, split: str) -> set[str] | None:
+    """Video ids of a manifest split (None without a manifest: every video)."""
+    if not manifest:
+        return None
+    import pyarrow.compute as pc
+
+    table = read_manifest(manifest)
+    return set(table.filter(pc.equal(table["split"], split))["video_id"].to_pylist())

@@ -84,7 +84,10 @@ class AllInOne(nn.Module):
         self.token_type = nn.Embedding(2, h)  # 0 text, 1 visual
         self.blocks = nn.ModuleList(Block(dims) for _ in range(dims.layers))
         self.norm = nn.LayerNorm(h, eps=1e-6)
-        for p in (self.visual_cls, self.spatial_pos, self.temporal_pos, self.text_pos):
+        # BERT / ViT initialisation: with PyTorch's default N(0, 1) embeddings the tied MLM
+        # decoder starts with logits in the tens and a loss near 28 instead of log(vocab) ~ 10.
+        for p in (self.visual_cls, self.spatial_pos, self.temporal_pos, self.text_pos,
+                  self.word_embed.weight, self.token_type.weight):
             nn.init.trunc_normal_(p, std=0.02)
 
     @property

@@ -20,6 +20,7 @@ import numpy as np
 import pyarrow as pa
 
 from vidray.config import ConfigError
+from vidray.manifest import split_videos
 
 IGNORE_INDEX = -100
 CLIP_COLUMNS = ["video_id", "clip_index", "start_s", "texts", "jpeg"]
@@ -86,12 +87,6 @@ def answer_vocabulary(qa: dict, keep: set[str] | None) -> list[str]:
     """Every answer of the questions about videos in ``keep`` (all videos if None), sorted."""
     return sorted({q["answer"] for (video, _), rows in qa.items() if keep is None or video in keep
                    for q in rows})
-
-
-def split_videos(manifest: str, split: str) -> set[str] | None:
-    from vidray.vlm.finetune import split_videos as of_manifest
-
-    return of_manifest(manifest, split)
 
 
 def clip_examples(batch: pa.Table, *, keep: set[str] | None, num_frames: int, image_size: int,

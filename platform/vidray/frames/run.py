@@ -17,7 +17,8 @@ from vidray.config import ConfigError, from_dict
 from vidray.feature_store.store import digest, open_version
 from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
 from vidray.frames.data import (answer_vocabulary, collate, examples_dataset, read_examples, read_qa,
-                                split_videos, tokenizer_for)
+                                tokenizer_for)
+from vidray.manifest import split_videos
 from vidray.frames.system import (QAModel, RetrievalModel, build_finetune_system, build_net,
                                   build_pretrain_system, size_figures)
 from vidray.metrics import ranks_of_correct, retrieval_metrics

@@ -1,8 +1,8 @@
 """Training systems of the frames models: a model + its objective behind ``training_step(batch)``.
 
-Pre-training (All-in-one): MLM (15% of text tokens, 80/10/10) + video-text matching, where half
-of the clips get another clip's frames (the batch rolled by one) and the text [CLS] state says
-match or not; MLM counts only on matched pairs. Fine-tuning: ``retrieval`` (contrastive loss over
+Pre-training (All-in-one): MLM (15% of text tokens, 80/10/10) on each clip's own frames +
+video-text matching in a second pass on whole text, where half of the clips get another clip's
+frames (the batch rolled by one) and the text [CLS] state says match or not. Fine-tuning: ``retrieval`` (contrastive loss over
 text-only and video-only passes, both directions) or ``qa`` (a classifier over the answer
 vocabulary on a joint pass of question + frames).
 
@@ -78,21 +78,21 @@ def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, prob: float, mask
 
 
 class PretrainModel(nn.Module):
+    """Two joint passes, as ViLT and All-in-one do: MLM on the clips' own frames with masked text,
+    VTM on whole text where half of the clips see the next clip's frames."""
+
     def __init__(self, net: AllInOneHeads, vtm_weight: float):
         super().__init__()
         self.net, self.vtm_weight = net, vtm_weight
         freeze(net.text_proj, net.video_proj)
 
-    def forward(self, frames, inputs, text_mask, mlm_targets, matched):
-        lt = inputs.shape[1]
-        # Mismatched clips see the next clip's frames; their text is not predicted.
-        frames = torch.where(matched.view(-1, 1, 1, 1, 1), frames, frames.roll(1, dims=0))
-        states = self.net.backbone(frames, inputs, text_mask)
-        targets = mlm_targets.masked_fill(~matched.unsqueeze(1), IGNORE_INDEX)
-        logits = self.net.mlm_logits(states[:, :lt])
-        mlm = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX)
-        mlm = torch.nan_to_num(mlm)  # a batch with no masked token on a matched pair
-        vtm_logits = self.net.vtm(states[:, 0])
+    def forward(self, frames, text_ids, masked_ids, text_mask, mlm_targets, matched):
+        states = self.net.backbone(frames, masked_ids, text_mask)
+        logits = self.net.mlm_logits(states[:, :masked_ids.shape[1]])
+        mlm = F.cross_entropy(logits.float().flatten(0, 1), mlm_targets.flatten(), ignore_index=IGNORE_INDEX)
+        mlm = torch.nan_to_num(mlm)  # a batch with no masked token
+        paired = torch.where(matched.view(-1, 1, 1, 1, 1), frames, frames.roll(1, dims=0))
+        vtm_logits = self.net.vtm(self.net.backbone(paired, text_ids, text_mask)[:, 0])
         vtm = F.cross_entropy(vtm_logits.float(), matched.long())
         with torch.no_grad():
             vtm_accuracy = (vtm_logits.argmax(-1) == matched.long()).float().mean()
@@ -154,8 +154,8 @@ class FramesPretrainSystem:
         if len(ids) == 1:
             matched[:] = True
         device = batch["frames"].device
-        return self.model(batch["frames"], inputs.to(device), batch["text_mask"], targets.to(device),
-                          matched.to(device))
+        return self.model(batch["frames"], batch["text_ids"], inputs.to(device), batch["text_mask"],
+                          targets.to(device), matched.to(device))
 
     def training_step(self, batch: dict):
         return self._step(batch, self.generator)
@@ -181,17 +181,10 @@ class FramesFinetuneSystem:
 def init_from(net: AllInOneHeads, checkpoint: str, model_cfg) -> None:
     """Copy the weights of a pre-training (or fine-tuning) checkpoint into ``net``; a task head the
     checkpoint lacks (the QA classifier) keeps its fresh initialisation."""
-    import dataclasses
-
-    from vidray.vlm.finetune import load_state
+    from vidray.train.job import load_state, require_same_model
 
     state = load_state(checkpoint)
-    saved = state["config"]["model"]
-    differ = [k for k, v in dataclasses.asdict(model_cfg).items() if saved.get(k) != v]
-    if differ:
-        raise ConfigError("model." + differ[0], "differs from the checkpoint in init_from ("
-                          + ", ".join(f"{k}: {saved.get(k)!r} there" for k in differ)
-                          + "); set the same model.* values")
+    require_same_model(state, model_cfg)
     weights = {k[len("net."):]: v for k, v in state["model"].items()
                if k.startswith("net.") and not k.startswith("net.qa.")}
     missing, unexpected = net.load_state_dict(weights, strict=False)

@@ -8,7 +8,36 @@ from functools import partial
 from typing import Any, Callable
 
 from vidray.config import ConfigError, dump_yaml, flatten
-from vidray.train.loop import MLflowRun, fit, load_checkpoint
+from vidray.train.loop import CHECKPOINT_FILE, MLflowRun, fit, load_checkpoint
+
+
+def load_state(checkpoint: str) -> dict:
+    """The training state saved in a checkpoint folder (local or s3://)."""
+    import io
+
+    import torch
+
+    from vidray import storage
+
+    uri = storage.join(checkpoint, CHECKPOINT_FILE)
+    if not storage.exists(uri):
+        raise ConfigError("checkpoint", f"{uri} does not exist; give a checkpoint folder "
+                          "(…/<run name>/checkpoint_NNNNNNNN) written by `vidray pretrain` or `vidray finetune`")
+    # The state holds RNG states (numpy objects) besides tensors; checkpoints come from our own
+    # storage_path only.
+    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+
+
+def require_same_model(state: dict, model_cfg: Any) -> None:
+    """Refuse ``init_from`` a checkpoint whose ``model.*`` differs, naming every differing key."""
+    import dataclasses
+
+    saved = state["config"]["model"]
+    differ = [k for k, v in dataclasses.asdict(model_cfg).items() if saved.get(k) != v]
+    if differ:
+        raise ConfigError("model." + differ[0], "differs from the checkpoint in init_from ("
+                          + ", ".join(f"{k}: {saved.get(k)!r} there" for k in differ)
+                          + "); set the same model.* values")
 
 
 def find_run(tracking_uri: str | None, experiment: str, run_name: str):

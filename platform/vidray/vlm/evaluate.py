@@ -26,8 +26,10 @@ from vidray.config import ConfigError, dump_yaml, flatten, from_dict
 from vidray.metrics import ranks_of_correct, retrieval_metrics
 from vidray.train.config import EvaluateConfig, FinetuneConfig
 from vidray.vlm.data import collate
-from vidray.vlm.finetune import (captions_by_video, collate_windows, example_kwargs, load_state,
-                                 split_videos, task_examples, text_budget, video_rows)
+from vidray.manifest import split_videos
+from vidray.train.job import load_state
+from vidray.vlm.finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
+                                 text_budget, video_rows)
 from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm
 from vidray.vlm.objectives import IGNORE_INDEX
 from vidray.vlm.tasks import build_task_model

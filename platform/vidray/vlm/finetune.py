@@ -11,21 +11,18 @@ checkpoint; its model config must match ``model`` (a mismatch is named key by ke
 from __future__ import annotations
 
 import dataclasses
-import io
 from functools import partial
 from typing import Any, Iterator
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.compute as pc
 import torch
 
-from vidray import storage
 from vidray.config import ConfigError
 from vidray.feature_store.store import digest, open_version
+from vidray.manifest import split_videos
 from vidray.train.config import FinetuneConfig, ModelConfig
-from vidray.train.job import run_training
-from vidray.train.loop import CHECKPOINT_FILE
+from vidray.train.job import load_state, require_same_model, run_training
 from vidray.vlm.data import (_ragged, clip_examples_of_video, collate, segment_windows, text_table)
 from vidray.vlm.model import SEP_ID, VLM, build_vlm
 from vidray.vlm.objectives import IGNORE_INDEX
@@ -34,26 +31,10 @@ from vidray.vlm.tasks import build_task_model
 EXPERIMENT = "vidray-finetune"
 
 
-def load_state(checkpoint: str) -> dict:
-    """The training state saved in a checkpoint folder (local or s3://)."""
-    uri = storage.join(checkpoint, CHECKPOINT_FILE)
-    if not storage.exists(uri):
-        raise ConfigError("checkpoint", f"{uri} does not exist; give a checkpoint folder "
-                          "(…/<run name>/checkpoint_NNNNNNNN) written by `vidray pretrain` or `vidray finetune`")
-    # The state holds RNG states (numpy objects) besides tensors; checkpoints come from our own
-    # storage_path only.
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
-
-
 def init_vlm_from(vlm: VLM, checkpoint: str, model_cfg: ModelConfig) -> None:
     """Copy the VLM weights of a pre-training (or fine-tuning) checkpoint into ``vlm``."""
     state = load_state(checkpoint)
-    saved = state["config"]["model"]
-    differ = [k for k, v in dataclasses.asdict(model_cfg).items() if saved.get(k) != v]
-    if differ:
-        raise ConfigError("model." + differ[0], "differs from the checkpoint in init_from ("
-                          + ", ".join(f"{k}: {saved.get(k)!r} there" for k in differ)
-                          + "); set the same model.* values")
+    require_same_model(state, model_cfg)
     weights = {k[len("vlm."):]: v for k, v in state["model"].items() if k.startswith("vlm.")}
     vlm.load_state_dict(weights)
 
@@ -160,16 +141,6 @@ def example_kwargs(cfg: FinetuneConfig, labels: str | None = None) -> dict:
     if cfg.task == "action_segmentation":
         kwargs["segments"], kwargs["classes"] = segment_classes(labels or cfg.data.labels)
     return kwargs
-
-
-def split_videos(manifest: str, split: str) -> set[str] | None:
-    """Video ids of a manifest split (None without a manifest: every video)."""
-    if not manifest:
-        return None
-    from vidray.manifest import read_manifest
-
-    table = read_manifest(manifest)
-    return set(table.filter(pc.equal(table["split"], split))["video_id"].to_pylist())
 
 
 def finetune_dataset(cfg: FinetuneConfig):
