@@ -61,10 +61,12 @@ ARCH_JOBS: dict[str, dict[str, tuple[str, str]]] = {
     "pretrain": {
         "vlm": ("vidray.train.config:PretrainConfig", "vidray.vlm.pretrain:run_pretrain"),
         "allinone": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
+        "lavender": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
     },
     "finetune": {
         "vlm": ("vidray.train.config:FinetuneConfig", "vidray.vlm.finetune:run_finetune"),
         "allinone": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
+        "lavender": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
     },
 }
 
@@ -265,11 +267,11 @@ def _config_keys(command: str) -> str:
                                                     "below)" if command in ARCH_JOBS else "") + ":"]
     for key, type_name, default, help_text in describe(cls):
         lines.append(f"  {key} ({type_name}, default {default!r}): {help_text}")
-    for arch, (config_class, _) in ARCH_JOBS.get(command, {}).items():
-        if arch != "vlm":
-            lines.append(f"\nconfig keys of `vidray {command}` with model.arch={arch}:")
-            lines += [f"  {key} ({type_name}, default {default!r}): {help_text}"
-                      for key, type_name, default, help_text in describe(_load(config_class))]
+    frames_archs = [a for a in ARCH_JOBS.get(command, {}) if a != "vlm"]
+    for config_class in dict.fromkeys(ARCH_JOBS[command][a][0] for a in frames_archs):  # one shared schema
+        lines.append(f"\nconfig keys of `vidray {command}` with model.arch={'|'.join(frames_archs)}:")
+        lines += [f"  {key} ({type_name}, default {default!r}): {help_text}"
+                  for key, type_name, default, help_text in describe(_load(config_class))]
     return "\n".join(lines)
 
 

@@ -22,7 +22,8 @@ PRESETS = {"pretrain": PretrainConfig, "vlm_pretrain": PretrainConfig, "clips": 
            "vlm_finetune_captioning": FinetuneConfig, "vlm_finetune_segmentation": FinetuneConfig,
            "sweep": SweepConfig, "vlm_sweep_mmm": SweepConfig,
            "allinone_pretrain": FramesPretrainConfig, "allinone_finetune_retrieval": FramesFinetuneConfig,
-           "allinone_finetune_qa": FramesFinetuneConfig}
+           "allinone_finetune_qa": FramesFinetuneConfig, "lavender_pretrain": FramesPretrainConfig,
+           "lavender_finetune_qa": FramesFinetuneConfig}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))))

@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from types import SimpleNamespace
 
 import pytest
 import yaml
@@ -18,7 +19,7 @@ import yaml
 from conftest import REPO
 from vidray.config import ConfigError, load_config
 from vidray.train.config import PretrainConfig
-from vidray.tuning.report import best_row, format_table
+from vidray.tuning.report import best_row, format_table, trial_rows
 from vidray.tuning.space import check, trial_configs
 from vidray.tuning.sweep import concurrency, load_sweep
 
@@ -114,6 +115,21 @@ def test_best_trial_is_a_finished_one_and_the_table_shows_every_trial():
     lines = format_table(cfg, rows).splitlines()
     assert lines[0].split() == ["trial", "objective.mmm_ratio", "loss", "steps", "status", "error"]
     assert len(lines) == 5 and lines[3].split()[2] == "-" and lines[3].endswith("boom")
+
+
+def test_a_trial_that_failed_before_reporting_keeps_its_values_in_the_table(tmp_path):
+    """Tune's Result of such a trial, after ``--resume``, has ``config=None`` and no metrics (seen
+    in a real resumed sweep); the values come from the trial folder's params.json instead."""
+    cfg = load_sweep(None, ["space.objective.mmm_ratio={grid: [0.0, 0.3]}", "metric=loss"])
+    trial_dir = tmp_path / "run_trial_0000_objective_mmm_ratio=0.0000"
+    trial_dir.mkdir()
+    (trial_dir / "params.json").write_text('{"objective.mmm_ratio": 0.0}')
+    failed = SimpleNamespace(metrics=None, config=None, error=RuntimeError("import failed"), path=str(trial_dir))
+    done = SimpleNamespace(metrics={"trial_id": "b", "loss": 1.5, "step": 30, "trial_done": 1},
+                           config={"objective.mmm_ratio": 0.3}, error=None, path=str(tmp_path / "b"))
+    rows = trial_rows(cfg, [failed, done], {})
+    assert [(r["objective.mmm_ratio"], r["status"]) for r in rows] == [(0.3, "done"), (0.0, "failed")]
+    assert rows[1]["error"] == "import failed" and rows[1]["steps"] == 0
 
 
 def test_cli_rejects_a_bad_space_before_starting_ray():

@@ -24,21 +24,35 @@ def trial_rows(cfg, results, children: dict[str, Any]) -> list[dict]:
         trial_id = metrics.get("trial_id") or os.path.basename(str(result.path))  # Tune adds trial_id
         status = "failed" if result.error else ("done" if metrics.get("trial_done") else "stopped")
         child = children.get(trial_id)
+        config = trial_params(result)
         rows.append({
             "trial": trial_id,
             "run": child.info.run_name if child else "",
-            **{key: _shown(key, result.config.get(key)) for key in cfg.space},
+            **{key: _shown(key, config.get(key)) for key in cfg.space},
             cfg.metric: _number(metrics.get(cfg.metric)),
             **({cfg.scheduler_metric: _number(metrics.get(cfg.scheduler_metric))}
                if cfg.scheduler_metric != cfg.metric else {}),
             "steps": int(metrics.get("step", 0) or 0),
             "status": status,
             "error": _first_line(result.error) if result.error else "",
-            "_params": result.config,
+            "_params": config,
             "_traceback": str(result.error or ""),
             "_run_id": child.info.run_id if child else None,
         })
     return sorted(rows, key=lambda r: r["trial"])
+
+
+def trial_params(result) -> dict:
+    """A trial's sampled values. A trial that failed before reporting anything, in a sweep that
+    was resumed, comes back from Tune with ``config=None``; its ``params.json`` still holds them."""
+    if result.config is not None:
+        return result.config
+    import json
+
+    from vidray import storage
+
+    uri = storage.join(str(result.path), "params.json")
+    return json.loads(storage.read_bytes(uri)) if result.path and storage.exists(uri) else {}
 
 
 def _shown(key: str, value: Any) -> Any:

@@ -13,16 +13,17 @@ from vidray.config import option
 from vidray.tracking import MLflowConfig
 from vidray.train.config import OptimConfig, TrainConfig
 
-FRAMES_ARCHS = ("allinone",)
+FRAMES_ARCHS = ("allinone", "lavender")
 
 
 @dataclass
 class FramesModelConfig:
-    arch: Literal["allinone"] = option(
-        "allinone", "allinone: one transformer over text + per-frame ViT patches, temporal token rolling")
+    arch: Literal["allinone", "lavender"] = option(
+        "allinone", "allinone: one transformer over text + per-frame ViT patches, temporal token rolling; "
+        "lavender: Video Swin + BERT fusion, every task as MLM through the one MLM head")
     flavour: Literal["tiny", "base"] = option("tiny", "model size; tiny is for CPU tests and the demo")
-    image_size: int = option(224, "frames are resized to image_size x image_size (a multiple of the "
-                             "patch size, 16)", ge=16)
+    image_size: int = option(224, "frames are resized to image_size x image_size (allinone: a multiple "
+                             "of its 16-px patches)", ge=16)
     num_frames: int = option(3, "frames per clip, evenly picked from the feature set's frames", ge=1)
     max_text_tokens: int = option(40, "WordPiece tokens of a caption or question, [CLS] and [SEP] included",
                                   ge=4)
@@ -45,6 +46,8 @@ class FramesDataConfig:
 class FramesObjectiveConfig:
     mlm_prob: float = option(0.15, "text token masking rate (80/10/10)", gt=0.0, lt=1.0)
     vtm_weight: float = option(1.0, "weight of the video-text matching loss next to MLM", ge=0.0)
+    vtm_negatives: int = option(3, "lavender: other clips of the batch each text is matched against "
+                                "(target 'false'), next to its own (target 'true')", ge=1)
 
 
 @dataclass
@@ -71,6 +74,8 @@ class FramesFinetuneConfig:
               "fine-tuning; null = random init")
     answers: list[str] = option(default_factory=list, help="qa: the answer vocabulary; empty = every "
                                 "answer of the training split's questions (filled in before training)")
+    match_negatives: int = option(3, "lavender retrieval: other clips of the batch each text is matched "
+                                  "against, as in pre-training", ge=1)
     model: FramesModelConfig = field(default_factory=FramesModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=100))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32))

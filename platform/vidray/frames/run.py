@@ -86,8 +86,14 @@ def run_frames_finetune(cfg: FramesFinetuneConfig, say=print, tags: dict | None 
 
 def load_frames_finetuned(state: dict) -> tuple[FramesFinetuneConfig, torch.nn.Module]:
     cfg = from_dict(FramesFinetuneConfig, state["config"])
-    net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
-    model = QAModel(net) if cfg.task == "qa" else RetrievalModel(net)
+    if cfg.model.arch == "lavender":
+        from vidray.frames.lavender_tasks import LavenderQAModel, LavenderRetrievalModel
+
+        net = build_net(cfg.model)
+        model = LavenderQAModel(net) if cfg.task == "qa" else LavenderRetrievalModel(net)
+    else:
+        net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
+        model = QAModel(net) if cfg.task == "qa" else RetrievalModel(net)
     model.load_state_dict(state["model"])
     return cfg, model.eval()
 
@@ -98,13 +104,24 @@ def _batches(examples: list[dict], size: int, max_text_tokens: int, pad_id: int)
 
 
 @torch.no_grad()
-def evaluate_retrieval(model: RetrievalModel, examples: list[dict], batch_size: int, max_text_tokens: int,
-                       pad_id: int) -> tuple[dict, list[dict], np.ndarray]:
+def similarity_matrix(model, arch: str, tokenizer: str, examples: list[dict], batch_size: int,
+                      max_text_tokens: int, pad_id: int) -> np.ndarray:
+    """Text-by-clip scores: All-in-one's separate passes and a dot product; LAVENDER's
+    p(true) / (p(true) + p(false)) of a joint pass per pair."""
+    if arch == "lavender":
+        from vidray.frames.lavender_tasks import Words, pair_scores
+
+        batch = collate(examples, max_text_tokens, pad_id)
+        return pair_scores(model.net, Words(tokenizer), batch["frames"], batch["text_ids"], batch["text_mask"],
+                           batch_size).numpy()
     texts, videos = [], []
     for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
         texts.append(model.net.encode_text(batch["text_ids"], batch["text_mask"]))
         videos.append(model.net.encode_video(batch["frames"]))
-    similarity = (torch.cat(texts) @ torch.cat(videos).T).numpy()
+    return (torch.cat(texts) @ torch.cat(videos).T).numpy()
+
+
+def evaluate_retrieval(similarity: np.ndarray, examples: list[dict]) -> tuple[dict, list[dict], np.ndarray]:
     ranks, best = ranks_of_correct(similarity), similarity.argmax(1)
     table = [{"video_id": e["video_id"], "clip_index": e["clip_index"], "caption": e["text"],
               "t2v_rank": int(r), "top1_video_id": examples[b]["video_id"],
@@ -118,15 +135,34 @@ def _majority(answers: list[str]) -> float:
 
 
 @torch.no_grad()
-def evaluate_qa(model: QAModel, examples: list[dict], answers: list[str], batch_size: int,
-                max_text_tokens: int, pad_id: int) -> tuple[dict, list[dict], dict[str, float]]:
+def predicted_answers(model, arch: str, tokenizer: str, examples: list[dict], answers: list[str],
+                      batch_size: int, max_text_tokens: int, pad_id: int) -> list[str]:
+    """All-in-one: the best of its answer classes; LAVENDER: the word its MLM head puts at the
+    [MASK] after "answer:" (any word of the vocabulary)."""
+    words = None
+    if arch == "lavender":
+        from vidray.frames.lavender_tasks import Words, insert_mask_slot, slot_logits
+
+        words = Words(tokenizer)
+    predicted: list[str] = []
+    for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
+        if words is None:
+            best = model.logits(batch["frames"], batch["text_ids"], batch["text_mask"]).argmax(-1).tolist()
+            predicted += [answers[i] for i in best]
+        else:
+            ids, mask, slots = insert_mask_slot(batch["text_ids"], batch["text_mask"], words.answer_prefix,
+                                                words.mask, words.pad)
+            best = slot_logits(model.net(batch["frames"], ids, mask), slots).argmax(-1).tolist()
+            predicted += words.tokenizer.convert_ids_to_tokens(best)
+    return predicted
+
+
+def evaluate_qa(predicted: list[str], examples: list[dict],
+                answers: list[str]) -> tuple[dict, list[dict], dict[str, float]]:
     """Accuracy over every question (answers outside the vocabulary count wrong), per question
     type, and ``qa_temporal_accuracy`` on the direction questions, each next to its baselines."""
-    predicted = []
-    for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
-        predicted += model.logits(batch["frames"], batch["text_ids"], batch["text_mask"]).argmax(-1).tolist()
     table = [{"video_id": e["video_id"], "question": e["text"], "type": e["question_type"] or "",
-              "answer": e["answer_text"], "predicted": answers[p], "correct": answers[p] == e["answer_text"]}
+              "answer": e["answer_text"], "predicted": p, "correct": p == e["answer_text"]}
              for e, p in zip(examples, predicted)]
     metrics = {"qa_accuracy": float(np.mean([r["correct"] for r in table])),
                "qa_chance": 1.0 / len(answers), "qa_majority": _majority([r["answer"] for r in table]),
@@ -160,13 +196,16 @@ def run_frames_evaluate(cfg: EvaluateConfig, state: dict, say: Callable[[str], N
     say(f"evaluate {ft.model.arch} {ft.task} on {cfg.split}: {len(examples)} examples")
     pad_id = tokenizer_for(ft.model.tokenizer).pad_token_id
     tables, figures = {}, {}
+    arch, tokenizer = ft.model.arch, ft.model.tokenizer
     if ft.task == "retrieval":
-        metrics, tables["retrieval"], similarity = evaluate_retrieval(
-            model, examples, cfg.batch_size, ft.model.max_text_tokens, pad_id)
+        similarity = similarity_matrix(model, arch, tokenizer, examples, cfg.batch_size, ft.model.max_text_tokens,
+                                       pad_id)
+        metrics, tables["retrieval"], similarity = evaluate_retrieval(similarity, examples)
         figures["recall_at_k"] = recall_curve_figure(similarity, f"retrieval on {cfg.split} ({len(examples)} clips)")
     else:
-        metrics, tables["qa"], per_type = evaluate_qa(model, examples, ft.answers, cfg.batch_size,
-                                                      ft.model.max_text_tokens, pad_id)
+        predicted = predicted_answers(model, arch, tokenizer, examples, ft.answers, cfg.batch_size,
+                                      ft.model.max_text_tokens, pad_id)
+        metrics, tables["qa"], per_type = evaluate_qa(predicted, examples, ft.answers)
         figures["qa_accuracy_per_type"] = bar_figure(per_type or {"all": metrics["qa_accuracy"]},
                                                      f"QA accuracy per question type on {cfg.split}", "accuracy")
     metrics["examples"] = len(examples)

@@ -25,16 +25,22 @@ from vidray.frames.data import IGNORE_INDEX, collate, tokenizer_for
 RETRIEVAL_TEMPERATURE = 0.05
 
 
-def build_net(model_cfg, num_answers: int = 0) -> AllInOneHeads:
-    """The model of ``model.arch`` with its heads (``num_answers`` > 0 adds the QA classifier)."""
+def build_net(model_cfg, num_answers: int = 0) -> nn.Module:
+    """The model of ``model.arch`` with its heads (All-in-one: ``num_answers`` > 0 adds the QA
+    classifier; LAVENDER has the one MLM head whatever the task)."""
+    vocab = len(tokenizer_for(model_cfg.tokenizer))
+    if model_cfg.image_size % 16:
+        raise ConfigError("model.image_size", f"{model_cfg.image_size} is not a multiple of the 16-px patches")
+    if model_cfg.arch == "lavender":
+        from vidray.frames.lavender import LAVENDER_FLAVOURS, Lavender
+
+        # Room for the "answer: [MASK]" a task appends to the text.
+        return Lavender(LAVENDER_FLAVOURS[model_cfg.flavour], vocab, model_cfg.image_size, model_cfg.num_frames,
+                        model_cfg.max_text_tokens + 8)
     if model_cfg.flavour not in ALLINONE_FLAVOURS:
         raise ConfigError("model.flavour", f"unknown flavour {model_cfg.flavour!r}; choose one of "
                           f"{sorted(ALLINONE_FLAVOURS)}")
     dims = ALLINONE_FLAVOURS[model_cfg.flavour]
-    if model_cfg.image_size % dims.patch:
-        raise ConfigError("model.image_size", f"{model_cfg.image_size} is not a multiple of the patch "
-                          f"size {dims.patch}")
-    vocab = len(tokenizer_for(model_cfg.tokenizer))
     backbone = AllInOne(dims, vocab, model_cfg.image_size, model_cfg.num_frames, model_cfg.max_text_tokens)
     return AllInOneHeads(backbone, num_answers, model_cfg.embed_dim)
 
@@ -49,8 +55,9 @@ def size_figures(model_cfg, num_answers: int = 0) -> dict[str, float]:
     frames = torch.zeros(1, model_cfg.num_frames, 3, model_cfg.image_size, model_cfg.image_size)
     ids = torch.ones(1, model_cfg.max_text_tokens, dtype=torch.long)
     counter = FlopCounterMode(display=False)
+    joint = net.backbone if model_cfg.arch == "allinone" else net  # one pass over text + frames
     with counter, torch.no_grad():
-        net.backbone(frames, ids, torch.ones_like(ids, dtype=torch.bool))
+        joint(frames, ids, torch.ones_like(ids, dtype=torch.bool))
     return {"model.parameters": sum(p.numel() for p in net.parameters()),
             "model.gflops_per_clip": round(counter.get_total_flops() / 1e9, 4)}
 
@@ -64,13 +71,17 @@ def freeze(*modules: nn.Module | nn.Parameter | None) -> None:
 
 
 def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, prob: float, mask_id: int, vocab: int,
-              generator: torch.Generator, special: tuple[int, ...]) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: ``prob`` of the real tokens chosen; of those 80% [MASK], 10% random, 10% kept.
-    Returns (inputs, targets with IGNORE_INDEX where nothing is predicted)."""
+              generator: torch.Generator, special: tuple[int, ...],
+              always_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: ``prob`` of the real tokens chosen; of those 80% [MASK], 10% random, 10% kept
+    (``always_mask``: all [MASK], LAVENDER's). Returns (inputs, targets with IGNORE_INDEX where
+    nothing is predicted)."""
     candidates = text_mask & ~torch.isin(text_ids, torch.tensor(special))
     chosen = candidates & (torch.rand(text_ids.shape, generator=generator) < prob)
     targets = text_ids.masked_fill(~chosen, IGNORE_INDEX)
     roll = torch.rand(text_ids.shape, generator=generator)
+    if always_mask:
+        roll.zero_()
     random_ids = torch.randint(vocab, text_ids.shape, generator=generator)
     inputs = torch.where(chosen & (roll < 0.8), torch.full_like(text_ids, mask_id), text_ids)
     inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, inputs)
@@ -178,7 +189,7 @@ class FramesFinetuneSystem:
         return self.model(**batch)
 
 
-def init_from(net: AllInOneHeads, checkpoint: str, model_cfg) -> None:
+def init_from(net: nn.Module, checkpoint: str, model_cfg) -> None:
     """Copy the weights of a pre-training (or fine-tuning) checkpoint into ``net``; a task head the
     checkpoint lacks (the QA classifier) keeps its fresh initialisation."""
     from vidray.train.job import load_state, require_same_model
@@ -193,9 +204,20 @@ def init_from(net: AllInOneHeads, checkpoint: str, model_cfg) -> None:
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
-def build_pretrain_system(cfg, device) -> FramesPretrainSystem:
+def build_pretrain_system(cfg, device):
+    if cfg.model.arch == "lavender":
+        from vidray.frames.lavender_tasks import LavenderPretrainSystem
+
+        return LavenderPretrainSystem(cfg, device)
     return FramesPretrainSystem(cfg, device)
 
 
-def build_finetune_system(cfg, device) -> FramesFinetuneSystem:
+def build_finetune_system(cfg, device):
+    if cfg.model.arch == "lavender":
+        from vidray.frames.lavender_tasks import LavenderFinetuneSystem
+
+        net = build_net(cfg.model)
+        if cfg.init_from:
+            init_from(net, cfg.init_from, cfg.model)
+        return LavenderFinetuneSystem(cfg, net, device)
     return FramesFinetuneSystem(cfg, device)
