@@ -192,11 +192,12 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
     pretrain = run_frames_pretrain(cfg, say=say)
     out = {"pretrain": {k: pretrain[k] for k in ("run_name", "checkpoint", "mlflow_run_id")}
            | {"step": pretrain["metrics"].get("step"), "loss": pretrain["metrics"].get("loss")}}
-    # Retrieval overfits the demo's ~110 training clips after about 200 steps; QA has 3 questions a clip.
-    for task, steps in (("retrieval", 200), ("qa", 400)):
+    # Retrieval overfits the demo's ~110 training clips after about 200 steps, and its contrastive
+    # loss sees one worker's share of the batch (so 32, 16 a worker); QA has 3 questions a clip.
+    for task, steps, batch in (("retrieval", 200, 32), ("qa", 400, 16)):
         cfg = load_config(FramesFinetuneConfig, None, common + [
             f"task={task}", f"init_from={pretrain['checkpoint']}", f"train.steps={steps}",
-            f"train.checkpoint_every={steps}"])
+            f"train.checkpoint_every={steps}", f"train.batch_size={batch}"])
         _save_config(configs_dir, f"{arch}_finetune_{task}", cfg)
         say(f"finetune {arch} for {task} from the pre-trained checkpoint: {cfg.train.steps} steps on 2 workers")
         tuned = run_frames_finetune(cfg, say=say)
