@@ -192,8 +192,8 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
     pretrain = run_frames_pretrain(cfg, say=say)
     out = {"pretrain": {k: pretrain[k] for k in ("run_name", "checkpoint", "mlflow_run_id")}
            | {"step": pretrain["metrics"].get("step"), "loss": pretrain["metrics"].get("loss")}}
-    # Retrieval overfits the demo's ~110 training clips after about 200 steps, and its contrastive
-    # loss sees one worker's share of the batch (so 32, 16 a worker); QA has 3 questions a clip.
+    # Retrieval overfits the demo's ~110 training clips after about 200 steps and gains from more
+    # in-batch negatives (32); QA has 3 questions a clip.
     for task, steps, batch in (("retrieval", 200, 32), ("qa", 400, 16)):
         cfg = load_config(FramesFinetuneConfig, None, common + [
             f"task={task}", f"init_from={pretrain['checkpoint']}", f"train.steps={steps}",

@@ -116,3 +116,37 @@ def test_size_figures_count_parameters_and_scale_flops_with_frames():
     # ViT-B/16 + BERT embeddings: ~110M parameters; ~3 x 17.6 GFLOPs (multiply-adds x 2) per clip.
     assert 100e6 < base["model.parameters"] < 125e6
     assert 90 < base["model.gflops_per_clip"] < 130
+
+
+def test_contrastive_loss_spans_every_workers_batch():
+    """Two real gloo processes: each worker's loss equals, computed naively in one process, the
+    loss of its own rows against the whole batch of both workers."""
+    import torch.multiprocessing as mp
+
+    torch.manual_seed(0)
+    text, video = torch.nn.functional.normalize(torch.randn(2, 3, 8), dim=-1), torch.nn.functional.normalize(
+        torch.randn(2, 3, 8), dim=-1)
+    results = mp.get_context("spawn").Manager().dict()
+    mp.spawn(_worker_loss, args=(text, video, results), nprocs=2, join=True)
+    all_text, all_video = text.flatten(0, 1), video.flatten(0, 1)
+    for rank in range(2):
+        rows = slice(3 * rank, 3 * rank + 3)
+        target = torch.arange(3) + 3 * rank
+        t2v, v2t = all_text[rows] @ all_video.T / 0.05, all_video[rows] @ all_text.T / 0.05
+        expected = (torch.nn.functional.cross_entropy(t2v, target) + torch.nn.functional.cross_entropy(v2t, target)) / 2
+        assert results[rank] == pytest.approx(expected.item(), rel=1e-5)
+
+
+def _worker_loss(rank, text, video, results):
+    import os
+
+    import torch.distributed as dist
+
+    from vidray.frames.system import contrastive_loss
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        results[rank] = contrastive_loss(text[rank], video[rank])[0].item()
+    finally:
+        dist.destroy_process_group()

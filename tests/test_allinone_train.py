@@ -72,7 +72,7 @@ def test_pretraining_loss_falls_and_the_run_carries_size_figures(pretrained):
 @pytest.mark.heavy
 def test_retrieval_finetuning_beats_chance_on_held_out_clips(pretrained, frames_data, tmp_path):
     _, pre = pretrained
-    # Each worker's contrastive loss sees only its own half of the batch: 16 clips each.
+    # 32 clips a step (16 a worker, every worker's clips the negatives of every text).
     cfg = FramesFinetuneConfig(task="retrieval", init_from=pre["checkpoint"], model=MODEL,
                                optim=OptimConfig(lr=5e-4, warmup_steps=10),
                                train=_train(300, batch_size=32, storage_path=str(tmp_path)), data=frames_data)

@@ -111,7 +111,23 @@ class PretrainModel(nn.Module):
                                              "vtm_accuracy": vtm_accuracy.item()}
 
 
+def gather_across_workers(x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    """Every worker's ``x`` stacked in rank order, gradients flowing back to the worker that made
+    each row, and where this worker's rows start. Without a process group: ``x`` and 0. (The
+    training loop drops incomplete batches, so every worker holds the same number of rows.)"""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return x, 0
+    from torch.distributed.nn.functional import all_gather
+
+    return torch.cat(all_gather(x)), dist.get_rank() * len(x)
+
+
 class RetrievalModel(nn.Module):
+    """Contrastive loss both ways against the clips and texts of *every* worker's batch (as CLIP
+    trains): with 2 workers each text meets twice the negatives a per-worker loss would give it."""
+
     def __init__(self, net: AllInOneHeads):
         super().__init__()
         self.net = net
@@ -119,12 +135,20 @@ class RetrievalModel(nn.Module):
 
     def forward(self, frames, text_ids, text_mask):
         text, video = self.net.encode_text(text_ids, text_mask), self.net.encode_video(frames)
-        logits = (text @ video.T).float() / RETRIEVAL_TEMPERATURE
-        target = torch.arange(len(logits), device=logits.device)
-        loss = (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target)) / 2
+        loss, t2v, target = contrastive_loss(text, video)
         with torch.no_grad():
-            accuracy = (logits.argmax(1) == target).float().mean()
+            accuracy = (t2v.argmax(1) == target).float().mean()
         return loss, {"t2v_batch_accuracy": accuracy.item()}
+
+
+def contrastive_loss(text: torch.Tensor, video: torch.Tensor):
+    """This worker's rows against every worker's, both ways: (loss, text->video logits, targets)."""
+    all_text, offset = gather_across_workers(text)
+    all_video, _ = gather_across_workers(video)
+    t2v = (text @ all_video.T).float() / RETRIEVAL_TEMPERATURE
+    v2t = (video @ all_text.T).float() / RETRIEVAL_TEMPERATURE
+    target = torch.arange(len(text), device=text.device) + offset
+    return (F.cross_entropy(t2v, target) + F.cross_entropy(v2t, target)) / 2, t2v, target
 
 
 class QAModel(nn.Module):
