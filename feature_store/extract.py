@@ -26,7 +26,7 @@ from vidray import storage
 from vidray.config import ConfigError, option
 from vidray.feature_store import store
 from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, S3DExtractConfig,
-                                             TextExtractConfig)
+                                             TextExtractConfig, VQExtractConfig)
 from vidray.manifest import read_manifest
 
 
@@ -34,11 +34,12 @@ from vidray.manifest import read_manifest
 class ExtractConfig:
     manifest: str = option("", "source manifest.parquet (local path or s3://)")
     root: str = option("", "feature-store root; the set goes to <root>/<name>/<version>/")
-    extractor: Literal["s3d", "text", "frames"] = option("s3d", "which extractor to run")
+    extractor: Literal["s3d", "text", "frames", "vq"] = option("s3d", "which extractor to run")
     name: Optional[str] = option(None, "feature-set name; null = the extractor's name")
     s3d: S3DExtractConfig = field(default_factory=S3DExtractConfig)
     text: TextExtractConfig = field(default_factory=TextExtractConfig)
     frames: FramesExtractConfig = field(default_factory=FramesExtractConfig)
+    vq: VQExtractConfig = field(default_factory=VQExtractConfig)
     videos_per_part: int = option(16, "videos per Parquet part (the unit of exactly-once)", ge=1)
     split: Optional[str] = option(None, "only videos of this split; null = all")
     limit: Optional[int] = option(None, "only the first N videos by id (smoke runs)", ge=1)
@@ -182,7 +183,9 @@ def _manifest(cfg: ExtractConfig, ident: dict, version: str, shards: list, extra
         "weights_digest": ident["weights_digest"],
         "source_manifest": {"uri": cfg.manifest, "digest": ident["source_digest"],
                             "split": cfg.split, "limit": cfg.limit},
-        "key": extractor_cls.key, "dims": dims, "schema": schema.to_string(show_schema_metadata=False),
+        "key": extractor_cls.key, "dims": dims,
+        # What readers must know about the values (the vq set: codebook size and region grid).
+        "info": extractor_cls.info(cfg.extractor_config) if hasattr(extractor_cls, "info") else {}, "schema": schema.to_string(show_schema_metadata=False),
         "schema_ipc": schema.serialize().to_pybytes().hex(),
         "parts": parts, "quarantine_files": [store.quarantine_name(s) for s, _ in shards],
         "rows": sum(p["rows"] for p in parts), "videos": sum(p["videos"] for p in parts),

@@ -8,10 +8,12 @@ turns one video into rows, raising on unreadable input (the job quarantines that
              video (30 fps windows, 224 px centre crop, [0, 1] pixels), L2-normalised, fp16.
 - ``text``   one row per video: each caption's WordPiece ids (no special tokens) with its times.
 - ``frames`` one row per clip: the sparse frames of :func:`vidray.video.sample_clips`, JPEG.
+- ``vq``     one row per clip of a frames set: E-ViLM's VQ tokenizer code of every frame region.
 """
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 from dataclasses import dataclass
@@ -242,9 +244,89 @@ def decode_jpeg(data: bytes) -> np.ndarray:
     return np.asarray(Image.open(io.BytesIO(data)).convert("RGB"))
 
 
+# --- vq ------------------------------------------------------------------------------------------
+
+@dataclass
+class VQExtractConfig:
+    checkpoint: str = option("", "a `vidray train-vq` checkpoint folder (…/checkpoint_NNNNNNNN), local or s3://")
+    frames: str = option("", "the frames feature-set version whose clips are labelled: its sampling "
+                             "settings are reused, so (video_id, clip_index) name the same frames")
+
+
+class VQExtractor:
+    """One row per clip: the VQ tokenizer's code of every region of its frames (E-ViLM's MVM targets).
+
+    The clips are decoded with the frames set's own settings and passed through the same JPEG
+    round trip, so the codes describe exactly the pixels a trainer reads from that set."""
+
+    key = ["video_id", "clip_index"]
+    schema_version = 1
+    schema = pa.schema([("video_id", pa.string()), ("clip_index", pa.int32()), ("start_s", pa.float64()),
+                        ("codes", pa.list_(pa.int32()))])
+
+    def __init__(self, cfg: VQExtractConfig, device: str = "cpu"):
+        import torch
+
+        from vidray.feature_store.store import open_version
+        from vidray.frames.vq import load_tokenizer
+
+        _require_vq_settings(cfg)
+        self.frames_cfg = FramesExtractConfig(**open_version(cfg.frames).manifest["config"])
+        self.tokenizer_cfg, self.tokenizer = load_tokenizer(cfg.checkpoint)
+        self.device = torch.device(device)
+        self.tokenizer.to(self.device)
+
+    @staticmethod
+    def info(cfg: VQExtractConfig) -> dict:
+        """Recorded in the set's manifest: what a trainer checks before reading the codes."""
+        from vidray.train.job import load_state
+
+        m = load_state(cfg.checkpoint)["config"]["model"]
+        return {"kind": m["kind"], "codebook_size": m["codebook_size"], "grid": m["image_size"] // m["patch"],
+                "num_frames": m["num_frames"], "image_size": m["image_size"], "checkpoint": cfg.checkpoint}
+
+    @staticmethod
+    def weights_digest(cfg: VQExtractConfig) -> str:
+        from vidray import storage
+        from vidray.feature_store.store import digest, open_version
+        from vidray.train.job import CHECKPOINT_FILE
+
+        _require_vq_settings(cfg)
+        weights = storage.read_bytes(storage.join(cfg.checkpoint, CHECKPOINT_FILE))
+        return f"{hashlib.sha256(weights).hexdigest()[:16]}+frames:{digest(open_version(cfg.frames).manifest)[:12]}"
+
+    def extract(self, row: dict) -> list[dict]:
+        import torch
+
+        from vidray.frames.data import decode_clip
+
+        f, m = self.frames_cfg, self.tokenizer_cfg.model
+        frames_ext = FramesExtractor(f)
+        clips = frames_ext.extract(row)
+        if not clips:
+            return []
+        pixels = np.stack([decode_clip(c["jpeg"], m.num_frames, m.image_size) for c in clips])
+        batch = torch.from_numpy(pixels).permute(0, 1, 4, 2, 3).float().div(127.5).sub(1.0)  # as collate
+        with torch.no_grad():
+            codes = self.tokenizer.codes(batch.to(self.device)).cpu().numpy()
+        return [{"video_id": c["video_id"], "clip_index": c["clip_index"], "start_s": c["start_s"],
+                 "codes": code.astype(np.int32).tolist()} for c, code in zip(clips, codes)]
+
+    def to_table(self, rows: list[dict]) -> pa.Table:
+        return pa.Table.from_pylist(rows, schema=self.schema)
+
+
+def _require_vq_settings(cfg: VQExtractConfig) -> None:
+    if not cfg.checkpoint:
+        raise ValueError("vq.checkpoint is required: the checkpoint folder `vidray train-vq` printed")
+    if not cfg.frames:
+        raise ValueError("vq.frames is required: the frames feature-set version whose clips to label")
+
+
 EXTRACTORS: dict[str, tuple[type, type]] = {
     "s3d": (S3DExtractConfig, S3DExtractor),
     "text": (TextExtractConfig, TextExtractor),
     "frames": (FramesExtractConfig, FramesExtractor),
+    "vq": (VQExtractConfig, VQExtractor),
 }
 

@@ -139,13 +139,14 @@ class AllInOne(nn.Module):
 
 class AllInOneHeads(nn.Module):
     """The model and its heads: MLM (tied to the word embeddings), VTM on the text [CLS] of a
-    joint pass, retrieval projections for the fast separate passes, and a QA classifier."""
+    joint pass, retrieval projections for the fast separate passes, and a QA classifier. E-ViLM's
+    backbone has the same layout and wears the same heads."""
 
     def __init__(self, backbone: AllInOne, num_answers: int = 0, embed_dim: int = 256):
         super().__init__()
-        h = backbone.hidden_size
+        h, e = backbone.hidden_size, backbone.word_embed.embedding_dim  # E-ViLM: words narrower than h
         self.backbone = backbone
-        self.mlm_transform = nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=1e-12))
+        self.mlm_transform = nn.Sequential(nn.Linear(h, e), nn.GELU(), nn.LayerNorm(e, eps=1e-12))
         self.mlm_bias = nn.Parameter(torch.zeros(backbone.word_embed.num_embeddings))
         self.vtm = nn.Linear(h, 2)
         self.text_proj, self.video_proj = nn.Linear(h, embed_dim), nn.Linear(h, embed_dim)

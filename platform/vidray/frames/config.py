@@ -13,17 +13,19 @@ from vidray.config import option
 from vidray.tracking import MLflowConfig
 from vidray.train.config import OptimConfig, TrainConfig
 
-FRAMES_ARCHS = ("allinone", "lavender")
+FRAMES_ARCHS = ("allinone", "lavender", "evilm")
+MVM_TOKENIZERS = ("semantic", "pixel", "none")
 
 
 @dataclass
 class FramesModelConfig:
-    arch: Literal["allinone", "lavender"] = option(
+    arch: Literal["allinone", "lavender", "evilm"] = option(
         "allinone", "allinone: one transformer over text + per-frame ViT patches, temporal token rolling; "
-        "lavender: Video Swin + BERT fusion, every task as MLM through the one MLM head")
+        "lavender: video encoder + BERT fusion, every task as MLM through the one MLM head; "
+        "evilm: small conv encoder + tiny BERT + narrow decoder, masked video modelling on VQ codes")
     flavour: Literal["tiny", "base"] = option("tiny", "model size; tiny is for CPU tests and the demo")
-    image_size: int = option(224, "frames are resized to image_size x image_size (allinone: a multiple "
-                             "of its 16-px patches)", ge=16)
+    image_size: int = option(224, "frames are resized to image_size x image_size (a multiple of the "
+                             "16-px patches; evilm: of its stride, 16 tiny / 32 base)", ge=16)
     num_frames: int = option(3, "frames per clip, evenly picked from the feature set's frames", ge=1)
     max_text_tokens: int = option(40, "WordPiece tokens of a caption or question, [CLS] and [SEP] included",
                                   ge=4)
@@ -40,6 +42,9 @@ class FramesDataConfig:
     val_split: str = option("val", "manifest split scored every train.val_every steps (needs data.manifest)")
     qa: str = option("", "open-ended QA jsonl ({video, question, answer, start, end}; the synthetic "
                      "corpus's qa.jsonl): the qa task's questions, matched to clips by video and start")
+    vq: dict[str, str] = option(default_factory=dict, help=(
+        "evilm MVM: tokenizer choice -> vq feature-set version URI (`vidray extract` with extractor "
+        "vq), e.g. {semantic: URI, pixel: URI}; objective.mvm_tokenizer picks one"))
 
 
 @dataclass
@@ -48,6 +53,13 @@ class FramesObjectiveConfig:
     vtm_weight: float = option(1.0, "weight of the video-text matching loss next to MLM", ge=0.0)
     vtm_negatives: int = option(3, "lavender: other clips of the batch each text is matched against "
                                 "(target 'false'), next to its own (target 'true')", ge=1)
+    mvm_tokenizer: Literal["semantic", "pixel", "none"] = option(
+        "none", "evilm masked video modelling targets: the codes of the data.vq set of that name "
+                "(semantic: a VQ tokenizer trained to predict caption words; pixel: one trained to "
+                "reconstruct pixels); none: no MVM (MLM + VTM only). A sweepable choice")
+    mvm_mask_ratio: float = option(0.4, "evilm: share of each frame's regions masked block-wise for MVM",
+                                   gt=0.0, lt=1.0)
+    mvm_weight: float = option(1.0, "evilm: weight of the MVM loss next to MLM + VTM", ge=0.0)
 
 
 @dataclass
@@ -79,5 +91,43 @@ class FramesFinetuneConfig:
     model: FramesModelConfig = field(default_factory=FramesModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=100))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32))
+    data: FramesDataConfig = field(default_factory=FramesDataConfig)
+    mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+
+# --- the VQ video tokenizer of E-ViLM (`vidray train-vq`) ----------------------------------------
+
+@dataclass
+class VQModelConfig:
+    kind: Literal["semantic", "pixel"] = option(
+        "semantic", "semantic: the decoder predicts the caption's words (multi-label, focal loss), "
+                    "E-ViLM's tokenizer; pixel: it reconstructs the frames' pixels (a DALL-E-like control)")
+    flavour: Literal["tiny", "base"] = option("tiny", "tiny for CPU tests and the demo; base: ViT-B "
+                                              "encoder, 8-layer decoder")
+    image_size: int = option(256, "frames resized to image_size x image_size (a multiple of the patch)", ge=16)
+    num_frames: int = option(4, "frames per clip, as the E-ViLM model that reads the codes", ge=1)
+    patch: int = option(32, "pixels per region side: one code per patch of every frame; must equal "
+                            "E-ViLM's stride (16 tiny, 32 base) for MVM", ge=4)
+    codebook_size: int = option(9420, "codes in the codebook", ge=2)
+    code_dim: int = option(32, "width of the l2-normalised codes", ge=2)
+    max_text_tokens: int = option(40, "caption tokens read for the semantic targets", ge=4)
+    tokenizer: str = option("minilm", "text tokenizer whose vocabulary the semantic decoder predicts")
+
+
+@dataclass
+class VQObjectiveConfig:
+    focal_gamma: float = option(1.0, "focal exponent on the negative words (1: the paper's p*log(1-p))", ge=0.0)
+    commitment: float = option(1.0, "weight of ||E(x) - sg[code]||² (the encoder's commitment); the "
+                                    "codebook term ||sg[E(x)] - code||² has weight 1", ge=0.0)
+
+
+@dataclass
+class VQTokenizerConfig:
+    """`vidray train-vq`: E-ViLM's VQ video tokenizer on the frames feature set."""
+
+    model: VQModelConfig = field(default_factory=VQModelConfig)
+    objective: VQObjectiveConfig = field(default_factory=VQObjectiveConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=500))
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
     data: FramesDataConfig = field(default_factory=FramesDataConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)

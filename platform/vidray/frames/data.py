@@ -91,15 +91,23 @@ def answer_vocabulary(qa: dict, keep: set[str] | None) -> list[str]:
 
 def clip_examples(batch: pa.Table, *, keep: set[str] | None, num_frames: int, image_size: int,
                   tokenizer: str, max_text_tokens: int, qa: dict | None = None,
-                  answers: list[str] | None = None, with_meta: bool = False) -> list[dict]:
+                  answers: list[str] | None = None, with_meta: bool = False, vq=None) -> list[dict]:
     """The examples of a batch of frames-set rows: one per clip (its first caption), or with ``qa``
-    one per question about the clip. ``with_meta`` keeps ids, texts and question types."""
+    one per question about the clip. ``with_meta`` keeps ids, texts and question types. ``vq``
+    (a :class:`VQCodes` or its Ray object ref) adds each clip's ``vq_codes``; clips it lacks are left
+    out (the driver reports how many, see :func:`vq_codes_for`)."""
     tok = tokenizer_for(tokenizer)
     answer_index = {a: i for i, a in enumerate(answers or [])}
+    codes = VQCodes.resolve(vq)
     out = []
     for row in batch.to_pylist():
         if keep is not None and row["video_id"] not in keep:
             continue
+        clip_codes = None
+        if codes is not None:
+            clip_codes = codes.get(row["video_id"], row["clip_index"])
+            if clip_codes is None:
+                continue
         if qa is None:
             if not row["texts"]:
                 continue
@@ -114,6 +122,8 @@ def clip_examples(batch: pa.Table, *, keep: set[str] | None, num_frames: int, im
             example = {"frames": frames, "text_ids": np.asarray(ids, np.int64)}
             if question is not None:
                 example["answer"] = answer_index.get(question["answer"], IGNORE_INDEX)
+            if clip_codes is not None:
+                example["vq_codes"] = clip_codes
             if with_meta:
                 example.update(video_id=row["video_id"], clip_index=row["clip_index"], text=text,
                                answer_text=question["answer"] if question else None,
@@ -131,17 +141,22 @@ def _to_examples(batch: pa.Table, **kwargs) -> dict:
            "text_ids": ids}
     if kwargs.get("qa") is not None:
         out["answer"] = np.asarray([e["answer"] for e in examples], np.int64)
+    if kwargs.get("vq") is not None:
+        out["vq_codes"] = (np.stack([e["vq_codes"] for e in examples]) if examples
+                           else np.zeros((0, 0), np.int64))
     return out
 
 
-def example_kwargs(model, data, split: str, qa: dict | None = None, answers: list[str] | None = None) -> dict:
+def example_kwargs(model, data, split: str, qa: dict | None = None, answers: list[str] | None = None,
+                   vq=None) -> dict:
     return {"keep": split_videos(data.manifest, split), "num_frames": model.num_frames,
             "image_size": model.image_size, "tokenizer": model.tokenizer,
-            "max_text_tokens": model.max_text_tokens, "qa": qa, "answers": answers}
+            "max_text_tokens": model.max_text_tokens, "qa": qa, "answers": answers, "vq": vq}
 
 
-def examples_dataset(model, data, split: str, qa: dict | None = None, answers: list[str] | None = None):
-    """A Ray Dataset of examples (``frames``, ``text_ids`` [, ``answer``]) of one split."""
+def examples_dataset(model, data, split: str, qa: dict | None = None, answers: list[str] | None = None,
+                     vq=None):
+    """A Ray Dataset of examples (``frames``, ``text_ids`` [, ``answer``] [, ``vq_codes``]) of one split."""
     from vidray.feature_store import store
 
     if not data.frames:
@@ -149,7 +164,7 @@ def examples_dataset(model, data, split: str, qa: dict | None = None, answers: l
                           "(see `vidray features ls ROOT`)")
     ds = store.open_dataset(data.frames, columns=CLIP_COLUMNS)
     return ds.map_batches(_to_examples, batch_format="pyarrow", batch_size=16,
-                          fn_kwargs=example_kwargs(model, data, split, qa, answers))
+                          fn_kwargs=example_kwargs(model, data, split, qa, answers, vq))
 
 
 def read_examples(model, data, split: str, qa: dict | None = None, answers: list[str] | None = None) -> list[dict]:
@@ -166,7 +181,8 @@ def collate(examples: dict, max_text_tokens: int, pad_id: int = 0) -> dict:
     import torch
 
     if isinstance(examples, list):
-        examples = {k: [e[k] for e in examples] for k in ("frames", "text_ids", "answer") if k in examples[0]}
+        examples = {k: [e[k] for e in examples] for k in ("frames", "text_ids", "answer", "vq_codes")
+                    if k in examples[0]}
     frames = torch.from_numpy(np.stack(list(examples["frames"]))).permute(0, 1, 4, 2, 3)
     texts = [np.asarray(t, np.int64)[:max_text_tokens] for t in examples["text_ids"]]
     width = max(len(t) for t in texts)
@@ -178,4 +194,54 @@ def collate(examples: dict, max_text_tokens: int, pad_id: int = 0) -> dict:
     batch = {"frames": frames.float() / 127.5 - 1.0, "text_ids": text_ids, "text_mask": text_mask}
     if "answer" in examples:
         batch["answer"] = torch.as_tensor(np.asarray(examples["answer"], np.int64))
+    if "vq_codes" in examples:
+        batch["vq_codes"] = torch.as_tensor(np.stack(list(examples["vq_codes"])).astype(np.int64))
     return batch
+
+
+# --- VQ codes (E-ViLM's MVM targets) ---------------------------------------------------------------
+
+class VQCodes:
+    """Every clip's codes of a ``vq`` feature set, as two arrays (keys, ``int32 [clips, N]``) so
+    Ray shares one copy per node through the object store; the lookup dict is built once per
+    process. Memory: 4 bytes x N codes per clip (WebVid-2.5M at 4 x 8 x 8 codes: ~2.6 GB)."""
+
+    _cache: dict[str, "VQCodes"] = {}
+
+    def __init__(self, uri: str, keys: np.ndarray, codes: np.ndarray):
+        self.uri, self.keys, self.codes = uri, keys, codes
+        self._index: dict[str, int] | None = None
+
+    @classmethod
+    def read(cls, uri: str) -> "VQCodes":
+        from vidray.feature_store import store
+
+        parts = [store.read_parquet(u, ["video_id", "clip_index", "codes"]) for u in store.open_version(uri).part_uris]
+        table = pa.concat_tables(parts)
+        keys = np.asarray([f"{v}\t{c}" for v, c in zip(table["video_id"].to_pylist(),
+                                                         table["clip_index"].to_pylist())])
+        flat = table["codes"].combine_chunks()
+        width = len(flat[0]) if len(flat) else 0
+        codes = np.asarray(flat.flatten(), np.int32).reshape(len(flat), width)
+        return cls(uri, keys, codes)
+
+    @staticmethod
+    def resolve(vq) -> "VQCodes | None":
+        """``vq`` itself, or the object behind a Ray object ref (fetched once per process)."""
+        if vq is None or isinstance(vq, VQCodes):
+            return vq
+        import ray
+
+        key = vq.hex()
+        if key not in VQCodes._cache:
+            VQCodes._cache[key] = ray.get(vq)
+        return VQCodes._cache[key]
+
+    def get(self, video_id: str, clip_index: int) -> np.ndarray | None:
+        if self._index is None:
+            self._index = {k: i for i, k in enumerate(self.keys.tolist())}
+        i = self._index.get(f"{video_id}\t{clip_index}")
+        return None if i is None else self.codes[i]
+
+    def __getstate__(self):  # the index is rebuilt where it is used
+        return {"uri": self.uri, "keys": self.keys, "codes": self.codes, "_index": None}

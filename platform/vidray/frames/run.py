@@ -16,11 +16,11 @@ import torch
 from vidray.config import ConfigError, from_dict
 from vidray.feature_store.store import digest, open_version
 from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
-from vidray.frames.data import (answer_vocabulary, collate, examples_dataset, read_examples, read_qa,
-                                tokenizer_for)
+from vidray.frames.data import (VQCodes, answer_vocabulary, collate, examples_dataset, read_examples,
+                                read_qa, tokenizer_for)
 from vidray.manifest import split_videos
 from vidray.frames.system import (QAModel, RetrievalModel, build_finetune_system, build_net,
-                                  build_pretrain_system, size_figures)
+                                  build_pretrain_system, mvm_settings, size_figures)
 from vidray.metrics import ranks_of_correct, retrieval_metrics
 from vidray.train.config import EvaluateConfig
 from vidray.train.job import run_training
@@ -48,14 +48,43 @@ def run_frames_pretrain(cfg: FramesPretrainConfig, say=print, tags: dict | None 
         raise ConfigError("data.manifest", "is required with train.val_every > 0: it names the videos "
                           "of data.val_split")
     tags = {**_frames_tag(cfg.data), "arch": cfg.model.arch, **(tags or {})}
+    mvm = mvm_settings(cfg)
+    if mvm:
+        tags.update({"feature_set.vq": mvm["uri"], "mvm_tokenizer": cfg.objective.mvm_tokenizer})
     figures = size_figures(cfg.model)
     say(f"{cfg.model.arch} ({cfg.model.flavour}): {figures['model.parameters']:,} parameters, "
-        f"{figures['model.gflops_per_clip']} GFLOPs per clip")
+        f"{figures['model.gflops_per_clip']} GFLOPs per clip"
+        + (f"; MVM on {mvm['kind']} VQ codes ({mvm['codebook_size']} codes)" if mvm else ""))
+    codes = []  # the codes go to the object store once Ray is up, shared by both datasets
+
+    def dataset(split: str):
+        if mvm and not codes:
+            codes.append(shared_vq_codes(mvm["uri"], cfg.data.frames, say))
+        return examples_dataset(cfg.model, cfg.data, split, vq=codes[0] if codes else None)
+
     return run_training(cfg, job="pretrain", experiment=cfg.mlflow.experiment or PRETRAIN_EXPERIMENT,
                         run_name=_run_name(cfg, "pretrain"), build_system=build_pretrain_system,
-                        make_dataset=lambda: examples_dataset(cfg.model, cfg.data, cfg.data.split),
-                        make_val_dataset=lambda: examples_dataset(cfg.model, cfg.data, cfg.data.val_split),
+                        make_dataset=lambda: dataset(cfg.data.split),
+                        make_val_dataset=lambda: dataset(cfg.data.val_split),
                         tags=tags, params=figures, callbacks=callbacks, say=say)
+
+
+def shared_vq_codes(vq_uri: str, frames_uri: str, say=print):
+    """The vq set's codes in Ray's object store (one copy per node), after checking that they
+    cover the frames set's clips: clips without codes would silently drop out of pre-training."""
+    import ray
+
+    from vidray.feature_store import store
+
+    codes = VQCodes.read(vq_uri)
+    parts = [store.read_parquet(u, ["video_id", "clip_index"]) for u in store.open_version(frames_uri).part_uris]
+    clips = [(v, c) for p in parts for v, c in zip(p["video_id"].to_pylist(), p["clip_index"].to_pylist())]
+    missing = [k for k in clips if codes.get(*k) is None]
+    if missing:
+        say(f"warning: {len(missing)} of {len(clips)} clips of {frames_uri} have no codes in {vq_uri} "
+            f"(e.g. {missing[0][0]} clip {missing[0][1]}); they are left out of pre-training. Was the vq "
+            "set extracted from this frames set and the same manifest?")
+    return ray.put(codes)
 
 
 def with_answers(cfg: FramesFinetuneConfig) -> FramesFinetuneConfig:

@@ -1,8 +1,9 @@
 """Training systems of the frames models: a model + its objective behind ``training_step(batch)``.
 
-Pre-training (All-in-one): MLM (15% of text tokens, 80/10/10) on each clip's own frames +
+Pre-training (All-in-one, E-ViLM): MLM (15% of text tokens, 80/10/10) on each clip's own frames +
 video-text matching in a second pass on whole text, where half of the clips get another clip's
-frames (the batch rolled by one) and the text [CLS] state says match or not. Fine-tuning: ``retrieval`` (contrastive loss over
+frames (the batch rolled by one) and the text [CLS] state says match or not; E-ViLM adds masked
+video modelling on the first pass. Fine-tuning: ``retrieval`` (contrastive loss over
 text-only and video-only passes, both directions) or ``qa`` (a classifier over the answer
 vocabulary on a joint pass of question + frames).
 
@@ -37,6 +38,15 @@ def build_net(model_cfg, num_answers: int = 0) -> nn.Module:
         # Room for the "answer: [MASK]" a task appends to the text.
         return Lavender(LAVENDER_FLAVOURS[model_cfg.flavour], vocab, model_cfg.image_size, model_cfg.num_frames,
                         model_cfg.max_text_tokens + 8)
+    if model_cfg.arch == "evilm":
+        from vidray.frames.evilm import EVILM_FLAVOURS, EViLM
+
+        dims = EVILM_FLAVOURS[model_cfg.flavour]
+        if model_cfg.image_size % dims.stride:
+            raise ConfigError("model.image_size", f"{model_cfg.image_size} is not a multiple of E-ViLM "
+                              f"{model_cfg.flavour}'s stride {dims.stride}")
+        backbone = EViLM(dims, vocab, model_cfg.image_size, model_cfg.num_frames, model_cfg.max_text_tokens)
+        return AllInOneHeads(backbone, num_answers, model_cfg.embed_dim)
     if model_cfg.flavour not in ALLINONE_FLAVOURS:
         raise ConfigError("model.flavour", f"unknown flavour {model_cfg.flavour!r}; choose one of "
                           f"{sorted(ALLINONE_FLAVOURS)}")
@@ -55,7 +65,7 @@ def size_figures(model_cfg, num_answers: int = 0) -> dict[str, float]:
     frames = torch.zeros(1, model_cfg.num_frames, 3, model_cfg.image_size, model_cfg.image_size)
     ids = torch.ones(1, model_cfg.max_text_tokens, dtype=torch.long)
     counter = FlopCounterMode(display=False)
-    joint = net.backbone if model_cfg.arch == "allinone" else net  # one pass over text + frames
+    joint = net if model_cfg.arch == "lavender" else net.backbone  # one pass over text + frames
     with counter, torch.no_grad():
         joint(frames, ids, torch.ones_like(ids, dtype=torch.bool))
     return {"model.parameters": sum(p.numel() for p in net.parameters()),
@@ -90,16 +100,25 @@ def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, prob: float, mask
 
 class PretrainModel(nn.Module):
     """Two joint passes, as ViLT and All-in-one do: MLM on the clips' own frames with masked text,
-    VTM on whole text where half of the clips see the next clip's frames."""
+    VTM on whole text where half of the clips see the next clip's frames. With ``mvm_codes``
+    (E-ViLM), the first pass also sees block-masked frames and a head predicts the VQ code of each
+    masked region from the decoder's region states (MVM)."""
 
-    def __init__(self, net: AllInOneHeads, vtm_weight: float):
+    def __init__(self, net: AllInOneHeads, vtm_weight: float, mvm_codes: int = 0, mvm_weight: float = 1.0):
         super().__init__()
-        self.net, self.vtm_weight = net, vtm_weight
+        self.net, self.vtm_weight, self.mvm_weight = net, vtm_weight, mvm_weight
+        h = net.backbone.hidden_size
+        self.mvm = (nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=1e-12), nn.Linear(h, mvm_codes))
+                    if mvm_codes else None)
         freeze(net.text_proj, net.video_proj)
 
-    def forward(self, frames, text_ids, masked_ids, text_mask, mlm_targets, matched):
-        states = self.net.backbone(frames, masked_ids, text_mask)
-        logits = self.net.mlm_logits(states[:, :masked_ids.shape[1]])
+    def forward(self, frames, text_ids, masked_ids, text_mask, mlm_targets, matched, mvm_masks=None, vq_codes=None):
+        from vidray.frames.evilm import mvm_loss, zero_regions
+
+        inputs = frames if self.mvm is None else zero_regions(frames, mvm_masks)
+        states = self.net.backbone(inputs, masked_ids, text_mask)
+        lt = masked_ids.shape[1]
+        logits = self.net.mlm_logits(states[:, :lt])
         mlm = F.cross_entropy(logits.float().flatten(0, 1), mlm_targets.flatten(), ignore_index=IGNORE_INDEX)
         mlm = torch.nan_to_num(mlm)  # a batch with no masked token
         paired = torch.where(matched.view(-1, 1, 1, 1, 1), frames, frames.roll(1, dims=0))
@@ -107,8 +126,13 @@ class PretrainModel(nn.Module):
         vtm = F.cross_entropy(vtm_logits.float(), matched.long())
         with torch.no_grad():
             vtm_accuracy = (vtm_logits.argmax(-1) == matched.long()).float().mean()
-        return mlm + self.vtm_weight * vtm, {"mlm_loss": mlm.item(), "vtm_loss": vtm.item(),
-                                             "vtm_accuracy": vtm_accuracy.item()}
+        loss = mlm + self.vtm_weight * vtm
+        logs = {"mlm_loss": mlm.item(), "vtm_loss": vtm.item(), "vtm_accuracy": vtm_accuracy.item()}
+        if self.mvm is not None:
+            mvm, mvm_accuracy = mvm_loss(self.mvm(states[:, lt:]), vq_codes, mvm_masks.flatten(1))
+            loss = loss + self.mvm_weight * mvm
+            logs.update(mvm_loss=mvm.item(), mvm_accuracy=mvm_accuracy.item())
+        return loss, logs
 
 
 def gather_across_workers(x: torch.Tensor) -> tuple[torch.Tensor, int]:
@@ -176,7 +200,9 @@ class FramesPretrainSystem:
         tok = tokenizer_for(cfg.model.tokenizer)
         self.mask_id, self.vocab = tok.mask_token_id, len(tok)
         self.special = tuple(tok.all_special_ids)
-        self.model = PretrainModel(build_net(cfg.model), cfg.objective.vtm_weight).to(device)
+        self.mvm = mvm_settings(cfg)
+        self.model = PretrainModel(build_net(cfg.model), cfg.objective.vtm_weight,
+                                   self.mvm["codebook_size"] if self.mvm else 0, cfg.objective.mvm_weight).to(device)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=tok.pad_token_id)
 
@@ -189,8 +215,16 @@ class FramesPretrainSystem:
         if len(ids) == 1:
             matched[:] = True
         device = batch["frames"].device
+        mvm = {}
+        if self.mvm:
+            from vidray.frames.evilm import clip_masks
+
+            b, t = batch["frames"].shape[:2]
+            mvm = {"mvm_masks": clip_masks(b, t, self.mvm["grid"], self.cfg.objective.mvm_mask_ratio,
+                                           generator).to(device),
+                   "vq_codes": batch["vq_codes"]}
         return self.model(batch["frames"], batch["text_ids"], inputs.to(device), batch["text_mask"],
-                          targets.to(device), matched.to(device))
+                          targets.to(device), matched.to(device), **mvm)
 
     def training_step(self, batch: dict):
         return self._step(batch, self.generator)
@@ -226,6 +260,35 @@ def init_from(net: nn.Module, checkpoint: str, model_cfg) -> None:
     if unexpected or any(not k.startswith("qa.") for k in missing):
         raise ConfigError("init_from", f"{checkpoint} does not hold this model's weights "
                           f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
+
+
+def mvm_settings(cfg) -> dict | None:
+    """E-ViLM's MVM targets: the manifest ``info`` of the vq set ``objective.mvm_tokenizer`` names
+    in ``data.vq`` (codebook size, region grid), checked against the model; None without MVM."""
+    choice = cfg.objective.mvm_tokenizer
+    if choice == "none":
+        return None
+    if cfg.model.arch != "evilm":
+        raise ConfigError("objective.mvm_tokenizer", f"masked video modelling is E-ViLM's; {cfg.model.arch} "
+                          "pre-trains with MLM + VTM: set it to none")
+    if choice not in cfg.data.vq:
+        raise ConfigError("data.vq", f"has no {choice!r} entry for objective.mvm_tokenizer={choice}: give "
+                          f"data.vq.{choice}=URI of a vq feature set (`vidray extract` with extractor vq), "
+                          "or set objective.mvm_tokenizer=none")
+    from vidray.feature_store.store import open_version
+    from vidray.frames.evilm import EVILM_FLAVOURS
+
+    version = open_version(cfg.data.vq[choice])
+    info = version.manifest.get("info") or {}
+    if version.manifest.get("extractor") != "vq" or "codebook_size" not in info:
+        raise ConfigError(f"data.vq.{choice}", f"{version.uri} is not a vq feature set")
+    grid = cfg.model.image_size // EVILM_FLAVOURS[cfg.model.flavour].stride
+    if (info["grid"], info["num_frames"]) != (grid, cfg.model.num_frames):
+        raise ConfigError(f"data.vq.{choice}", f"its codes cover {info['num_frames']} frames x "
+                          f"{info['grid']}x{info['grid']} regions but the model sees {cfg.model.num_frames} "
+                          f"frames x {grid}x{grid}: train the tokenizer with model.num_frames="
+                          f"{cfg.model.num_frames} and image_size / patch = {grid}")
+    return {**info, "uri": version.uri}
 
 
 def build_pretrain_system(cfg, device):
