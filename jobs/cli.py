@@ -11,6 +11,7 @@ import json
 import os
 import sys
 
+from vidray.archs import ARCH_JOBS, load
 from vidray.config import ConfigError
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -24,6 +25,8 @@ are rejected before any work starts. Use --print-config to see the resolved conf
 SWEEP_EPILOG = """\
 e.g.  vidray sweep configs/demo/sweep.yaml pretrain.data.features=URI pretrain.data.text=URI \\
           pretrain.data.manifest=URI 'space.objective.mmm_ratio={grid: [0.0, 0.3, 0.5, 0.7]}'
+      vidray sweep configs/demo/allinone_sweep.yaml pretrain.data.frames=URI pretrain.data.manifest=URI
+pretrain.model.arch picks the pretrain.* and finetune.* keys (those of `vidray pretrain|finetune`).
 overrides are dotted keys of the sweep config; space.<path>=SPEC sets one search-space entry.
 Unknown paths and malformed entries are rejected before anything starts; a value the schema
 rejects fails its own trial only. --print-config shows the resolved sweep (with its name)."""
@@ -55,45 +58,21 @@ def _resolve(args: argparse.Namespace, cls: type):
     return cfg
 
 
-# model.arch -> (config class, job function) of `vidray pretrain` / `vidray finetune`. Dotted
-# strings, imported on use, keep `--help` instant; `vidray evaluate` follows the checkpoint.
-ARCH_JOBS: dict[str, dict[str, tuple[str, str]]] = {
-    "pretrain": {
-        "vlm": ("vidray.train.config:PretrainConfig", "vidray.vlm.pretrain:run_pretrain"),
-        "allinone": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
-        "lavender": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
-    },
-    "finetune": {
-        "vlm": ("vidray.train.config:FinetuneConfig", "vidray.vlm.finetune:run_finetune"),
-        "allinone": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
-        "lavender": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
-    },
-}
-
-
-def _load(dotted: str):
-    import importlib
-
-    module, name = dotted.split(":")
-    return getattr(importlib.import_module(module), name)
-
-
 def arch_of(path: str | None, overrides: list[str]) -> str:
     """``model.arch`` of a preset + overrides (``vlm`` when unset)."""
+    from vidray.archs import arch_of_dict
     from vidray.config import merge, parse_overrides, read_yaml
 
-    data = merge(read_yaml(path) if path else {}, parse_overrides(overrides))
-    model = data.get("model") or {}
-    return model.get("arch", "vlm") if isinstance(model, dict) else "vlm"
+    return arch_of_dict(merge(read_yaml(path) if path else {}, parse_overrides(overrides)))
 
 
 def _run_training_command(args: argparse.Namespace) -> int:
     path, overrides = _split_config_and_overrides(args)
-    arch, jobs = arch_of(path, overrides), ARCH_JOBS[args.command]
-    if arch not in jobs:
-        raise ConfigError("model.arch", f"unknown architecture {arch!r}; choose one of {', '.join(jobs)}")
-    config_class, job = (_load(s) for s in jobs[arch])
-    cfg = _resolve(args, config_class)
+    from vidray.archs import config_class, runner
+
+    arch = arch_of(path, overrides)
+    cfg = _resolve(args, config_class(args.command, arch))
+    job = runner(args.command, arch)
     report = job(cfg, say=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report, indent=2, default=str))
     return 0
@@ -180,6 +159,15 @@ def cmd_finetune(args: argparse.Namespace) -> int:
     return _run_training_command(args)
 
 
+def cmd_train_vq(args: argparse.Namespace) -> int:
+    from vidray.frames.config import VQTokenizerConfig
+    from vidray.frames.vq import run_train_vq
+
+    report = run_train_vq(_resolve(args, VQTokenizerConfig), say=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2, default=str))
+    return 0
+
+
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from vidray.train.config import EvaluateConfig
 
@@ -256,22 +244,28 @@ def _config_keys(command: str) -> str:
 
     from vidray.tuning.config import SweepConfig
 
+    from vidray.frames.config import VQTokenizerConfig
+
     cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
-           "sweep": SweepConfig}[command]
+           "sweep": SweepConfig, "train-vq": VQTokenizerConfig}[command]
     if command == "sweep":  # the job configs inside have their own commands' --help
-        return "config keys of `vidray sweep` (pretrain.*, finetune.*, evaluate.*: see those commands):\n" + \
-            "\n".join(f"  {key} ({type_name}, default {default!r}): {help_text}"
-                      for key, type_name, default, help_text in describe(cls)
-                      if not key.startswith(("pretrain.", "finetune.", "evaluate.")))
-    lines = [f"config keys of `vidray {command}`" + (" (VLM; model.arch=allinone has its own, listed "
-                                                    "below)" if command in ARCH_JOBS else "") + ":"]
+        lines = ["config keys of `vidray sweep` (pretrain.*, finetune.*, evaluate.*: see those commands):"]
+        for key, type_name, default, help_text in describe(cls):
+            if key in ("pretrain", "finetune"):  # job configs, their schema picked by pretrain.model.arch
+                shown = "default: `vidray pretrain`'s" if key == "pretrain" else "default None"
+                lines.append(f"  {key} (mapping, {shown}): {help_text}")
+            elif not key.startswith(("pretrain.", "finetune.", "evaluate.")):
+                lines.append(f"  {key} ({type_name}, default {default!r}): {help_text}")
+        return "\n".join(lines)
+    lines = [f"config keys of `vidray {command}`" + (" (VLM; the frames models' model.arch has its own, "
+                                                    "listed below)" if command in ARCH_JOBS else "") + ":"]
     for key, type_name, default, help_text in describe(cls):
         lines.append(f"  {key} ({type_name}, default {default!r}): {help_text}")
     frames_archs = [a for a in ARCH_JOBS.get(command, {}) if a != "vlm"]
     for config_class in dict.fromkeys(ARCH_JOBS[command][a][0] for a in frames_archs):  # one shared schema
         lines.append(f"\nconfig keys of `vidray {command}` with model.arch={'|'.join(frames_archs)}:")
         lines += [f"  {key} ({type_name}, default {default!r}): {help_text}"
-                  for key, type_name, default, help_text in describe(_load(config_class))]
+                  for key, type_name, default, help_text in describe(load(config_class))]
     return "\n".join(lines)
 
 
@@ -320,7 +314,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.set_defaults(run=cmd_clips)
 
-    p = sub.add_parser("extract", help="one-time feature extraction (s3d, text, frames) to a "
+    p = sub.add_parser("extract", help="one-time feature extraction (s3d, text, frames, vq) to a "
                        "versioned feature set, exactly once",
                        epilog=CONFIG_EPILOG, formatter_class=fmt)
     _add_config_args(p)
@@ -328,11 +322,14 @@ def build_parser() -> argparse.ArgumentParser:
 
     commands = {
         "pretrain": ("pre-training on Ray Train: VLM (MMM + masked token loss) from S3D + text "
-                     "feature sets, or with model.arch=allinone All-in-one (MLM + VTM) from the "
-                     "frames feature set", cmd_pretrain),
+                     "feature sets, or with model.arch=allinone|lavender|evilm a frames model (MLM + "
+                     "VTM, + MVM for evilm) from the frames feature set", cmd_pretrain),
         "finetune": ("fine-tune on Ray Train (init_from=a pre-training checkpoint): VLM for retrieval, "
-                     "captioning or action segmentation; All-in-one for retrieval or open-ended QA",
+                     "captioning or action segmentation; the frames models for retrieval or open-ended QA",
                      cmd_finetune),
+        "train-vq": ("train E-ViLM's VQ video tokenizer on the frames feature set (model.kind=semantic: "
+                     "codes that predict the caption's words; pixel: codes that reconstruct pixels); "
+                     "then `vidray extract` with extractor=vq caches its codes for MVM", cmd_train_vq),
         "evaluate": ("evaluate a fine-tuned checkpoint: retrieval R@K/MdR (+ MC-QA), captioning "
                      "BLEU/METEOR/ROUGE-L/CIDEr, segmentation frame accuracy; logged to MLflow", cmd_evaluate),
     }
@@ -378,9 +375,10 @@ def build_parser() -> argparse.ArgumentParser:
                        "reuses what is done.")
     p.add_argument("--workdir", default="demo-work", help="where everything goes (default ./demo-work)")
     p.add_argument("--videos", type=int, default=48, help="synthetic videos (default 48)")
-    p.add_argument("--model", choices=["vlm", "allinone"], default="vlm",
+    p.add_argument("--model", choices=["vlm", "allinone", "lavender", "evilm"], default="vlm",
                    help="vlm (default): S3D + text features, VLM pre-training, retrieval, a sweep; "
-                   "allinone: frames feature set, All-in-one pre-training, retrieval and QA")
+                   "allinone | lavender: frames feature set, pre-training, retrieval and QA "
+                   "fine-tuning; evilm: the same after training its VQ tokenizer and caching its codes")
     p.add_argument("--keep-stack", action="store_true",
                    help="leave the S3 endpoint and MLflow server running afterwards (to browse the UI)")
     p.set_defaults(run=cmd_demo)

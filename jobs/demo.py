@@ -167,16 +167,58 @@ def _evaluate_once(workdir: str, configs_dir: str, label: str, evaluation) -> di
     return report
 
 
+# Frames per clip of each frames model in the demo (the frames set holds 4): All-in-one's 3, the
+# 4 of LAVENDER and E-ViLM.
+DEMO_NUM_FRAMES = {"allinone": 3, "lavender": 4, "evilm": 4}
+
+
+def _vq_codes(workdir: str, configs_dir: str, corpus: dict, features: dict) -> dict:
+    """E-ViLM's MVM targets: train the semantic VQ tokenizer on the frames set (configs/demo/
+    vq_semantic.yaml, spelled out), then cache its codes as the vq feature set."""
+    from vidray.config import load_config
+    from vidray.feature_store.extract import ExtractConfig, run_extract
+    from vidray.feature_store.extractors import VQExtractConfig
+    from vidray.frames.config import VQTokenizerConfig
+    from vidray.frames.vq import run_train_vq
+
+    cfg = load_config(VQTokenizerConfig, None, [
+        "model.kind=semantic", "model.flavour=tiny", "model.image_size=64", "model.num_frames=4",
+        "model.patch=16", "model.codebook_size=256", "model.code_dim=16", "model.max_text_tokens=32",
+        f"data.frames={features['frames']['uri']}", f"data.manifest={corpus['manifest']}", "data.split=train",
+        "train.steps=150", "train.batch_size=32", "train.num_workers=2", "train.checkpoint_every=150",
+        "train.log_every=50", f"train.storage_path={os.path.join(workdir, 'runs')}", "optim.lr=1e-3",
+        "optim.warmup_steps=10", "mlflow.experiment=vidray-demo"])
+    _save_config(configs_dir, "vq_semantic", cfg)
+    say(f"train the semantic VQ video tokenizer (tiny, {cfg.model.codebook_size} codes) on Ray Train, "
+        f"{cfg.train.steps} steps: codes that predict the caption's words")
+    tokenizer = run_train_vq(cfg, say=say)
+    extract = ExtractConfig(manifest=corpus["manifest"], root=os.path.join(workdir, "features"), extractor="vq",
+                            videos_per_part=8,
+                            vq=VQExtractConfig(checkpoint=tokenizer["checkpoint"], frames=features["frames"]["uri"]))
+    _save_config(configs_dir, "extract_vq", extract)
+    say("extract vq: the tokenizer's code of every region of every clip, cached as a feature set")
+    report = run_extract(extract, progress=True, say=say)
+    return {"tokenizer_run": tokenizer["run_name"], "checkpoint": tokenizer["checkpoint"],
+            "codes_used": tokenizer["metrics"].get("codes_used"), "uri": report["uri"], "rows": report["rows"]}
+
+
 def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, arch: str) -> dict:
-    """A frames model end to end: pre-training (MLM + VTM), then retrieval and open-ended QA
-    fine-tuning from its checkpoint, both evaluated on the held-out test split next to chance.
-    The settings are configs/demo/<arch>_*.yaml, spelled out (the installed package has no configs/)."""
+    """A frames model end to end: pre-training (MLM + VTM; E-ViLM: + MVM on the codes of a VQ
+    tokenizer trained first), then retrieval and open-ended QA fine-tuning from its checkpoint,
+    both evaluated on the held-out test split next to chance. The settings are
+    configs/demo/<arch>_*.yaml, spelled out (the installed package has no configs/)."""
     from vidray.config import load_config
     from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
     from vidray.frames.run import run_frames_finetune, run_frames_pretrain
     from vidray.train.config import EvaluateConfig
 
-    common = [f"model.arch={arch}", "model.flavour=tiny", "model.image_size=64", "model.num_frames=3",
+    out: dict = {}
+    objective = []
+    if arch == "evilm":
+        out["vq"] = _vq_codes(workdir, configs_dir, corpus, features)
+        objective = ["objective.mvm_tokenizer=semantic", f"data.vq.semantic={out['vq']['uri']}"]
+    common = [f"model.arch={arch}", "model.flavour=tiny", "model.image_size=64",
+              f"model.num_frames={DEMO_NUM_FRAMES[arch]}",
               "model.max_text_tokens=32", f"data.frames={features['frames']['uri']}",
               f"data.manifest={corpus['manifest']}", "data.split=train",
               f"data.qa={os.path.join(workdir, 'corpus', 'qa.jsonl')}", "train.batch_size=16",
@@ -184,14 +226,15 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
               "optim.lr=5e-4", "optim.warmup_steps=10", "mlflow.experiment=vidray-demo"]
     # MLM learns within these steps; video-text matching needs more (about 400 steps of batch 32
     # at a constant learning rate before it leaves chance): the demo shows the path, not the limit.
-    cfg = load_config(FramesPretrainConfig, None, common + ["train.steps=300", "train.batch_size=32",
-                                                             "train.checkpoint_every=300"])
+    cfg = load_config(FramesPretrainConfig, None, common + objective + [
+        "train.steps=300", "train.batch_size=32", "train.checkpoint_every=300"])
     _save_config(configs_dir, f"{arch}_pretrain", cfg)
-    say(f"pretrain {arch} (tiny) on Ray Train, 2 workers, {cfg.train.steps} steps, MLM + video-text matching "
-        f"on {cfg.model.num_frames} frames per clip")
+    say(f"pretrain {arch} (tiny) on Ray Train, 2 workers, {cfg.train.steps} steps, MLM + video-text matching"
+        + (" + masked video modelling" if objective else "") + f" on {cfg.model.num_frames} frames per clip")
     pretrain = run_frames_pretrain(cfg, say=say)
-    out = {"pretrain": {k: pretrain[k] for k in ("run_name", "checkpoint", "mlflow_run_id")}
-           | {"step": pretrain["metrics"].get("step"), "loss": pretrain["metrics"].get("loss")}}
+    out["pretrain"] = ({k: pretrain[k] for k in ("run_name", "checkpoint", "mlflow_run_id")}
+                       | {k: pretrain["metrics"].get(k) for k in ("step", "loss", "mlm_loss", "vtm_loss", "mvm_loss")
+                          if k in pretrain["metrics"]})
     # Retrieval overfits the demo's ~110 training clips after about 200 steps and gains from more
     # in-batch negatives (32); QA has 3 questions a clip.
     for task, steps, batch in (("retrieval", 200, 32), ("qa", 400, 16)):
@@ -212,6 +255,10 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
 def _print_frames_model(arch: str, result: dict) -> None:
     r, qa = result["retrieval"], result["qa"]
     n = r["examples"]
+    if "vq" in result:
+        pre = result["pretrain"]
+        say(f"{arch} MVM targets: {result['vq']['rows']} clips coded by the semantic VQ tokenizer "
+            f"({result['vq']['uri']}); final MVM loss {pre.get('mvm_loss', float('nan')):.3f}")
     say(f"{arch} retrieval on the held-out test split ({n} clips): R@1 {r['t2v_R1']:.3f} (chance "
         f"{r['chance_R1']:.3f}), R@5 {r['t2v_R5']:.3f} (chance {min(5 / n, 1):.3f}), median rank "
         f"{r['t2v_MdR']:.0f} (chance {(n + 1) / 2:.0f})")
@@ -324,7 +371,8 @@ def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str, 
 
 
 def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: str = "vlm") -> int:
-    """Run the demo for ``model`` (vlm, or a frames model: allinone); returns the exit code."""
+    """Run the demo for ``model`` (vlm, or a frames model: allinone, lavender, evilm); returns the
+    exit code."""
     import ray
 
     from vidray.train.job import start_local_ray

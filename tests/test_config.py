@@ -13,7 +13,7 @@ import yaml
 from conftest import REPO
 from vidray.clips import ClipsConfig
 from vidray.config import ConfigError, dump_yaml, flatten, from_dict, load_config, parse_overrides
-from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
+from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig, VQTokenizerConfig
 from vidray.train.config import FinetuneConfig, PretrainConfig
 from vidray.tuning.config import SweepConfig
 
@@ -23,7 +23,10 @@ PRESETS = {"pretrain": PretrainConfig, "vlm_pretrain": PretrainConfig, "clips": 
            "sweep": SweepConfig, "vlm_sweep_mmm": SweepConfig,
            "allinone_pretrain": FramesPretrainConfig, "allinone_finetune_retrieval": FramesFinetuneConfig,
            "allinone_finetune_qa": FramesFinetuneConfig, "lavender_pretrain": FramesPretrainConfig,
-           "lavender_finetune_qa": FramesFinetuneConfig}
+           "lavender_finetune_qa": FramesFinetuneConfig, "allinone_sweep": SweepConfig,
+           "lavender_finetune_retrieval": FramesFinetuneConfig, "evilm_pretrain": FramesPretrainConfig,
+           "evilm_finetune_retrieval": FramesFinetuneConfig, "evilm_finetune_qa": FramesFinetuneConfig,
+           "vq_semantic": VQTokenizerConfig, "vq_pixel": VQTokenizerConfig, "evilm_sweep_tokenizer": SweepConfig}
 
 
 @pytest.mark.parametrize("path", sorted(glob.glob(os.path.join(REPO, "configs", "*", "*.yaml"))))

@@ -94,18 +94,22 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert again["done"]["retrieval"] == retrieval   # the same runs, resumed, the same numbers
     assert "sweep: reusing" in second.stdout and again["done"]["sweep"] == sweep
 
-    # The same work dir with the All-in-one frames model: corpus, clips and the frames feature set
-    # are reused; pre-training, retrieval and QA fine-tuning and their evaluations run.
-    frames_run = demo(tmp_path, 500, "--model", "allinone")
+    # The same work dir with a frames model, E-ViLM (the longest frames path; All-in-one's and
+    # LAVENDER's are the same minus the tokenizer): corpus, clips and the frames feature set are
+    # reused; the VQ tokenizer, its codes, pre-training with MVM, retrieval and QA fine-tuning and
+    # their evaluations run.
+    frames_run = demo(tmp_path, 600, "--model", "evilm")
     assert frames_run.returncode == 0, frames_run.stderr[-3000:]
     assert "corpus: reusing" in frames_run.stdout and frames_run.stdout.count("nothing to do:") == 1
-    allinone = json.loads((tmp_path / "demo.json").read_text())
-    assert allinone["model"] == "allinone" and set(allinone["done"]["features"]) == {"frames"}
-    result = allinone["done"]["allinone"]
-    assert result["pretrain"]["step"] == 300
+    evilm = json.loads((tmp_path / "demo.json").read_text())
+    assert evilm["model"] == "evilm" and set(evilm["done"]["features"]) == {"frames"}
+    result = evilm["done"]["evilm"]
+    assert result["vq"]["rows"] == evilm["done"]["features"]["frames"]["rows"]
+    assert result["pretrain"]["step"] == 300 and result["pretrain"]["mvm_loss"] > 0
     retrieval, qa = result["retrieval"], result["qa"]
     assert retrieval["chance_R1"] == pytest.approx(1 / retrieval["examples"]) and 0 <= retrieval["t2v_R1"] <= 1
     assert qa["qa_questions"] == 3 * retrieval["examples"]  # three questions per clip
     assert qa["qa_chance"] < qa["qa_majority"] <= 1 and 0 <= qa["qa_temporal_accuracy"] <= 1
-    assert "allinone retrieval on the held-out test split" in frames_run.stdout
-    assert "allinone open-ended QA on the test split" in frames_run.stdout
+    assert "evilm retrieval on the held-out test split" in frames_run.stdout
+    assert "evilm open-ended QA on the test split" in frames_run.stdout
+    assert "evilm MVM targets" in frames_run.stdout

@@ -189,3 +189,32 @@ def test_config_errors_name_the_key_and_the_fix():
     with pytest.raises(ConfigError, match=r"data.vq.*'pixel'"):
         mvm_settings(missing)
     assert mvm_settings(FramesPretrainConfig(model=TINY)) is None
+
+
+def test_retrieval_training_leaves_no_trainable_parameter_without_gradient():
+    """DDP fails on trainable parameters a step never reaches: retrieval uses the two encoders only."""
+    from vidray.frames.system import RetrievalModel
+
+    model = RetrievalModel(build_net(TINY))
+    ids = torch.tensor([[101, 7, 8, 102], [101, 9, 10, 102]])
+    loss, _ = model(torch.randn(2, 4, 3, 64, 64), ids, ids != 0)
+    loss.backward()
+    idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert idle == []
+
+
+def test_dead_codes_are_moved_onto_encoder_outputs_after_patience_steps():
+    cfg = VQModelConfig(flavour="tiny", image_size=32, num_frames=1, patch=16, codebook_size=8, code_dim=4)
+    tokenizer = VQTokenizer(VQ_FLAVOURS["tiny"], cfg, vocab_size=10)
+    z = F.normalize(torch.randn(2, 4, 4), dim=-1)
+    ids = torch.zeros(2, 4, dtype=torch.long)            # every region picked code 0
+    assert tokenizer.restart_dead_codes(ids, z, patience=3) == 0
+    assert tokenizer.restart_dead_codes(ids, z, patience=3) == 0
+    before = tokenizer.codebook.detach().clone()
+    assert tokenizer.restart_dead_codes(ids, z, patience=3) == 7   # codes 1..7 idle for 3 steps
+    moved = tokenizer.codebook.detach()
+    assert torch.equal(moved[0], before[0])
+    pool = z.flatten(0, 1)
+    for code in moved[1:]:
+        assert ((pool - code).norm(dim=-1).min()) < 0.1          # near one of this batch's outputs
+    assert tokenizer.idle_steps.tolist() == [0] * 8

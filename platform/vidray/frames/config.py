@@ -119,6 +119,8 @@ class VQObjectiveConfig:
     focal_gamma: float = option(1.0, "focal exponent on the negative words (1: the paper's p*log(1-p))", ge=0.0)
     commitment: float = option(1.0, "weight of ||E(x) - sg[code]||² (the encoder's commitment); the "
                                     "codebook term ||sg[E(x)] - code||² has weight 1", ge=0.0)
+    dead_code_patience: int = option(10, "steps a code may go unpicked before it is moved onto a random "
+                                         "encoder output (against codebook collapse); 0 = never", ge=0)
 
 
 @dataclass

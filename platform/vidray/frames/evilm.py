@@ -129,6 +129,12 @@ class EViLM(nn.Module):
         return self.dims.fusion.hidden
 
     @property
+    def joint_only(self) -> tuple[nn.Module, ...]:
+        """What only joint passes use: retrieval (each side alone) freezes it, or DDP would wait
+        for gradients that never come."""
+        return (self.blocks, self.norm, self.token_type)
+
+    @property
     def word_embed(self) -> nn.Embedding:
         """The word embeddings the MLM head is tied to (text width, not decoder width)."""
         return self.text_embeddings.word_embeddings

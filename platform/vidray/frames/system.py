@@ -155,7 +155,7 @@ class RetrievalModel(nn.Module):
     def __init__(self, net: AllInOneHeads):
         super().__init__()
         self.net = net
-        freeze(net.mlm_transform, net.mlm_bias, net.vtm)
+        freeze(net.mlm_transform, net.mlm_bias, net.vtm, *getattr(net.backbone, "joint_only", ()))
 
     def forward(self, frames, text_ids, text_mask):
         text, video = self.net.encode_text(text_ids, text_mask), self.net.encode_video(frames)
