@@ -4,16 +4,22 @@ A sweep's trial is the real pre-training job (optionally followed by fine-tuning
 of its checkpoint); ``pretrain``, ``finetune`` and ``evaluate`` hold those jobs' configs with the
 same keys as `vidray pretrain|finetune|evaluate`. The search space addresses them by the same
 dotted paths as overrides (see :mod:`vidray.tuning.space`).
+
+``pretrain.model.arch`` (an arch of :data:`vidray.archs.ARCH_JOBS`) picks the schema
+of ``pretrain`` and ``finetune`` when the sweep is loaded: a frames-model sweep holds a
+``FramesPretrainConfig`` / ``FramesFinetuneConfig``, a VLM one ``PretrainConfig`` / ``FinetuneConfig``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
-from vidray.config import ConfigError, option
+from vidray import archs
+from vidray.config import ConfigError, from_dict, merge, option
 from vidray.tracking import MLflowConfig
-from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+from vidray.train.config import EvaluateConfig, PretrainConfig
 
 EXPERIMENT = "vidray-sweep"
 
@@ -38,10 +44,15 @@ class SweepConfig:
     name: str = option("", "sweep name: names the parent MLflow run, the trials' runs and the Tune "
                            "folder; `--resume` continues the sweep of this name; empty = derived "
                            "from the config")
-    pretrain: PretrainConfig = field(default_factory=PretrainConfig)
-    finetune: Optional[FinetuneConfig] = option(
-        None, "fine-tune each trial's checkpoint (model.* and empty data.* come from pretrain) and "
-              "evaluate it (see evaluate); null = pre-training only")
+    # Typed Any because the schema depends on a value (pretrain.model.arch) and from_dict has no
+    # tagged unions: the raw mappings pass through it and __post_init__ builds the arch's configs.
+    pretrain: Any = option(default_factory=PretrainConfig, help=(
+        "the trials' pre-training job: the keys of `vidray pretrain`; its model.arch "
+        f"({', '.join(archs.ARCH_JOBS['pretrain'])}) picks the schema of pretrain.* and finetune.*"))
+    finetune: Any = option(
+        None, "fine-tune each trial's checkpoint (the keys of `vidray finetune` for pretrain's "
+              "model.arch; model.* and empty data.* come from pretrain) and evaluate it (see "
+              "evaluate); null = pre-training only")
     evaluate: EvaluateConfig = field(default_factory=lambda: EvaluateConfig(split="val"))
     space: dict[str, Any] = option(default_factory=dict, help=(
         "dotted config path -> {grid: [...]} | {choice: [...]} | {uniform: [lo, hi]} | "
@@ -59,18 +70,33 @@ class SweepConfig:
                                               "checkpoints); local path or s3://")
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
 
+    def __post_init__(self) -> None:
+        self.pretrain = _job_config("pretrain", self.arch, self.pretrain)
+        if self.finetune is not None:
+            self.finetune = _job_config("finetune", self.arch, _with_arch(self.finetune, self.arch))
+
+    @property
+    def arch(self) -> str:
+        """The trials' architecture (``pretrain.model.arch``)."""
+        if isinstance(self.pretrain, dict):
+            return archs.arch_of_dict(self.pretrain)
+        return self.pretrain.model.arch
+
     def validate(self) -> None:
         if not self.space:
             raise ConfigError("space", "is empty: name at least one config path to sweep, e.g. "
                               "space: {objective.mmm_ratio: {grid: [0.0, 0.3, 0.5, 0.7]}}")
-        if self.finetune is None and self.metric not in PRETRAIN_METRICS:
-            raise ConfigError("metric", f"{self.metric!r} is not reported by pre-training "
-                              f"({', '.join(PRETRAIN_METRICS)}); add a finetune: stage for "
+        if self.finetune is not None:
+            _same_arch(self.finetune.model.arch, self.arch)
+        reported = pretrain_metrics(self.arch)
+        if self.finetune is None and self.metric not in reported:
+            raise ConfigError("metric", f"{self.metric!r} is not reported by {self.arch} pre-training "
+                              f"({', '.join(reported)}); add a finetune: stage for "
                               "evaluation metrics")
 
-        if self.scheduler.name == "asha" and self.scheduler_metric not in PRETRAIN_METRICS:
-            raise ConfigError("scheduler.metric", f"ASHA acts during pre-training, which reports "
-                              f"{', '.join(PRETRAIN_METRICS)}; got {self.scheduler_metric!r}")
+        if self.scheduler.name == "asha" and self.scheduler_metric not in reported:
+            raise ConfigError("scheduler.metric", f"ASHA acts during pre-training, which for {self.arch} "
+                              f"reports {', '.join(reported)}; got {self.scheduler_metric!r}")
         uses_val = [m for m in (self.metric, self.scheduler_metric) if m.startswith("val_")]
         if uses_val and not self.pretrain.train.val_every:
             raise ConfigError("pretrain.train.val_every", f"must be > 0: {uses_val[0]} is measured "
@@ -85,6 +111,54 @@ class SweepConfig:
         return self.scheduler.mode or self.mode
 
 
-# What pre-training reports to Tune (train.val_every > 0 adds the val_* ones).
-PRETRAIN_METRICS = ("val_loss", "val_loss_video", "val_loss_text", "val_acc_video", "val_acc_text",
-                    "loss", "loss_video", "loss_text", "acc_video", "acc_text")
+def _job_config(job: str, arch: str, value: Any):
+    """The typed ``job`` config of ``arch`` from its raw mapping (a typed one is kept); errors
+    name the sweep's key (``pretrain.model.arch``, ``finetune.optim.lr``, ...)."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return value
+    if not isinstance(value, dict):
+        raise ConfigError(job, f"expected a mapping of `vidray {job}` keys, got {value!r}")
+    try:
+        return from_dict(archs.config_class(job, arch), value)
+    except ConfigError as err:
+        raise ConfigError(f"{job}.{err.key}", err.message) from None
+
+
+def _with_arch(finetune: Any, arch: str) -> Any:
+    """A raw ``finetune`` with pretrain's arch when it names none: each trial fine-tunes its own
+    pre-training checkpoint, so the model is the pre-training one (trial_configs copies model.*)."""
+    if not isinstance(finetune, dict) or not isinstance(finetune.get("model", {}), dict):
+        return finetune
+    _same_arch(finetune.get("model", {}).get("arch", arch), arch)
+    return merge(finetune, {"model": {"arch": arch}})
+
+
+def _same_arch(finetune_arch: str, arch: str) -> None:
+    if finetune_arch != arch:
+        raise ConfigError("finetune.model.arch", f"is {finetune_arch!r}, but pretrain.model.arch is "
+                          f"{arch!r}: each trial fine-tunes its own pre-training checkpoint")
+
+
+# What each architecture's pre-training reports to Tune (train.val_every > 0 adds the val_* ones:
+# the loop's validation pass prefixes the system's validation_step names with "val_"). Metrics the
+# loop adds to every step (lr, grad_norm, examples_per_s) are not listed: nothing to select on.
+VLM_PRETRAIN_METRICS = ("val_loss", "val_loss_video", "val_loss_text", "val_acc_video", "val_acc_text",
+                        "loss", "loss_video", "loss_text", "acc_video", "acc_text")
+FRAMES_PRETRAIN_METRICS = ("val_loss", "val_mlm_loss", "val_vtm_loss", "val_vtm_accuracy",
+                           "loss", "mlm_loss", "vtm_loss", "vtm_accuracy")
+# E-ViLM adds masked video modelling when objective.mvm_tokenizer is not none.
+EVILM_PRETRAIN_METRICS = FRAMES_PRETRAIN_METRICS + ("val_mvm_loss", "val_mvm_accuracy", "mvm_loss", "mvm_accuracy")
+PRETRAIN_METRICS: dict[str, tuple[str, ...]] = {
+    "vlm": VLM_PRETRAIN_METRICS,
+    "allinone": FRAMES_PRETRAIN_METRICS,
+    "lavender": FRAMES_PRETRAIN_METRICS,
+    "evilm": EVILM_PRETRAIN_METRICS,
+}
+
+
+def pretrain_metrics(arch: str) -> tuple[str, ...]:
+    """The metrics ``arch``'s pre-training reports (a sweep's metric and ASHA's pick from them)."""
+    if arch not in PRETRAIN_METRICS:  # an arch added to vidray.archs.ARCH_JOBS without its metrics
+        raise ConfigError("pretrain.model.arch", f"sweeps do not know what {arch!r} pre-training reports: "
+                          "add its metrics to vidray.tuning.config.PRETRAIN_METRICS")
+    return PRETRAIN_METRICS[arch]

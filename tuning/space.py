@@ -12,7 +12,9 @@
 
 A path goes to the pre-training config unless it starts with ``finetune.`` (``pretrain.`` may be
 written for clarity). A trial's config is the sweep's job config with the trial's values applied
-as overrides, so it is validated by the same schema as `vidray pretrain key=value`.
+as overrides, so it is validated by the same schema as `vidray pretrain key=value`: the schema of
+the sweep's architecture (``pretrain.model.arch``), i.e. the classes of ``sweep.pretrain`` and
+``sweep.finetune``.
 """
 
 from __future__ import annotations
@@ -23,7 +25,6 @@ import typing
 from typing import Any
 
 from vidray.config import ConfigError, from_dict, merge, parse_overrides
-from vidray.train.config import FinetuneConfig, PretrainConfig
 
 KINDS = ("grid", "choice", "uniform", "loguniform")
 
@@ -60,10 +61,10 @@ def _stage_and_path(path: str) -> tuple[str, str]:
     return "pretrain", path
 
 
-def trial_configs(sweep, params: dict[str, Any], forced: dict[str, dict]) -> tuple[PretrainConfig, FinetuneConfig | None]:
-    """The trial's typed job configs: the sweep's ``pretrain`` / ``finetune`` with ``params``
-    applied, then ``forced`` (per stage: run names, storage, MLflow) on top. Raises ConfigError
-    naming the path when a value is invalid."""
+def trial_configs(sweep, params: dict[str, Any], forced: dict[str, dict]) -> tuple[Any, Any | None]:
+    """The trial's typed job configs, of the same classes as the sweep's ``pretrain`` / ``finetune``
+    (VLM or frames model), with ``params`` applied, then ``forced`` (per stage: run names, storage,
+    MLflow) on top. Raises ConfigError naming the path when a value is invalid."""
     updates: dict[str, list[str]] = {"pretrain": [], "finetune": []}
     values: dict[str, dict] = {"pretrain": {}, "finetune": {}}
     for key, value in params.items():
@@ -74,15 +75,19 @@ def trial_configs(sweep, params: dict[str, Any], forced: dict[str, dict]) -> tup
                                   "finetune: stage")
             values[stage] = merge(values[stage], _nested(inner, v))
             updates[stage].append(inner)
-    pretrain = _build(PretrainConfig, dataclasses.asdict(sweep.pretrain), values["pretrain"],
+    pretrain = _build(type(sweep.pretrain), dataclasses.asdict(sweep.pretrain), values["pretrain"],
                       forced.get("pretrain", {}), "pretrain")
     if sweep.finetune is None:
         return pretrain, None
     base = dataclasses.asdict(sweep.finetune)
     base["model"] = dataclasses.asdict(pretrain.model)  # init_from needs the same architecture
-    for key in ("features", "text", "manifest"):
-        base["data"][key] = base["data"][key] or getattr(pretrain.data, key)
-    finetune = _build(FinetuneConfig, base, values["finetune"], forced.get("finetune", {}), "finetune")
+    # An empty data URI means "the trial's pre-training one" (VLM: features, text, manifest;
+    # frames models: frames, manifest, qa); splits and task-only keys are fine-tuning's own.
+    pretrain_data = dataclasses.asdict(pretrain.data)
+    for key, value in base["data"].items():
+        if value in ("", {}) and key in pretrain_data:
+            base["data"][key] = pretrain_data[key]
+    finetune = _build(type(sweep.finetune), base, values["finetune"], forced.get("finetune", {}), "finetune")
     return pretrain, finetune
 
 
@@ -126,8 +131,7 @@ def _check_path(sweep, key: str, path: str) -> None:
     stage, inner = _stage_and_path(path)
     if stage == "finetune" and sweep.finetune is None:
         raise ConfigError(f"space.{key}", f"{path} sweeps fine-tuning, but the sweep has no finetune: stage")
-    cls = PretrainConfig if stage == "pretrain" else FinetuneConfig
-    node, parts = cls, inner.split(".")
+    node, parts = type(sweep.pretrain if stage == "pretrain" else sweep.finetune), inner.split(".")
     for i, part in enumerate(parts):
         fields = {f.name: f for f in dataclasses.fields(node)} if dataclasses.is_dataclass(node) else {}
         if part not in fields:

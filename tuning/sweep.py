@@ -99,8 +99,10 @@ def run_trial(params: dict, sweep: SweepConfig, parent_run_id: str) -> None:
     _log_params(client, run_id, {**flatten(pretrain),
                                  **({f"finetune.{k}": v for k, v in flatten(finetune).items()}
                                     if finetune else {})})
-    from vidray.vlm.pretrain import run_pretrain
+    from vidray.archs import runner
 
+    # The trial's own arch (a space may sweep allinone vs lavender), as `vidray pretrain` picks it.
+    run_pretrain = runner("pretrain", pretrain.model.arch)
     report = run_pretrain(pretrain, tags={"mlflow.parentRunId": parent_run_id},
                           callbacks=(TuneReportCallback(),), say=_to_stderr)
     final = {"step": report["metrics"]["step"],
@@ -114,9 +116,10 @@ def run_trial(params: dict, sweep: SweepConfig, parent_run_id: str) -> None:
 
 
 def _finetune_and_evaluate(sweep: SweepConfig, finetune, checkpoint: str, parent: str) -> dict:
-    from vidray.vlm.evaluate import run_evaluate
-    from vidray.vlm.finetune import run_finetune
+    from vidray.archs import runner
+    from vidray.vlm.evaluate import run_evaluate  # follows the checkpoint to VLM or a frames model
 
+    run_finetune = runner("finetune", finetune.model.arch)
     finetune = dataclasses.replace(finetune, init_from=checkpoint)
     nested = {"mlflow.parentRunId": parent}
     tuned = run_finetune(finetune, tags=nested, say=_to_stderr)
