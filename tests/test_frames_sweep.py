@@ -207,3 +207,22 @@ def test_allinone_sweep_pretrains_finetunes_and_evaluates_every_trial(frames_set
     best = client.download_artifacts(parent.info.run_id, "best_config.yaml", str(tmp_path))
     assert yaml.safe_load(open(best))["model"]["arch"] == "allinone"
     assert json.loads(parent.data.tags["best_params"])["objective.vtm_weight"] == report["best"]["objective.vtm_weight"]
+
+
+def test_the_tokenizer_choice_preset_sweeps_evilm_mvm_targets():
+    """configs/demo/evilm_sweep_tokenizer.yaml: each trial's E-ViLM pre-training gets one of the
+    tokenizer choices, the vq sets reach fine-tuning too, and QA accuracy picks the best."""
+    vq = {"semantic": "s3://b/vq/v-s", "pixel": "s3://b/vq/v-p"}
+    cfg = load_sweep(os.path.join(REPO, "configs/demo/evilm_sweep_tokenizer.yaml"),
+                     ["pretrain.data.frames=s3://b/frames/v-1", "pretrain.data.manifest=s3://b/m.parquet",
+                      "pretrain.data.qa=s3://b/qa.jsonl", f"pretrain.data.vq.semantic={vq['semantic']}",
+                      f"pretrain.data.vq.pixel={vq['pixel']}"])
+    assert cfg.arch == "evilm" and cfg.metric == "qa_accuracy" and check(cfg) == []
+    choices = cfg.space["objective.mvm_tokenizer"]["grid"]
+    assert choices == ["semantic", "pixel", "none"]
+    for choice in choices:
+        pretrain, finetune = trial_configs(cfg, {"objective.mvm_tokenizer": choice}, {})
+        assert pretrain.objective.mvm_tokenizer == choice and pretrain.data.vq == vq
+        assert finetune.task == "qa" and finetune.model == pretrain.model
+    with pytest.raises(ConfigError, match="mvm_tokenizer"):
+        trial_configs(cfg, {"objective.mvm_tokenizer": "dalle"}, {})
