@@ -232,7 +232,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
 def cmd_demo(args: argparse.Namespace) -> int:
     from vidray.jobs.demo import run_demo
 
-    return run_demo(args.workdir, videos=args.videos, keep_stack=args.keep_stack, model=args.model)
+    return run_demo(args.workdir, videos=args.videos, keep_stack=args.keep_stack, model=args.model,
+                    quick=args.quick)
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -379,6 +380,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="vlm (default): S3D + text features, VLM pre-training, retrieval, a sweep; "
                    "allinone | lavender: frames feature set, pre-training, retrieval and QA "
                    "fine-tuning; evilm: the same after training its VQ tokenizer and caching its codes")
+    p.add_argument("--quick", action="store_true",
+                   help="a fifth of every training run's steps: checks the whole path in a few "
+                   "minutes; the scores it prints stay near chance")
     p.add_argument("--keep-stack", action="store_true",
                    help="leave the S3 endpoint and MLflow server running afterwards (to browse the UI)")
     p.set_defaults(run=cmd_demo)

@@ -100,7 +100,12 @@ def _features(workdir: str, configs_dir: str, manifest_uri: str,
     return out
 
 
-def _pretrain(workdir: str, configs_dir: str, corpus: dict, features: dict) -> dict:
+def _steps(steps: int, quick: bool) -> int:
+    """A training run's steps; ``--quick`` runs a fifth of them (a smoke run of the whole path)."""
+    return max(20, steps // 5) if quick else steps
+
+
+def _pretrain(workdir: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
     """A short VLM pre-training on 2 Ray Train workers (tiny BERT): its curves land in MLflow."""
     from vidray.config import load_config
     from vidray.train.config import PretrainConfig
@@ -109,19 +114,20 @@ def _pretrain(workdir: str, configs_dir: str, corpus: dict, features: dict) -> d
     cfg = load_config(PretrainConfig, None, [
         f"data.features={features['s3d']['uri']}", f"data.text={features['text']['uri']}",
         # The train split only: the test videos stay unseen until evaluation.
-        f"data.manifest={corpus['manifest']}", "data.split=train", "data.clips_per_video=16", "model.flavour=tiny", "train.steps=300", "train.batch_size=32",
-        "train.num_workers=2", "train.checkpoint_every=100", "train.log_every=50",
+        f"data.manifest={corpus['manifest']}", "data.split=train", "data.clips_per_video=16", "model.flavour=tiny", f"train.steps={_steps(300, quick)}",
+        "train.batch_size=32", "train.num_workers=2", f"train.checkpoint_every={_steps(100, quick)}",
+        "train.log_every=50",
         f"train.storage_path={os.path.join(workdir, 'runs')}", "optim.lr=1e-3", "optim.warmup_steps=10",
         "mlflow.experiment=vidray-demo"])
     _save_config(configs_dir, "pretrain", cfg)
-    say("pretrain: VLM (tiny BERT) on Ray Train, 2 workers, 300 steps, MMM 50% + masked token loss")
+    say(f"pretrain: VLM (tiny BERT) on Ray Train, 2 workers, {cfg.train.steps} steps, MMM 50% + masked token loss")
     report = run_pretrain(cfg, say=say)
     return {k: report[k] for k in ("run_name", "checkpoint", "mlflow_run_id")} | {
         "step": report["metrics"].get("step"), "loss": report["metrics"].get("loss")}
 
 
 def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, features: dict,
-                           pretrain: dict) -> dict:
+                           pretrain: dict, quick: bool) -> dict:
     """Retrieval fine-tuning from the pre-trained checkpoint and, as the control, from random
     init; both evaluated on the held-out test split (R@K both ways + multiple-choice QA)."""
     from vidray.config import load_config
@@ -136,7 +142,8 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
             "task=retrieval", f"init_from={init or 'null'}", "model.flavour=tiny",
             f"data.features={features['s3d']['uri']}", f"data.text={features['text']['uri']}",
             f"data.manifest={corpus['manifest']}", "data.split=train",
-            "train.steps=300", "train.batch_size=32", "train.num_workers=2", "train.checkpoint_every=100",
+            f"train.steps={_steps(300, quick)}", "train.batch_size=32", "train.num_workers=2",
+            f"train.checkpoint_every={_steps(100, quick)}",
             "train.log_every=50", f"train.storage_path={os.path.join(workdir, 'runs')}",
             "optim.lr=1e-3", "optim.warmup_steps=10", "mlflow.experiment=vidray-demo"])
         _save_config(configs_dir, f"finetune_{label}", cfg)
@@ -172,7 +179,7 @@ def _evaluate_once(workdir: str, configs_dir: str, label: str, evaluation) -> di
 DEMO_NUM_FRAMES = {"allinone": 3, "lavender": 4, "evilm": 4}
 
 
-def _vq_codes(workdir: str, configs_dir: str, corpus: dict, features: dict) -> dict:
+def _vq_codes(workdir: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
     """E-ViLM's MVM targets: train the semantic VQ tokenizer on the frames set (configs/demo/
     vq_semantic.yaml, spelled out), then cache its codes as the vq feature set."""
     from vidray.config import load_config
@@ -185,7 +192,8 @@ def _vq_codes(workdir: str, configs_dir: str, corpus: dict, features: dict) -> d
         "model.kind=semantic", "model.flavour=tiny", "model.image_size=64", "model.num_frames=4",
         "model.patch=16", "model.codebook_size=256", "model.code_dim=16", "model.max_text_tokens=32",
         f"data.frames={features['frames']['uri']}", f"data.manifest={corpus['manifest']}", "data.split=train",
-        "train.steps=150", "train.batch_size=32", "train.num_workers=2", "train.checkpoint_every=150",
+        f"train.steps={_steps(150, quick)}", "train.batch_size=32", "train.num_workers=2",
+        f"train.checkpoint_every={_steps(150, quick)}",
         "train.log_every=50", f"train.storage_path={os.path.join(workdir, 'runs')}", "optim.lr=1e-3",
         "optim.warmup_steps=10", "mlflow.experiment=vidray-demo"])
     _save_config(configs_dir, "vq_semantic", cfg)
@@ -202,7 +210,8 @@ def _vq_codes(workdir: str, configs_dir: str, corpus: dict, features: dict) -> d
             "codes_used": tokenizer["metrics"].get("codes_used"), "uri": report["uri"], "rows": report["rows"]}
 
 
-def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, arch: str) -> dict:
+def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, arch: str,
+                  quick: bool) -> dict:
     """A frames model end to end: pre-training (MLM + VTM; E-ViLM: + MVM on the codes of a VQ
     tokenizer trained first), then retrieval and open-ended QA fine-tuning from its checkpoint,
     both evaluated on the held-out test split next to chance. The settings are
@@ -215,7 +224,7 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
     out: dict = {}
     objective = []
     if arch == "evilm":
-        out["vq"] = _vq_codes(workdir, configs_dir, corpus, features)
+        out["vq"] = _vq_codes(workdir, configs_dir, corpus, features, quick)
         objective = ["objective.mvm_tokenizer=semantic", f"data.vq.semantic={out['vq']['uri']}"]
     common = [f"model.arch={arch}", "model.flavour=tiny", "model.image_size=64",
               f"model.num_frames={DEMO_NUM_FRAMES[arch]}",
@@ -227,7 +236,7 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
     # MLM learns within these steps; video-text matching needs more (about 400 steps of batch 32
     # at a constant learning rate before it leaves chance): the demo shows the path, not the limit.
     cfg = load_config(FramesPretrainConfig, None, common + objective + [
-        "train.steps=300", "train.batch_size=32", "train.checkpoint_every=300"])
+        f"train.steps={_steps(300, quick)}", "train.batch_size=32", f"train.checkpoint_every={_steps(300, quick)}"])
     _save_config(configs_dir, f"{arch}_pretrain", cfg)
     say(f"pretrain {arch} (tiny) on Ray Train, 2 workers, {cfg.train.steps} steps, MLM + video-text matching"
         + (" + masked video modelling" if objective else "") + f" on {cfg.model.num_frames} frames per clip")
@@ -237,7 +246,7 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
                           if k in pretrain["metrics"]})
     # Retrieval overfits the demo's ~110 training clips after about 200 steps and gains from more
     # in-batch negatives (32); QA has 3 questions a clip.
-    for task, steps, batch in (("retrieval", 200, 32), ("qa", 400, 16)):
+    for task, steps, batch in (("retrieval", _steps(200, quick), 32), ("qa", _steps(400, quick), 16)):
         cfg = load_config(FramesFinetuneConfig, None, common + [
             f"task={task}", f"init_from={pretrain['checkpoint']}", f"train.steps={steps}",
             f"train.checkpoint_every={steps}", f"train.batch_size={batch}"])
@@ -370,9 +379,11 @@ def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str, 
         return {"run_id": run.info.run_id, "experiment": "vidray-demo"}
 
 
-def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: str = "vlm") -> int:
+def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: str = "vlm",
+             quick: bool = False) -> int:
     """Run the demo for ``model`` (vlm, or a frames model: allinone, lavender, evilm); returns the
-    exit code."""
+    exit code. ``quick``: a fifth of every training run's steps (the sweep's trials are already
+    short), to check the path end to end; its scores stay near chance."""
     import ray
 
     from vidray.train.job import start_local_ray
@@ -397,12 +408,12 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: st
         pretrain = retrieval = sweep = frames_model = None
         if model == "vlm":
             features = _features(workdir, configs_dir, corpus["manifest"])
-            pretrain = _pretrain(workdir, configs_dir, corpus, features)
-            retrieval = _finetune_and_evaluate(workdir, configs_dir, corpus, features, pretrain)
+            pretrain = _pretrain(workdir, configs_dir, corpus, features, quick)
+            retrieval = _finetune_and_evaluate(workdir, configs_dir, corpus, features, pretrain, quick)
             sweep = _sweep(workdir, configs_dir, corpus, features)
         else:  # frames models read the frames feature set only
             features = _features(workdir, configs_dir, corpus["manifest"], names=("frames",))
-            frames_model = _frames_model(workdir, configs_dir, corpus, features, model)
+            frames_model = _frames_model(workdir, configs_dir, corpus, features, model, quick)
         tracked = _log_to_mlflow(configs_dir, corpus, clips, os.path.join(workdir, "clips", "clips"),
                                  features)
     finally:
@@ -419,7 +430,7 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: st
                  "sweep": sweep and {k: sweep[k] for k in ("name", "parent_run_id", "counts", "best", "trials")}}
     else:
         done[model] = frames_model
-    result = {"model": model, "done": {**done, "mlflow": tracked}, "seconds": round(time.monotonic() - started, 1)}
+    result = {"model": model, "quick": quick, "done": {**done, "mlflow": tracked}, "seconds": round(time.monotonic() - started, 1)}
     with open(os.path.join(workdir, "demo.json"), "w") as f:
         json.dump(result, f, indent=2)
     say(f"done in {result['seconds']} s: {corpus['videos']} videos -> {clips['clips']} clips "
