@@ -9,7 +9,7 @@ PYTEST_ARGS ?=
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench stack-up stack-down clean
+.PHONY: setup demo test test-heavy bench stack-up stack-down clean
 
 $(STAMP): pyproject.toml constraints.txt Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -23,8 +23,13 @@ setup: $(STAMP)
 demo: setup
 	$(BIN)/vidray demo --workdir $(WORKDIR)
 
+# `make test`: everything but the slow end-to-end cases (marked heavy); `make test-heavy`: those;
+# CI (.ci/run) runs both.
 test: setup
-	$(BIN)/python -m pytest $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -m "not heavy" $(PYTEST_ARGS)
+
+test-heavy: setup
+	$(BIN)/python -m pytest -m heavy $(PYTEST_ARGS)
 
 bench: setup
 	$(BIN)/python -m benchmarks all

@@ -229,6 +229,16 @@ def cmd_stack(args: argparse.Namespace) -> int:
     return 0 if all(s["healthy"] for s in state.values()) else EXIT_FAILED
 
 
+def cmd_submit(args: argparse.Namespace) -> int:
+    from vidray.cluster import submit
+
+    command = args.command_args[1:] if args.command_args[:1] == ["--"] else args.command_args
+    report = submit(command, args.address, working_dir=args.working_dir or None, wait=not args.no_wait,
+                    timeout_s=args.timeout, say=lambda m: print(m, file=sys.stderr))
+    print(json.dumps(report, indent=2))
+    return 0 if args.no_wait or report["status"] == "SUCCEEDED" else EXIT_FAILED
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from vidray.jobs.demo import run_demo
 
@@ -268,6 +278,11 @@ def _config_keys(command: str) -> str:
         lines += [f"  {key} ({type_name}, default {default!r}): {help_text}"
                   for key, type_name, default, help_text in describe(load(config_class))]
     return "\n".join(lines)
+
+
+def _default_job_address() -> str:
+    address = os.environ.get("RAY_ADDRESS", "")
+    return address if address.startswith(("http://", "https://")) else "http://127.0.0.1:8265"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -369,6 +384,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mlflow-dir", help="MLflow sqlite + artifacts (default: --dir); e.g. a demo's "
                    "WORKDIR/mlflow to browse its runs")
     p.set_defaults(run=cmd_stack)
+
+    p = sub.add_parser("submit", help="run a vidray command as a job on a Ray cluster",
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Submits `vidray COMMAND ...` to the cluster's job server with the "
+                       "working dir uploaded (.gitignore'd files stay behind) and MLFLOW_TRACKING_URI, "
+                       "AWS_ENDPOINT_URL and AWS_(DEFAULT_)REGION forwarded from this shell. Credentials "
+                       "are never forwarded: the nodes have their own (infra/). Streams the job's log "
+                       "until it ends; exits 0 when it SUCCEEDED.",
+                       epilog="e.g.  vidray submit --address http://127.0.0.1:8265 -- pretrain "
+                       "configs/paper/vlm_pretrain.yaml data.features=s3://... train.storage_path=s3://...")
+    p.add_argument("--address", default=_default_job_address(),
+                   help="the cluster's dashboard URL (default: $RAY_ADDRESS if it is http(s)://, else "
+                   "http://127.0.0.1:8265, e.g. through `ray dashboard infra/cluster/aws.yaml`)")
+    p.add_argument("--working-dir", default=".", help="uploaded as the job's working dir (default .; "
+                   "'' to upload nothing: the code in the image runs)")
+    p.add_argument("--no-wait", action="store_true", help="print the job id and return at once")
+    p.add_argument("--timeout", type=float, help="give up waiting after this many seconds (the job goes on)")
+    p.add_argument("command_args", nargs=argparse.REMAINDER, metavar="-- COMMAND ...",
+                   help="the vidray subcommand and its arguments")
+    p.set_defaults(run=cmd_submit)
 
     p = sub.add_parser("demo", help="the whole path end to end on the embedded defaults",
                        description="Starts the local stack, writes a synthetic corpus, runs every "

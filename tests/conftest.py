@@ -6,6 +6,7 @@ They use the same code users run (`vidray.stack`), started once per test session
 from __future__ import annotations
 
 import os
+import sys
 import uuid
 
 import pytest
@@ -48,6 +49,8 @@ def ray_cluster(stack):
 
     from vidray.train.job import start_local_ray
 
+    # As in an activated virtualenv: a submitted job's entrypoint `vidray` resolves on the nodes.
+    os.environ["PATH"] = os.path.dirname(sys.executable) + os.pathsep + os.environ.get("PATH", "")
     start_local_ray(num_cpus=4, log_to_driver=False, runtime_env={"env_vars": dict(stack.env)})
     yield ray
     ray.shutdown()

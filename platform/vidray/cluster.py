@@ -1,0 +1,92 @@
+"""Submitting vidray jobs to a Ray cluster, and which environment reaches them how.
+
+A job's runtime env (``env_vars``, ``working_dir``) is job metadata: anyone who can list the
+cluster's jobs reads it, and the working dir is uploaded as a package to the cluster's storage.
+So settings that are not secret travel with the job (:data:`FORWARDED_ENV`), and credentials
+(:data:`SECRET_ENV`) reach the nodes from their own environment only (an instance role, a
+Kubernetes Secret, the cluster launcher's env file; infra/). The manifests in infra/ follow the
+same two lists (tests/test_infra.py).
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import time
+from typing import Callable
+
+from vidray.config import ConfigError
+
+# Where a job logs and stores: forwarded from the submitting shell into the job's runtime env.
+FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION")
+# Credentials: never in a runtime env, a working dir, MLflow params or a checkpoint.
+SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+              "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def job_runtime_env(working_dir: str | None, env: dict[str, str] | None = None) -> dict:
+    """The runtime env of a submitted job: ``working_dir`` (uploaded; .gitignore'd files stay
+    behind) and the :data:`FORWARDED_ENV` values set in ``env`` (default: this process's)."""
+    env = os.environ if env is None else env
+    runtime_env: dict = {"env_vars": {k: env[k] for k in FORWARDED_ENV if env.get(k)}}
+    if working_dir:
+        if not os.path.isdir(working_dir):
+            raise ConfigError("--working-dir", f"{working_dir} is not a directory")
+        runtime_env["working_dir"] = working_dir
+    return runtime_env
+
+
+def check_no_secrets(runtime_env: dict) -> None:
+    """Refuse a runtime env that would publish a credential in the job's metadata."""
+    leaked = sorted(set(runtime_env.get("env_vars", {})) & set(SECRET_ENV))
+    if leaked:
+        raise ConfigError("runtime_env.env_vars", f"{', '.join(leaked)} would be readable by anyone who can "
+                          "list the cluster's jobs: give the nodes their credentials instead (instance role, "
+                          "Kubernetes Secret; see infra/)")
+
+
+def submit(command: list[str], address: str, working_dir: str | None = ".", wait: bool = True,
+           timeout_s: float | None = None, submission_id: str | None = None,
+           say: Callable[[str], None] = print) -> dict:
+    """Submit ``vidray <command>`` to the cluster at ``address`` (the dashboard URL, e.g.
+    http://127.0.0.1:8265); with ``wait``, stream its log until it ends. Returns the job id and
+    its status (SUCCEEDED, FAILED or STOPPED once finished)."""
+    from ray.job_submission import JobSubmissionClient
+
+    if not command:
+        raise ConfigError("command", "nothing to run: give a vidray subcommand, e.g. "
+                          "`vidray submit -- pretrain configs/demo/pretrain.yaml ...`")
+    runtime_env = job_runtime_env(working_dir)
+    check_no_secrets(runtime_env)
+    try:
+        client = JobSubmissionClient(address)
+    except (ConnectionError, RuntimeError, ValueError) as err:
+        raise ConfigError("--address", f"no Ray job server at {address} ({err}); start one with "
+                          "`ray start --head` or open a tunnel with `ray dashboard CLUSTER.yaml`") from None
+    entrypoint = shlex.join(["vidray", *command])
+    job_id = client.submit_job(entrypoint=entrypoint, runtime_env=runtime_env, submission_id=submission_id,
+                               metadata={"submitted_by": "vidray submit"})
+    say(f"submitted {job_id} to {address}: {entrypoint}")
+    if not wait:
+        return {"job_id": job_id, "status": str(client.get_job_status(job_id).value)}
+    return {"job_id": job_id, "status": wait_for(client, job_id, timeout_s, say)}
+
+
+def wait_for(client, job_id: str, timeout_s: float | None = None, say: Callable[[str], None] = print) -> str:
+    """Poll ``job_id`` until it ends, printing new log lines; returns its final status."""
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    shown = 0
+    while True:
+        status = str(client.get_job_status(job_id).value)
+        logs = client.get_job_logs(job_id)
+        for line in logs[shown:].splitlines():
+            say(line)
+        shown = len(logs)
+        if status in TERMINAL:
+            say(f"job {job_id}: {status}")
+            return status
+        if deadline is not None and time.monotonic() > deadline:
+            raise TimeoutError(f"job {job_id} still {status} after {timeout_s:.0f} s "
+                               f"(`ray job stop {job_id}` to stop it)")
+        time.sleep(1.0)

@@ -1,0 +1,184 @@
+"""Jobs submitted to a real Ray cluster's job server, as on a cluster: `ray job submit
+--working-dir .` runs `vidray pretrain` to SUCCEEDED with its checkpoint on the S3 endpoint and
+its MLflow run; a job stopped mid-run (`ray job stop`) and submitted again through `vidray submit`
+resumes from its last checkpoint and ends at the same step count as an uninterrupted run. The
+runtime env carries no credential: the nodes' own environment does."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+import uuid
+
+import pytest
+
+from conftest import REPO
+from vidray.cluster import SECRET_ENV, check_no_secrets, job_runtime_env
+from vidray.config import ConfigError
+from vidray.stack import free_port
+
+BIN = os.path.dirname(sys.executable)
+
+
+def test_a_jobs_runtime_env_forwards_settings_and_never_credentials(tmp_path):
+    env = {"MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_ENDPOINT_URL": "http://s3:9000",
+           "AWS_SECRET_ACCESS_KEY": "s3cret", "MLFLOW_TRACKING_PASSWORD": "pw", "HOME": "/root"}
+    runtime_env = job_runtime_env(str(tmp_path), env)
+    assert runtime_env == {"working_dir": str(tmp_path), "env_vars": {
+        "MLFLOW_TRACKING_URI": "http://mlflow:5000", "AWS_ENDPOINT_URL": "http://s3:9000"}}
+    check_no_secrets(runtime_env)
+    with pytest.raises(ConfigError, match="AWS_SECRET_ACCESS_KEY"):
+        check_no_secrets({"env_vars": {"AWS_SECRET_ACCESS_KEY": "s3cret"}})
+    with pytest.raises(ConfigError, match="--working-dir"):
+        job_runtime_env(str(tmp_path / "missing"), env)
+
+
+def test_submit_without_a_command_or_a_job_server_says_what_to_do():
+    out = subprocess.run([sys.executable, "-m", "vidray.jobs.cli", "submit", "--address", "http://127.0.0.1:9"],
+                         cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 2 and "nothing to run" in out.stderr
+    out = subprocess.run([sys.executable, "-m", "vidray.jobs.cli", "submit", "--address",
+                          f"http://127.0.0.1:{free_port()}", "--", "pretrain", "--help"],
+                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2 and "no Ray job server" in out.stderr and "ray start --head" in out.stderr
+
+
+@pytest.fixture(scope="module")
+def ray_head(ray_cluster):
+    """The job server of the session's local Ray cluster (a head on 127.0.0.1 with its dashboard
+    on a free port; conftest). Its processes hold the local S3 endpoint's keys and the MLflow URI
+    in their environment, as a cluster node gets them from its role and Secret.
+
+    Why not a second head from `ray start --head` beside it: with two clusters on one machine,
+    Ray 2.60 ran jobs submitted to the second head's job server on the first cluster (seen:
+    the entrypoint's RAY_ADDRESS was the other cluster's), and a session keeps to one cluster."""
+    address = os.environ["RAY_API_SERVER_ADDRESS"]
+    # Clients of a token-authenticated cluster (Ray's default for local clusters) need the mode
+    # set; the token is the one `ray.init()` wrote to ~/.ray/auth_token.
+    env = {**os.environ, "RAY_AUTH_MODE": "token", "PATH": BIN + os.pathsep + os.environ["PATH"]}
+    env.pop("RAY_ADDRESS", None)
+    _ray(["job", "list", "--address", address], env)
+    return {"address": address, "env": env}
+
+
+def _ray(args: list[str], env: dict, check: bool = True) -> subprocess.CompletedProcess:
+    out = subprocess.run([os.path.join(BIN, "ray"), *args], cwd=REPO, env=env, capture_output=True, text=True,
+                         timeout=180)
+    assert not check or out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+    return out
+
+
+def _status(head: dict, job_id: str) -> str:
+    out = _ray(["job", "status", job_id, "--address", head["address"]], head["env"])
+    text = re.sub(r"\x1b\[[0-9;]*m", "", out.stdout + out.stderr)  # without colours
+    # "Status for job 'ID': RUNNING" while it runs, "Job 'ID' succeeded" once it ended.
+    found = re.findall(r"Status for job '[^']+': (\w+)|Job '[^']+' (?:was )?(succeeded|failed|stopped)", text)
+    assert found, text[-2000:]
+    running, ended = found[-1]
+    return (running or ended).upper()
+
+
+def _logs(head: dict, job_id: str) -> str:
+    return _ray(["job", "logs", job_id, "--address", head["address"]], head["env"]).stdout
+
+
+def _wait(head: dict, job_id: str, timeout_s: float = 300) -> str:
+    deadline = time.monotonic() + timeout_s
+    while (status := _status(head, job_id)) not in ("SUCCEEDED", "FAILED", "STOPPED"):
+        assert time.monotonic() < deadline, f"{job_id} still {status}:\n{_logs(head, job_id)[-3000:]}"
+        time.sleep(1.0)
+    return status
+
+
+def _pretrain_args(feature_sets, storage: str, steps: int) -> list[str]:
+    return ["pretrain", "configs/demo/pretrain.yaml", f"data.features={feature_sets['s3d']}",
+            f"data.text={feature_sets['text']}", "data.clips_per_video=32", f"train.steps={steps}",
+            "train.batch_size=8", "train.checkpoint_every=10", "train.log_every=5", "optim.warmup_steps=5",
+            f"train.storage_path={storage}", "mlflow.experiment=test-job-submit"]
+
+
+def _glob(pattern: str) -> list[str]:
+    from vidray import storage
+
+    fs, path = storage.filesystem(pattern)
+    fs.invalidate_cache()  # s3fs caches listings
+    return fs.glob(path)
+
+
+def _run_named(experiment: str, run_name: str):
+    import mlflow
+
+    (run,) = mlflow.MlflowClient().search_runs(
+        [mlflow.get_experiment_by_name(experiment).experiment_id],
+        filter_string=f"tags.`vidray.run_name` = '{run_name}'")
+    return run
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(900)
+def test_ray_job_submit_runs_pretrain_to_s3_and_mlflow(ray_head, feature_sets, stack):
+    import mlflow
+
+    from vidray import storage
+
+    storage_path = f"s3://{stack.bucket}/jobs-{uuid.uuid4().hex[:8]}"
+    job_id = f"vidray-test-{uuid.uuid4().hex[:8]}"
+    # As README "Run on a cluster" has it: the repository as working dir, vidray as the entrypoint.
+    _ray(["job", "submit", "--address", ray_head["address"], "--working-dir", ".", "--submission-id", job_id,
+          "--no-wait", "--", "vidray", *_pretrain_args(feature_sets, storage_path, steps=10)], ray_head["env"])
+    status = _wait(ray_head, job_id)
+    logs = _logs(ray_head, job_id)
+    assert status == "SUCCEEDED", logs[-4000:]
+    report = json.loads(logs[logs.rindex('{\n  "run_name"'):].split("\n}\n")[0] + "\n}")
+    assert report["metrics"]["step"] == 10
+    checkpoint = report["checkpoint"]
+    assert checkpoint.startswith(storage_path) and storage.exists(storage.join(checkpoint, "state.pt"))
+    client = mlflow.MlflowClient()
+    run = client.get_run(report["mlflow_run_id"])
+    assert run.info.status == "FINISHED" and run.data.tags["checkpoint_uri"] == checkpoint
+    assert run.data.tags["ray_job_id"] and len(client.get_metric_history(run.info.run_id, "loss")) == 10
+    # Nothing secret is in the job's metadata (its runtime env among it).
+    listed = _ray(["job", "list", "--address", ray_head["address"]], ray_head["env"]).stdout
+    (details,) = [d for d in listed.split("JobDetails(") if f"submission_id='{job_id}'" in d]
+    assert "runtime_env" in details and not any(name in details for name in SECRET_ENV), details
+
+
+@pytest.mark.heavy
+@pytest.mark.timeout(900)
+def test_a_stopped_job_submitted_again_resumes_from_its_last_checkpoint(ray_head, feature_sets, stack):
+    import mlflow
+
+    storage_path = f"s3://{stack.bucket}/jobs-{uuid.uuid4().hex[:8]}"
+    submit = [sys.executable, "-m", "vidray.jobs.cli", "submit", "--address", ray_head["address"]]
+    args = ["--", *_pretrain_args(feature_sets, storage_path, steps=40)]
+    first = subprocess.run(submit + ["--no-wait"] + args, cwd=REPO, env=ray_head["env"], capture_output=True,
+                           text=True, timeout=180)
+    assert first.returncode == 0, first.stderr[-3000:]
+    job_id = json.loads(first.stdout)["job_id"]
+    # Stop the whole job (driver and Train workers) once its first checkpoint is on S3.
+    deadline = time.monotonic() + 300
+    while not _glob(f"{storage_path}/*/checkpoint_00000010/state.pt"):
+        assert time.monotonic() < deadline and _status(ray_head, job_id) in ("PENDING", "RUNNING"), \
+            _logs(ray_head, job_id)[-3000:]
+        time.sleep(0.5)
+    _ray(["job", "stop", job_id, "--address", ray_head["address"], "--no-wait"], ray_head["env"])
+    assert _wait(ray_head, job_id) == "STOPPED"
+    assert not _glob(f"{storage_path}/*/checkpoint_00000040"), "stopped too late to test a resume"
+
+    again = subprocess.run(submit + args, cwd=REPO, env=ray_head["env"], capture_output=True, text=True,
+                           timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert json.loads(again.stdout)["status"] == "SUCCEEDED"
+    (run_dir,) = {os.path.dirname(p) for p in _glob(f"{storage_path}/*/checkpoint_*")}
+    run = _run_named("test-job-submit", os.path.basename(run_dir))
+    # One MLflow run across both jobs; every step logged, the same count as an uninterrupted run.
+    steps = {m.step for m in mlflow.MlflowClient().get_metric_history(run.info.run_id, "loss")}
+    assert steps == set(range(1, 41))
+    assert run.data.tags["checkpoint_uri"].endswith("checkpoint_00000040")
+    # Its log, streamed by `vidray submit`, shows where the second job started.
+    resumed = re.search(r"training from step (\d+) to 40", again.stderr)
+    assert resumed and int(resumed.group(1)) in (10, 20, 30), again.stderr[-3000:]
