@@ -281,8 +281,10 @@ def _config_keys(command: str) -> str:
 
 
 def _default_job_address() -> str:
-    address = os.environ.get("RAY_ADDRESS", "")
-    return address if address.startswith(("http://", "https://")) else "http://127.0.0.1:8265"
+    for name in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS"):  # Ray's own order
+        if os.environ.get(name, "").startswith(("http://", "https://")):
+            return os.environ[name]
+    return "http://127.0.0.1:8265"
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -395,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
                        epilog="e.g.  vidray submit --address http://127.0.0.1:8265 -- pretrain "
                        "configs/paper/vlm_pretrain.yaml data.features=s3://... train.storage_path=s3://...")
     p.add_argument("--address", default=_default_job_address(),
-                   help="the cluster's dashboard URL (default: $RAY_ADDRESS if it is http(s)://, else "
+                   help="the cluster's dashboard URL (default: $RAY_API_SERVER_ADDRESS or $RAY_ADDRESS if http(s)://, else "
                    "http://127.0.0.1:8265, e.g. through `ray dashboard infra/cluster/aws.yaml`)")
     p.add_argument("--working-dir", default=".", help="uploaded as the job's working dir (default .; "
                    "'' to upload nothing: the code in the image runs)")

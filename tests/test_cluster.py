@@ -41,6 +41,8 @@ def test_submit_without_a_command_or_a_job_server_says_what_to_do():
     out = subprocess.run([sys.executable, "-m", "vidray.jobs.cli", "submit", "--address", "http://127.0.0.1:9"],
                          cwd=REPO, capture_output=True, text=True, timeout=60)
     assert out.returncode == 2 and "nothing to run" in out.stderr
+    # The address given is the one used, even where RAY_API_SERVER_ADDRESS names a live job server
+    # (in a full session it does; Ray would let it win).
     out = subprocess.run([sys.executable, "-m", "vidray.jobs.cli", "submit", "--address",
                           f"http://127.0.0.1:{free_port()}", "--", "pretrain", "--help"],
                          cwd=REPO, capture_output=True, text=True, timeout=120)
@@ -53,9 +55,7 @@ def ray_head(ray_cluster):
     on a free port; conftest). Its processes hold the local S3 endpoint's keys and the MLflow URI
     in their environment, as a cluster node gets them from its role and Secret.
 
-    Why not a second head from `ray start --head` beside it: with two clusters on one machine,
-    Ray 2.60 ran jobs submitted to the second head's job server on the first cluster (seen:
-    the entrypoint's RAY_ADDRESS was the other cluster's), and a session keeps to one cluster."""
+    Not a second head from `ray start --head`: a session keeps to one Ray cluster."""
     address = os.environ["RAY_API_SERVER_ADDRESS"]
     # Clients of a token-authenticated cluster (Ray's default for local clusters) need the mode
     # set; the token is the one `ray.init()` wrote to ~/.ray/auth_token.

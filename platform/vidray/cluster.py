@@ -52,15 +52,13 @@ def submit(command: list[str], address: str, working_dir: str | None = ".", wait
     """Submit ``vidray <command>`` to the cluster at ``address`` (the dashboard URL, e.g.
     http://127.0.0.1:8265); with ``wait``, stream its log until it ends. Returns the job id and
     its status (SUCCEEDED, FAILED or STOPPED once finished)."""
-    from ray.job_submission import JobSubmissionClient
-
     if not command:
         raise ConfigError("command", "nothing to run: give a vidray subcommand, e.g. "
                           "`vidray submit -- pretrain configs/demo/pretrain.yaml ...`")
     runtime_env = job_runtime_env(working_dir)
     check_no_secrets(runtime_env)
     try:
-        client = JobSubmissionClient(address)
+        client = _client(address)
     except (ConnectionError, RuntimeError, ValueError) as err:
         raise ConfigError("--address", f"no Ray job server at {address} ({err}); start one with "
                           "`ray start --head` or open a tunnel with `ray dashboard CLUSTER.yaml`") from None
@@ -71,6 +69,19 @@ def submit(command: list[str], address: str, working_dir: str | None = ".", wait
     if not wait:
         return {"job_id": job_id, "status": str(client.get_job_status(job_id).value)}
     return {"job_id": job_id, "status": wait_for(client, job_id, timeout_s, say)}
+
+
+def _client(address: str):
+    """A job client for ``address`` itself: Ray lets RAY_API_SERVER_ADDRESS (then RAY_ADDRESS)
+    override the address a client is given, so a stale variable would send the job to another
+    cluster without a word."""
+    from ray.job_submission import JobSubmissionClient
+
+    saved = {k: os.environ.pop(k) for k in ("RAY_API_SERVER_ADDRESS", "RAY_ADDRESS") if k in os.environ}
+    try:
+        return JobSubmissionClient(address)
+    finally:
+        os.environ.update(saved)
 
 
 def wait_for(client, job_id: str, timeout_s: float | None = None, say: Callable[[str], None] = print) -> str:
