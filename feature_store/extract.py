@@ -185,7 +185,8 @@ def _manifest(cfg: ExtractConfig, ident: dict, version: str, shards: list, extra
                             "split": cfg.split, "limit": cfg.limit},
         "key": extractor_cls.key, "dims": dims,
         # What readers must know about the values (the vq set: codebook size and region grid).
-        "info": extractor_cls.info(cfg.extractor_config) if hasattr(extractor_cls, "info") else {}, "schema": schema.to_string(show_schema_metadata=False),
+        "info": extractor_cls.info(cfg.extractor_config) if hasattr(extractor_cls, "info") else {},
+        "schema": schema.to_string(show_schema_metadata=False),
         "schema_ipc": schema.serialize().to_pybytes().hex(),
         "parts": parts, "quarantine_files": [store.quarantine_name(s) for s, _ in shards],
         "rows": sum(p["rows"] for p in parts), "videos": sum(p["videos"] for p in parts),

@@ -271,7 +271,8 @@ class VQExtractor:
         from vidray.frames.vq import load_tokenizer
 
         _require_vq_settings(cfg)
-        self.frames_cfg = FramesExtractConfig(**open_version(cfg.frames).manifest["config"])
+        # The frames set's own clip sampling (and JPEG round trip), set up once per actor.
+        self.frames = FramesExtractor(FramesExtractConfig(**open_version(cfg.frames).manifest["config"]))
         self.tokenizer_cfg, self.tokenizer = load_tokenizer(cfg.checkpoint)
         self.device = torch.device(device)
         self.tokenizer.to(self.device)
@@ -300,9 +301,8 @@ class VQExtractor:
 
         from vidray.frames.data import decode_clip
 
-        f, m = self.frames_cfg, self.tokenizer_cfg.model
-        frames_ext = FramesExtractor(f)
-        clips = frames_ext.extract(row)
+        m = self.tokenizer_cfg.model
+        clips = self.frames.extract(row)
         if not clips:
             return []
         pixels = np.stack([decode_clip(c["jpeg"], m.num_frames, m.image_size) for c in clips])

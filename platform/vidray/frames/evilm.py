@@ -30,6 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidray.frames.allinone import Block, Dims
+from vidray.frames.lavender import bert_init
 
 
 @dataclass(frozen=True)
@@ -122,7 +123,7 @@ class EViLM(nn.Module):
         for p in (self.spatial_pos, self.temporal_pos, self.token_type.weight):
             nn.init.trunc_normal_(p, std=0.02)
         for module in (self.text_embeddings, self.text_encoder):
-            module.apply(_bert_init)
+            module.apply(bert_init)
 
     @property
     def hidden_size(self) -> int:
@@ -170,14 +171,6 @@ class EViLM(nn.Module):
         for block in self.blocks:
             x = block(x, padding)
         return self.norm(x)
-
-
-def _bert_init(module: nn.Module) -> None:
-    """BERT's initialisation (N(0, 0.02)); PyTorch's defaults give the tied MLM head huge logits."""
-    if isinstance(module, (nn.Linear, nn.Embedding)):
-        nn.init.normal_(module.weight, std=0.02)
-        if isinstance(module, nn.Linear) and module.bias is not None:
-            nn.init.zeros_(module.bias)
 
 
 # --- masked video modelling -----------------------------------------------------------------------

@@ -27,6 +27,18 @@ from torch import nn
 from vidray.frames.allinone import Block, Dims
 
 
+def bert_init(module: nn.Module) -> None:
+    """BERT's initialisation (N(0, 0.02) weights, zero biases, unit LayerNorms), for modules built
+    piece by piece from transformers' parts: PyTorch's defaults give a tied MLM head huge logits."""
+    if isinstance(module, (nn.Linear, nn.Embedding)):
+        nn.init.normal_(module.weight, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
+
+
 @dataclass(frozen=True)
 class LavenderDims:
     video: Dims             # the ViT-style video encoder
@@ -91,20 +103,11 @@ class Lavender(nn.Module):
         self.encoder = BertEncoder(config)
         self.mlm = BertOnlyMLMHead(config)
         for module in (self.embeddings, self.encoder, self.mlm, self.video_proj):
-            module.apply(self._bert_init)
+            module.apply(bert_init)
         # Tied as in BERT: the decoder is the word embeddings plus one output bias (transformers
         # ties these when it builds a whole model; built piece by piece, we tie them here).
         self.mlm.predictions.decoder.weight = self.embeddings.word_embeddings.weight
         self.mlm.predictions.decoder.bias = self.mlm.predictions.bias
-
-    def _bert_init(self, module: nn.Module) -> None:
-        if isinstance(module, (nn.Linear, nn.Embedding)):
-            module.weight.data.normal_(0.0, self.config.initializer_range)
-            if isinstance(module, nn.Linear) and module.bias is not None:
-                module.bias.data.zero_()
-        elif isinstance(module, nn.LayerNorm):
-            module.weight.data.fill_(1.0)
-            module.bias.data.zero_()
 
     @property
     def hidden_size(self) -> int:

@@ -57,17 +57,22 @@ def build_net(model_cfg, num_answers: int = 0) -> nn.Module:
 
 def size_figures(model_cfg, num_answers: int = 0) -> dict[str, float]:
     """Parameter count and forward GFLOPs of one clip (joint pass, full-length text)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
     # Train mode (no dropout anywhere): in eval mode nn.MultiheadAttention takes a fused kernel
     # the FLOP counter cannot see into.
     net = build_net(model_cfg, num_answers)
     frames = torch.zeros(1, model_cfg.num_frames, 3, model_cfg.image_size, model_cfg.image_size)
     ids = torch.ones(1, model_cfg.max_text_tokens, dtype=torch.long)
-    counter = FlopCounterMode(display=False)
     joint = net if model_cfg.arch == "lavender" else net.backbone  # one pass over text + frames
+    return measure_size(net, lambda: joint(frames, ids, torch.ones_like(ids, dtype=torch.bool)))
+
+
+def measure_size(net: nn.Module, forward) -> dict[str, float]:
+    """``net``'s parameter count and the GFLOPs of one call of ``forward()`` (no gradients)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
-        joint(frames, ids, torch.ones_like(ids, dtype=torch.bool))
+        forward()
     return {"model.parameters": sum(p.numel() for p in net.parameters()),
             "model.gflops_per_clip": round(counter.get_total_flops() / 1e9, 4)}
 

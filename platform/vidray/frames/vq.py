@@ -205,16 +205,13 @@ class VQTrainSystem:
 
 
 def size_figures(model_cfg) -> dict[str, float]:
-    from torch.utils.flop_counter import FlopCounterMode
+    """Parameter count and the GFLOPs of coding one clip."""
+    from vidray.frames.system import measure_size
 
     vocab = len(tokenizer_for(model_cfg.tokenizer))
     net = VQTokenizer(VQ_FLAVOURS[model_cfg.flavour], model_cfg, vocab)
     frames = torch.zeros(1, model_cfg.num_frames, 3, model_cfg.image_size, model_cfg.image_size)
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        net.codes(frames)
-    return {"model.parameters": sum(p.numel() for p in net.parameters()),
-            "model.gflops_per_clip": round(counter.get_total_flops() / 1e9, 4)}
+    return measure_size(net, lambda: net.codes(frames))
 
 
 def run_train_vq(cfg, say=print, tags: dict | None = None) -> dict[str, Any]:
