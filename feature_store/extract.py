@@ -109,21 +109,30 @@ class ShardWorker:
         return {k: [s[k] for s in summaries] for k in summaries[0]}
 
     def write_shard(self, shard: int, videos: list[dict]) -> dict:
+        """Extract and write one shard; returns its summary. Storage that does not answer is
+        waited for (never a reason to quarantine a video); if it stays down the shard is left
+        unwritten, for a rerun, and the summary says why (Ray's task errors lose the type)."""
         started = time.monotonic()
         rows, bad = [], []
-        for video in videos:
-            try:
-                rows.extend(self.extractor.extract(video))
-            except Exception as err:  # noqa: BLE001 - one bad video is quarantined, not fatal
-                bad.append({"video_id": video["video_id"], "uri": video["uri"],
-                            "error": f"{type(err).__name__}: {err}"})
-        # Quarantine first, part last: the part's existence marks the shard done.
-        store.write_table_atomically(pa.Table.from_pylist(bad, schema=store.QUARANTINE_SCHEMA),
-                                     storage.join(self.version, store.quarantine_name(shard)))
-        store.write_table_atomically(self.extractor.to_table(rows),
-                                     storage.join(self.version, store.part_name(shard)))
+        try:
+            for video in videos:
+                try:
+                    rows.extend(storage.call_with_retries(lambda: self.extractor.extract(video), video["uri"]))
+                except storage.StorageUnreachable:
+                    raise
+                except Exception as err:  # noqa: BLE001 - one bad video is quarantined, not fatal
+                    bad.append({"video_id": video["video_id"], "uri": video["uri"],
+                                "error": f"{type(err).__name__}: {err}"})
+            # Quarantine first, part last: the part's existence marks the shard done.
+            store.write_table_atomically(pa.Table.from_pylist(bad, schema=store.QUARANTINE_SCHEMA),
+                                         storage.join(self.version, store.quarantine_name(shard)))
+            store.write_table_atomically(self.extractor.to_table(rows),
+                                         storage.join(self.version, store.part_name(shard)))
+        except storage.StorageUnreachable as err:
+            return {"shard": shard, "videos": 0, "rows": 0, "quarantined": 0, "seconds": 0.0,
+                    "unreachable": str(err)}
         return {"shard": shard, "videos": len(videos), "rows": len(rows), "quarantined": len(bad),
-                "seconds": time.monotonic() - started}
+                "seconds": time.monotonic() - started, "unreachable": ""}
 
 
 def _shards(videos: pa.Table, per_part: int) -> list[tuple[int, list[dict]]]:
@@ -160,6 +169,8 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
     total = sum(len(v) for _, v in pending)
     with tqdm(total=total, unit="video", desc=f"extract {cfg.extractor}", disable=not progress) as bar:
         for summary in ds.iter_rows():
+            if summary["unreachable"]:  # stop here: every other shard would wait out the same outage
+                raise storage.StorageUnreachable(f"{summary['unreachable']}; {version} stays uncommitted")
             bar.update(summary["videos"])
             bar.set_postfix(quarantined=summary["quarantined"], refresh=False)
 
@@ -227,7 +238,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
     missing = {s for s, _ in shards} - store.done_shards(version)
     if missing:
         raise RuntimeError(f"{version}: parts {sorted(missing)[:10]} were not written; rerun to finish")
-    feature_set = store.commit(version, _manifest(cfg, ident, version, shards, extractor_cls))
+    manifest = storage.call_with_retries(lambda: _manifest(cfg, ident, version, shards, extractor_cls), version)
+    feature_set = store.commit(version, manifest)
     seconds = time.monotonic() - started
     extracted = sum(len(v) for _, v in pending)
     manifest = feature_set.manifest

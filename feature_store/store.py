@@ -90,9 +90,11 @@ def write_table_atomically(table: pa.Table, uri: str) -> None:
 def done_shards(version: str) -> set[int]:
     """Shards whose part file exists in the version folder (committed or not)."""
     fs, path = storage.filesystem(version)
-    if not fs.exists(path):
-        return set()
-    names = [os.path.basename(p) for p in fs.ls(path, detail=False)]
+
+    def listing() -> list[str]:
+        with storage.storage_errors(version):
+            return fs.ls(path, detail=False) if fs.exists(path) else []
+    names = [os.path.basename(p) for p in storage.call_with_retries(listing, version)]
     return {int(n[5:10]) for n in names if n.startswith("part-") and n.endswith(".parquet")}
 
 

@@ -36,12 +36,42 @@ def test_missing_objects_name_the_uri(tmp_path, s3_uri):
         assert uri in str(info.value)
 
 
-def test_unreachable_endpoint_is_one_clear_error(monkeypatch):
+def test_unreachable_endpoint_is_one_clear_error(monkeypatch, capfd):
     # Nothing listens on port 9 of loopback: a real connection failure, not a mock.
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")
     monkeypatch.setenv("AWS_ACCESS_KEY_ID", "x")
     monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "y")
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
-    with pytest.raises(StorageError, match="cannot reach it.*AWS_ENDPOINT_URL") as info:
+    monkeypatch.setenv("VIDRAY_STORAGE_RETRY_S", "2")
+    with pytest.raises(storage.StorageUnreachable, match="unreachable for 2 s.*AWS_ENDPOINT_URL") as info:
         storage.read_bytes("s3://some-bucket/v.mp4")
-    assert "s3://some-bucket/v.mp4" in str(info.value)
+    warnings = capfd.readouterr().err.splitlines()
+    assert str(info.value).startswith("s3://some-bucket/v.mp4: ") and "http://127.0.0.1:9" in str(info.value)
+    assert isinstance(info.value, StorageError)
+    # It waited with backoff before giving up, saying so each time.
+    assert warnings and all("storage unreachable" in w and "try " in w for w in warnings)
+
+
+def test_only_an_endpoint_that_does_not_answer_is_retried(tmp_path):
+    import botocore.exceptions
+
+    calls = []
+
+    def refused_twice():
+        calls.append(1)
+        if len(calls) < 3:
+            raise StorageError("s3://b/k: cannot reach it") from botocore.exceptions.EndpointConnectionError(
+                endpoint_url="http://127.0.0.1:9")
+        return "ok"
+    assert storage.call_with_retries(refused_twice, "s3://b/k", warn=lambda m: None) == "ok" and len(calls) == 3
+    # A definite answer is not retried, and neither is any error for a local path.
+    for uri, err in (("s3://b/k", FileNotFoundError("s3://b/k")), (str(tmp_path), ConnectionResetError())):
+        calls.clear()
+
+        def fails(err=err):
+            calls.append(1)
+            raise err
+        with pytest.raises(type(err)):
+            storage.call_with_retries(fails, uri, warn=lambda m: None)
+        assert len(calls) == 1
+    assert storage.is_unreachable(OSError(16, "SlowDown")) and not storage.is_unreachable(PermissionError())

@@ -74,7 +74,9 @@ def read_manifest(uri: str) -> pa.Table:
     """Read and check a manifest; the error names the missing columns."""
     fs, path = storage.arrow_filesystem(uri)
     try:
-        table = pq.read_table(path, filesystem=fs)
+        table = storage.call_with_retries(lambda: pq.read_table(path, filesystem=fs), uri)
+    except storage.StorageUnreachable:
+        raise
     except (FileNotFoundError, OSError) as err:
         raise ManifestError(f"{uri}: cannot read manifest ({err})") from err
     missing = [n for n in ("video_id", "uri") if n not in table.column_names]

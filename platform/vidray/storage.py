@@ -4,21 +4,106 @@ S3-compatible endpoints are configured the standard way, from the environment
 (``AWS_ENDPOINT_URL``, ``AWS_ACCESS_KEY_ID``, ``AWS_SECRET_ACCESS_KEY``, ``AWS_DEFAULT_REGION``),
 never by code edits. We pass the endpoint to s3fs and pyarrow explicitly because not every
 client version reads ``AWS_ENDPOINT_URL`` by itself.
+
+An endpoint that does not answer (connection refused or reset, timeouts, 5xx) is retried with
+exponential backoff for up to ``VIDRAY_STORAGE_RETRY_S`` seconds (default 300) before a
+:class:`StorageUnreachable` names the URI and the endpoint; a definite answer (no such object,
+access denied) is never retried.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import posixpath
-from typing import IO, Iterator
+import sys
+import time
+from typing import IO, Callable, Iterator, TypeVar
 
 import fsspec
 import pyarrow.fs as pafs
 
 
+T = TypeVar("T")
+
+
 class StorageError(RuntimeError):
     """A URI could not be reached; the message names the URI and the likely fix."""
+
+
+class StorageUnreachable(StorageError):
+    """The storage endpoint did not answer, even after retrying with backoff."""
+
+
+# What an object store says when it is down or overloaded, once s3fs has translated it.
+_UNREACHABLE_ERRNOS = {errno.ECONNREFUSED, errno.ECONNRESET, errno.ETIMEDOUT, errno.EHOSTUNREACH,
+                       errno.ENETUNREACH, errno.EPIPE, errno.EBUSY, errno.EREMOTEIO}
+# Transport failures; botocore's HTTPClientError wraps whatever the HTTP client raised.
+_UNREACHABLE_NAMES = ("Connection", "Connector", "Timeout", "Disconnected", "ClientPayload", "HTTPClient")
+
+
+def is_unreachable(err: BaseException | None) -> bool:
+    """Whether ``err`` or anything that caused it says the endpoint did not answer (refused,
+    reset, timed out, 503), as opposed to a definite answer such as "no such object"."""
+    seen: set[int] = set()
+    while err is not None and id(err) not in seen:
+        seen.add(id(err))
+        if isinstance(err, (StorageUnreachable, ConnectionError, TimeoutError)):
+            return True
+        if isinstance(err, OSError) and err.errno in _UNREACHABLE_ERRNOS:
+            return True
+        # botocore, aiohttp and urllib3 errors share no base class with the builtins above.
+        if type(err).__module__.split(".")[0] in ("botocore", "aiohttp", "urllib3") and any(
+                name in type(err).__name__ for name in _UNREACHABLE_NAMES):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+
+def retry_budget_s() -> float:
+    return float(os.environ.get("VIDRAY_STORAGE_RETRY_S", "300"))
+
+
+def endpoint() -> str:
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or "the S3 endpoint"
+
+
+def _warn(message: str) -> None:
+    print(f"[vidray] {message}", file=sys.stderr, flush=True)
+
+
+def call_with_retries(fn: Callable[[], T], uri: str, warn: Callable[[str], None] = _warn) -> T:
+    """``fn()``, retried with exponential backoff (1 s doubling to 30 s) while the storage of
+    ``uri`` does not answer, for up to :func:`retry_budget_s`; then :class:`StorageUnreachable`.
+    Other errors, and any error for a local path, are raised at once."""
+    budget = retry_budget_s()
+    deadline, delay, tries = time.monotonic() + budget, 1.0, 0
+    while True:
+        try:
+            return fn()
+        except Exception as err:
+            if not is_remote(uri) or not is_unreachable(err):
+                raise
+            tries += 1
+            left = deadline - time.monotonic()
+            cause = _root(err)
+            if left <= 0:
+                raise StorageUnreachable(
+                    f"{uri}: storage unreachable for {budget:.0f} s ({tries} attempt{'s' * (tries > 1)}; last: {cause}); check "
+                    f"that {endpoint()} is up and AWS_ENDPOINT_URL names it, then rerun: finished work "
+                    "is kept (VIDRAY_STORAGE_RETRY_S sets how long to wait)") from err
+            pause = min(delay, left)
+            warn(f"{uri}: storage unreachable ({cause}); try {tries + 1} in {pause:.0f} s")
+            time.sleep(pause)
+            delay = min(delay * 2, 30.0)
+
+
+def _root(err: BaseException) -> str:
+    """The innermost cause of ``err``, in one short line."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return f"{type(err).__name__}: {str(err)[:200]}"
 
 
 def is_remote(uri: str) -> bool:
@@ -76,27 +161,38 @@ def storage_errors(uri: str) -> Iterator[None]:
     except Exception as err:  # botocore/aiohttp errors do not derive from OSError
         if not is_remote(uri) and not isinstance(err, OSError):
             raise
-        raise StorageError(f"{uri}: cannot reach it ({type(err).__name__}: {err}); check "
-                           "AWS_ENDPOINT_URL and the credentials") from err
+        kind = StorageUnreachable if is_remote(uri) and is_unreachable(err) else StorageError
+        raise kind(f"{uri}: cannot reach it ({type(err).__name__}: {err}); check "
+                   "AWS_ENDPOINT_URL and the credentials") from err
 
 
 def open_uri(uri: str, mode: str = "rb") -> IO:
-    """Open ``uri``; missing objects and unreachable endpoints raise :class:`StorageError`."""
+    """Open ``uri`` (retried while the endpoint does not answer); missing objects and an
+    endpoint that stays down raise :class:`StorageError`."""
     fs, path = filesystem(uri)
-    with storage_errors(uri):
-        if "w" in mode and not is_remote(uri):
-            fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-        return fs.open(path, mode)
+
+    def attempt() -> IO:
+        with storage_errors(uri):
+            if "w" in mode and not is_remote(uri):
+                fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+            return fs.open(path, mode)
+    return call_with_retries(attempt, uri)
 
 
 def read_bytes(uri: str) -> bytes:
-    with storage_errors(uri), open_uri(uri, "rb") as f:
-        return f.read()
+    def attempt() -> bytes:
+        with storage_errors(uri), open_uri(uri, "rb") as f:
+            return f.read()
+    return call_with_retries(attempt, uri)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
-    with storage_errors(uri), open_uri(uri, "wb") as f:
-        f.write(data)
+    """Write ``data`` as one object (one PUT): readers see all of it or nothing, so a retry
+    after a failed attempt cannot leave half an object."""
+    def attempt() -> None:
+        with storage_errors(uri), open_uri(uri, "wb") as f:
+            f.write(data)
+    call_with_retries(attempt, uri)
 
 
 def parent(uri: str) -> str:
@@ -110,8 +206,11 @@ def parent(uri: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-    with storage_errors(uri):
-        return fs.exists(path)
+
+    def attempt() -> bool:
+        with storage_errors(uri):
+            return fs.exists(path)
+    return call_with_retries(attempt, uri)
 
 
 def makedirs(uri: str) -> None:

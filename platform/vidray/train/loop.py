@@ -76,10 +76,19 @@ def load_checkpoint(directory: str) -> dict:
 
 
 class MLflowRun:
-    """Rank 0's MLflow run, found again by its run name when a job resumes (so curves continue)."""
+    """Rank 0's MLflow run, found again by its run name when a job resumes (so curves continue).
+
+    Metrics go out from a background thread, so a tracking server that goes down never stalls
+    training: the thread warns once, retries with backoff (1 s doubling to 10 s) and sends what
+    waited, in order, when the server answers again. :meth:`finish` waits for it, up to
+    ``VIDRAY_MLFLOW_FLUSH_S`` seconds (default 600), then says how many points it could not send.
+    """
 
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str, params: dict,
                  tags: dict):
+        import queue
+        import threading
+
         import mlflow
 
         self.mlflow = mlflow
@@ -93,15 +102,66 @@ class MLflowRun:
         else:
             self.run = mlflow.start_run(run_name=run_name, tags={"vidray.run_name": run_name, **tags})
             mlflow.log_params(params)
+        # Our sender retries on its own schedule; MLflow's default (7 retries, backoff factor 2)
+        # would hold each attempt for minutes before we could say the server is down.
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+        self.client = mlflow.MlflowClient()
+        self.pending: queue.Queue = queue.Queue()
+        self.unsent = 0
+        self.sender = threading.Thread(target=self._send_until_closed, name="vidray-mlflow", daemon=True)
+        self.sender.start()
 
     @property
     def run_id(self) -> str:
         return self.run.info.run_id
 
     def log(self, metrics: dict, step: int) -> None:
-        self.mlflow.log_metrics({k: float(v) for k, v in metrics.items()}, step=step)
+        from mlflow.entities import Metric
+
+        timestamp = int(time.time() * 1000)
+        self.pending.put([Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
+
+    def _send_until_closed(self) -> None:
+        import queue
+
+        unsent: list = []
+        delay, down_since, closing = 1.0, None, False
+        while not closing or unsent:
+            batches = [] if unsent else [self.pending.get()]  # block for work only when none waits
+            while True:
+                try:
+                    batches.append(self.pending.get_nowait())
+                except queue.Empty:
+                    break
+            closing = closing or None in batches
+            unsent.extend(m for batch in batches if batch for m in batch)
+            self.unsent = len(unsent)
+            if not unsent:
+                continue
+            chunk = unsent[:1000]  # MLflow's log_batch limit
+            try:
+                self.client.log_batch(self.run_id, metrics=chunk, synchronous=True)
+            except Exception as err:  # noqa: BLE001 - the server being down must not stop training
+                if down_since is None:
+                    down_since = time.monotonic()
+                    log(f"WARNING: MLflow at {self.mlflow.get_tracking_uri()} is not answering "
+                        f"({type(err).__name__}); training goes on, metrics wait and are sent when it is back")
+                time.sleep(delay)
+                delay = min(delay * 2, 10.0)
+                continue
+            del unsent[:len(chunk)]
+            self.unsent = len(unsent)
+            if down_since is not None and not unsent:
+                log(f"MLflow answers again after {time.monotonic() - down_since:.0f} s; every waiting metric sent")
+                down_since, delay = None, 1.0
 
     def finish(self, status: str = "FINISHED") -> None:
+        self.pending.put(None)
+        self.sender.join(float(os.environ.get("VIDRAY_MLFLOW_FLUSH_S", "600")))
+        if self.sender.is_alive():
+            log(f"WARNING: MLflow at {self.mlflow.get_tracking_uri()} did not come back: {self.unsent} "
+                f"metric points of run {self.run_id} were not logged (the checkpoints are safe)")
+            return
         self.mlflow.end_run(status=status)
 
 
