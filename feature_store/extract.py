@@ -35,7 +35,7 @@ class ExtractConfig:
     manifest: str = option("", "source manifest.parquet (local path or s3://)")
     root: str = option("", "feature-store root; the set goes to <root>/<name>/<version>/")
     extractor: Literal["s3d", "text", "frames", "vq"] = option("s3d", "which extractor to run")
-    name: Optional[str] = option(None, "feature-set name; null = the extractor's name")
+    name: Optional[str] = option(None, "feature-set name; null = the extractor's name", name=True)
     s3d: S3DExtractConfig = field(default_factory=S3DExtractConfig)
     text: TextExtractConfig = field(default_factory=TextExtractConfig)
     frames: FramesExtractConfig = field(default_factory=FramesExtractConfig)

@@ -43,7 +43,7 @@ class SweepConfig:
 
     name: str = option("", "sweep name: names the parent MLflow run, the trials' runs and the Tune "
                            "folder; `--resume` continues the sweep of this name; empty = derived "
-                           "from the config")
+                           "from the config", name=True)
     # Typed Any because the schema depends on a value (pretrain.model.arch) and from_dict has no
     # tagged unions: the raw mappings pass through it and __post_init__ builds the arch's configs.
     pretrain: Any = option(default_factory=PretrainConfig, help=(

@@ -37,11 +37,43 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge=None, gt=None, le=None, lt=None,
-           default_factory: Any = dataclasses.MISSING) -> Any:
-    """A config field with its documentation and numeric bounds (checked on load)."""
+           name: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+    """A config field with its documentation and numeric bounds (checked on load); ``name``
+    marks a value that becomes one folder name in a storage path (checked by :func:`check_name`)."""
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
     return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, **bounds})
+                             metadata={"help": help, **bounds, **({"name": True} if name else {})})
+
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,199}")
+
+
+def check_name(key: str, value: str) -> str:
+    """``value`` if it is safe as one folder name under a storage root: letters, digits, ``._=-``,
+    not starting with a dot, so a name from a config can never point outside its root."""
+    if not _NAME.fullmatch(value):
+        raise ConfigError(key, f"{value!r} is not a plain name (letters, digits, '.', '_', '=', '-'; "
+                          "no '/', no leading '.'): it names a folder under the storage root")
+    return value
+
+
+# Credentials that could sit in a config value: masked wherever configs are logged or saved.
+_URL_PASSWORD = re.compile(r"(\w+://[^/@:\s]+:)[^/@\s]+@")
+_SECRET_WORDS = {"password", "passwd", "secret", "token", "credentials", "apikey"}
+
+
+def redact(node: Any) -> Any:
+    """``node`` (a dict from :func:`to_dict`, a list or a string) with credentials masked: the
+    password in ``scheme://user:password@host`` and the value of any key named like a secret
+    (``*_password``, ``secret_*``, ``*_token``; ``tokenizer`` is not one)."""
+    if isinstance(node, dict):
+        return {k: "***" if v not in (None, "") and _SECRET_WORDS & set(str(k).lower().split("_"))
+                else redact(v) for k, v in node.items()}
+    if isinstance(node, (list, tuple)):
+        return [redact(v) for v in node]
+    if isinstance(node, str):
+        return _URL_PASSWORD.sub(r"\1***@", node)
+    return node
 
 
 def _type_name(tp: Any) -> str:
@@ -104,6 +136,8 @@ def _convert(value: Any, tp: Any, key: str) -> Any:
 
 
 def _check_bounds(value: Any, meta: typing.Mapping, key: str) -> None:
+    if meta.get("name") and value:  # None / "" = derived
+        check_name(key, value)
     if value is None or isinstance(value, bool) or not isinstance(value, (int, float)):
         return
     checks = {"ge": (lambda v, b: v >= b, ">="), "gt": (lambda v, b: v > b, ">"),
@@ -218,11 +252,13 @@ def to_dict(cfg: Any) -> dict:
 
 
 def dump_yaml(cfg: Any) -> str:
-    return yaml.safe_dump(to_dict(cfg), sort_keys=False)
+    """The config as YAML, credentials masked (:func:`redact`)."""
+    return yaml.safe_dump(redact(to_dict(cfg)), sort_keys=False)
 
 
 def flatten(cfg: Any) -> dict[str, str]:
-    """Dotted-key string params for MLflow (lists and dicts as JSON, None as 'null')."""
+    """Dotted-key string params for MLflow (lists and dicts as JSON, None as 'null'), credentials
+    masked."""
     out: dict[str, str] = {}
 
     def walk(node: Any, prefix: str) -> None:
@@ -234,7 +270,7 @@ def flatten(cfg: Any) -> dict[str, str]:
         else:
             out[prefix] = "null" if node is None else str(node)
 
-    walk(to_dict(cfg), "")
+    walk(redact(to_dict(cfg)), "")
     return out
 
 

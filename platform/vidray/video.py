@@ -52,6 +52,9 @@ _FIRST_BACKOFF_S = 0.5
 # Non-reference frames are skipped only this many frame intervals before a requested time.
 _SKIP_MARGIN_FRAMES = 2
 # FFmpeg opens text files (tty) and still images as one-stream "videos"; they are not videos.
+# One decoded RGB frame of 8K UHD is 100 MB; a larger one (a corrupt header can claim 65535x65535)
+# would take a decode worker's memory before we could say anything.
+MAX_FRAME_PIXELS = 7680 * 4320
 _NOT_VIDEO_FORMATS = {"tty": "a text file", "image2": "a still image"}
 
 
@@ -392,6 +395,11 @@ class _Reader:
         stream = streams.video[0]
         if stream.codec_context is None:
             raise VideoDecodeError(self.uri, "no decoder for its video codec in this FFmpeg build")
+        width, height = stream.codec_context.width, stream.codec_context.height
+        if width * height > MAX_FRAME_PIXELS:
+            raise VideoDecodeError(self.uri, f"frames of {width}x{height} are larger than 8K UHD (7680x4320), "
+                                   "the most a decode worker takes", "scale it down first, e.g. "
+                                   "`ffmpeg -i in.mp4 -vf scale=-2:2160 out.mp4`")
         return stream
 
     def _first_frame(self) -> av.VideoFrame:

@@ -60,7 +60,7 @@ class TrainConfig:
     val_every: int = option(0, "steps between held-out validation passes (val_* metrics, fixed "
                             "masking so runs compare); 0 = none", ge=0)
     storage_path: str = option("runs", "checkpoint root (local path or s3://)")
-    run_name: Optional[str] = option(None, "stable name so a rerun resumes; null = derived")
+    run_name: Optional[str] = option(None, "stable name so a rerun resumes; null = derived", name=True)
     max_failures: int = option(2, "worker-group restarts before giving up", ge=0)
     seed: int = option(0, "global seed")
 

@@ -8,14 +8,12 @@ from functools import partial
 from typing import Any, Callable
 
 from vidray.config import ConfigError, dump_yaml, flatten
-from vidray.train.loop import CHECKPOINT_FILE, MLflowRun, fit, load_checkpoint
+from vidray.train.loop import CHECKPOINT_FILE, MLflowRun, fit, load_checkpoint, read_checkpoint
 
 
 def load_state(checkpoint: str) -> dict:
     """The training state saved in a checkpoint folder (local or s3://)."""
     import io
-
-    import torch
 
     from vidray import storage
 
@@ -23,9 +21,7 @@ def load_state(checkpoint: str) -> dict:
     if not storage.exists(uri):
         raise ConfigError("checkpoint", f"{uri} does not exist; give a checkpoint folder "
                           "(…/<run name>/checkpoint_NNNNNNNN) written by `vidray pretrain` or `vidray finetune`")
-    # The state holds RNG states (numpy objects) besides tensors; checkpoints come from our own
-    # storage_path only.
-    return torch.load(io.BytesIO(storage.read_bytes(uri)), map_location="cpu", weights_only=False)
+    return read_checkpoint(io.BytesIO(storage.read_bytes(uri)), uri)
 
 
 def require_same_model(state: dict, model_cfg: Any) -> None:

@@ -23,6 +23,7 @@ from typing import Any, Callable
 
 import torch
 
+from vidray.config import redact
 from vidray.train.parallel import full_state, load_full_state, local_value, parallelize
 
 CHECKPOINT_FILE = "state.pt"
@@ -45,11 +46,14 @@ def warmup_poly_decay(warmup_steps: int, total_steps: int, power: float = 1.0) -
 
 
 def rng_state() -> dict:
+    """Every RNG's state as tensors and plain values (what ``weights_only`` loading accepts)."""
     import random
 
     import numpy as np
 
-    return {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    name, keys, position, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "python": random.getstate(),
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
 
 
 def set_rng_state(state: dict) -> None:
@@ -58,21 +62,39 @@ def set_rng_state(state: dict) -> None:
     import numpy as np
 
     torch.set_rng_state(state["torch"])
-    np.random.set_state(state["numpy"])
-    random.setstate(state["python"])
+    name, keys, position, has_gauss, gauss = state["numpy"]
+    np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
 
 
 def save_checkpoint(directory: str, model_state: dict, optimizer_state: dict, scheduler, step: int,
                     config: dict, extra: dict | None = None) -> str:
+    """``state.pt``: tensors and plain values only, so it loads with ``weights_only=True``; the
+    config with credentials masked."""
     path = os.path.join(directory, CHECKPOINT_FILE)
     torch.save({"model": model_state, "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
-                "config": config, **(extra or {})}, path)
+                "config": redact(config), **(extra or {})}, path)
     return path
 
 
+def read_checkpoint(data, name: str) -> dict:
+    """A saved training state from a path or file object. ``weights_only=True``: a checkpoint holds
+    tensors and plain values, never objects, so loading one cannot run code."""
+    import pickle
+
+    try:
+        return torch.load(data, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as err:
+        raise ValueError(f"{name}: holds Python objects besides tensors and plain values, so it is not "
+                         "loaded (a checkpoint from an older vidray, or not ours); train it again with "
+                         f"this version ({str(err).splitlines()[0]})") from None
+
+
 def load_checkpoint(directory: str) -> dict:
-    return torch.load(os.path.join(directory, CHECKPOINT_FILE), map_location="cpu", weights_only=False)
+    path = os.path.join(directory, CHECKPOINT_FILE)
+    return read_checkpoint(path, path)
 
 
 class MLflowRun:
@@ -144,7 +166,7 @@ class MLflowRun:
             except Exception as err:  # noqa: BLE001 - the server being down must not stop training
                 if down_since is None:
                     down_since = time.monotonic()
-                    log(f"WARNING: MLflow at {self.mlflow.get_tracking_uri()} is not answering "
+                    log(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} is not answering "
                         f"({type(err).__name__}); training goes on, metrics wait and are sent when it is back")
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -159,7 +181,7 @@ class MLflowRun:
         self.pending.put(None)
         self.sender.join(float(os.environ.get("VIDRAY_MLFLOW_FLUSH_S", "600")))
         if self.sender.is_alive():
-            log(f"WARNING: MLflow at {self.mlflow.get_tracking_uri()} did not come back: {self.unsent} "
+            log(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} did not come back: {self.unsent} "
                 f"metric points of run {self.run_id} were not logged (the checkpoints are safe)")
             return
         self.mlflow.end_run(status=status)
