@@ -7,7 +7,7 @@ import importlib
 
 # Plain-dict registry: benchmark name -> module with `add_arguments(parser)` and `run(args)`.
 BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache",
-              "sweep_asha": "benchmarks.sweep_asha"}
+              "sweep_asha": "benchmarks.sweep_asha", "ray_overhead": "benchmarks.ray_overhead"}
 
 
 def main() -> None:

@@ -25,23 +25,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--workdir", help="keep corpus, features and sweeps here (default: a temp dir)")
 
 
-def _features(workdir: str, videos: int) -> dict:
-    from vidray.feature_store.extract import ExtractConfig, run_extract
-    from vidray.feature_store.extractors import S3DExtractConfig
-    from vidray.synth import SynthConfig, synthesize
-
-    corpus = os.path.join(workdir, "corpus")
-    manifest = os.path.join(corpus, "manifest.parquet")
-    if not os.path.exists(manifest):
-        synthesize(corpus, SynthConfig(videos=videos, seed=5, min_seconds=4.0, max_seconds=8.0),
-                   progress=False)
-    common = {"manifest": manifest, "root": os.path.join(workdir, "features")}
-    s3d = run_extract(ExtractConfig(**common, extractor="s3d",
-                                    s3d=S3DExtractConfig(flavour="tiny", size=32)), progress=False)
-    text = run_extract(ExtractConfig(**common, extractor="text"), progress=False)
-    return {"s3d": s3d["uri"], "text": text["uri"], "manifest": manifest}
-
-
 def _sweep(args, workdir: str, data: dict, scheduler: str, grid: list[float]) -> dict:
     from vidray.tuning.sweep import load_sweep, run_sweep
 
@@ -70,6 +53,7 @@ def _sweep(args, workdir: str, data: dict, scheduler: str, grid: list[float]) ->
 def run(args) -> dict:
     import ray
 
+    from benchmarks.corpus import feature_sets
     from benchmarks.report import publish, versions
     from vidray.train.job import start_local_ray
 
@@ -77,7 +61,7 @@ def run(args) -> dict:
     grid = [float(v) for v in args.grid.split(",")]
     start_local_ray(num_cpus=4, log_to_driver=False)  # with the dashboard: Train's PG cleaner needs it
     try:
-        data = _features(workdir, args.videos)
+        data = feature_sets(workdir, args.videos)
         full = _sweep(args, workdir, data, "none", grid)
         asha = _sweep(args, workdir, data, "asha", grid)
     finally:
