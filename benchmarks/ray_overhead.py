@@ -89,9 +89,9 @@ def run(args) -> dict:
         cfg = _config(args, workdir, data)
         report = run_pretrain(cfg, say=lambda m: None)
         ray_rate = report["metrics"]["examples_per_s"]
+        plain = _plain_loop(cfg, threads=1)  # its batches come from Ray Data: before the shutdown
     finally:
         ray.shutdown()
-    plain = _plain_loop(cfg, threads=1)
     result = {"videos": args.videos, "flavour": args.flavour, "batch": args.batch, "steps": args.steps,
               "params": plain["params"], "plain_examples_per_s": plain["examples_per_s"],
               "ray_examples_per_s": ray_rate, "ratio": plain["examples_per_s"] / ray_rate,
