@@ -54,6 +54,8 @@ def _plain_loop(cfg, threads: int) -> dict:
     while len(batches) < cfg.train.steps:
         for rows in dataset.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
             batches.append(system.collate(rows))
+        if not batches:
+            raise ValueError(f"fewer examples than one batch of {cfg.train.batch_size}: use more --videos")
     model = system.model
     model.train()
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,

@@ -90,11 +90,8 @@ def write_table_atomically(table: pa.Table, uri: str) -> None:
 def done_shards(version: str) -> set[int]:
     """Shards whose part file exists in the version folder (committed or not)."""
     fs, path = storage.filesystem(version)
-
-    def listing() -> list[str]:
-        with storage.storage_errors(version):
-            return fs.ls(path, detail=False) if fs.exists(path) else []
-    names = [os.path.basename(p) for p in storage.call_with_retries(listing, version)]
+    listing = storage.reach(version, lambda: fs.ls(path, detail=False) if fs.exists(path) else [])
+    names = [os.path.basename(p) for p in listing]
     return {int(n[5:10]) for n in names if n.startswith("part-") and n.endswith(".parquet")}
 
 

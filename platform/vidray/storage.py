@@ -85,18 +85,41 @@ def call_with_retries(fn: Callable[[], T], uri: str, warn: Callable[[str], None]
         except Exception as err:
             if not is_remote(uri) or not is_unreachable(err):
                 raise
+            inner = _gave_up(err)
+            if inner is not None:  # a nested call already waited out the budget: say its words
+                raise inner from None
             tries += 1
             left = deadline - time.monotonic()
             cause = _root(err)
             if left <= 0:
-                raise StorageUnreachable(
+                gave_up = StorageUnreachable(
                     f"{uri}: storage unreachable for {budget:.0f} s ({tries} attempt{'s' * (tries > 1)}; last: {cause}); check "
                     f"that {endpoint()} is up and AWS_ENDPOINT_URL names it, then rerun: finished work "
-                    "is kept (VIDRAY_STORAGE_RETRY_S sets how long to wait)") from err
+                    "is kept (VIDRAY_STORAGE_RETRY_S sets how long to wait)")
+                gave_up.retried = True
+                raise gave_up from err
             pause = min(delay, left)
             warn(f"{uri}: storage unreachable ({cause}); try {tries + 1} in {pause:.0f} s")
             time.sleep(pause)
             delay = min(delay * 2, 30.0)
+
+
+def _gave_up(err: BaseException | None) -> StorageUnreachable | None:
+    """The StorageUnreachable of a retry loop that ran out, in ``err`` or what caused it."""
+    while err is not None:
+        if getattr(err, "retried", False):
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
+def reach(uri: str, fn: Callable[[], T]) -> T:
+    """``fn()``, one operation on ``uri``'s storage: its errors made clear (:func:`storage_errors`)
+    and retried while the endpoint does not answer (:func:`call_with_retries`)."""
+    def attempt() -> T:
+        with storage_errors(uri):
+            return fn()
+    return call_with_retries(attempt, uri)
 
 
 def _root(err: BaseException) -> str:
@@ -171,28 +194,27 @@ def open_uri(uri: str, mode: str = "rb") -> IO:
     endpoint that stays down raise :class:`StorageError`."""
     fs, path = filesystem(uri)
 
-    def attempt() -> IO:
-        with storage_errors(uri):
-            if "w" in mode and not is_remote(uri):
-                fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
-            return fs.open(path, mode)
-    return call_with_retries(attempt, uri)
+    def opened() -> IO:
+        if "w" in mode and not is_remote(uri):
+            fs.makedirs(posixpath.dirname(path) or ".", exist_ok=True)
+        return fs.open(path, mode)
+    return reach(uri, opened)
 
 
 def read_bytes(uri: str) -> bytes:
-    def attempt() -> bytes:
-        with storage_errors(uri), open_uri(uri, "rb") as f:
+    def read() -> bytes:
+        with open_uri(uri, "rb") as f:
             return f.read()
-    return call_with_retries(attempt, uri)
+    return reach(uri, read)
 
 
 def write_bytes(uri: str, data: bytes) -> None:
     """Write ``data`` as one object (one PUT): readers see all of it or nothing, so a retry
     after a failed attempt cannot leave half an object."""
-    def attempt() -> None:
-        with storage_errors(uri), open_uri(uri, "wb") as f:
+    def write() -> None:
+        with open_uri(uri, "wb") as f:
             f.write(data)
-    call_with_retries(attempt, uri)
+    reach(uri, write)
 
 
 def parent(uri: str) -> str:
@@ -206,11 +228,7 @@ def parent(uri: str) -> str:
 
 def exists(uri: str) -> bool:
     fs, path = filesystem(uri)
-
-    def attempt() -> bool:
-        with storage_errors(uri):
-            return fs.exists(path)
-    return call_with_retries(attempt, uri)
+    return reach(uri, lambda: fs.exists(path))
 
 
 def makedirs(uri: str) -> None:
