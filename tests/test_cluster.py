@@ -109,6 +109,14 @@ def _glob(pattern: str) -> list[str]:
     return fs.glob(path)
 
 
+def _read_snapshot(storage_path: str) -> str:
+    """Ray Train's checkpoint-manager snapshot of the one run under ``storage_path``, or ''."""
+    from vidray import storage
+
+    found = _glob(f"{storage_path}/*/checkpoint_manager_snapshot.json")
+    return storage.read_bytes("s3://" + found[0]).decode() if found else ""
+
+
 def _run_named(experiment: str, run_name: str):
     import mlflow
 
@@ -167,7 +175,10 @@ def test_a_stopped_job_submitted_again_resumes_from_its_last_checkpoint(ray_head
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     client = _client(ray_head["address"])
     deadline = time.monotonic() + 300
-    while not _glob(f"{storage_path}/*/checkpoint_*/state.pt"):  # only two are kept: any will do
+    # Ray Train resumes from the checkpoints its snapshot lists, written after each upload: a
+    # stop between the upload and the snapshot resumes from the checkpoint before (a CI run once
+    # stopped there, on the first one, and went from step 0).
+    while "checkpoint_0" not in _read_snapshot(storage_path):
         assert time.monotonic() < deadline and str(client.get_job_status(job_id).value) in ("PENDING", "RUNNING"), \
             client.get_job_logs(job_id)[-3000:]
         time.sleep(0.2)
