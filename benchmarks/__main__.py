@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import time
 
 # Plain-dict registry: benchmark name -> module with `add_arguments(parser)` and `run(args)`.
 BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache",
-              "sweep_asha": "benchmarks.sweep_asha", "ray_overhead": "benchmarks.ray_overhead"}
+              "sweep_asha": "benchmarks.sweep_asha", "ray_overhead": "benchmarks.ray_overhead",
+              "retrieval_eval": "benchmarks.retrieval_eval"}
 
 
 def main() -> None:
@@ -18,12 +20,19 @@ def main() -> None:
         mod = importlib.import_module(module)
         mod.add_arguments(sub.add_parser(name, help=mod.__doc__.splitlines()[0]))
     args = parser.parse_args()
+    from benchmarks import report
+
     names = list(BENCHMARKS) if args.name == "all" else [args.name]
+    started = time.monotonic()
     for name in names:
         mod = importlib.import_module(BENCHMARKS[name])
-        if args.name == "all":
+        if len(names) > 1:
             args = sub.choices[name].parse_args([])
+        report.STARTED = time.monotonic()
         mod.run(args)
+        print(f"{name}: {time.monotonic() - report.STARTED:.0f} s")
+    if len(names) > 1:
+        print(f"all {len(names)} benchmarks: {(time.monotonic() - started) / 60:.1f} min")
 
 
 if __name__ == "__main__":

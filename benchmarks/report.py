@@ -7,10 +7,12 @@ import json
 import os
 import platform
 import re
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RESULTS = os.path.join(ROOT, "benchmarks", "results")
 BENCHMARKS_MD = os.path.join(ROOT, "BENCHMARKS.md")
+STARTED = time.monotonic()  # reset by `python -m benchmarks` before each benchmark: its wall time
 
 
 def machine() -> str:
@@ -42,11 +44,12 @@ def publish(name: str, result: dict, markdown: str) -> None:
     """Save ``result`` as JSON and replace the ``name`` section of BENCHMARKS.md with ``markdown``."""
     os.makedirs(RESULTS, exist_ok=True)
     stamp = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
-    result = {"benchmark": name, "when": stamp, "machine": machine(), **result}
+    wall_s = round(time.monotonic() - STARTED)
+    result = {"benchmark": name, "when": stamp, "machine": machine(), "wall_s": wall_s, **result}
     with open(os.path.join(RESULTS, f"{name}.json"), "w") as f:
         json.dump(result, f, indent=2)
     section = (f"<!-- {name}:start -->\n{markdown.rstrip()}\n\n"
-               f"_Measured {stamp} on {result['machine']}._\n<!-- {name}:end -->")
+               f"_Measured {stamp} on {result['machine']}; the benchmark took {wall_s} s._\n<!-- {name}:end -->")
     text = open(BENCHMARKS_MD).read() if os.path.exists(BENCHMARKS_MD) else "# Benchmarks\n"
     pattern = re.compile(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", re.S)
     text = pattern.sub(lambda _: section, text) if pattern.search(text) else text.rstrip() + "\n\n" + section + "\n"

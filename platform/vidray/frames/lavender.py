@@ -119,12 +119,19 @@ class Lavender(nn.Module):
         x = self.video_proj(self.video(frames))                                       # [B, T, P, H]
         return torch.cat([x.mean(dim=2, keepdim=True), x], dim=2).flatten(1, 2)
 
-    def forward(self, frames: torch.Tensor, text_ids: torch.Tensor, text_mask: torch.Tensor) -> torch.Tensor:
-        """MLM logits ``[B, Lt, V]`` of the text slots, every slot seeing the video and the text."""
-        video = self.video_tokens(frames)
+    def forward(self, frames: torch.Tensor | None, text_ids: torch.Tensor, text_mask: torch.Tensor,
+                video: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+        """MLM logits ``[B, Lt, V]`` of the text slots, every slot seeing the video and the text;
+        with ``slots`` (one text position per row) only those: ``[B, V]`` (the tasks read one
+        [MASK], and the vocabulary projection of every other slot was most of a tiny model's
+        FLOPs). ``video``: the clips' ``video_tokens`` computed once (all-pairs scoring fuses each
+        clip with every text; ``frames`` is then None)."""
+        video = self.video_tokens(frames) if video is None else video
         text = self.embeddings(input_ids=text_ids, token_type_ids=torch.ones_like(text_ids))
         x = torch.cat([video, text], dim=1)
         keep = torch.cat([torch.ones(video.shape[:2], dtype=torch.bool, device=video.device), text_mask], 1)
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)
-        hidden = self.encoder(x, attention_mask=bias[:, None, None, :])[0]
-        return self.mlm(hidden[:, video.shape[1]:])
+        hidden = self.encoder(x, attention_mask=bias[:, None, None, :])[0][:, video.shape[1]:]
+        if slots is not None:
+            hidden = hidden[torch.arange(len(slots), device=hidden.device), slots]
+        return self.mlm(hidden)

@@ -38,11 +38,6 @@ def insert_mask_slot(text_ids: torch.Tensor, text_mask: torch.Tensor, prefix: li
     return ids.to(text_ids.device), mask.to(text_ids.device), slots.to(text_ids.device)
 
 
-def slot_logits(logits: torch.Tensor, slots: torch.Tensor) -> torch.Tensor:
-    """``[B, V]``: the vocabulary logits at each row's slot."""
-    return logits[torch.arange(len(slots), device=logits.device), slots]
-
-
 def true_score(logits: torch.Tensor, true_id: int, false_id: int) -> torch.Tensor:
     """p(true) / (p(true) + p(false)) from slot logits ``[B, V]``: a softmax over the two words."""
     return torch.softmax(logits[:, [true_id, false_id]].float(), dim=-1)[:, 0]
@@ -87,7 +82,7 @@ class LavenderPretrainModel(nn.Module):
         logits = self.net(frames, masked_ids, text_mask)
         mlm = torch.nan_to_num(F.cross_entropy(logits.float().flatten(0, 1), mlm_targets.flatten(),
                                                ignore_index=IGNORE_INDEX))
-        at_slot = slot_logits(self.net(pair_frames, pair_ids, pair_mask), slots)
+        at_slot = self.net(pair_frames, pair_ids, pair_mask, slots=slots)
         vtm = F.cross_entropy(at_slot.float(), pair_targets)
         with torch.no_grad():
             accuracy = (at_slot.argmax(-1) == pair_targets).float().mean()
@@ -101,7 +96,7 @@ class LavenderRetrievalModel(nn.Module):
         self.net = net
 
     def forward(self, pair_frames, pair_ids, pair_mask, slots, pair_targets):
-        at_slot = slot_logits(self.net(pair_frames, pair_ids, pair_mask), slots)
+        at_slot = self.net(pair_frames, pair_ids, pair_mask, slots=slots)
         loss = F.cross_entropy(at_slot.float(), pair_targets)
         with torch.no_grad():
             accuracy = (at_slot.argmax(-1) == pair_targets).float().mean()
@@ -114,7 +109,7 @@ class LavenderQAModel(nn.Module):
         self.net = net
 
     def forward(self, frames, qa_ids, qa_mask, slots, answer_token):
-        at_slot = slot_logits(self.net(frames, qa_ids, qa_mask), slots)
+        at_slot = self.net(frames, qa_ids, qa_mask, slots=slots)
         loss = torch.nan_to_num(F.cross_entropy(at_slot.float(), answer_token, ignore_index=IGNORE_INDEX))
         with torch.no_grad():
             accuracy = (at_slot.argmax(-1) == answer_token).float().mean()
@@ -183,15 +178,17 @@ class LavenderFinetuneSystem:
 @torch.no_grad()
 def pair_scores(net: nn.Module, words: Words, frames: torch.Tensor, text_ids: torch.Tensor,
                 text_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
-    """``[N_text, N_video]`` p(true) / (p(true) + p(false)) of every text against every clip."""
+    """``[N_text, N_video]`` p(true) / (p(true) + p(false)) of every text against every clip.
+    Each chunk of clips goes through the video encoder once and is then fused with every text,
+    reading the vocabulary at the [MASK] slot only (BENCHMARKS.md, retrieval_eval: 5x faster than
+    re-encoding the clip and projecting every slot, per pair)."""
     ids, mask, slots = insert_mask_slot(text_ids, text_mask, [], words.mask, words.pad)
-    rows = []
-    for t in range(len(ids)):
-        scores = []
-        for start in range(0, len(frames), batch_size):
-            chunk = frames[start:start + batch_size]
-            n = len(chunk)
-            logits = net(chunk, ids[t:t + 1].expand(n, -1), mask[t:t + 1].expand(n, -1))
-            scores.append(true_score(slot_logits(logits, slots[t:t + 1].expand(n)), words.true, words.false))
-        rows.append(torch.cat(scores))
-    return torch.stack(rows)
+    columns = []
+    for start in range(0, len(frames), batch_size):
+        video = net.video_tokens(frames[start:start + batch_size])
+        n = len(video)
+        columns.append(torch.stack([
+            true_score(net(None, ids[t:t + 1].expand(n, -1), mask[t:t + 1].expand(n, -1), video=video,
+                           slots=slots[t:t + 1].expand(n)), words.true, words.false)
+            for t in range(len(ids))]))
+    return torch.cat(columns, dim=1)

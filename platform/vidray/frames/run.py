@@ -170,7 +170,7 @@ def predicted_answers(model, arch: str, tokenizer: str, examples: list[dict], an
     [MASK] after "answer:" (any word of the vocabulary)."""
     words = None
     if arch == "lavender":
-        from vidray.frames.lavender_tasks import Words, insert_mask_slot, slot_logits
+        from vidray.frames.lavender_tasks import Words, insert_mask_slot
 
         words = Words(tokenizer)
     predicted: list[str] = []
@@ -181,7 +181,7 @@ def predicted_answers(model, arch: str, tokenizer: str, examples: list[dict], an
         else:
             ids, mask, slots = insert_mask_slot(batch["text_ids"], batch["text_mask"], words.answer_prefix,
                                                 words.mask, words.pad)
-            best = slot_logits(model.net(batch["frames"], ids, mask), slots).argmax(-1).tolist()
+            best = model.net(batch["frames"], ids, mask, slots=slots).argmax(-1).tolist()
             predicted += words.tokenizer.convert_ids_to_tokens(best)
     return predicted
 
