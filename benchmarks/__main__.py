@@ -9,7 +9,8 @@ import time
 # Plain-dict registry: benchmark name -> module with `add_arguments(parser)` and `run(args)`.
 BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache",
               "sweep_asha": "benchmarks.sweep_asha", "ray_overhead": "benchmarks.ray_overhead",
-              "retrieval_eval": "benchmarks.retrieval_eval", "ingest": "benchmarks.ingest"}
+              "retrieval_eval": "benchmarks.retrieval_eval", "ingest": "benchmarks.ingest",
+              "extract_scaling": "benchmarks.extract_scaling"}
 
 
 def main() -> None:

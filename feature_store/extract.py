@@ -162,7 +162,7 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers) if not use_gpu else 1
     items = [{"shard": shard, "videos": json.dumps(videos, default=str)} for shard, videos in pending]
     ds = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(min_size=1, max_size=workers),
+        ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"cfg_dict": asdict(cfg), "version": version, "use_gpu": use_gpu,
                                "cpus": cpus},
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cpus)
