@@ -215,15 +215,16 @@ class FramesExtractor:
         return "none"
 
     def extract(self, row: dict) -> list[dict]:
-        from vidray.clips import sample_video_clips
+        from vidray.clips import iter_video_clips
 
-        clips = sample_video_clips(row, num_frames=self.cfg.num_frames, strategy=self.cfg.strategy,
-                                   size=self.cfg.size, clip=self.cfg.clip, seed=self.cfg.seed)
-        for clip in clips:
-            frames = clip.pop("frames")
+        clips = []
+        for clip in iter_video_clips(row, num_frames=self.cfg.num_frames, strategy=self.cfg.strategy,
+                                     size=self.cfg.size, clip=self.cfg.clip, seed=self.cfg.seed):
+            frames = clip.pop("frames")  # compressed now: only this clip's raw frames are held
             clip.update(timestamps=clip["timestamps"].tolist(), height=frames.shape[1],
                         width=frames.shape[2],
                         jpeg=[encode_jpeg(frame, self.cfg.jpeg_quality) for frame in frames])
+            clips.append(clip)
         return clips
 
     def to_table(self, rows: list[dict]) -> pa.Table:

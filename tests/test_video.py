@@ -164,6 +164,16 @@ def test_sample_clips_on_one_open_equals_one_call_per_span(videos, name):
         video.sample_clips(videos[name], spans, 3, seeds=[1])
 
 
+def test_iter_clips_hands_out_each_clip_before_decoding_the_next(videos):
+    # The frames extractor compresses each clip as it comes: the second span lies past the end,
+    # so only a generator that has not read ahead gives the first clip before failing.
+    clips = video.iter_clips(videos["bframes"], [(0.0, 0.5), (500.0, 501.0)], 2, size=32)
+    first = next(clips)
+    assert first.frames.shape == (2, 32, 32, 3)
+    with pytest.raises(ValueError, match="starts after the video ends"):
+        next(clips)
+
+
 def test_skipping_non_reference_frames_decodes_less_and_changes_nothing(tmp_path):
     # 24 fps with B-frames, then a 1.5 s gap: the answer for a time inside the gap is the last
     # frame before it, possibly a skipped B-frame, which must trigger the exact fallback.

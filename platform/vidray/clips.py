@@ -22,7 +22,7 @@ import json
 import time
 import zlib
 from dataclasses import asdict, dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -86,19 +86,26 @@ def sample_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, s
                        clip: str, seed: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
     """The clips of one manifest row with their frames and timestamps (one open of the video).
 
-    Shared by the clip pipeline and the ``frames`` extractor; raises on an unreadable video.
+    The clip pipeline's path; raises on an unreadable video.
     """
+    return list(iter_video_clips(row, num_frames=num_frames, strategy=strategy, size=size, clip=clip, seed=seed,
+                                 timeout_s=timeout_s))
+
+
+def iter_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, size: int | None,
+                     clip: str, seed: int, timeout_s: float = 120.0) -> Iterator[dict[str, Any]]:
+    """:func:`sample_video_clips` one clip at a time (the ``frames`` extractor compresses each
+    as it comes, so a long video's raw frames are never all in memory)."""
     from vidray import video
 
     specs = clip_specs(row.get("captions"), row.get("duration_s"), clip)
-    sampled = video.sample_clips(
+    sampled = video.iter_clips(
         row["uri"], [(s["start_s"], s["end_s"]) for s in specs], num_frames, strategy=strategy,
         size=size, timeout_s=timeout_s,
         seeds=[clip_seed(seed, row["video_id"], i) for i in range(len(specs))])
-    return [{"video_id": row["video_id"], "clip_index": i, "start_s": spec["start_s"],
-             "end_s": spec["end_s"], "texts": spec["texts"], "frames": clip.frames,
-             "timestamps": clip.timestamps}
-            for i, (spec, clip) in enumerate(zip(specs, sampled))]
+    for i, (spec, frames) in enumerate(zip(specs, sampled)):
+        yield {"video_id": row["video_id"], "clip_index": i, "start_s": spec["start_s"], "end_s": spec["end_s"],
+               "texts": spec["texts"], "frames": frames.frames, "timestamps": frames.timestamps}
 
 
 def decode_video_clips(row: dict[str, Any], cfg: ClipsConfig) -> list[dict[str, Any]]:

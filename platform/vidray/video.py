@@ -172,8 +172,28 @@ def sample_clips(
     The clip pipeline's path: a HowTo100M video has dozens of caption clips, and reopening the
     container (and decoding its first frame) for each would double the work. ``seeds[i]`` seeds
     span ``i``'s random times. ``decoded_frames`` of each result counts the frames decoded since
-    the previous span.
+    the previous span. :func:`iter_clips` yields them one by one instead.
     """
+    return list(iter_clips(source, spans, num_frames, strategy=strategy, size=size, seeds=seeds, crop=crop,
+                           timeout_s=timeout_s, uri=uri))
+
+
+def iter_clips(
+    source: Source,
+    spans: list[tuple[float, float | None]],
+    num_frames: int,
+    *,
+    strategy: str = "uniform",
+    size: int | None = None,
+    seeds: list[int | None] | None = None,
+    crop: bool = True,
+    timeout_s: float = 60.0,
+    uri: str | None = None,
+) -> Iterator[SampledFrames]:
+    """:func:`sample_clips` as a generator: a caller that compresses or writes each clip as it
+    comes holds one clip's raw frames, not a whole video's (a one-hour video with a caption every
+    5 s is 720 clips, 430 MB at 4 x 224 px; BENCHMARKS.md, memory). Arguments are checked before
+    the first clip, when the generator is first advanced."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if strategy not in STRATEGIES:
@@ -187,7 +207,7 @@ def sample_clips(
     with _Reader(source, timeout_s, uri) as reader:
         cursor = _SparseCursor(reader)
         convert = _Converter(reader, size, crop)
-        results, decoded_before = [], 0
+        decoded_before = 0
         for (start_s, end_s), seed in zip(spans, seeds):
             end = reader.duration_s if end_s is None else min(end_s, reader.duration_s)
             if start_s >= end:
@@ -204,14 +224,10 @@ def sample_clips(
                     image, previous = convert(frame), frame
                 images.append(image)
                 times.append(reader.seconds(frame))
-            results.append(SampledFrames(
-                frames=np.stack(images),
-                timestamps=np.array(times, np.float64),
-                requested=requested,
-                decoded_frames=reader.decoded_frames - decoded_before,
-            ))
+            decoded = reader.decoded_frames - decoded_before
             decoded_before = reader.decoded_frames
-        return results
+            yield SampledFrames(frames=np.stack(images), timestamps=np.array(times, np.float64),
+                                requested=requested, decoded_frames=decoded)
 
 
 def iter_windows(
