@@ -111,3 +111,21 @@ def test_fsdp_pretraining_checkpoints_whole_states_and_resumes(feature_sets, tmp
     client = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
     steps = sorted(m.step for m in client.get_metric_history(again["mlflow_run_id"], "loss"))
     assert steps == list(range(1, 21))
+
+
+def test_training_logs_model_flops_per_worker_and_mfu_only_where_the_peak_is_known(feature_sets, tmp_path, stack):
+    """The first micro-batch is counted by torch's FLOP counter as it runs (no extra pass); every
+    step then logs TFLOP/s per worker, and MFU on a GPU whose bf16 peak the table knows."""
+    import mlflow
+
+    from vidray.train.loop import peak_tflops
+
+    cfg = _config(feature_sets, tmp_path, stack, steps=3)
+    cfg.train.num_workers, cfg.train.checkpoint_every = 1, 3
+    report = run_pretrain(cfg, say=print)
+    metrics = report["metrics"]
+    assert metrics["tflops_per_worker"] > 0 and "mfu" not in metrics  # CPU: no peak to divide by
+    client = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    assert len(client.get_metric_history(report["mlflow_run_id"], "tflops_per_worker")) == 3
+    assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
+    assert peak_tflops("Intel Arc") is None

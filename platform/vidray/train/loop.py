@@ -19,6 +19,7 @@ import os
 import sys
 import tempfile
 import time
+from contextlib import nullcontext
 from typing import Any, Callable
 
 import torch
@@ -33,6 +34,15 @@ def log(message: str) -> None:
     """Progress from a worker: to stderr, which Ray forwards to the driver's stderr (stdout is
     where the CLI prints its JSON report)."""
     print(f"[vidray] {message}", file=sys.stderr, flush=True)
+
+
+# Dense bf16 peak of one GPU, TFLOP/s (vendor datasheets, without sparsity): the denominator of
+# the MFU logged on GPU runs. Matched against torch.cuda.get_device_name().
+PEAK_BF16_TFLOPS = {"H200": 989.4, "H100": 989.4, "A100": 312.0, "L40S": 362.1, "A10G": 70.0, "L4": 121.0}
+
+
+def peak_tflops(device_name: str) -> float | None:
+    return next((peak for name, peak in PEAK_BF16_TFLOPS.items() if name in device_name), None)
 
 
 def warmup_poly_decay(warmup_steps: int, total_steps: int, power: float = 1.0) -> Callable[[int], float]:
@@ -199,8 +209,12 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     system = build_system(cfg, device)
     model = system.model = parallelize(system.model, cfg.train.strategy, world, device)
+    # One fused CUDA kernel for the whole update on GPU (DDP replicas hold plain tensors; FSDP's
+    # sharded parameters keep the default per-tensor path).
+    fused = device.type == "cuda" and cfg.train.strategy == "ddp"
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
-                                 betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
+                                 betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
+                                 fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_poly_decay(cfg.optim.warmup_steps, cfg.train.steps))
     step = 0
@@ -226,19 +240,28 @@ def train_loop_per_worker(config: dict) -> None:
 def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world, device) -> None:
     import ray.train
 
+    from torch.utils.flop_counter import FlopCounterMode
+
     shard = ray.train.get_dataset_shard("train")
     per_worker = max(1, cfg.train.batch_size // (world * cfg.train.grad_accum))
     use_bf16 = device.type == "cuda" and cfg.train.precision == "bf16"
+    peak = peak_tflops(torch.cuda.get_device_name(device)) if use_bf16 else None
     started, examples, micro = time.monotonic(), 0, 0
+    flops_per_example = None  # counted on the first micro-batch (forward + backward), as it runs
     if rank == 0:
         log(f"training from step {step} to {cfg.train.steps} on {world} worker(s)")
     while step < cfg.train.steps:
-        for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate,
-                                              drop_last=True):
-            batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss, logs = system.training_step(batch)
-            (loss / cfg.train.grad_accum).backward()
+        # Pinned host memory and two batches in flight: the copy to the GPU overlaps the step.
+        for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate, drop_last=True,
+                                              pin_memory=device.type == "cuda", prefetch_batches=2):
+            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            counter = FlopCounterMode(display=False) if flops_per_example is None else nullcontext()
+            with counter:
+                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+                    loss, logs = system.training_step(batch)
+                (loss / cfg.train.grad_accum).backward()
+            if flops_per_example is None:
+                flops_per_example = counter.get_total_flops() / per_worker
             micro += 1
             examples += per_worker * world
             if micro % cfg.train.grad_accum:
@@ -249,14 +272,19 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
             optimizer.zero_grad(set_to_none=True)
             step += 1
             elapsed = time.monotonic() - started
+            rate = examples / elapsed if elapsed else 0.0
+            # Model FLOPs per second per worker (training FLOPs of the model, not of recomputation).
+            tflops = rate / world * flops_per_example / 1e12
             metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": local_value(grad_norm),
-                       "examples_per_s": examples / elapsed if elapsed else 0.0,
+                       "examples_per_s": rate, "tflops_per_worker": tflops,
+                       **({"mfu": tflops / peak} if peak else {}),
                        **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             if tracker:
                 tracker.log(metrics, step)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
                     log(f"step {step}/{cfg.train.steps} loss {metrics['loss']:.4f} "
-                        f"lr {metrics['lr']:.2e} {metrics['examples_per_s']:.1f} examples/s")
+                        f"lr {metrics['lr']:.2e} {metrics['examples_per_s']:.1f} examples/s"
+                        + (f" MFU {metrics['mfu']:.1%}" if peak else ""))
             last = step == cfg.train.steps
             validate_now = cfg.train.val_every and (step % cfg.train.val_every == 0 or last)
             if validate_now:
