@@ -189,7 +189,7 @@ def run(args) -> dict:
     for name, fn in (("vidray", read_vidray), ("naive_pyav", read_naive_pyav), ("decord", read_decord)):
         print(f"timing {name} ...", flush=True)
         results[name] = timed_pool(fn, workload, args.workers, args.repeats)
-    ray.init(num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.workers, include_dashboard=False, log_to_driver=False)
     try:
         print("timing the vidray Ray Data clip pipeline ...", flush=True)
         results["vidray_ray_pipeline"] = time_ray_clip_pipeline(workload, args.workers, args.repeats)
