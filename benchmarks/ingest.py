@@ -42,6 +42,17 @@ def _config(data: dict, batch: int, workers: int):
         f"train.batch_size={batch}", f"train.num_workers={workers}"])
 
 
+def _collate_and_special(cfg):
+    """The VLM collate of ``cfg`` and its special ids, without building the model (VLMSystem's)."""
+    from vidray.vlm.data import collate
+    from vidray.vlm.model import BERT_UNCASED_VOCAB
+    from vidray.vlm.objectives import SpecialIds
+
+    special = SpecialIds(vocab_size=BERT_UNCASED_VOCAB)
+    return partial(collate, max_video_tokens=cfg.model.max_video_tokens, max_text_tokens=cfg.data.max_text_tokens,
+                   sep_id=special.sep, pad_id=special.pad), special
+
+
 def _consume(config: dict) -> None:
     """A Train worker: the loop's per-batch CPU work, timed after the first batch (which pays
     the streaming split's start-up)."""
@@ -49,15 +60,11 @@ def _consume(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from vidray.vlm.data import collate
-    from vidray.vlm.model import BERT_UNCASED_VOCAB
-    from vidray.vlm.objectives import SpecialIds, mask_batch
+    from vidray.vlm.objectives import mask_batch
 
     cfg, per_worker, batches = config["cfg"], config["per_worker"], config["batches"]
     torch.set_num_threads(1)
-    special = SpecialIds(vocab_size=BERT_UNCASED_VOCAB)
-    collate_fn = partial(collate, max_video_tokens=cfg.model.max_video_tokens,
-                         max_text_tokens=cfg.data.max_text_tokens, sep_id=special.sep, pad_id=special.pad)
+    collate_fn, special = _collate_and_special(cfg)
     generator = torch.Generator().manual_seed(0)
     shard = ray.train.get_dataset_shard("train")
     seen, started = 0, None
@@ -136,12 +143,10 @@ def _stage_rates(cfg, dataset, batch: int, batches: int) -> dict:
     masking, so the stages overlap)."""
     import torch
 
-    from vidray.vlm.data import collate
-    from vidray.vlm.model import BERT_UNCASED_VOCAB
-    from vidray.vlm.objectives import SpecialIds, mask_batch
+    from vidray.vlm.objectives import mask_batch
 
     torch.set_num_threads(1)
-    special = SpecialIds(vocab_size=BERT_UNCASED_VOCAB)
+    collate_fn, special = _collate_and_special(cfg)
     generator = torch.Generator().manual_seed(0)
     rows = []
     started = time.perf_counter()
@@ -151,8 +156,7 @@ def _stage_rates(cfg, dataset, batch: int, batches: int) -> dict:
             break
     rates = {"ray_data_to_numpy": len(rows) * batch / (time.perf_counter() - started)}
     started = time.perf_counter()
-    tensors = [collate(r, cfg.model.max_video_tokens, cfg.data.max_text_tokens, special.sep, special.pad)
-               for r in rows]
+    tensors = [collate_fn(r) for r in rows]
     rates["collate"] = len(rows) * batch / (time.perf_counter() - started)
     started = time.perf_counter()
     for t in tensors:

@@ -75,8 +75,8 @@ def _child(kind: str, row: dict, args) -> dict:
     elif kind == "frames":
         from vidray.feature_store.extractors import FramesExtractConfig, FramesExtractor
 
-        work = FramesExtractor(FramesExtractConfig(size=args.clip_size)).extract
-        work = (lambda extract: lambda: extract(row))(work)
+        extractor = FramesExtractor(FramesExtractConfig(size=args.clip_size))
+        work = lambda: extractor.extract(row)  # noqa: E731
     else:
         import torch
 
@@ -130,7 +130,7 @@ def run(args) -> dict:
 
 
 def _markdown(r: dict, flags: list[str]) -> str:
-    command = "python -m benchmarks memory " + " ".join(f for f in flags if not f.startswith("--name"))
+    command = "python -m benchmarks memory " + " ".join(flags)
     what = {"clips": f"clip pipeline (`decode_video_clips`: {r['captions']} clips x 4 raw frames of {r['clip_size']} px)",
             "frames": f"`frames` extractor (the same clips, JPEG)",
             "s3d": f"`s3d` extractor (every frame decoded, S3D-G tiny at {r['s3d_size']} px, {r['s3d_fps']:g} fps)"}

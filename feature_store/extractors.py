@@ -7,7 +7,7 @@ turns one video into rows, raising on unreadable input (the job quarantines that
 - ``s3d``    one row per video: ``features`` = one 512-d S3D-G ``video_embedding`` per second of
              video (30 fps windows, 224 px centre crop, [0, 1] pixels), L2-normalised, fp16.
 - ``text``   one row per video: each caption's WordPiece ids (no special tokens) with its times.
-- ``frames`` one row per clip: the sparse frames of :func:`vidray.video.sample_clips`, JPEG.
+- ``frames`` one row per clip: the sparse frames of :func:`vidray.video.iter_clips`, JPEG.
 - ``vq``     one row per clip of a frames set: E-ViLM's VQ tokenizer code of every frame region.
 """
 

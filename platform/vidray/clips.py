@@ -82,20 +82,11 @@ def _quarantine_uri(output: str, video_id: str) -> str:
     return storage.join(output, "_quarantine", f"{safe}-{zlib.crc32(video_id.encode()):08x}.json")
 
 
-def sample_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, size: int | None,
-                       clip: str, seed: int, timeout_s: float = 120.0) -> list[dict[str, Any]]:
-    """The clips of one manifest row with their frames and timestamps (one open of the video).
-
-    The clip pipeline's path; raises on an unreadable video.
-    """
-    return list(iter_video_clips(row, num_frames=num_frames, strategy=strategy, size=size, clip=clip, seed=seed,
-                                 timeout_s=timeout_s))
-
-
 def iter_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, size: int | None,
                      clip: str, seed: int, timeout_s: float = 120.0) -> Iterator[dict[str, Any]]:
-    """:func:`sample_video_clips` one clip at a time (the ``frames`` extractor compresses each
-    as it comes, so a long video's raw frames are never all in memory)."""
+    """The clips of one manifest row with their frames and timestamps (one open of the video),
+    one at a time: the ``frames`` extractor compresses each as it comes, so a long video's raw
+    frames are never all in memory. Raises on an unreadable video."""
     from vidray import video
 
     specs = clip_specs(row.get("captions"), row.get("duration_s"), clip)
@@ -111,8 +102,8 @@ def iter_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, siz
 def decode_video_clips(row: dict[str, Any], cfg: ClipsConfig) -> list[dict[str, Any]]:
     """All clip rows of one manifest row, or none (and a quarantine record) if it can't be read."""
     try:
-        return sample_video_clips(row, num_frames=cfg.num_frames, strategy=cfg.strategy,
-                                  size=cfg.size, clip=cfg.clip, seed=cfg.seed, timeout_s=cfg.timeout_s)
+        return list(iter_video_clips(row, num_frames=cfg.num_frames, strategy=cfg.strategy,
+                                     size=cfg.size, clip=cfg.clip, seed=cfg.seed, timeout_s=cfg.timeout_s))
     except Exception as err:  # noqa: BLE001 - any failure of one video quarantines that video only
         reason = f"{type(err).__name__}: {err}"
         record = {"video_id": row["video_id"], "uri": row["uri"], "error": reason}

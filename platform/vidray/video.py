@@ -10,7 +10,7 @@
     for window in video.iter_windows("clip.mp4"):       # uint8 [30, 224, 224, 3]: one second
         ...                                              # at 30 fps, the S3D input
 
-Public names: :func:`probe`, :func:`sample_frames`, :func:`sample_clips`, :func:`iter_windows`, :class:`VideoInfo`,
+Public names: :func:`probe`, :func:`sample_frames`, :func:`iter_clips`, :func:`iter_windows`, :class:`VideoInfo`,
 :class:`SampledFrames`, :class:`VideoDecodeError`.
 
 A source is a local path, any URI :func:`vidray.storage.open_uri` understands (``s3://...``),
@@ -151,31 +151,8 @@ def sample_frames(
     messages when ``source`` is its bytes. A span that starts at or after the end of the video
     raises ``ValueError``.
     """
-    return sample_clips(source, [(start_s, end_s)], num_frames, strategy=strategy, size=size,
-                        seeds=[seed], crop=crop, timeout_s=timeout_s, uri=uri)[0]
-
-
-def sample_clips(
-    source: Source,
-    spans: list[tuple[float, float | None]],
-    num_frames: int,
-    *,
-    strategy: str = "uniform",
-    size: int | None = None,
-    seeds: list[int | None] | None = None,
-    crop: bool = True,
-    timeout_s: float = 60.0,
-    uri: str | None = None,
-) -> list[SampledFrames]:
-    """:func:`sample_frames` for several spans ``(start_s, end_s)`` of one video, opened once.
-
-    The clip pipeline's path: a HowTo100M video has dozens of caption clips, and reopening the
-    container (and decoding its first frame) for each would double the work. ``seeds[i]`` seeds
-    span ``i``'s random times. ``decoded_frames`` of each result counts the frames decoded since
-    the previous span. :func:`iter_clips` yields them one by one instead.
-    """
-    return list(iter_clips(source, spans, num_frames, strategy=strategy, size=size, seeds=seeds, crop=crop,
-                           timeout_s=timeout_s, uri=uri))
+    return list(iter_clips(source, [(start_s, end_s)], num_frames, strategy=strategy, size=size,
+                           seeds=[seed], crop=crop, timeout_s=timeout_s, uri=uri))[0]
 
 
 def iter_clips(
@@ -190,10 +167,16 @@ def iter_clips(
     timeout_s: float = 60.0,
     uri: str | None = None,
 ) -> Iterator[SampledFrames]:
-    """:func:`sample_clips` as a generator: a caller that compresses or writes each clip as it
+    """:func:`sample_frames` for several spans ``(start_s, end_s)`` of one video, opened once,
+    one clip at a time.
+
+    The clip pipeline's path: a HowTo100M video has dozens of caption clips, and reopening the
+    container (and decoding its first frame) for each would double the work. ``seeds[i]`` seeds
+    span ``i``'s random times. ``decoded_frames`` of each result counts the frames decoded since
+    the previous span. A generator, so that a caller that compresses or writes each clip as it
     comes holds one clip's raw frames, not a whole video's (a one-hour video with a caption every
-    5 s is 720 clips, 430 MB at 4 x 224 px; BENCHMARKS.md, memory). Arguments are checked before
-    the first clip, when the generator is first advanced."""
+    5 s is 720 clips, 430 MB at 4 x 224 px; BENCHMARKS.md, memory); ``list()`` it for them all.
+    Arguments are checked when the generator is first advanced."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if strategy not in STRATEGIES:

@@ -210,7 +210,7 @@ def train_loop_per_worker(config: dict) -> None:
     system = build_system(cfg, device)
     model = system.model = parallelize(system.model, cfg.train.strategy, world, device)
     # One fused CUDA kernel for the whole update on GPU (DDP replicas hold plain tensors; FSDP's
-    # sharded parameters keep the default per-tensor path).
+    # sharded parameters keep the default path). None, not False: False also turns off foreach.
     fused = device.type == "cuda" and cfg.train.strategy == "ddp"
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                  betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay,
