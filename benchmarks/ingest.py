@@ -119,13 +119,13 @@ def _model_consumption(cfg, dataset, step_batch: int) -> dict:
     batch = system.collate(rows)
     model = system.model
     with FlopCounterMode(display=False) as counter, torch.no_grad():
-        system.training_step(batch)
+        system.training_step(system.prepare(batch))
     forward_flops = counter.get_total_flops() / step_batch
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-5)
     times = []
     for _ in range(4):  # the first step warms up allocators and kernels: dropped
         started = time.perf_counter()
-        loss, _ = system.training_step(batch)
+        loss, _ = system.training_step(system.prepare(batch))
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

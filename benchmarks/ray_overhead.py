@@ -64,7 +64,7 @@ def _plain_loop(cfg, threads: int) -> dict:
                                                                                cfg.train.steps))
     started = time.perf_counter()
     for batch in batches[:cfg.train.steps]:
-        loss, _ = system.training_step(batch)
+        loss, _ = system.training_step(system.prepare(batch))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()

@@ -17,7 +17,7 @@ import hashlib
 import io
 import os
 from dataclasses import dataclass
-from typing import Any, Literal, Optional
+from typing import Any, Iterator, Literal, Optional
 
 import numpy as np
 import pyarrow as pa
@@ -214,12 +214,18 @@ class FramesExtractor:
     def weights_digest(cfg: FramesExtractConfig) -> str:
         return "none"
 
-    def extract(self, row: dict) -> list[dict]:
+    def raw_clips(self, row: dict) -> Iterator[dict]:
+        """The clips of one manifest row with their raw ``frames`` ``uint8 [T, size, size, 3]``, one
+        at a time. The one sampler of the set: frames models that decode on the fly
+        (``data.source=videos``) call it too, so their clips are this set's clips."""
         from vidray.clips import iter_video_clips
 
+        return iter_video_clips(row, num_frames=self.cfg.num_frames, strategy=self.cfg.strategy,
+                                size=self.cfg.size, clip=self.cfg.clip, seed=self.cfg.seed)
+
+    def extract(self, row: dict) -> list[dict]:
         clips = []
-        for clip in iter_video_clips(row, num_frames=self.cfg.num_frames, strategy=self.cfg.strategy,
-                                     size=self.cfg.size, clip=self.cfg.clip, seed=self.cfg.seed):
+        for clip in self.raw_clips(row):
             frames = clip.pop("frames")  # compressed now: only this clip's raw frames are held
             clip.update(timestamps=clip["timestamps"].tolist(), height=frames.shape[1],
                         width=frames.shape[2],

@@ -343,7 +343,8 @@ def build_parser() -> argparse.ArgumentParser:
                      "feature sets, or with model.arch=allinone|lavender|evilm a frames model (MLM + "
                      "VTM, + MVM for evilm) from the frames feature set", cmd_pretrain),
         "finetune": ("fine-tune on Ray Train (init_from=a pre-training checkpoint): VLM for retrieval, "
-                     "captioning or action segmentation; the frames models for retrieval or open-ended QA",
+                     "captioning or action segmentation; the frames models for retrieval or open-ended QA "
+                     "(LAVENDER also multiple-choice QA, task=mc, and several tasks at once, task=multi)",
                      cmd_finetune),
         "train-vq": ("train E-ViLM's VQ video tokenizer on the frames feature set (model.kind=semantic: "
                      "codes that predict the caption's words; pixel: codes that reconstruct pixels); "

@@ -24,7 +24,8 @@ PRESETS = {"pretrain": PretrainConfig, "vlm_pretrain": PretrainConfig, "clips": 
            "allinone_pretrain": FramesPretrainConfig, "allinone_finetune_retrieval": FramesFinetuneConfig,
            "allinone_finetune_qa": FramesFinetuneConfig, "lavender_pretrain": FramesPretrainConfig,
            "lavender_finetune_qa": FramesFinetuneConfig, "allinone_sweep": SweepConfig,
-           "lavender_finetune_retrieval": FramesFinetuneConfig, "evilm_pretrain": FramesPretrainConfig,
+           "lavender_finetune_retrieval": FramesFinetuneConfig, "lavender_finetune_mc": FramesFinetuneConfig,
+           "lavender_finetune_multi": FramesFinetuneConfig, "evilm_pretrain": FramesPretrainConfig,
            "evilm_finetune_retrieval": FramesFinetuneConfig, "evilm_finetune_qa": FramesFinetuneConfig,
            "vq_semantic": VQTokenizerConfig, "vq_pixel": VQTokenizerConfig, "evilm_sweep_tokenizer": SweepConfig}
 

@@ -192,7 +192,9 @@ def test_config_errors_name_the_key_and_the_fix():
 
 
 def test_retrieval_training_leaves_no_trainable_parameter_without_gradient():
-    """DDP fails on trainable parameters a step never reaches: retrieval uses the two encoders only."""
+    """DDP fails on trainable parameters a step never reaches. Retrieval's text-only and video-only
+    passes go through the decoder (the paper's fast retrieval), so every parameter but the MLM, VTM
+    and QA heads gets a gradient."""
     from vidray.frames.system import RetrievalModel
 
     model = RetrievalModel(build_net(TINY))
@@ -201,6 +203,7 @@ def test_retrieval_training_leaves_no_trainable_parameter_without_gradient():
     loss.backward()
     idle = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
     assert idle == []
+    assert model.net.backbone.blocks[0].attention.in_proj_weight.grad.abs().sum() > 0
 
 
 def test_dead_codes_are_moved_onto_encoder_outputs_after_patience_steps():

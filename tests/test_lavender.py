@@ -2,12 +2,21 @@
 
 from __future__ import annotations
 
+import dataclasses
+import io
+
+import numpy as np
+import pytest
 import torch
 
-from vidray.frames.config import FramesModelConfig
+from vidray.config import ConfigError, from_dict
+from vidray.frames.config import FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig
+from vidray.frames.data import IGNORE_INDEX, clip_examples
 from vidray.frames.lavender import LAVENDER_FLAVOURS, Lavender
-from vidray.frames.lavender_tasks import Words, insert_mask_slot, matching_batch, pair_scores, true_score
-from vidray.frames.system import size_figures
+from vidray.frames.lavender_tasks import (LavenderFinetuneSystem, LavenderRetrievalModel, Words, insert_mask_slot,
+                                          matching_batch, pair_scores, true_score)
+from vidray.frames.run import evaluate_mc, option_scores, run_frames_finetune
+from vidray.frames.system import build_net, size_figures
 
 CLS, SEP, MASK, PAD = 101, 102, 103, 0
 
@@ -93,3 +102,173 @@ def test_size_figures_of_lavender():
     tiny_figures = size_figures(FramesModelConfig(arch="lavender", flavour="tiny", image_size=64, num_frames=3,
                                                   max_text_tokens=16))
     assert tiny_figures["model.parameters"] > 30522 * 64 and tiny_figures["model.gflops_per_clip"] > 0
+
+
+# --- multiple-choice QA and multi-task fine-tuning, through the same head ----------------------------
+
+MC_QUESTION = "which caption describes the clip?"
+
+
+def jpeg(rng: np.random.Generator) -> bytes:
+    from PIL import Image
+
+    out = io.BytesIO()
+    Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(out, format="JPEG")
+    return out.getvalue()
+
+
+def clip_rows(n: int) -> list[dict]:
+    """Frames-set rows of ``n`` one-clip videos (video ``vI`` starts at I seconds)."""
+    rng = np.random.default_rng(0)
+    return [{"video_id": f"v{i}", "clip_index": 0, "start_s": float(i), "texts": [f"caption {i}"],
+             "jpeg": [jpeg(rng) for _ in range(3)]} for i in range(n)]
+
+
+def mc_questions(n: int) -> dict:
+    options = [["red square moves left", "blue square moves left", "red circle moves up"],
+               ["green star moves down", "green star moves up"]]
+    return {(f"v{i}", i * 1000): [{"video": f"v{i}", "question": MC_QUESTION, "options": options[i % 2],
+                                   "answer": i % 2, "start": float(i), "end": i + 1.0}] for i in range(n)}
+
+
+def mc_examples(n: int = 2, **kw) -> list[dict]:
+    return clip_examples(clip_rows(n), keep=None, num_frames=3, image_size=64, tokenizer="minilm",
+                         max_text_tokens=24, mc=mc_questions(n), with_meta=True, **kw)
+
+
+def test_mc_examples_are_one_per_option_question_sep_option_with_the_right_one_matched():
+    tok = Words("minilm").tokenizer
+    examples = mc_examples()
+    assert [(e["video_id"], e["option_index"], e["match"]) for e in examples] == [
+        ("v0", 0, 1), ("v0", 1, 0), ("v0", 2, 0), ("v1", 0, 0), ("v1", 1, 1)]
+    expected = tok(MC_QUESTION, "blue square moves left")["input_ids"]
+    assert examples[1]["text_ids"].tolist() == expected and expected.count(SEP) == 2
+    # Scored through retrieval (mc_question=False) an option stands alone, as a caption does.
+    alone = mc_examples(mc_question=False)
+    assert alone[1]["text_ids"].tolist() == tok("blue square moves left")["input_ids"]
+
+
+def test_a_pair_too_long_is_cut_in_the_question_keeping_every_option_whole():
+    tok = Words("minilm").tokenizer
+    options = ["a red square moves left and a blue circle moves up",
+               "a red square moves left and a blue circle moves down"]
+    mc = {("v0", 0): [{"video": "v0", "question": MC_QUESTION, "answer": 0, "start": 0.0, "end": 1.0,
+                       "options": options}]}
+    width = len(tok(options[0])["input_ids"]) + 2  # room for the option and only 1 question token
+    examples = clip_examples(clip_rows(1), keep=None, num_frames=3, image_size=64, tokenizer="minilm",
+                             max_text_tokens=width, mc=mc, with_meta=True)
+    for e in examples:  # the options differ in their last word: it must survive the cut
+        option = tok(e["text"], add_special_tokens=False)["input_ids"]
+        question = tok(MC_QUESTION, add_special_tokens=False)["input_ids"]
+        assert e["text_ids"].tolist() == [CLS, question[0], SEP, *option, SEP]
+    assert examples[0]["text_ids"].tolist() != examples[1]["text_ids"].tolist()
+
+
+def test_mc_option_scores_equal_one_forward_per_question_and_option():
+    net, words = tiny(), Words("minilm")
+    examples = mc_examples()
+    scores = option_scores(LavenderRetrievalModel(net), "lavender", "minilm", examples, batch_size=2,
+                           max_text_tokens=24, pad_id=PAD)
+    assert scores.shape == (5,)
+    for e, score in zip(examples, scores):  # naive: each pair alone, the [MASK] written by hand
+        frames = torch.from_numpy(e["frames"]).permute(0, 3, 1, 2)[None].float() / 127.5 - 1.0
+        ids = e["text_ids"].tolist()
+        ids = torch.tensor([ids[:-1] + [MASK, SEP]])
+        with torch.no_grad():
+            logits = net(frames, ids, torch.ones_like(ids, dtype=torch.bool))[0, len(ids[0]) - 2]
+        probs = torch.softmax(logits, -1)
+        expected = probs[words.true] / (probs[words.true] + probs[words.false])
+        assert abs(float(score) - float(expected)) < 1e-5
+
+
+def test_all_in_one_scores_mc_options_through_retrieval():
+    from vidray.frames.system import RetrievalModel
+
+    cfg = FramesModelConfig(arch="allinone", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)
+    torch.manual_seed(0)
+    model = RetrievalModel(build_net(cfg)).eval()
+    examples = mc_examples(mc_question=False)
+    scores = option_scores(model, "allinone", "minilm", examples, batch_size=2, max_text_tokens=24, pad_id=PAD)
+    for e, score in zip(examples, scores):  # the retrieval score: text vector . clip vector, one pair at a time
+        frames = torch.from_numpy(e["frames"]).permute(0, 3, 1, 2)[None].float() / 127.5 - 1.0
+        ids = torch.from_numpy(e["text_ids"])[None]
+        with torch.no_grad():
+            expected = model.net.encode_text(ids, torch.ones_like(ids, dtype=torch.bool)) @ model.net.encode_video(frames).T
+        assert abs(float(score) - float(expected)) < 1e-5
+
+
+def test_mc_picks_the_best_option_per_question_and_ties_count_wrong():
+    examples = mc_examples()
+    # v0: the right option (0) scores highest; v1: the right option (1) ties with the wrong one.
+    metrics, table = evaluate_mc(np.array([0.9, 0.2, 0.1, 0.5, 0.5]), examples)
+    assert [r["correct"] for r in table] == [True, False]
+    assert table[0]["answer"] == table[0]["picked"] == "red square moves left"
+    assert table[1]["answer"] == "green star moves up" and table[1]["question"] == MC_QUESTION
+    assert metrics == {"mc_accuracy": 0.5, "mc_chance": (1 / 3 + 1 / 2) / 2, "mc_questions": 2}
+
+
+def finetune_cfg(task: str, tasks: list[str] = ()) -> FramesFinetuneConfig:
+    return FramesFinetuneConfig(task=task, tasks=list(tasks), answers=["red", "blue", "left"],
+                                model=FramesModelConfig(arch="lavender", flavour="tiny", image_size=64,
+                                                        num_frames=3, max_text_tokens=24))
+
+
+def mixed_examples() -> list[dict]:
+    """Rows of every task, interleaved: retrieval captions, QA questions and MC options."""
+    tok = Words("minilm").tokenizer
+    frames = [e["frames"] for e in mc_examples(4)][::2]
+
+    def row(i, text, task, answer=IGNORE_INDEX, match=IGNORE_INDEX):
+        return {"frames": frames[i % len(frames)], "text_ids": np.asarray(tok(*text)["input_ids"]),
+                "task": FINETUNE_TASKS.index(task), "answer": answer, "match": match}
+
+    return [row(0, ["a red square moves left"], "retrieval"), row(1, ["what colour is it?"], "qa", answer=0),
+            row(0, [MC_QUESTION, "red square"], "mc", match=1), row(1, ["a blue star rises"], "retrieval"),
+            row(2, [MC_QUESTION, "blue star moves up"], "mc", match=0), row(2, ["which way?"], "qa", answer=2),
+            row(2, ["a green circle"], "retrieval"), row(1, ["what kind of shape moves?"], "qa", answer=IGNORE_INDEX)]
+
+
+def test_multitask_step_is_the_sum_of_the_single_task_losses_on_the_same_rows():
+    cfg = finetune_cfg("multi", ["retrieval", "qa", "mc"])
+    torch.manual_seed(0)
+    net = build_net(cfg.model).eval()  # no dropout: the same rows must give the same losses
+    multi = LavenderFinetuneSystem(cfg, net, torch.device("cpu"))
+    examples = mixed_examples()
+    loss, logs = multi.training_step(multi.collate(examples))
+    expected = 0.0
+    for task in ("retrieval", "qa", "mc"):  # each single-task model on its own rows, collated alone
+        single = LavenderFinetuneSystem(dataclasses.replace(cfg, task=task, tasks=[]), net, torch.device("cpu"))
+        rows = [e for e in examples if e["task"] == FINETUNE_TASKS.index(task)]
+        task_loss, task_logs = single.training_step(single.collate(rows))
+        assert logs[f"{task}_loss"] == pytest.approx(task_loss.item(), rel=1e-5)
+        for name, value in task_logs.items():
+            assert logs[name if name.startswith(task) else f"{task}_{name}"] == pytest.approx(value)
+        expected = expected + task_loss
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    # A batch without a task's rows leaves that task out (its loss is not a zero in the sum).
+    loss, logs = multi.training_step(multi.collate([e for e in examples if e["task"] != FINETUNE_TASKS.index("mc")]))
+    assert "mc_loss" not in logs and loss.item() == pytest.approx(logs["retrieval_loss"] + logs["qa_loss"], rel=1e-5)
+
+
+def test_multitask_config_is_validated_naming_the_key():
+    lavender = {"model": {"arch": "lavender"}}
+    cases = [({"task": "multi", "tasks": ["retrieval", "captioning"], **lavender}, "tasks[1]", "must be one of"),
+             ({"task": "multi", **lavender}, "tasks", "is required with task=multi"),
+             ({"task": "multi", "tasks": ["qa", "mc", "qa"], **lavender}, "tasks", "names qa more than once"),
+             ({"task": "qa", "tasks": ["qa"], **lavender}, "tasks", "is for task=multi"),
+             ({"task": "mc", "model": {"arch": "allinone"}}, "task",
+              "mc fine-tuning is LAVENDER's; All-in-one scores MC through retrieval")]
+    for raw, key, message in cases:
+        with pytest.raises(ConfigError) as err:
+            from_dict(FramesFinetuneConfig, raw)
+        assert err.value.key == key and message in str(err.value), (raw, str(err.value))
+    cfg = from_dict(FramesFinetuneConfig, {"task": "multi", "tasks": ["mc", "qa"], **lavender})
+    assert cfg.trained_tasks() == ["mc", "qa"] and finetune_cfg("qa").trained_tasks() == ["qa"]
+
+
+@pytest.mark.parametrize("task,tasks", [("mc", []), ("multi", ["retrieval", "mc"])])
+def test_mc_without_data_mc_fails_before_anything_starts(task, tasks):
+    cfg = dataclasses.replace(finetune_cfg(task, tasks), data=FramesDataConfig(frames="/nowhere/frames/v-0"))
+    with pytest.raises(ConfigError) as err:
+        run_frames_finetune(cfg, say=lambda m: None)
+    assert err.value.key == "data.mc" and "mc.jsonl" in str(err.value)

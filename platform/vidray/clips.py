@@ -82,6 +82,19 @@ def _quarantine_uri(output: str, video_id: str) -> str:
     return storage.join(output, "_quarantine", f"{safe}-{zlib.crc32(video_id.encode()):08x}.json")
 
 
+def quarantine_record(row: dict[str, Any], err: BaseException) -> dict[str, str]:
+    """Why one video of the manifest could not be read: ``{video_id, uri, error}``."""
+    return {"video_id": row["video_id"], "uri": row["uri"], "error": f"{type(err).__name__}: {err}"}
+
+
+def quarantine_video(output: str, row: dict[str, Any], err: BaseException) -> dict[str, str]:
+    """Record (and return) why one video could not be read, as ``output/_quarantine/<id>.json``:
+    written from inside a Ray task, keyed by video id so a retried task overwrites its record."""
+    record = quarantine_record(row, err)
+    storage.write_bytes(_quarantine_uri(output, row["video_id"]), json.dumps(record).encode())
+    return record
+
+
 def iter_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, size: int | None,
                      clip: str, seed: int, timeout_s: float = 120.0) -> Iterator[dict[str, Any]]:
     """The clips of one manifest row with their frames and timestamps (one open of the video),
@@ -105,9 +118,7 @@ def decode_video_clips(row: dict[str, Any], cfg: ClipsConfig) -> list[dict[str, 
         return list(iter_video_clips(row, num_frames=cfg.num_frames, strategy=cfg.strategy,
                                      size=cfg.size, clip=cfg.clip, seed=cfg.seed, timeout_s=cfg.timeout_s))
     except Exception as err:  # noqa: BLE001 - any failure of one video quarantines that video only
-        reason = f"{type(err).__name__}: {err}"
-        record = {"video_id": row["video_id"], "uri": row["uri"], "error": reason}
-        storage.write_bytes(_quarantine_uri(cfg.output, row["video_id"]), json.dumps(record).encode())
+        quarantine_video(cfg.output, row, err)
         return []
 
 
@@ -121,7 +132,8 @@ def _prepare_output(cfg: ClipsConfig) -> None:
     storage.makedirs(cfg.output)
 
 
-def _gather_quarantine(output: str) -> pa.Table:
+def gather_quarantine(output: str) -> pa.Table:
+    """Every record under ``output/_quarantine/``, also written as ``output/quarantine.parquet``."""
     fs, path = storage.filesystem(storage.join(output, "_quarantine"))
     records = []
     if fs.exists(path):
@@ -145,13 +157,16 @@ def _select_videos(cfg: ClipsConfig) -> pa.Table:
 
 def build_clip_dataset(cfg: ClipsConfig, videos: pa.Table, parallelism: int):
     """The lazy Ray Dataset of clip rows (nothing runs until it is consumed)."""
+    return video_blocks(videos, parallelism).flat_map(decode_video_clips, fn_kwargs={"cfg": cfg}, num_cpus=1)
+
+
+def video_blocks(videos: pa.Table, parallelism: int):
+    """A Ray Dataset of manifest rows in small blocks, ready for a decoding map."""
     import ray
 
     # Small blocks of videos: parallelism across tasks, and a bad video costs only its own row.
     num_blocks = max(1, min(videos.num_rows, max(parallelism * 4, videos.num_rows // 8)))
-    return (ray.data.from_arrow(videos)
-            .repartition(num_blocks)
-            .flat_map(decode_video_clips, fn_kwargs={"cfg": cfg}, num_cpus=1))
+    return ray.data.from_arrow(videos).repartition(num_blocks)
 
 
 def run_clips(cfg: ClipsConfig) -> dict[str, Any]:
@@ -167,7 +182,7 @@ def run_clips(cfg: ClipsConfig) -> dict[str, Any]:
     clips_uri = storage.join(cfg.output, "clips")
     arrow_fs, clips_path = storage.arrow_filesystem(clips_uri)
     build_clip_dataset(cfg, videos, parallelism).write_parquet(clips_path, filesystem=arrow_fs)
-    quarantine = _gather_quarantine(cfg.output)
+    quarantine = gather_quarantine(cfg.output)
     seconds = time.monotonic() - started
     num_clips = count_rows(clips_uri)
     return {

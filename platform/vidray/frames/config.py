@@ -9,12 +9,14 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
-from vidray.config import option
+from vidray.config import ConfigError, option
 from vidray.tracking import MLflowConfig
 from vidray.train.config import OptimConfig, TrainConfig
 
 FRAMES_ARCHS = ("allinone", "lavender", "evilm")
 MVM_TOKENIZERS = ("semantic", "pixel", "none")
+# The tasks a fine-tuning run trains; a row of a multi-task dataset carries its task's index here.
+FINETUNE_TASKS = ("retrieval", "qa", "mc")
 
 
 @dataclass
@@ -36,12 +38,20 @@ class FramesModelConfig:
 
 @dataclass
 class FramesDataConfig:
-    frames: str = option("", "frames feature-set version URI (<root>/frames/<version>)")
-    manifest: str = option("", "manifest of the corpus: selects the split (empty = every video)")
+    source: Literal["frames", "videos"] = option(
+        "frames", "where clips come from. frames: the data.frames feature set (decoded once by `vidray "
+        "extract`, cheap per run); videos: data.manifest's videos decoded at the start of every run with "
+        "the frames extractor's sampler (model.num_frames uniform frames per caption clip at "
+        "model.image_size), no extraction step or stored set; unreadable videos are skipped and named")
+    frames: str = option("", "frames feature-set version URI (<root>/frames/<version>); data.source=frames")
+    manifest: str = option("", "manifest of the corpus: selects the split (empty = every video); "
+                           "with data.source=videos also the videos to decode (required)")
     split: str = option("train", "manifest split to train on")
     val_split: str = option("val", "manifest split scored every train.val_every steps (needs data.manifest)")
     qa: str = option("", "open-ended QA jsonl ({video, question, answer, start, end}; the synthetic "
                      "corpus's qa.jsonl): the qa task's questions, matched to clips by video and start")
+    mc: str = option("", "multiple-choice QA jsonl ({video, question, options, answer, start, end}; the "
+                     "synthetic corpus's mc.jsonl): lavender's mc task, matched to clips as data.qa")
     vq: dict[str, str] = option(default_factory=dict, help=(
         "evilm MVM: tokenizer choice -> vq feature-set version URI (`vidray extract` with extractor "
         "vq), e.g. {semantic: URI, pixel: URI}; objective.mvm_tokenizer picks one"))
@@ -76,11 +86,17 @@ class FramesPretrainConfig:
 
 @dataclass
 class FramesFinetuneConfig:
-    """`vidray finetune` of a frames model for retrieval or open-ended QA."""
+    """`vidray finetune` of a frames model for retrieval, open-ended QA, and (LAVENDER) multiple-choice
+    QA or several of them at once."""
 
-    task: Literal["retrieval", "qa"] = option(
-        "retrieval", "retrieval: text-only and video-only passes, contrastive loss (fast retrieval); "
-        "qa: joint pass over question + frames, a classifier over the answer vocabulary")
+    task: Literal["retrieval", "qa", "mc", "multi"] = option(
+        "retrieval", "retrieval: text-only and video-only passes, contrastive loss (fast retrieval; "
+        "lavender: true/false at a [MASK]); qa: joint pass over question + frames, a classifier over "
+        "the answer vocabulary (lavender: one word at a [MASK]); mc (lavender): each question + option "
+        "read true/false at a [MASK] (data.mc); multi (lavender): every task of `tasks` at once, one head")
+    tasks: list[Literal["retrieval", "qa", "mc"]] = option(
+        default_factory=list, help="task=multi: the tasks trained together by the one MLM head, e.g. "
+        "[retrieval, qa, mc]; their examples are mixed in every batch and their losses summed")
     init_from: Optional[str] = option(
         None, "pre-training checkpoint folder (…/checkpoint_NNNNNNNN) whose weights start the "
               "fine-tuning; null = random init")
@@ -93,6 +109,28 @@ class FramesFinetuneConfig:
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32))
     data: FramesDataConfig = field(default_factory=FramesDataConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
+
+    def trained_tasks(self) -> list[str]:
+        """The tasks this run trains: ``tasks`` for multi, else ``[task]``."""
+        return list(self.tasks) if self.task == "multi" else [self.task]
+
+    def validate(self) -> None:
+        if self.task == "multi":
+            if not self.tasks:
+                raise ConfigError("tasks", "is required with task=multi: the tasks to train together, "
+                                  "e.g. tasks=[retrieval,qa,mc]")
+            twice = sorted({t for t in self.tasks if self.tasks.count(t) > 1})
+            if twice:
+                raise ConfigError("tasks", f"names {', '.join(twice)} more than once; list each task once")
+        elif self.tasks:
+            raise ConfigError("tasks", f"is for task=multi; task={self.task} trains one task: drop tasks "
+                              "or set task=multi")
+        if self.task in ("mc", "multi") and self.model.arch != "lavender":
+            what = "mc fine-tuning" if self.task == "mc" else "multi-task fine-tuning with one head"
+            name = {"allinone": "All-in-one", "evilm": "E-ViLM"}.get(self.model.arch, self.model.arch)
+            raise ConfigError("task", f"{what} is LAVENDER's; {name} scores MC through retrieval "
+                              "(`vidray evaluate mc=FILE` on a task=retrieval checkpoint): set task=retrieval "
+                              "or model.arch=lavender")
 
 
 # --- the VQ video tokenizer of E-ViLM (`vidray train-vq`) ----------------------------------------

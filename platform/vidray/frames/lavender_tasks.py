@@ -7,6 +7,11 @@
   at the slot, so evaluation runs every pair through the model (no separate passes).
 - open-ended QA: "question answer: [MASK]" and the answer is one word of the vocabulary; an answer
   that is not a single WordPiece cannot be produced and counts wrong (it trains nothing).
+- multiple-choice QA: each option is its own row, "question [SEP] option [MASK]" with its clip,
+  target "true" for the right option and "false" for the others (the matching above, with the
+  wrong options as the negatives); the option with the highest p(true) / (p(true) + p(false)) wins.
+- multi-task: rows of several tasks in one batch, each row tagged with its task; each task's rows
+  go through that task's loss and the losses are summed (the paper's single head for all tasks).
 """
 
 from __future__ import annotations
@@ -17,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidray.frames.config import FINETUNE_TASKS
 from vidray.frames.data import IGNORE_INDEX, collate, tokenizer_for
 
 
@@ -72,6 +78,37 @@ def matching_batch(frames, text_ids, text_mask, words: Words, negatives: int):
             mask.repeat(len(rolls), 1), slots.repeat(len(rolls)), targets)
 
 
+def option_pairs(frames, text_ids, text_mask, match, words: Words):
+    """MC rows (question + one option each) with a [MASK] slot, paired with their own clip: target
+    "true" where ``match`` is 1 (the right option), "false" where it is 0."""
+    ids, mask, slots = insert_mask_slot(text_ids, text_mask, [], words.mask, words.pad)
+    targets = torch.where(match.cpu() == 1, words.true, words.false)
+    return frames, ids.to(frames.device), mask.to(frames.device), slots.to(frames.device), targets.to(frames.device)
+
+
+def matching_loss(net: nn.Module, pair_frames, pair_ids, pair_mask, slots, pair_targets):
+    """Cross-entropy of the word at each pair's [MASK] against "true"/"false", over the whole
+    vocabulary (the one MLM head), and the share of pairs whose top word is the target."""
+    at_slot = net(pair_frames, pair_ids, pair_mask, slots=slots)
+    loss = F.cross_entropy(at_slot.float(), pair_targets)
+    with torch.no_grad():
+        accuracy = (at_slot.argmax(-1) == pair_targets).float().mean()
+    return loss, {"match_accuracy": accuracy.item()}
+
+
+def answer_loss(net: nn.Module, frames, qa_ids, qa_mask, slots, answer_token):
+    """Cross-entropy of the answer word at the [MASK] after "answer:" (0 when no answer is a word)."""
+    at_slot = net(frames, qa_ids, qa_mask, slots=slots)
+    loss = torch.nan_to_num(F.cross_entropy(at_slot.float(), answer_token, ignore_index=IGNORE_INDEX))
+    with torch.no_grad():
+        accuracy = (at_slot.argmax(-1) == answer_token).float().mean()
+    return loss, {"qa_batch_accuracy": accuracy.item()}
+
+
+# Each task's loss on its inputs: MC options are matched pairs, as retrieval's.
+TASK_LOSSES = {"retrieval": matching_loss, "qa": answer_loss, "mc": matching_loss}
+
+
 class LavenderPretrainModel(nn.Module):
     def __init__(self, net: nn.Module, vtm_weight: float):
         super().__init__()
@@ -91,16 +128,15 @@ class LavenderPretrainModel(nn.Module):
 
 
 class LavenderRetrievalModel(nn.Module):
+    """Video-text matching at the [MASK]: retrieval's (caption, clip) pairs, and MC's (question +
+    option, clip) pairs (task=mc trains this model too)."""
+
     def __init__(self, net: nn.Module):
         super().__init__()
         self.net = net
 
     def forward(self, pair_frames, pair_ids, pair_mask, slots, pair_targets):
-        at_slot = self.net(pair_frames, pair_ids, pair_mask, slots=slots)
-        loss = F.cross_entropy(at_slot.float(), pair_targets)
-        with torch.no_grad():
-            accuracy = (at_slot.argmax(-1) == pair_targets).float().mean()
-        return loss, {"match_accuracy": accuracy.item()}
+        return matching_loss(self.net, pair_frames, pair_ids, pair_mask, slots, pair_targets)
 
 
 class LavenderQAModel(nn.Module):
@@ -109,11 +145,29 @@ class LavenderQAModel(nn.Module):
         self.net = net
 
     def forward(self, frames, qa_ids, qa_mask, slots, answer_token):
-        at_slot = self.net(frames, qa_ids, qa_mask, slots=slots)
-        loss = torch.nan_to_num(F.cross_entropy(at_slot.float(), answer_token, ignore_index=IGNORE_INDEX))
-        with torch.no_grad():
-            accuracy = (at_slot.argmax(-1) == answer_token).float().mean()
-        return loss, {"qa_batch_accuracy": accuracy.item()}
+        return answer_loss(self.net, frames, qa_ids, qa_mask, slots, answer_token)
+
+
+class LavenderMultiTaskModel(nn.Module):
+    """Several tasks through the one net and head in one forward (so DDP sees one forward per
+    backward): each task's inputs (a tuple, or None when the batch has none of its rows) go through
+    that task's loss; the loss is their sum. Holds the net only, so its checkpoint's weights are
+    those of any single-task LAVENDER model (``net.*``)."""
+
+    def __init__(self, net: nn.Module, tasks: list[str]):
+        super().__init__()
+        self.net, self.tasks = net, list(tasks)
+
+    def forward(self, **inputs):
+        total, logs = None, {}
+        for task in self.tasks:
+            if inputs.get(task) is None:
+                continue
+            loss, task_logs = TASK_LOSSES[task](self.net, *inputs[task])
+            total = loss if total is None else total + loss
+            logs[f"{task}_loss"] = loss.item()
+            logs.update({k if k.startswith(task) else f"{task}_{k}": v for k, v in task_logs.items()})
+        return total, logs
 
 
 # --- systems (what the training loop needs) --------------------------------------------------------
@@ -146,13 +200,33 @@ class LavenderPretrainSystem:
         return {"loss": loss.item(), **logs}
 
 
+def finetune_model(net: nn.Module, task: str, tasks: list[str]) -> nn.Module:
+    """The module that trains ``task`` (``multi``: every task of ``tasks``) on ``net``."""
+    if task == "multi":
+        return LavenderMultiTaskModel(net, tasks)
+    return LavenderQAModel(net) if task == "qa" else LavenderRetrievalModel(net)
+
+
+def rows_of(batch: dict, rows: torch.Tensor) -> dict:
+    """The ``rows`` of a collated batch, text padding cut to its longest row: the same tensors the
+    collation of those rows alone gives."""
+    out = {k: v[rows] for k, v in batch.items() if torch.is_tensor(v)}
+    width = int(out["text_mask"].sum(1).max()) if len(out["text_mask"]) else 0
+    out["text_ids"], out["text_mask"] = out["text_ids"][:, :width], out["text_mask"][:, :width]
+    return out
+
+
 class LavenderFinetuneSystem:
+    """One task, or (task=multi) several: each batch row carries its task's index (``task``, in
+    FINETUNE_TASKS) and each task's rows make that task's inputs."""
+
     def __init__(self, cfg, net: nn.Module, device: torch.device):
         self.cfg, self.words = cfg, Words(cfg.model.tokenizer)
         self.task = cfg.task
-        self.model = (LavenderQAModel(net) if cfg.task == "qa" else LavenderRetrievalModel(net)).to(device)
+        self.model = finetune_model(net, cfg.task, cfg.tasks).to(device)
         self.answer_tokens = torch.tensor([self.words.answer_token(a) for a in cfg.answers] or [IGNORE_INDEX])
         self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=self.words.pad)
+        self.inputs = {"retrieval": self.retrieval_inputs, "qa": self.qa_step_inputs, "mc": self.mc_inputs}
 
     def qa_inputs(self, batch: dict):
         """Question ids with "answer: [MASK]" and, if the batch has answers, their token ids."""
@@ -165,14 +239,34 @@ class LavenderFinetuneSystem:
             tokens = torch.where(index >= 0, self.answer_tokens[index.clamp(min=0)], IGNORE_INDEX)
         return ids, mask, slots, tokens
 
-    def training_step(self, batch: dict):
+    def qa_step_inputs(self, batch: dict) -> tuple:
         device = batch["frames"].device
-        if self.task == "qa":
-            ids, mask, slots, tokens = self.qa_inputs(batch)
-            return self.model(batch["frames"], ids.to(device), mask.to(device), slots.to(device), tokens.to(device))
+        ids, mask, slots, tokens = self.qa_inputs(batch)
+        return batch["frames"], ids.to(device), mask.to(device), slots.to(device), tokens.to(device)
+
+    def retrieval_inputs(self, batch: dict) -> tuple:
         pair = matching_batch(batch["frames"], batch["text_ids"].cpu(), batch["text_mask"].cpu(), self.words,
                               self.cfg.match_negatives)
-        return self.model(*(t.to(device) for t in pair))
+        return tuple(t.to(batch["frames"].device) for t in pair)
+
+    def mc_inputs(self, batch: dict) -> tuple:
+        return option_pairs(batch["frames"], batch["text_ids"].cpu(), batch["text_mask"].cpu(), batch["match"],
+                            self.words)
+
+    def task_inputs(self, batch: dict) -> dict[str, tuple]:
+        """Each task's inputs from its rows of a multi-task batch (tasks without rows left out)."""
+        task = batch["task"]
+        out = {}
+        for name in self.cfg.tasks:
+            rows = task == FINETUNE_TASKS.index(name)
+            if bool(rows.any()):
+                out[name] = self.inputs[name](rows_of(batch, rows))
+        return out
+
+    def training_step(self, batch: dict):
+        if self.task == "multi":
+            return self.model(**self.task_inputs(batch))
+        return self.model(*self.inputs[self.task](batch))
 
 
 @torch.no_grad()

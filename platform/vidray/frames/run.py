@@ -14,10 +14,11 @@ import numpy as np
 import torch
 
 from vidray.config import ConfigError, from_dict
-from vidray.feature_store.store import digest, open_version
-from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
-from vidray.frames.data import (VQCodes, answer_vocabulary, collate, examples_dataset, read_examples,
-                                read_qa, tokenizer_for)
+from vidray.feature_store.store import digest
+from vidray.frames.config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPretrainConfig
+from vidray.frames.data import (VQCodes, answer_vocabulary, clip_keys, collate, examples_dataset, read_examples,
+                                read_mc, read_qa, skipped_videos_uri, source_tags, tokenizer_for,
+                                with_task_columns)
 from vidray.manifest import split_videos
 from vidray.frames.system import (QAModel, RetrievalModel, build_finetune_system, build_net,
                                   build_pretrain_system, mvm_settings, size_figures)
@@ -35,19 +36,12 @@ def _run_name(cfg, kind: str) -> str:
     return cfg.train.run_name or f"{cfg.model.arch}-{kind}-" + digest(dataclasses.asdict(cfg))[:10]
 
 
-def _frames_tag(data) -> dict[str, str]:
-    if not data.frames:
-        raise ConfigError("data.frames", "is required: the URI of a committed frames feature-set version "
-                          "(see `vidray features ls ROOT`)")
-    return {"feature_set.frames": open_version(data.frames).uri}
-
-
 def run_frames_pretrain(cfg: FramesPretrainConfig, say=print, tags: dict | None = None,
                         callbacks: tuple = ()) -> dict[str, Any]:
     if cfg.train.val_every and not cfg.data.manifest:
         raise ConfigError("data.manifest", "is required with train.val_every > 0: it names the videos "
                           "of data.val_split")
-    tags = {**_frames_tag(cfg.data), "arch": cfg.model.arch, **(tags or {})}
+    tags = {**source_tags(cfg.data), "arch": cfg.model.arch, **(tags or {})}
     mvm = mvm_settings(cfg)
     if mvm:
         tags.update({"feature_set.vq": mvm["uri"], "mvm_tokenizer": cfg.objective.mvm_tokenizer})
@@ -56,40 +50,41 @@ def run_frames_pretrain(cfg: FramesPretrainConfig, say=print, tags: dict | None 
         f"{figures['model.gflops_per_clip']} GFLOPs per clip"
         + (f"; MVM on {mvm['kind']} VQ codes ({mvm['codebook_size']} codes)" if mvm else ""))
     codes = []  # the codes go to the object store once Ray is up, shared by both datasets
+    run_name = _run_name(cfg, "pretrain")
 
     def dataset(split: str):
         if mvm and not codes:
-            codes.append(shared_vq_codes(mvm["uri"], cfg.data.frames, say))
-        return examples_dataset(cfg.model, cfg.data, split, vq=codes[0] if codes else None)
+            codes.append(shared_vq_codes(mvm["uri"], cfg.model, cfg.data, say))
+        return examples_dataset(cfg.model, cfg.data, split, vq=codes[0] if codes else None, say=say,
+                                skipped_to=skipped_videos_uri(cfg.train.storage_path, run_name, split))
 
     return run_training(cfg, job="pretrain", experiment=cfg.mlflow.experiment or PRETRAIN_EXPERIMENT,
-                        run_name=_run_name(cfg, "pretrain"), build_system=build_pretrain_system,
+                        run_name=run_name, build_system=build_pretrain_system,
                         make_dataset=lambda: dataset(cfg.data.split),
                         make_val_dataset=lambda: dataset(cfg.data.val_split),
                         tags=tags, params=figures, callbacks=callbacks, say=say)
 
 
-def shared_vq_codes(vq_uri: str, frames_uri: str, say=print):
+def shared_vq_codes(vq_uri: str, model, data, say=print):
     """The vq set's codes in Ray's object store (one copy per node), after checking that they
-    cover the frames set's clips: clips without codes would silently drop out of pre-training."""
+    cover the clips of the data (the frames set's, or the manifest's with data.source=videos):
+    clips without codes would silently drop out of pre-training."""
     import ray
 
-    from vidray.feature_store import store
-
     codes = VQCodes.read(vq_uri)
-    parts = [store.read_parquet(u, ["video_id", "clip_index"]) for u in store.open_version(frames_uri).part_uris]
-    clips = [(v, c) for p in parts for v, c in zip(p["video_id"].to_pylist(), p["clip_index"].to_pylist())]
+    clips = clip_keys(model, data)
     missing = [k for k in clips if codes.get(*k) is None]
     if missing:
-        say(f"warning: {len(missing)} of {len(clips)} clips of {frames_uri} have no codes in {vq_uri} "
+        source = data.frames if data.source == "frames" else data.manifest
+        say(f"warning: {len(missing)} of {len(clips)} clips of {source} have no codes in {vq_uri} "
             f"(e.g. {missing[0][0]} clip {missing[0][1]}); they are left out of pre-training. Was the vq "
-            "set extracted from this frames set and the same manifest?")
+            "set extracted from a frames set of the same manifest?")
     return ray.put(codes)
 
 
 def with_answers(cfg: FramesFinetuneConfig) -> FramesFinetuneConfig:
     """``cfg`` with ``answers`` filled from the training split's questions when empty (qa)."""
-    if cfg.task != "qa" or cfg.answers:
+    if "qa" not in cfg.trained_tasks() or cfg.answers:
         return cfg
     answers = answer_vocabulary(read_qa(cfg.data.qa), split_videos(cfg.data.manifest, cfg.data.split))
     if not answers:
@@ -98,17 +93,36 @@ def with_answers(cfg: FramesFinetuneConfig) -> FramesFinetuneConfig:
 
 
 def run_frames_finetune(cfg: FramesFinetuneConfig, say=print, tags: dict | None = None) -> dict[str, Any]:
+    cfg.validate()  # a config built in code skips from_dict's check
     cfg = with_answers(cfg)
-    qa = read_qa(cfg.data.qa) if cfg.task == "qa" else None
-    tags = {**_frames_tag(cfg.data), "arch": cfg.model.arch, "task": cfg.task,
+    tasks = cfg.trained_tasks()
+    qa = read_qa(cfg.data.qa) if "qa" in tasks else None
+    mc = read_mc(cfg.data.mc) if "mc" in tasks else None
+    tags = {**source_tags(cfg.data), "arch": cfg.model.arch, "task": cfg.task,
+            **({"tasks": ",".join(tasks)} if cfg.task == "multi" else {}),
             "init_from": str(cfg.init_from), **(tags or {})}
     figures = size_figures(cfg.model, len(cfg.answers))
+    run_name = _run_name(cfg, cfg.task)
+    skipped_to = skipped_videos_uri(cfg.train.storage_path, run_name, cfg.data.split)
     report = run_training(cfg, job="finetune", experiment=cfg.mlflow.experiment or FINETUNE_EXPERIMENT,
-                          run_name=_run_name(cfg, cfg.task), build_system=build_finetune_system,
-                          make_dataset=lambda: examples_dataset(cfg.model, cfg.data, cfg.data.split, qa,
-                                                                cfg.answers),
+                          run_name=run_name, build_system=build_finetune_system,
+                          make_dataset=lambda: finetune_dataset(cfg, qa, mc, skipped_to=skipped_to, say=say),
                           tags=tags, params=figures, say=say)
     return {**report, "task": cfg.task}
+
+
+def finetune_dataset(cfg: FramesFinetuneConfig, qa: dict | None, mc: dict | None, **source):
+    """The training examples of the run's task. task=multi: every task's examples in one dataset,
+    each row tagged with its task and carrying every task's columns (:func:`with_task_columns`),
+    shuffled once: the loop reads rows in order, so unshuffled the tasks would come one after the
+    other instead of mixed in every batch. Each task's share of a batch is its share of the rows."""
+    per_task = {"retrieval": {}, "qa": {"qa": qa, "answers": cfg.answers}, "mc": {"mc": mc}}
+    if cfg.task != "multi":
+        return examples_dataset(cfg.model, cfg.data, cfg.data.split, **per_task[cfg.task], **source)
+    parts = [examples_dataset(cfg.model, cfg.data, cfg.data.split, **per_task[task], **source)
+             .map_batches(with_task_columns, batch_format="numpy", fn_kwargs={"task": FINETUNE_TASKS.index(task)})
+             for task in cfg.tasks]
+    return parts[0].union(*parts[1:]).random_shuffle(seed=cfg.train.seed)
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -116,10 +130,9 @@ def run_frames_finetune(cfg: FramesFinetuneConfig, say=print, tags: dict | None 
 def load_frames_finetuned(state: dict) -> tuple[FramesFinetuneConfig, torch.nn.Module]:
     cfg = from_dict(FramesFinetuneConfig, state["config"])
     if cfg.model.arch == "lavender":
-        from vidray.frames.lavender_tasks import LavenderQAModel, LavenderRetrievalModel
+        from vidray.frames.lavender_tasks import finetune_model
 
-        net = build_net(cfg.model)
-        model = LavenderQAModel(net) if cfg.task == "qa" else LavenderRetrievalModel(net)
+        model = finetune_model(build_net(cfg.model), cfg.task, cfg.tasks)
     else:
         net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
         model = QAModel(net) if cfg.task == "qa" else RetrievalModel(net)
@@ -209,37 +222,104 @@ def evaluate_qa(predicted: list[str], examples: list[dict],
     return metrics, table, per_type
 
 
+@torch.no_grad()
+def option_scores(model, arch: str, tokenizer: str, examples: list[dict], batch_size: int,
+                  max_text_tokens: int, pad_id: int) -> np.ndarray:
+    """Each MC example's score (one option against its clip): LAVENDER's p(true) / (p(true) +
+    p(false)) at a [MASK] appended to the text, as its matching is trained; All-in-one / E-ViLM:
+    the dot product of the text and clip embeddings, their retrieval score."""
+    from vidray.frames.lavender_tasks import Words, insert_mask_slot, true_score
+
+    words = Words(tokenizer) if arch == "lavender" else None
+    scores = []
+    for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
+        if words is None:
+            text = model.net.encode_text(batch["text_ids"], batch["text_mask"])
+            scores.append((text * model.net.encode_video(batch["frames"])).sum(-1))
+        else:
+            ids, mask, slots = insert_mask_slot(batch["text_ids"], batch["text_mask"], [], words.mask, words.pad)
+            scores.append(true_score(model.net(batch["frames"], ids, mask, slots=slots), words.true, words.false))
+    return torch.cat(scores).float().numpy() if scores else np.zeros(0, np.float32)
+
+
+def evaluate_mc(scores: np.ndarray, examples: list[dict]) -> tuple[dict, list[dict]]:
+    """Per MC question (its options' examples): the option scoring highest is picked; ties count
+    against the model. ``mc_accuracy`` next to ``mc_chance`` (1 / options), as VLM's evaluation."""
+    from vidray.vlm.evaluate import mc_correct, mc_summary
+
+    questions: dict[str, list[int]] = {}
+    for i, e in enumerate(examples):
+        questions.setdefault(e["mc_key"], []).append(i)
+    table, option_counts = [], []
+    for rows in questions.values():
+        options = [examples[i] for i in rows]
+        right = [e["option_index"] for e in options].index(options[0]["mc_answer"])
+        picked = int(scores[rows].argmax())
+        table.append({"video_id": options[0]["video_id"], "question": options[0]["question"],
+                      "answer": options[right]["text"], "picked": options[picked]["text"],
+                      "correct": mc_correct(scores[rows], right)})
+        option_counts.append(len(rows))
+    return mc_summary(table, option_counts), table
+
+
 def run_frames_evaluate(cfg: EvaluateConfig, state: dict, say: Callable[[str], None] = print,
                         tags: dict | None = None) -> dict[str, Any]:
-    """Evaluate a frames model's fine-tuning checkpoint (``state`` already loaded)."""
-    from vidray.vlm.evaluate import _log, bar_figure, recall_curve_figure
+    """Evaluate a frames model's fine-tuning checkpoint (``state`` already loaded): every task it
+    was trained on (task=multi: each of ``tasks``) in one MLflow run; a retrieval checkpoint with
+    ``mc=FILE`` also scores multiple choice through retrieval, as VLM's evaluation does."""
+    from vidray.vlm.evaluate import _log
 
     ft, model = load_frames_finetuned(state)
-    data = dataclasses.replace(ft.data, frames=cfg.frames or ft.data.frames,
-                               manifest=cfg.manifest or ft.data.manifest, qa=cfg.qa or ft.data.qa)
-    qa = read_qa(data.qa) if ft.task == "qa" else None
-    examples = read_examples(ft.model, data, cfg.split, qa, ft.answers or None)
-    if not examples:
-        raise ConfigError("split", f"split {cfg.split!r} has no {ft.task} examples in {data.frames}"
-                          + (f" (questions from {data.qa})" if qa else ""))
-    say(f"evaluate {ft.model.arch} {ft.task} on {cfg.split}: {len(examples)} examples")
-    pad_id = tokenizer_for(ft.model.tokenizer).pad_token_id
-    tables, figures = {}, {}
-    arch, tokenizer = ft.model.arch, ft.model.tokenizer
-    if ft.task == "retrieval":
-        similarity = similarity_matrix(model, arch, tokenizer, examples, cfg.batch_size, ft.model.max_text_tokens,
-                                       pad_id)
-        metrics, tables["retrieval"], similarity = evaluate_retrieval(similarity, examples)
-        figures["recall_at_k"] = recall_curve_figure(similarity, f"retrieval on {cfg.split} ({len(examples)} clips)")
-    else:
-        predicted = predicted_answers(model, arch, tokenizer, examples, ft.answers, cfg.batch_size,
-                                      ft.model.max_text_tokens, pad_id)
-        metrics, tables["qa"], per_type = evaluate_qa(predicted, examples, ft.answers)
-        figures["qa_accuracy_per_type"] = bar_figure(per_type or {"all": metrics["qa_accuracy"]},
-                                                     f"QA accuracy per question type on {cfg.split}", "accuracy")
-    metrics["examples"] = len(examples)
+    # frames= names a frames set to score on, even for a checkpoint trained with data.source=videos.
+    data = dataclasses.replace(ft.data, source="frames" if cfg.frames else ft.data.source,
+                               frames=cfg.frames or ft.data.frames, manifest=cfg.manifest or ft.data.manifest,
+                               qa=cfg.qa or ft.data.qa, mc=cfg.mc or ft.data.mc)
+    tasks = ft.trained_tasks()
+    metrics, tables, figures, counts = {}, {}, {}, {}
+    for task in tasks:
+        task_metrics, counts[task] = evaluate_task(task, model, ft, data, cfg, tables, figures, say)
+        metrics.update(task_metrics)
+    if tasks == ["retrieval"] and cfg.mc:  # the option alone against the clip, as a caption
+        task_metrics, _ = evaluate_task("mc", model, ft, data, cfg, tables, figures, say, mc_question=False)
+        metrics.update(task_metrics)
+    metrics["examples"] = sum(counts.values())
+    if len(tasks) > 1:
+        metrics.update({f"{task}_examples": n for task, n in counts.items()})
     run_id = _log(cfg, ft, metrics, tables, figures, {}, {"arch": ft.model.arch, **(tags or {})})
     say(f"evaluate {ft.model.arch} {ft.task} on {cfg.split}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)) + f"; MLflow run {run_id}")
     return {"task": ft.task, "split": cfg.split, "metrics": metrics, "mlflow_run_id": run_id,
             "checkpoint": cfg.checkpoint}
+
+
+def evaluate_task(task: str, model, ft: FramesFinetuneConfig, data, cfg: EvaluateConfig, tables: dict,
+                  figures: dict, say: Callable[[str], None], mc_question: bool = True) -> tuple[dict, int]:
+    """One task's metrics on ``cfg.split`` and how many clips (retrieval) or questions it scored;
+    its per-item table and plot go into ``tables`` / ``figures``."""
+    from vidray.vlm.evaluate import bar_figure, recall_curve_figure
+
+    qa = read_qa(data.qa) if task == "qa" else None
+    mc = read_mc(data.mc, "mc" if cfg.mc else "data.mc") if task == "mc" else None
+    examples = read_examples(ft.model, data, cfg.split, qa, ft.answers or None, say=say, mc=mc,
+                             mc_question=mc_question)
+    if not examples:
+        where = data.frames if data.source == "frames" else f"the videos of {data.manifest}"
+        raise ConfigError("split", f"split {cfg.split!r} has no {task} examples in {where}"
+                          + (f" (questions from {data.qa})" if qa else "") + (f" (questions from {data.mc})" if mc else ""))
+    say(f"evaluate {ft.model.arch} {task} on {cfg.split}: {len(examples)} examples")
+    pad_id = tokenizer_for(ft.model.tokenizer).pad_token_id
+    arch, tokenizer, width = ft.model.arch, ft.model.tokenizer, ft.model.max_text_tokens
+    if task == "retrieval":
+        similarity = similarity_matrix(model, arch, tokenizer, examples, cfg.batch_size, width, pad_id)
+        metrics, tables["retrieval"], similarity = evaluate_retrieval(similarity, examples)
+        figures["recall_at_k"] = recall_curve_figure(similarity, f"retrieval on {cfg.split} ({len(examples)} clips)")
+        return metrics, len(examples)
+    if task == "mc":
+        scores = option_scores(model, arch, tokenizer, examples, cfg.batch_size, width, pad_id)
+        metrics, tables["multiple_choice"] = evaluate_mc(scores, examples)
+        return metrics, metrics["mc_questions"]
+    predicted = predicted_answers(model, arch, tokenizer, examples, ft.answers, cfg.batch_size, width, pad_id)
+    metrics, tables["qa"], per_type = evaluate_qa(predicted, examples, ft.answers)
+    figures["qa_accuracy_per_type"] = bar_figure(per_type or {"all": metrics["qa_accuracy"]},
+                                                 f"QA accuracy per question type on {cfg.split}", "accuracy")
+    return metrics, len(examples)

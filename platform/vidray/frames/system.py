@@ -160,7 +160,7 @@ class RetrievalModel(nn.Module):
     def __init__(self, net: AllInOneHeads):
         super().__init__()
         self.net = net
-        freeze(net.mlm_transform, net.mlm_bias, net.vtm, *getattr(net.backbone, "joint_only", ()))
+        freeze(net.mlm_transform, net.mlm_bias, net.vtm)
 
     def forward(self, frames, text_ids, text_mask):
         text, video = self.net.encode_text(text_ids, text_mask), self.net.encode_video(frames)
@@ -198,7 +198,7 @@ class QAModel(nn.Module):
 
 
 class FramesPretrainSystem:
-    """What the training loop needs: ``model``, ``collate``, ``training_step``, ``validation_step``."""
+    """What the training loop needs: ``model``, ``collate``, ``prepare``, ``training_step``, ``validation_step``."""
 
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
@@ -211,31 +211,34 @@ class FramesPretrainSystem:
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=tok.pad_token_id)
 
-    def _step(self, batch: dict, generator: torch.Generator):
-        # Masks and pairings come from a CPU generator: the same seed gives the same on any device.
-        ids, mask = batch["text_ids"].cpu(), batch["text_mask"].cpu()
+    def prepare(self, batch: dict, generator: torch.Generator | None = None) -> dict:
+        """Masks and pairings, on the CPU batch before the loop copies it to the device: they come
+        from a CPU generator, so the same seed gives the same on any device."""
+        generator = generator or self.generator
+        ids, mask = batch["text_ids"], batch["text_mask"]
         inputs, targets = mask_text(ids, mask, self.cfg.objective.mlm_prob, self.mask_id, self.vocab,
                                     generator, self.special)
         matched = torch.rand(len(ids), generator=generator) < 0.5
         if len(ids) == 1:
             matched[:] = True
-        device = batch["frames"].device
-        mvm = {}
+        out = {**batch, "masked_ids": inputs, "mlm_targets": targets, "matched": matched}
         if self.mvm:
             from vidray.frames.evilm import clip_masks
 
             b, t = batch["frames"].shape[:2]
-            mvm = {"mvm_masks": clip_masks(b, t, self.mvm["grid"], self.cfg.objective.mvm_mask_ratio,
-                                           generator).to(device),
-                   "vq_codes": batch["vq_codes"]}
-        return self.model(batch["frames"], batch["text_ids"], inputs.to(device), batch["text_mask"],
-                          targets.to(device), matched.to(device), **mvm)
+            out["mvm_masks"] = clip_masks(b, t, self.mvm["grid"], self.cfg.objective.mvm_mask_ratio, generator)
+        return out
 
     def training_step(self, batch: dict):
-        return self._step(batch, self.generator)
+        """``batch``: :meth:`prepare`'s, on the model's device."""
+        return self.model(batch["frames"], batch["text_ids"], batch["masked_ids"], batch["text_mask"],
+                          batch["mlm_targets"], batch["matched"], batch.get("mvm_masks"), batch.get("vq_codes"))
 
     def validation_step(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
-        loss, logs = self._step(batch, generator)
+        from vidray.train.loop import to_device
+
+        prepared = self.prepare({k: v.cpu() for k, v in batch.items()}, generator)
+        loss, logs = self.training_step(to_device(prepared, batch["frames"].device))
         return {"loss": loss.item(), **logs}
 
 

@@ -215,26 +215,29 @@ def size_figures(model_cfg) -> dict[str, float]:
 
 
 def run_train_vq(cfg, say=print, tags: dict | None = None) -> dict[str, Any]:
-    """Train a VQ video tokenizer (Ray Train, checkpoints, MLflow run) on the frames feature set."""
-    from vidray.feature_store.store import digest, open_version
-    from vidray.frames.data import examples_dataset
+    """Train a VQ video tokenizer (Ray Train, checkpoints, MLflow run) on the frames feature set, or
+    on the manifest's videos decoded on the fly (``data.source=videos``)."""
+    from vidray.feature_store.store import digest
+    from vidray.frames.data import examples_dataset, skipped_videos_uri, source_tags
     from vidray.train.job import run_training
 
     if cfg.model.flavour not in VQ_FLAVOURS:
         raise ConfigError("model.flavour", f"unknown flavour {cfg.model.flavour!r}; choose one of {sorted(VQ_FLAVOURS)}")
-    if not cfg.data.frames:
-        raise ConfigError("data.frames", "is required: the URI of a committed frames feature-set version")
+    tags = {**source_tags(cfg.data), "vq.kind": cfg.model.kind, **(tags or {})}
     if cfg.train.val_every and not cfg.data.manifest:
         raise ConfigError("data.manifest", "is required with train.val_every > 0")
     figures = size_figures(cfg.model)
     say(f"VQ tokenizer ({cfg.model.kind}, {cfg.model.flavour}): {figures['model.parameters']:,} parameters, "
         f"{cfg.model.codebook_size} codes x {cfg.model.code_dim}, {figures['model.gflops_per_clip']} GFLOPs per clip")
     run_name = cfg.train.run_name or f"vq-{cfg.model.kind}-" + digest(dataclasses.asdict(cfg))[:10]
-    tags = {"feature_set.frames": open_version(cfg.data.frames).uri, "vq.kind": cfg.model.kind, **(tags or {})}
+
+    def dataset(split: str):
+        return examples_dataset(cfg.model, cfg.data, split, say=say,
+                                skipped_to=skipped_videos_uri(cfg.train.storage_path, run_name, split))
+
     report = run_training(cfg, job="train-vq", experiment=cfg.mlflow.experiment or EXPERIMENT, run_name=run_name,
-                          build_system=VQTrainSystem,
-                          make_dataset=lambda: examples_dataset(cfg.model, cfg.data, cfg.data.split),
-                          make_val_dataset=lambda: examples_dataset(cfg.model, cfg.data, cfg.data.val_split),
+                          build_system=VQTrainSystem, make_dataset=lambda: dataset(cfg.data.split),
+                          make_val_dataset=lambda: dataset(cfg.data.val_split),
                           tags=tags, params=figures, say=say)
     say(f"tokenizer checkpoint: {report['checkpoint']}  (cache its codes: `vidray extract` with "
         f"extractor: vq, vq.checkpoint: {report['checkpoint']})")

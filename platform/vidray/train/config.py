@@ -121,8 +121,9 @@ class EvaluateConfig:
     labels: str = option("", "action_segmentation labels (COIN format); empty = the checkpoint's")
     frames: str = option("", "frames models: frames feature-set version; empty = the checkpoint's")
     qa: str = option("", "frames models, qa task: questions jsonl; empty = the checkpoint's")
-    mc: str = option("", "retrieval: multiple-choice QA jsonl ({video, options, answer, start, end}) "
-                     "scored with the retrieval model; empty = skip")
+    mc: str = option("", "multiple-choice QA jsonl ({video, question, options, answer, start, end}): "
+                     "a retrieval checkpoint (VLM or frames model) scores each option with its retrieval "
+                     "model (empty = skip); a LAVENDER mc / multi checkpoint's questions (empty = its data.mc)")
     batch_size: int = option(64, "clips per forward pass", ge=1)
     beam_size: int = option(5, "captioning: beam width (1 = greedy only)", ge=1)
     max_caption_tokens: int = option(24, "captioning: longest generated caption", ge=1)

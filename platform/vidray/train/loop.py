@@ -5,7 +5,9 @@
     (model, optimizer, scheduler, step, RNG, config) -> rank 0 logs every step to MLflow.
 
 A *system* (see :mod:`vidray.vlm.system`) bundles a model for one device with its objective and
-exposes ``model`` and ``training_step(batch) -> (loss, logs)``; this file applies distribution
+exposes ``model``, ``collate`` and ``training_step(batch) -> (loss, logs)``, and may expose
+``prepare(batch)``: its CPU-side randomness, run on the collated batch before the copy to the
+device (VLM's masking). This file applies distribution
 (DDP or FSDP, :mod:`vidray.train.parallel`), precision and the optimizer in one place.
 
 Resumption: the run's name is stable (given, or derived from the config), so both Ray Train's
@@ -250,11 +252,14 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
     flops_per_example = None  # counted on the first micro-batch (forward + backward), as it runs
     if rank == 0:
         log(f"training from step {step} to {cfg.train.steps} on {world} worker(s)")
+    # A system's CPU-side randomness (masks, pairings) runs before the copy, so a batch crosses
+    # to the GPU once and is never copied back.
+    prepare = getattr(system, "prepare", lambda batch: batch)
     while step < cfg.train.steps:
         # Pinned host memory and two batches in flight: the copy to the GPU overlaps the step.
         for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate, drop_last=True,
                                               pin_memory=device.type == "cuda", prefetch_batches=2):
-            batch = {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            batch = to_device(prepare(batch), device)
             counter = FlopCounterMode(display=False) if flops_per_example is None else nullcontext()
             with counter:
                 with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
@@ -297,6 +302,11 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
                 _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint=False)
             if step >= cfg.train.steps:
                 return
+
+
+def to_device(batch: dict, device) -> dict:
+    """Every tensor of ``batch`` (or object with ``.to``, e.g. a masked batch) on ``device``."""
+    return {k: v.to(device, non_blocking=True) if hasattr(v, "to") else v for k, v in batch.items()}
 
 
 def _validate(system, model, per_worker: int, world: int, seed: int, device) -> dict[str, float]:

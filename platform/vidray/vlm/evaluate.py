@@ -112,15 +112,54 @@ def evaluate_retrieval(model, clips: list[dict], batch_size: int, max_video_toke
     return metrics, table, similarity
 
 
+MC_KEYS = ("video", "question", "options", "answer", "start", "end")
+
+
+def read_mc_rows(uri: str, key: str = "mc") -> list[dict]:
+    """The rows of a multiple-choice jsonl (``{video, question, options, answer, start, end}``,
+    the synthetic corpus's mc.jsonl), checked; ``key`` is the config key named in errors."""
+    from vidray import storage
+
+    if not uri:
+        raise ConfigError(key, "is required: a multiple-choice jsonl of {video, question, options, answer, "
+                          "start, end} (the synthetic corpus writes mc.jsonl)")
+    if not storage.exists(uri):
+        raise ConfigError(key, f"{uri} does not exist")
+    rows = []
+    for number, line in enumerate(storage.read_bytes(uri).decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        missing = set(MC_KEYS) - set(row)
+        if missing:
+            raise ConfigError(key, f"{uri} line {number} lacks {sorted(missing)}")
+        if not 0 <= int(row["answer"]) < len(row["options"]):
+            raise ConfigError(key, f"{uri} line {number}: answer {row['answer']} is not an index of its "
+                              f"{len(row['options'])} options")
+        rows.append(row)
+    return rows
+
+
+def mc_correct(scores: np.ndarray, answer: int) -> bool:
+    """Whether the right option scores strictly highest: ties count against the model, as in retrieval."""
+    others = np.delete(scores, answer)
+    return bool(others.size == 0 or scores[answer] > others.max())
+
+
+def mc_summary(table: list[dict], option_counts: list[int]) -> dict[str, float]:
+    """``mc_accuracy`` over the table's questions next to ``mc_chance`` (1 / options, averaged)."""
+    accuracy = float(np.mean([r["correct"] for r in table])) if table else float("nan")
+    chance = float(np.mean([1 / n for n in option_counts])) if option_counts else float("nan")
+    return {"mc_accuracy": accuracy, "mc_chance": chance, "mc_questions": len(table)}
+
+
 def mc_questions(mc_uri: str, features: dict[str, np.ndarray], tokenizer,
                  max_video_tokens: int, max_text_tokens: int) -> list[dict]:
     """MC rows of the evaluated videos, with the clip's seconds and each option's ids."""
-    from vidray import storage
     from vidray.vlm.data import seconds_of_span
 
-    rows = [json.loads(line) for line in storage.read_bytes(mc_uri).decode("utf-8").splitlines() if line.strip()]
     out = []
-    for row in rows:
+    for row in read_mc_rows(mc_uri):
         if row["video"] not in features:
             continue
         seconds = features[row["video"]]
@@ -142,13 +181,9 @@ def evaluate_mc(model, questions: list[dict], max_video_tokens: int, max_text_to
                         max_text_tokens, SEP_ID)
         video = model.encode_video(batch["video"][:1], batch["video_mask"][:1])
         scores = (model.encode_text(batch["text_ids"], batch["text_mask"]) @ video[0]).numpy()
-        # Ties count against the model, as in retrieval: the answer must score strictly highest.
-        correct = bool(scores[q["answer"]] > np.delete(scores, q["answer"]).max())
         table.append({"video_id": q["video_id"], "question": q["question"], "answer": q["options"][q["answer"]],
-                      "picked": q["options"][int(scores.argmax())], "correct": correct})
-    accuracy = float(np.mean([r["correct"] for r in table])) if table else float("nan")
-    chance = float(np.mean([1 / len(q["options"]) for q in questions])) if questions else float("nan")
-    return {"mc_accuracy": accuracy, "mc_chance": chance, "mc_questions": len(table)}, table
+                      "picked": q["options"][int(scores.argmax())], "correct": mc_correct(scores, q["answer"])})
+    return mc_summary(table, [len(q["options"]) for q in questions]), table
 
 
 def recall_curve_figure(similarity: np.ndarray, title: str):

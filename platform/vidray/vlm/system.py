@@ -41,7 +41,7 @@ class Pretrainer(nn.Module):
 
 
 class VLMSystem:
-    """What the training loop needs: ``model``, ``collate`` and ``training_step``."""
+    """What the training loop needs: ``model``, ``collate``, ``prepare`` and ``training_step``."""
 
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
@@ -53,12 +53,15 @@ class VLMSystem:
                                max_text_tokens=cfg.data.max_text_tokens, sep_id=self.special.sep,
                                pad_id=self.special.pad)
 
-    def training_step(self, batch: dict):
-        # Masking draws from a CPU generator so that a seed gives the same masks on any device.
-        cpu = {k: v.cpu() for k, v in batch.items()}
-        masked = mask_batch(cpu, self.cfg.objective, self.special, self.generator)
-        return self.model(masked.to(batch["video"].device), batch["video_mask"], batch["text_mask"])
+    def prepare(self, batch: dict) -> dict:
+        """Masking, on the CPU batch before the loop copies it to the device: it draws from a CPU
+        generator, so a seed gives the same masks on any device."""
+        return {"masked": mask_batch(batch, self.cfg.objective, self.special, self.generator),
+                "video_mask": batch["video_mask"], "text_mask": batch["text_mask"]}
 
+    def training_step(self, batch: dict):
+        """``batch``: :meth:`prepare`'s, on the model's device."""
+        return self.model(batch["masked"], batch["video_mask"], batch["text_mask"])
 
     def validation_step(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
         """The loss under one fixed protocol whatever the run's own masking: 15% of text and of

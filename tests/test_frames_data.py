@@ -1,0 +1,129 @@
+"""Frames models' examples from either source: the ``frames`` feature set or the manifest's videos
+decoded on the fly (``data.source=videos``). The same clips either way, bad videos skipped and named,
+and a short pre-training run on decoded videos that says so in MLflow."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import mlflow
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+
+from videogen import broken_videos
+from vidray import storage
+from vidray.config import ConfigError
+from vidray.feature_store import store
+from vidray.feature_store.extract import ExtractConfig, run_extract
+from vidray.feature_store.extractors import FramesExtractConfig, decode_jpeg, encode_jpeg
+from vidray.frames.config import FramesDataConfig, FramesModelConfig, FramesPretrainConfig
+from vidray.frames.data import examples_dataset, read_examples, read_qa, read_video_clips
+from vidray.manifest import manifest_table, read_manifest, write_manifest
+from vidray.synth import SynthConfig, synthesize
+from vidray.train.config import OptimConfig, TrainConfig
+
+# The set is extracted at the model's frame count and size, so both sources sample the same times.
+MODEL = FramesModelConfig(arch="allinone", flavour="tiny", image_size=32, num_frames=3, max_text_tokens=16)
+
+
+@pytest.fixture(scope="module")
+def corpus(ray_cluster, stack):
+    """Six short synthetic videos on the local S3 endpoint (all in train) and their frames set."""
+    root = f"s3://{stack.bucket}/frames-data"
+    synthesize(root, SynthConfig(videos=6, seed=21, min_seconds=2.0, max_seconds=3.0, workers=2,
+                                 val_fraction=0.0, test_fraction=0.0), progress=False)
+    manifest = storage.join(root, "manifest.parquet")
+    frames = run_extract(ExtractConfig(manifest=manifest, root=storage.join(root, "features"), extractor="frames",
+                                       frames=FramesExtractConfig(num_frames=MODEL.num_frames, size=MODEL.image_size)),
+                         progress=False)
+    sets = FramesDataConfig(frames=frames["uri"], manifest=manifest, qa=storage.join(root, "qa.jsonl"))
+    return {"root": root, "frames": sets, "videos": dataclasses.replace(sets, source="videos", frames="")}
+
+
+def _key(example: dict) -> tuple:
+    return example["video_id"], example["clip_index"], example["text"]
+
+
+def test_a_source_without_its_input_is_refused_naming_the_key():
+    with pytest.raises(ConfigError, match=r"data.frames.*data.source=videos"):
+        read_examples(MODEL, FramesDataConfig(manifest="m.parquet"), "train")
+    with pytest.raises(ConfigError, match=r"data.manifest.*data.source=videos"):
+        read_examples(MODEL, FramesDataConfig(source="videos", frames="s3://b/frames/v-1"), "train")
+
+
+def test_decoded_videos_give_the_frames_set_examples(corpus, tmp_path):
+    said: list[str] = []
+    from_set = sorted(read_examples(MODEL, corpus["frames"], "train"), key=_key)
+    decoded = sorted(read_examples(MODEL, corpus["videos"], "train", say=said.append), key=_key)
+    assert said == [] and len(from_set) >= 6
+    assert [_key(e) for e in decoded] == [_key(e) for e in from_set]
+    for a, b in zip(decoded, from_set):
+        assert a["frames"].shape == b["frames"].shape == (3, 32, 32, 3)
+        np.testing.assert_array_equal(a["text_ids"], b["text_ids"])
+        # Same times, same crop: only the set's JPEG round trip (quality 90) differs, and exactly
+        # so. At 32 px with sharp shape edges that is ~2.7 grey levels on average (measured).
+        assert np.abs(a["frames"].astype(int) - b["frames"].astype(int)).mean() < 6.0
+        np.testing.assert_array_equal(np.stack([decode_jpeg(encode_jpeg(f)) for f in a["frames"]]), b["frames"])
+    # The clip rows carry the set's start times and texts, so QA (matched by start) and VQ codes
+    # (keyed by video and clip index) find the same clips.
+    rows = {(r["video_id"], r["clip_index"]): (r["start_s"], r["texts"])
+            for uri in store.open_version(corpus["frames"].frames).part_uris
+            for r in store.read_parquet(uri, ["video_id", "clip_index", "start_s", "texts"]).to_pylist()}
+    clips = read_video_clips(MODEL, corpus["videos"], "train")
+    assert {(c["video_id"], c["clip_index"]): (c["start_s"], c["texts"]) for c in clips} == rows
+    qa = read_qa(corpus["frames"].qa)
+    questions = [sorted((e["video_id"], e["text"], e["answer_text"]) for e in read_examples(MODEL, d, "train", qa))
+                 for d in (corpus["frames"], corpus["videos"])]
+    assert questions[0] == questions[1] and len(questions[0]) >= len(from_set)
+
+    # Through Ray Data: the decoding tasks give exactly the in-process decode.
+    ray_examples = examples_dataset(MODEL, corpus["videos"], "train", skipped_to=str(tmp_path / "skipped"),
+                                    say=said.append).take_all()
+    assert said == [] and len(ray_examples) == len(decoded)
+    for example in ray_examples:
+        assert any(np.array_equal(example["frames"], e["frames"]) and np.array_equal(example["text_ids"], e["text_ids"])
+                   for e in decoded)
+
+
+def test_unreadable_videos_are_skipped_and_named_while_the_rest_arrive(corpus, s3_uri, tmp_path):
+    bad = broken_videos(tmp_path)
+    rows = read_manifest(corpus["videos"].manifest).to_pylist()
+    caption = [{"start": 0.0, "end": 1.0, "text": "something moves"}]
+    for kind in ("zero_byte", "truncated"):
+        uri = storage.join(s3_uri, f"{kind}.mp4")
+        storage.write_bytes(uri, bad[kind])
+        rows.append({"video_id": kind, "uri": uri, "split": "train", "captions": caption})
+    manifest = storage.join(s3_uri, "mixed.parquet")
+    write_manifest(manifest_table(rows), manifest)
+    data = dataclasses.replace(corpus["videos"], manifest=manifest)
+    good = read_examples(MODEL, corpus["videos"], "train")
+
+    said: list[str] = []
+    skipped_to = storage.join(s3_uri, "skipped")
+    ds = examples_dataset(MODEL, data, "train", skipped_to=skipped_to, say=said.append)
+    assert ds.count() == len(good)
+    (warning,) = said
+    assert warning.startswith(f"warning: skipped 2 of {len(rows)} videos of split 'train'")
+    assert "zero_byte (VideoDecodeError: s3://" in warning and "empty object (0 bytes)" in warning
+    assert "truncated (VideoDecodeError: s3://" in warning
+    fs, path = storage.arrow_filesystem(storage.join(skipped_to, "quarantine.parquet"))
+    assert sorted(pq.read_table(path, filesystem=fs)["video_id"].to_pylist()) == ["truncated", "zero_byte"]
+
+    said.clear()  # evaluation decodes in its own process and skips the same way
+    assert len(read_examples(MODEL, data, "train", say=said.append)) == len(good)
+    assert len(said) == 1 and "zero_byte" in said[0] and "truncated" in said[0]
+
+
+def test_pretraining_on_decoded_videos_tags_its_source(corpus, tmp_path):
+    from vidray.frames.run import run_frames_pretrain
+
+    cfg = FramesPretrainConfig(model=MODEL, optim=OptimConfig(lr=1e-4, warmup_steps=1),
+                               train=TrainConfig(steps=3, batch_size=4, num_workers=2, checkpoint_every=3,
+                                                 log_every=1, storage_path=str(tmp_path)),
+                               data=corpus["videos"])
+    report = run_frames_pretrain(cfg, say=lambda m: None)
+    assert report["metrics"]["step"] == 3
+    run = mlflow.MlflowClient().get_run(report["mlflow_run_id"])
+    assert run.data.tags["data.source"] == "videos" and run.data.tags["data.manifest"] == cfg.data.manifest
+    assert "feature_set.frames" not in run.data.tags and run.data.params["data.source"] == "videos"
