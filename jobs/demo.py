@@ -177,6 +177,9 @@ def _evaluate_once(workdir: str, configs_dir: str, label: str, evaluation) -> di
 # Frames per clip of each frames model in the demo (the frames set holds 4): All-in-one's 3, the
 # 4 of LAVENDER and E-ViLM.
 DEMO_NUM_FRAMES = {"allinone": 3, "lavender": 4, "evilm": 4}
+# Per-arch settings over the common ones (later overrides win).
+PRETRAIN_OVERRIDES = {"lavender": ["objective.mlm_prob=0.3", "optim.lr=1e-3"]}
+FINETUNE_OVERRIDES = {("lavender", "retrieval"): ["optim.lr=1e-3"]}
 
 
 def _vq_codes(workdir: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
@@ -235,8 +238,11 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
               "optim.lr=5e-4", "optim.warmup_steps=10", "mlflow.experiment=vidray-demo"]
     # MLM learns within these steps; video-text matching needs more (about 400 steps of batch 32
     # at a constant learning rate before it leaves chance): the demo shows the path, not the limit.
-    cfg = load_config(FramesPretrainConfig, None, common + objective + [
-        f"train.steps={_steps(300, quick)}", "train.batch_size=32", f"train.checkpoint_every={_steps(300, quick)}"])
+    # LAVENDER's matching (its retrieval) learns only after MLM has tied words to frames: longer,
+    # with 30% of the words masked (tests/test_allinone_train.py's LAVENDER settings).
+    steps = _steps(500 if arch == "lavender" else 300, quick)
+    cfg = load_config(FramesPretrainConfig, None, common + objective + PRETRAIN_OVERRIDES.get(arch, []) + [
+        f"train.steps={steps}", "train.batch_size=32", f"train.checkpoint_every={steps}"])
     _save_config(configs_dir, f"{arch}_pretrain", cfg)
     say(f"pretrain {arch} (tiny) on Ray Train, 2 workers, {cfg.train.steps} steps, MLM + video-text matching"
         + (" + masked video modelling" if objective else "") + f" on {cfg.model.num_frames} frames per clip")
@@ -246,8 +252,9 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
                           if k in pretrain["metrics"]})
     # Retrieval overfits the demo's ~110 training clips after about 200 steps and gains from more
     # in-batch negatives (32); QA has 3 questions a clip.
-    for task, steps, batch in (("retrieval", _steps(200, quick), 32), ("qa", _steps(400, quick), 16)):
-        cfg = load_config(FramesFinetuneConfig, None, common + [
+    retrieval_steps = _steps(300 if arch == "lavender" else 200, quick)
+    for task, steps, batch in (("retrieval", retrieval_steps, 32), ("qa", _steps(400, quick), 16)):
+        cfg = load_config(FramesFinetuneConfig, None, common + FINETUNE_OVERRIDES.get((arch, task), []) + [
             f"task={task}", f"init_from={pretrain['checkpoint']}", f"train.steps={steps}",
             f"train.checkpoint_every={steps}", f"train.batch_size={batch}"])
         _save_config(configs_dir, f"{arch}_finetune_{task}", cfg)
