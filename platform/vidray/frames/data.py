@@ -261,20 +261,27 @@ def examples_dataset(model, data, split: str, qa: dict | None = None, answers: l
     return ds.map_batches(_to_examples, batch_format="pyarrow", batch_size=16, fn_kwargs=kwargs)
 
 
-def read_examples(model, data, split: str, qa: dict | None = None, answers: list[str] | None = None,
-                  say: Callable[[str], None] = print, mc: dict | None = None,
-                  mc_question: bool = True) -> list[dict]:
-    """Every example of a split, with its ids and texts (evaluation; no Ray). With
-    ``data.source=videos`` the split's videos are decoded in this process, unreadable ones skipped
-    and named through ``say``. ``mc``: one example per option (see :func:`_clip_texts`)."""
+def read_clip_rows(model, data, split: str, say: Callable[[str], None] = print) -> pa.Table | list[dict]:
+    """The clip rows of a split's data (evaluation; no Ray): the frames set's rows, or with
+    ``data.source=videos`` the split's videos decoded in this process, unreadable ones skipped and
+    named through ``say``. Read once, they serve every task's :func:`clip_examples`."""
     from vidray.feature_store import store
 
     require_source(data)
-    kwargs = {**example_kwargs(model, data, split, qa, answers, mc=mc, mc_question=mc_question), "with_meta": True}
     if data.source == "videos":
-        return clip_examples(read_video_clips(model, data, split, say), **kwargs)
-    parts = [store.read_parquet(u, CLIP_COLUMNS) for u in store.open_version(data.frames).part_uris]
-    return clip_examples(pa.concat_tables(parts), **kwargs)
+        return read_video_clips(model, data, split, say)
+    return pa.concat_tables([store.read_parquet(u, CLIP_COLUMNS) for u in store.open_version(data.frames).part_uris])
+
+
+def read_examples(model, data, split: str, qa: dict | None = None, answers: list[str] | None = None,
+                  say: Callable[[str], None] = print, mc: dict | None = None,
+                  mc_question: bool = True, rows: pa.Table | list[dict] | None = None) -> list[dict]:
+    """Every example of a split, with its ids and texts (evaluation; no Ray). ``mc``: one example
+    per option (see :func:`_clip_texts`). ``rows``: the split's :func:`read_clip_rows`, when the
+    caller already holds them (read otherwise)."""
+    rows = read_clip_rows(model, data, split, say) if rows is None else rows
+    return clip_examples(rows, with_meta=True,
+                         **example_kwargs(model, data, split, qa, answers, mc=mc, mc_question=mc_question))
 
 
 def require_source(data) -> None:

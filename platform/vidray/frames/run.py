@@ -17,7 +17,7 @@ from vidray.config import ConfigError, from_dict
 from vidray.feature_store.store import digest
 from vidray.frames.config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPretrainConfig
 from vidray.frames.data import (VQCodes, answer_vocabulary, clip_keys, collate, examples_dataset, read_examples,
-                                read_mc, read_qa, skipped_videos_uri, source_tags, tokenizer_for,
+                                read_clip_rows, read_mc, read_qa, skipped_videos_uri, source_tags, tokenizer_for,
                                 with_task_columns)
 from vidray.manifest import split_videos
 from vidray.frames.system import (QAModel, RetrievalModel, build_finetune_system, build_net,
@@ -275,12 +275,13 @@ def run_frames_evaluate(cfg: EvaluateConfig, state: dict, say: Callable[[str], N
                                frames=cfg.frames or ft.data.frames, manifest=cfg.manifest or ft.data.manifest,
                                qa=cfg.qa or ft.data.qa, mc=cfg.mc or ft.data.mc)
     tasks = ft.trained_tasks()
+    rows = read_clip_rows(ft.model, data, cfg.split, say)  # once for every task (decoding included)
     metrics, tables, figures, counts = {}, {}, {}, {}
     for task in tasks:
-        task_metrics, counts[task] = evaluate_task(task, model, ft, data, cfg, tables, figures, say)
+        task_metrics, counts[task] = evaluate_task(task, model, ft, data, cfg, rows, tables, figures, say)
         metrics.update(task_metrics)
     if tasks == ["retrieval"] and cfg.mc:  # the option alone against the clip, as a caption
-        task_metrics, _ = evaluate_task("mc", model, ft, data, cfg, tables, figures, say, mc_question=False)
+        task_metrics, _ = evaluate_task("mc", model, ft, data, cfg, rows, tables, figures, say, mc_question=False)
         metrics.update(task_metrics)
     metrics["examples"] = sum(counts.values())
     if len(tasks) > 1:
@@ -292,16 +293,16 @@ def run_frames_evaluate(cfg: EvaluateConfig, state: dict, say: Callable[[str], N
             "checkpoint": cfg.checkpoint}
 
 
-def evaluate_task(task: str, model, ft: FramesFinetuneConfig, data, cfg: EvaluateConfig, tables: dict,
+def evaluate_task(task: str, model, ft: FramesFinetuneConfig, data, cfg: EvaluateConfig, rows, tables: dict,
                   figures: dict, say: Callable[[str], None], mc_question: bool = True) -> tuple[dict, int]:
-    """One task's metrics on ``cfg.split`` and how many clips (retrieval) or questions it scored;
-    its per-item table and plot go into ``tables`` / ``figures``."""
+    """One task's metrics on ``cfg.split`` (``rows``: its :func:`read_clip_rows`) and how many clips
+    (retrieval) or questions it scored; its per-item table and plot go into ``tables`` / ``figures``."""
     from vidray.vlm.evaluate import bar_figure, recall_curve_figure
 
     qa = read_qa(data.qa) if task == "qa" else None
     mc = read_mc(data.mc, "mc" if cfg.mc else "data.mc") if task == "mc" else None
-    examples = read_examples(ft.model, data, cfg.split, qa, ft.answers or None, say=say, mc=mc,
-                             mc_question=mc_question)
+    examples = read_examples(ft.model, data, cfg.split, qa, ft.answers or None, mc=mc, mc_question=mc_question,
+                             rows=rows)
     if not examples:
         where = data.frames if data.source == "frames" else f"the videos of {data.manifest}"
         raise ConfigError("split", f"split {cfg.split!r} has no {task} examples in {where}"
