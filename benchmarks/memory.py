@@ -2,7 +2,7 @@
 
 A one-hour H.264 video with a caption every few seconds is written once; then each per-video
 function a Ray worker runs goes through it in a fresh process, which reports its peak resident
-memory (``ru_maxrss``) and its resident memory once imports and models are loaded (before the
+memory (``VmHWM``) and its resident memory once imports and models are loaded (before the
 video): the clip pipeline's ``decode_video_clips`` (every caption's clip, raw frames), the
 ``frames`` extractor (the same clips as JPEG) and the ``s3d`` extractor (every frame decoded,
 one-second windows through S3D-G tiny). The baseline is computed, not run: the whole video decoded
@@ -14,7 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import tempfile
@@ -59,9 +58,15 @@ def write_video(path: str, seconds: int, fps: int, width: int, height: int) -> N
     os.replace(path + ".part", path)
 
 
-def _rss_mb() -> float:
+def _status_mb(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (its peak) of this process, in MB.
+
+    The peak is read here, not from ``ru_maxrss``: Linux carries the parent's resident size over
+    a fork + exec into the child's ``ru_maxrss``, so under `python -m benchmarks all` (a parent of
+    several GB by then) every child reported the parent's 4.1 GB. ``VmHWM`` belongs to the
+    child's own address space."""
     with open("/proc/self/status") as f:
-        return next(int(line.split()[1]) for line in f if line.startswith("VmRSS:")) / 1024
+        return next(int(line.split()[1]) for line in f if line.startswith(field + ":")) / 1024
 
 
 def _child(kind: str, row: dict, args) -> dict:
@@ -85,13 +90,13 @@ def _child(kind: str, row: dict, args) -> dict:
         torch.set_num_threads(1)
         extractor = S3DExtractor(S3DExtractConfig(flavour="tiny", size=args.s3d_size, fps=args.s3d_fps))
         work = lambda: extractor.extract(row)  # noqa: E731
-    loaded = _rss_mb()
+    loaded = _status_mb("VmRSS")
     started = time.perf_counter()
     out = work()
     seconds = time.perf_counter() - started
     if not out:
         raise RuntimeError(f"{kind}: the video gave no rows (quarantined?)")
-    return {"loaded_mb": loaded, "peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+    return {"loaded_mb": loaded, "peak_mb": _status_mb("VmHWM"),
             "seconds": seconds, "rows": len(out)}
 
 

@@ -84,10 +84,12 @@ def test_retrieval_finetuning_beats_chance_on_held_out_clips(pretrained, frames_
     metrics = result["metrics"]
     # ~70 clips of ~24 videos; a video's clips share their shapes and differ only in where they
     # move, so appearance alone tops out near R@1 1/3. Chance: R@1 1/N, median rank N/2. Median
-    # rank varies from run to run (a CI run saw 17 of 74): half of chance's is the bar.
+    # rank varies from run to run (a CI run saw 17 of 74): half of chance's is the bar. Recall is
+    # asked at 5 and 10, at twice chance: R@1 counts one or two hits of 74 here, which is noise (a
+    # CI run with median rank 12 and R@5 0.26 had a single R@1 hit).
     n = metrics["examples"]
     assert n >= 50
-    assert metrics["t2v_MdR"] <= n / 4 and metrics["t2v_R5"] >= 2 * 5 / n and metrics["t2v_R1"] >= 2 / n
+    assert metrics["t2v_MdR"] <= n / 4 and metrics["t2v_R5"] >= 2 * 5 / n and metrics["t2v_R10"] >= 2 * 10 / n, metrics
     run = mlflow.MlflowClient().get_run(result["mlflow_run_id"])
     assert run.data.tags["arch"] == "allinone" and run.data.metrics["t2v_R1"] == metrics["t2v_R1"]
 
@@ -269,4 +271,4 @@ def test_evilm_tokenizer_codes_and_masked_video_modelling(frames_data, tmp_path)
                                   load_state(ft["checkpoint"]), say=lambda m: None)["metrics"]
     n = metrics["examples"]
     assert n >= 50
-    assert metrics["t2v_MdR"] <= n / 4 and metrics["t2v_R5"] >= 2 * 5 / n and metrics["t2v_R1"] >= 2 / n
+    assert metrics["t2v_MdR"] <= n / 4 and metrics["t2v_R5"] >= 2 * 5 / n and metrics["t2v_R10"] >= 2 * 10 / n, metrics

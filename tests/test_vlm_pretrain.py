@@ -129,3 +129,23 @@ def test_training_logs_model_flops_per_worker_and_mfu_only_where_the_peak_is_kno
     assert len(client.get_metric_history(report["mlflow_run_id"], "tflops_per_worker")) == 3
     assert peak_tflops("NVIDIA H100 80GB HBM3") == 989.4 and peak_tflops("NVIDIA A100-SXM4-40GB") == 312.0
     assert peak_tflops("Intel Arc") is None
+
+
+def test_compiled_training_on_two_workers_logs_flops_and_checkpoints_plain_names(feature_sets, tmp_path, stack):
+    """``train.compile=true`` under DDP on 2 CPU workers: the compiled layers train (the FLOP
+    counter still counts the first micro-batch), and the checkpoint loads into an uncompiled model."""
+    import mlflow
+    import torch
+
+    from vidray.train.job import load_state
+    from vidray.vlm.model import build_vlm
+    from vidray.vlm.system import Pretrainer
+
+    cfg = _config(feature_sets, tmp_path, stack, steps=4)
+    cfg.train.compile, cfg.train.checkpoint_every, cfg.train.run_name = True, 4, "compiled"
+    report = run_pretrain(cfg, say=print)
+    assert report["metrics"]["step"] == 4 and torch.isfinite(torch.tensor(report["metrics"]["loss"]))
+    assert report["metrics"]["tflops_per_worker"] > 0
+    Pretrainer(build_vlm(cfg.model), "masked_token").load_state_dict(load_state(report["checkpoint"])["model"])
+    run = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"]).get_run(report["mlflow_run_id"])
+    assert run.data.params["train.compile"] == "True"

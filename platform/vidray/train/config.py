@@ -55,6 +55,8 @@ class TrainConfig:
         "ddp", "ddp: a full replica per worker; fsdp: parameters, gradients and optimizer state "
         "sharded across workers (FSDP2, one unit per transformer layer)")
     precision: Literal["fp32", "bf16"] = option("bf16", "autocast dtype on GPU (CPU runs fp32)")
+    compile: bool = option(False, "torch.compile each transformer layer (one graph per layer; the "
+                           "first steps pay the compile). For GPUs: on CPU it measured 0.82x eager")
     checkpoint_every: int = option(200, "steps between checkpoints", ge=1)
     log_every: int = option(10, "steps between progress lines (MLflow gets every step)", ge=1)
     val_every: int = option(0, "steps between held-out validation passes (val_* metrics, fixed "

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import torch
 
 from vidray.config import redact
-from vidray.train.parallel import full_state, load_full_state, local_value, parallelize
+from vidray.train.parallel import compile_layers, full_state, load_full_state, local_value, parallelize
 
 CHECKPOINT_FILE = "state.pt"
 
@@ -211,6 +211,10 @@ def train_loop_per_worker(config: dict) -> None:
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     system = build_system(cfg, device)
     model = system.model = parallelize(system.model, cfg.train.strategy, world, device)
+    if cfg.train.compile:
+        compiled = compile_layers(model)
+        if rank == 0:
+            log(f"torch.compile: {compiled} transformer layers, compiled during the first steps")
     # One fused CUDA kernel for the whole update on GPU (DDP replicas hold plain tensors; FSDP's
     # sharded parameters keep the default path). None, not False: False also turns off foreach.
     fused = device.type == "cuda" and cfg.train.strategy == "ddp"

@@ -18,11 +18,28 @@ from torch import nn
 STRATEGIES = ("ddp", "fsdp")
 
 
-def shard_units(model: nn.Module) -> list[nn.Module]:
-    """The transformer layers: FSDP's units of sharding (one all-gather each in forward/backward)."""
+def transformer_layers(model: nn.Module) -> list[nn.Module]:
+    """The transformer layers (BERT's, and the pre-LN blocks of the frames models): FSDP's units of
+    sharding (one all-gather each in forward/backward) and ``torch.compile``'s units."""
     from transformers.models.bert.modeling_bert import BertLayer
 
-    return [m for m in model.modules() if isinstance(m, BertLayer)]
+    from vidray.frames.allinone import Block
+
+    return [m for m in model.modules() if isinstance(m, (BertLayer, Block))]
+
+
+def compile_layers(model: nn.Module) -> int:
+    """``torch.compile`` every transformer layer in place; returns how many.
+
+    Per layer, not the whole model: the losses gather masked positions (data-dependent shapes) and
+    read logs to the host, which break a whole-model graph into ~20 pieces; a layer is one graph
+    with no break, compiled once and reused by every layer of the same shape. In place
+    (``Module.compile``), so parameter names, and with them checkpoints, stay the same.
+    """
+    layers = transformer_layers(model)
+    for layer in layers:
+        layer.compile()
+    return len(layers)
 
 
 def parallelize(model: nn.Module, strategy: str, world: int, device: torch.device) -> nn.Module:
@@ -32,7 +49,7 @@ def parallelize(model: nn.Module, strategy: str, world: int, device: torch.devic
     if strategy == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
-        for layer in shard_units(model):
+        for layer in transformer_layers(model):
             fully_shard(layer)
         fully_shard(model)
         return model
