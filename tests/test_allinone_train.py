@@ -160,15 +160,18 @@ def test_lavender_pretrains_and_answers_questions_as_mlm(lavender_pretrained, fr
 def test_lavender_retrieval_as_matching_beats_chance(lavender_pretrained, frames_data, tmp_path):
     cfg = FramesFinetuneConfig(task="retrieval", init_from=lavender_pretrained["checkpoint"], model=LAVENDER,
                                optim=OptimConfig(lr=1e-3, warmup_steps=10),
-                               train=_train(300, batch_size=32, storage_path=str(tmp_path)), data=frames_data)
+                               train=_train(600, batch_size=32, storage_path=str(tmp_path)), data=frames_data)
     ft = run_frames_finetune(cfg, say=lambda m: None)
     metrics = run_frames_evaluate(EvaluateConfig(checkpoint=ft["checkpoint"], split="test"),
                                   load_state(ft["checkpoint"]), say=lambda m: None)["metrics"]
     # Every text against every clip through the fusion, p(true) / (p(true) + p(false)). Chance:
-    # median rank N/2; a single process reached 17.5 of 74 with these settings.
+    # median rank N/2, R@10 10/N. The matching is still learning at 300 steps: three seeds gave
+    # median ranks 15.5-20.5 of 74 there and a CI run 32 (chance). With a class-balanced loss
+    # (tried, no better, left out) the same seeds gave 18-24 at 300 steps and 15-17 at 600.
+    # R@1 is one or two hits of 74 at any of these: noise.
     n = metrics["examples"]
     assert n >= 50
-    assert metrics["t2v_MdR"] <= n / 3 and metrics["t2v_R1"] >= 2 / n, metrics
+    assert metrics["t2v_MdR"] <= n / 3 and metrics["t2v_R10"] >= 1.5 * 10 / n, metrics
 
 
 @pytest.mark.heavy
