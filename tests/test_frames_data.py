@@ -136,8 +136,10 @@ def test_every_frames_model_pretrains_under_fsdp_and_checkpoints_whole_states(ar
     import torch
 
     from vidray.frames.run import run_frames_pretrain
+    from vidray.frames.allinone import Block
     from vidray.frames.system import build_pretrain_system
     from vidray.train.job import load_state
+    from vidray.train.parallel import transformer_layers
 
     cfg = FramesPretrainConfig(model=dataclasses.replace(MODEL, arch=arch), optim=OptimConfig(lr=1e-3, warmup_steps=1),
                                train=TrainConfig(steps=2, batch_size=4, num_workers=2, strategy="fsdp",
@@ -151,3 +153,4 @@ def test_every_frames_model_pretrains_under_fsdp_and_checkpoints_whole_states(ar
     assert all(type(t) is torch.Tensor for t in saved.values())  # gathered, not DTensor shards
     plain = build_pretrain_system(cfg, torch.device("cpu")).model
     plain.load_state_dict(saved)  # strict: every name, every whole shape
+    assert any(isinstance(unit, Block) for unit in transformer_layers(plain))  # the pre-LN blocks were units
