@@ -165,9 +165,10 @@ def test_lavender_retrieval_as_matching_beats_chance(lavender_pretrained, frames
     metrics = run_frames_evaluate(EvaluateConfig(checkpoint=ft["checkpoint"], split="test"),
                                   load_state(ft["checkpoint"]), say=lambda m: None)["metrics"]
     # Every text against every clip through the fusion, p(true) / (p(true) + p(false)). Chance:
-    # median rank N/2, R@10 10/N. The matching is still learning at 300 steps: three seeds gave
-    # median ranks 15.5-20.5 of 74 there and a CI run 32 (chance). With a class-balanced loss
-    # (tried, no better, left out) the same seeds gave 18-24 at 300 steps and 15-17 at 600.
+    # median rank N/2, R@10 10/N. With batches read in dataset order (before train.shuffle_buffer)
+    # a text's 3 negatives were mostly its own video's other clips: two CI runs ended at chance
+    # (median rank 32 at 300 steps, 36.5 at 600). Shuffled, seeds 0-2 (pre-training and
+    # fine-tuning) gave median ranks 14-17 at 300 steps and 12-17 at 600, R@10 0.26-0.46.
     # R@1 is one or two hits of 74 at any of these: noise.
     n = metrics["examples"]
     assert n >= 50

@@ -57,6 +57,10 @@ class TrainConfig:
     precision: Literal["fp32", "bf16"] = option("bf16", "autocast dtype on GPU (CPU runs fp32)")
     compile: bool = option(False, "torch.compile each transformer layer (one graph per layer; the "
                            "first steps pay the compile). For GPUs: on CPU it measured 0.82x eager")
+    shuffle_buffer: int = option(
+        256, "rows each worker draws its batches from at random (Ray Data's local shuffle), in a new "
+        "order every epoch; 0 reads rows in dataset order, where a video's clips sit side by side and "
+        "become each other's in-batch negatives. Costs that many decoded rows of memory per worker", ge=0)
     checkpoint_every: int = option(200, "steps between checkpoints", ge=1)
     log_every: int = option(10, "steps between progress lines (MLflow gets every step)", ge=1)
     val_every: int = option(0, "steps between held-out validation passes (val_* metrics, fixed "

@@ -24,6 +24,7 @@ import time
 from contextlib import nullcontext
 from typing import Any, Callable
 
+import numpy as np
 import torch
 
 from vidray.config import redact
@@ -262,7 +263,8 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
     while step < cfg.train.steps:
         # Pinned host memory and two batches in flight: the copy to the GPU overlaps the step.
         for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate, drop_last=True,
-                                              pin_memory=device.type == "cuda", prefetch_batches=2):
+                                              pin_memory=device.type == "cuda", prefetch_batches=2,
+                                              **shuffle_options(cfg.train, rank, step)):
             batch = to_device(prepare(batch), device)
             counter = FlopCounterMode(display=False) if flops_per_example is None else nullcontext()
             with counter:
@@ -306,6 +308,18 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
                 _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint=False)
             if step >= cfg.train.steps:
                 return
+
+
+def shuffle_options(train, rank: int, step: int) -> dict:
+    """Ray Data's local shuffle for one epoch of one worker. Unshuffled, rows come in dataset order:
+    a video's clips side by side, so in-batch negatives (contrastive, matching) would mostly be
+    other clips of the text's own video, and every epoch would repeat the same batches. The seed
+    follows (seed, rank, the step the epoch starts at): a new order every epoch and after a resume.
+    (Which rows reach which worker is Ray Data's streaming split, not seeded.)"""
+    if not train.shuffle_buffer:
+        return {}
+    seed = int(np.random.SeedSequence([train.seed, rank, step]).generate_state(1)[0])
+    return {"local_shuffle_buffer_size": train.shuffle_buffer, "local_shuffle_seed": seed}
 
 
 def to_device(batch: dict, device) -> dict:

@@ -1,0 +1,80 @@
+"""The training loop's batches under Ray Data's local shuffle, through the real loop, Ray Train (2
+workers) and MLflow: a system that trains nothing but logs which rows each batch held."""
+
+from __future__ import annotations
+
+import sys
+
+import mlflow
+import numpy as np
+import ray.cloudpickle
+import torch
+
+from vidray.config import load_config
+from vidray.train.config import PretrainConfig
+from vidray.train.job import run_training
+from vidray.train.loop import shuffle_options
+
+ROWS = 64
+# Ray Train's workers cannot import this test module: its functions travel by value.
+ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
+
+
+def _row_logging_system(cfg, device):
+    """One weight (the optimizer needs a parameter); each step logs its batch's rows as metrics."""
+
+    class RowLogger:
+        def __init__(self):
+            self.model = torch.nn.Linear(1, 1)
+
+        @staticmethod
+        def collate(batch):
+            return {"id": torch.as_tensor(batch["id"])}
+
+        def training_step(self, batch):
+            ids = batch["id"].tolist()
+            loss = self.model(batch["id"].float().view(-1, 1)).mean() * 0
+            return loss, {"first_row": float(ids[0]),
+                          "in_dataset_order": float(all(b == a + 1 for a, b in zip(ids, ids[1:])))}
+
+    return RowLogger()
+
+
+def _run(stack, tmp_path, name: str, shuffle_buffer: int) -> dict[str, list[float]]:
+    import ray.data
+
+    cfg = load_config(PretrainConfig, None, [
+        "train.steps=16", "train.batch_size=8", "train.num_workers=2", "train.checkpoint_every=16",
+        f"train.shuffle_buffer={shuffle_buffer}", f"train.storage_path={tmp_path / 'runs'}",
+        f"mlflow.tracking_uri={stack.env['MLFLOW_TRACKING_URI']}", "mlflow.experiment=test-shuffle"])
+    report = run_training(cfg, job="shuffle", experiment="test-shuffle", run_name=name,
+                          build_system=_row_logging_system, make_dataset=lambda: ray.data.range(ROWS),
+                          tags={}, say=lambda m: None)
+    client = mlflow.MlflowClient()
+    return {key: [m.value for m in sorted(client.get_metric_history(report["mlflow_run_id"], key),
+                                          key=lambda m: m.step)]
+            for key in ("first_row", "in_dataset_order")}
+
+
+def test_batches_are_shuffled_every_epoch_and_read_in_order_when_turned_off(ray_cluster, stack, tmp_path):
+    # 64 rows, 4 rows a worker a step: 8 steps an epoch, 16 steps two epochs.
+    shuffled = _run(stack, tmp_path, "shuffled", shuffle_buffer=32)
+    assert len(shuffled["in_dataset_order"]) == 16
+    # Four consecutive ids in order by chance: about one batch in 32**3 / 4 draws.
+    assert sum(shuffled["in_dataset_order"]) <= 2, shuffled
+    # The second epoch is not a replay of the first (the seed follows the step the epoch starts at).
+    assert shuffled["first_row"][:8] != shuffled["first_row"][8:], shuffled
+
+    ordered = _run(stack, tmp_path, "ordered", shuffle_buffer=0)
+    assert all(ordered["in_dataset_order"]), ordered
+
+
+def test_shuffle_seeds_differ_per_worker_and_epoch_and_repeat_for_the_same_start():
+    cfg = load_config(PretrainConfig, None, ["train.shuffle_buffer=128", "train.seed=3"]).train
+    seeds = {shuffle_options(cfg, rank, step)["local_shuffle_seed"] for rank in (0, 1) for step in (0, 8)}
+    assert len(seeds) == 4
+    assert shuffle_options(cfg, 1, 8) == shuffle_options(cfg, 1, 8)
+    assert shuffle_options(cfg, 0, 0)["local_shuffle_buffer_size"] == 128
+    off = load_config(PretrainConfig, None, ["train.shuffle_buffer=0"]).train
+    assert shuffle_options(off, 0, 0) == {}
+    assert np.iinfo(np.uint32).max >= shuffle_options(cfg, 0, 0)["local_shuffle_seed"] >= 0
