@@ -81,7 +81,8 @@ class VideoInfo:
     fps: float
     """Average frame rate (frames per second)."""
     num_frames: int
-    """Frame count from the container, or ``round(duration_s * fps)`` when it does not say."""
+    """Frames the stream holds: counted from the container's per-frame index (MP4/MOV sample
+    table, AVI index) when it has one, else ``round(duration_s * fps)`` (see ``num_frames_exact``)."""
     width: int
     """Width of the upright (rotated) frames."""
     height: int
@@ -92,6 +93,8 @@ class VideoInfo:
     """Presentation time of the first frame in the container's timeline (often 0.0)."""
     codec: str
     """FFmpeg decoder name, e.g. ``"h264"``."""
+    num_frames_exact: bool = True
+    """False when ``num_frames`` is an estimate from duration and frame rate (MKV, WebM, MPEG-TS)."""
 
 
 @dataclass
@@ -106,6 +109,10 @@ class SampledFrames:
     """float64 [T]: the times that were asked for."""
     decoded_frames: int
     """Frames the decoder produced to get these (benchmarks report it per returned frame)."""
+    start_s: float = 0.0
+    """Start of the span the times were spread over (seconds)."""
+    end_s: float = 0.0
+    """End of that span: the asked-for end, or the video's duration where the span ran past it."""
 
 
 def probe(source: Source, *, timeout_s: float = 60.0, uri: str | None = None) -> VideoInfo:
@@ -166,7 +173,8 @@ def iter_clips(
     crop: bool = True,
     timeout_s: float = 60.0,
     uri: str | None = None,
-) -> Iterator[SampledFrames]:
+    past_end: str = "raise",
+) -> Iterator[SampledFrames | None]:
     """:func:`sample_frames` for several spans ``(start_s, end_s)`` of one video, opened once,
     one clip at a time.
 
@@ -176,11 +184,18 @@ def iter_clips(
     the previous span. A generator, so that a caller that compresses or writes each clip as it
     comes holds one clip's raw frames, not a whole video's (a one-hour video with a caption every
     5 s is 720 clips, 430 MB at 4 x 224 px; BENCHMARKS.md, memory); ``list()`` it for them all.
-    Arguments are checked when the generator is first advanced."""
+    Arguments are checked when the generator is first advanced.
+
+    A span that ends after the video is clipped to its duration (``end_s`` of the result says
+    so). A span that starts at or after the end raises ``ValueError``, or with
+    ``past_end="skip"`` yields ``None`` in its place and goes on with the next span: ASR captions
+    (HowTo100M) often run past the file, and one of them must not cost the video's good clips."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
+    if past_end not in ("raise", "skip"):
+        raise ValueError(f"past_end must be 'raise' or 'skip', got {past_end!r}")
     seeds = list(seeds) if seeds is not None else [None] * len(spans)
     if len(seeds) != len(spans):
         raise ValueError(f"got {len(seeds)} seeds for {len(spans)} spans")
@@ -194,6 +209,9 @@ def iter_clips(
         for (start_s, end_s), seed in zip(spans, seeds):
             end = reader.duration_s if end_s is None else min(end_s, reader.duration_s)
             if start_s >= end:
+                if past_end == "skip":
+                    yield None
+                    continue
                 raise ValueError(
                     f"{reader.uri}: span [{start_s}, {end_s}) starts after the video ends "
                     f"({reader.duration_s:.3f} s); check the clip times"
@@ -210,7 +228,7 @@ def iter_clips(
             decoded = reader.decoded_frames - decoded_before
             decoded_before = reader.decoded_frames
             yield SampledFrames(frames=np.stack(images), timestamps=np.array(times, np.float64),
-                                requested=requested, decoded_frames=decoded)
+                                requested=requested, decoded_frames=decoded, start_s=start_s, end_s=end)
 
 
 def iter_windows(
