@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import bisect
 import math
 import os
 import random
@@ -13,44 +12,9 @@ import numpy as np
 import pytest
 
 import videogen
+from videoref import Decoded, assert_matches_reference, reference_windows
 from vidray import storage, video
 from vidray.video import VideoDecodeError
-
-
-# -- the reference ---------------------------------------------------------------------------
-
-
-class Decoded:
-    """Every frame of a file, decoded in order: times from the first frame, upright RGB images."""
-
-    def __init__(self, path: str) -> None:
-        with av.open(path) as container:
-            stream = container.streams.video[0]
-            frames = list(container.decode(stream))
-            self.time_base = stream.time_base
-        first = frames[0].pts
-        self.times = [float((f.pts - first) * self.time_base) for f in frames]
-        # PyAV: VideoFrame.rotation is counter-clockwise; np.rot90 turns counter-clockwise too.
-        self.quarter_turns = round(frames[0].rotation / 90)
-        self.frames = frames
-
-    def index_at(self, t: float) -> int:
-        """The last frame whose presentation time is <= t (the first frame if t precedes it)."""
-        return max(bisect.bisect_right(self.times, t) - 1, 0)
-
-    def image(self, index: int, **reformat) -> np.ndarray:
-        image = self.frames[index].to_ndarray(format="rgb24", **reformat)
-        return np.rot90(image, k=self.quarter_turns)
-
-    def pick(self, times) -> tuple[np.ndarray, np.ndarray]:
-        indices = [self.index_at(float(t)) for t in times]
-        return np.stack([self.image(i) for i in indices]), np.array([self.times[i] for i in indices])
-
-
-def assert_matches_reference(path: str, result: video.SampledFrames) -> None:
-    frames, times = Decoded(path).pick(result.requested)
-    np.testing.assert_array_equal(result.timestamps, times)
-    np.testing.assert_array_equal(result.frames, frames)
 
 
 # -- the awkward files -----------------------------------------------------------------------
@@ -279,11 +243,6 @@ def test_blind_seeks_without_an_index_step_back_until_at_or_before_the_target(vi
 
 
 # -- iter_windows ----------------------------------------------------------------------------
-
-
-def reference_windows(path: str, fps: float, count: int, **reformat) -> np.ndarray:
-    decoded = Decoded(path)
-    return np.stack([decoded.image(decoded.index_at(k / fps), **reformat) for k in range(count)])
 
 
 def test_iter_windows_shapes_and_count(tmp_path):

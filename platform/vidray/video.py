@@ -56,6 +56,15 @@ _SKIP_MARGIN_FRAMES = 2
 # would take a decode worker's memory before we could say anything.
 MAX_FRAME_PIXELS = 7680 * 4320
 _NOT_VIDEO_FORMATS = {"tty": "a text file", "image2": "a still image"}
+# Containers whose sample table lists every frame with its duration: their stream duration and
+# frame count are exact. Others (Matroska/WebM count from 0 whatever the first frame's time,
+# MPEG-TS estimates, AVI headers can be stale) are measured from the stream's last packets.
+_FRAME_TABLE_FORMATS = {"mov", "mp4"}
+# DivX/XviD "packed B-frames" (MPEG-4 Part 2 in AVI) come out of the decoder with permuted pts;
+# this many frames from the start tell whether pts run backwards (see _Reader._pts_run_backwards).
+_PTS_SCAN_FRAMES = 48
+# Packets read from the end to find the last frame's end: more than any B-frame reorder span.
+_TAIL_PACKETS = 32
 
 
 class VideoDecodeError(RuntimeError):
@@ -291,10 +300,10 @@ def _resampled(reader: _Reader, fps: float, count: int, convert: _Converter) -> 
     k = 0
     held: av.VideoFrame | None = None
     held_image: np.ndarray | None = None
+    rate = Fraction(fps)
     for frame in reader.frames_from_start():
-        frame_time = reader.seconds(frame)
         # `frame` starts after k / fps, so `held` is the last frame at or before it.
-        while held is not None and k < count and k / fps < frame_time:
+        while held is not None and k < count and not reader.at_or_before(frame, k / rate):
             if held_image is None:
                 held_image = convert(held)
             yield held_image
@@ -358,10 +367,13 @@ class _Reader:
             # MPEG-TS and friends build their index while demuxing; only an index that exists
             # before we read anything (MP4 sample tables, MKV cues) lists every keyframe.
             self.has_index = len(self.stream.index_entries) > 0
+            self.timestamps_from_dts = False
+            self._last_stamp: int | None = None
             self._frames = self._decode()
             self.first = self._first_frame()
             self.origin: int = self.first.pts
             self.rotation = (-round(self.first.rotation or 0)) % 360
+            self._end_pts = self._measure_stream()
             self.duration_s = self._duration_s()
         except BaseException:
             self.close()
@@ -376,6 +388,7 @@ class _Reader:
             target: str | IO[bytes] = io.BytesIO(bytes(source))
         else:
             target = self._local_path_or_file(os.fspath(source))
+        self._target = target
         try:
             container = av.open(target, metadata_errors="ignore")
         except (av.error.FFmpegError, OSError) as err:
@@ -425,8 +438,126 @@ class _Reader:
             raise VideoDecodeError(self.uri, "the video stream has no decodable frames", "the file may be truncated")
         return first
 
+    # -- measuring the stream ----------------------------------------------------------------
+
+    def _measure_stream(self) -> int | None:
+        """Settle the timestamp rule and find where the last frame ends (pts), before any frame
+        is handed out; the reader is left at the first frame. None: the container's frame table
+        is exact (MP4/MOV), or the end could not be measured."""
+        moved = False
+        if self.stream.codec_context.name == "mpeg4":  # the only codec with packed B-frames
+            self.timestamps_from_dts = self._pts_run_backwards()
+            moved = True
+        end = None
+        if not self._has_frame_table():
+            end, moved = self._scan_end(), True
+        if moved:
+            self._rewind()
+        return end
+
+    def _has_frame_table(self) -> bool:
+        return bool(_FRAME_TABLE_FORMATS & set(self.container.format.name.split(","))) and bool(self.stream.duration)
+
+    def _pts_run_backwards(self) -> bool:
+        """FFmpeg's best-effort timestamp rule, decided once per stream: use the decoder's dts when
+        pts go backwards more often than dts over the first frames. Frames leave the decoder in
+        presentation order, so rising times are the truth; with packed B-frames the parser gives
+        each B-frame its neighbour's pts (1,2,3,5,4,6,8,7,...) while dts rise. Deciding from the
+        start, not frame by frame, keeps the times the same whatever was seeked or decoded."""
+        faulty_pts = faulty_dts = 0
+        last_pts, last_dts = self.first.pts, self.first.dts
+        for _ in range(_PTS_SCAN_FRAMES):
+            frame = next(self._frames, None)
+            if frame is None:
+                break
+            if frame.dts is not None:
+                faulty_dts += last_dts is not None and frame.dts <= last_dts
+                last_dts = frame.dts
+            faulty_pts += frame.pts <= last_pts
+            last_pts = frame.pts
+        return faulty_pts > faulty_dts
+
+    def _scan_end(self) -> int | None:
+        """End (pts) of the stream's last frame, from the packets near the end (no decoding).
+
+        The duration is the span of the frames, whatever the container says: Matroska's segment
+        duration counts from 0, so a file whose first frame is at 3 s claimed 3 s too many.
+        Without an index (MPEG-TS) a seek past the end lands on the very last packets, which need
+        not hold the last frame's pts (B-frames): step back until enough packets were read."""
+        seek_to = self.origin + math.ceil((Fraction(self.container.duration or 0, av.time_base) + 3600)
+                                          / self.time_base)
+        step = math.ceil(1.0 / self.time_base)
+        while True:
+            spans = self._packet_spans_from(seek_to)
+            if spans is None:
+                return None
+            if len(spans) >= _TAIL_PACKETS or seek_to <= self.origin:
+                break
+            earliest = min((start for start, _ in spans), default=seek_to)
+            seek_to, step = max(self.origin, min(seek_to, earliest) - step), step * 2
+        ends = [finish for _, finish in spans]
+        return max(ends) if ends and max(ends) > self.origin else None
+
+    def _packet_spans_from(self, offset: int) -> list[tuple[int, int]] | None:
+        """(start, end) pts of every packet from the keyframe before ``offset`` to the end of the
+        file; None when the demuxer cannot seek."""
+        try:
+            self.container.seek(offset, stream=self.stream, backward=True)
+        except av.error.FFmpegError:
+            return None
+        spans = []
+        try:
+            for packet in self.container.demux(self.stream):
+                self.deadline.check()
+                stamp = packet.pts if packet.pts is not None else packet.dts
+                if stamp is not None:
+                    spans.append((stamp, stamp + (packet.duration or self._frame_ticks())))
+        except (av.error.FFmpegError, OSError):
+            pass  # a damaged tail: the end is the last packet read; decoding will say more
+        return spans
+
+    def _frame_ticks(self) -> int:
+        """One frame interval in stream ticks (at the stated rate; 1 when none is stated)."""
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        return max(1, round(1 / (rate * self.time_base))) if rate else 1
+
+    def _rewind(self) -> None:
+        """Back to the first frame after measuring, under the timestamp rule now settled."""
+        raw_first = self.first
+        expected = raw_first.dts if self.timestamps_from_dts and raw_first.dts is not None else raw_first.pts
+        self.first = self.restart(raw_first.pts, expected)
+        self.origin = self.first.pts
+
+    def restart(self, first_pts: int, expected_pts: int | None = None) -> av.VideoFrame:
+        """Decode from the stream's first frame again; returns it.
+
+        Seeks a second before ``first_pts`` (some demuxers, MPEG-TS, asked for the very first
+        timestamp land on a later keyframe); where that fails (AVI refuses a time before its
+        start) or lands elsewhere, the container is opened again."""
+        try:
+            first = self.seek(first_pts - math.ceil(1.0 / self.time_base))
+        except VideoDecodeError:
+            first = None
+        if first is None or first.pts != (first_pts if expected_pts is None else expected_pts):
+            self._reopen()
+            first = self._first_frame()
+        return first
+
+    def _reopen(self) -> None:
+        self._frames.close()
+        self.container.close()
+        if hasattr(self._target, "seek"):
+            self._target.seek(0)
+        self.container = av.open(self._target, metadata_errors="ignore")
+        self.stream = self.container.streams.video[0]
+        self._skipping = False
+        self._last_stamp = None
+        self._frames = self._decode()
+
     def _duration_s(self) -> float:
         stream, container = self.stream, self.container
+        if self._end_pts is not None:
+            return float((self._end_pts - self.origin) * self.time_base)
         if stream.duration:
             return float(stream.duration * self.time_base)
         if container.duration:
@@ -456,18 +587,42 @@ class _Reader:
         """Presentation time of ``frame`` in seconds from the first frame (exactly rounded)."""
         return float((frame.pts - self.origin) * self.time_base)
 
+    def ticks(self, t: float | Fraction) -> int:
+        """``t`` seconds from the first frame as the nearest tick of the stream's time base.
+
+        Frame times are whole ticks, asked-for times are floats: the centre of segment 2 of 3 of
+        a 3.6 s video is 1.7999999999999998, not frame 45's 1.8. Rounding to the nearest tick
+        (half a tick of tolerance) makes "the last frame at or before t" hold on the boundary."""
+        return math.floor(Fraction(t) / self.time_base + Fraction(1, 2))
+
+    def at_or_before(self, frame: av.VideoFrame, t: float | Fraction) -> bool:
+        """Whether ``frame`` is shown at or before ``t`` seconds (compared in ticks)."""
+        return frame.pts - self.origin <= self.ticks(t)
+
     def container_seconds(self, pts: int) -> float:
         """``pts`` in seconds on the container's timeline."""
         return float(pts * self.time_base)
 
     @property
     def fps(self) -> float:
-        """Average frame rate; 0.0 when neither the container nor the frame count tells."""
-        stream = self.stream
-        rate = stream.average_rate or stream.guessed_rate
-        if rate:
-            return float(rate)
-        return stream.frames / self.duration_s if stream.frames and self.duration_s > 0 else 0.0
+        """Average frame rate: counted frames over the duration where the container counts them,
+        else the stated rate; 0.0 when neither tells."""
+        counted = self.counted_frames()
+        if counted and self.duration_s > 0:
+            return counted / self.duration_s
+        rate = self.stream.average_rate or self.stream.guessed_rate
+        return float(rate) if rate else 0.0
+
+    def counted_frames(self) -> int | None:
+        """Frames listed one by one in the container (MP4/MOV sample table, AVI index), else None.
+
+        An AVI header's frame count may count slots, not frames: Cinepak `tree.avi` says 444 at
+        15 fps and codes 68 (the others are dropped slots, absent from the index)."""
+        if self._has_frame_table() and self.stream.frames:
+            return self.stream.frames
+        if self.container.format.name == "avi" and self.has_index:
+            return sum(1 for entry in self.stream.index_entries if entry.size > 0)
+        return None
 
     def info(self) -> VideoInfo:
         stream = self.stream
@@ -475,7 +630,8 @@ class _Reader:
         width, height = self.first.width, self.first.height
         if self.rotation in (90, 270):
             width, height = height, width
-        num_frames = stream.frames or max(1, round(self.duration_s * fps))
+        counted = self.counted_frames()
+        num_frames = counted or max(1, round(self.duration_s * fps))
         return VideoInfo(
             duration_s=self.duration_s,
             fps=fps,
@@ -485,6 +641,7 @@ class _Reader:
             rotation=self.rotation,
             start_time_s=self.container_seconds(self.origin),
             codec=stream.codec_context.name,
+            num_frames_exact=counted is not None,
         )
 
     # -- decoding --------------------------------------------------------------------------
@@ -498,6 +655,7 @@ class _Reader:
         """Seek to the keyframe at or before ``offset`` (stream time base); the first frame after."""
         self._frames.close()
         self.skipped_since_seek = False
+        self._last_stamp = None
         try:
             self.container.seek(offset, stream=self.stream, backward=True)
         except av.error.FFmpegError as err:
@@ -516,6 +674,17 @@ class _Reader:
             self.stream.codec_context.skip_frame = "NONREF" if skip else "DEFAULT"
             self._skipping = skip
 
+    def _timestamp(self, frame: av.VideoFrame) -> int:
+        """The frame's presentation time (stream ticks) under the stream's timestamp rule."""
+        if self.timestamps_from_dts and frame.dts is not None:
+            stamp = frame.dts
+        elif self.timestamps_from_dts and self._last_stamp is not None:
+            stamp = self._last_stamp + self._frame_ticks()  # the flushed last frame has no dts
+        else:
+            stamp = _frame_pts(frame, self.uri)
+        self._last_stamp = stamp
+        return stamp
+
     def _decode(self) -> Iterator[av.VideoFrame]:
         """Frames in presentation order from the demuxer's position, checking the deadline."""
         previous_pts = None
@@ -527,7 +696,7 @@ class _Reader:
                 self.skipped_since_seek |= self._skipping
                 for frame in packet.decode():
                     self.deadline.check()
-                    frame.pts = _frame_pts(frame, self.uri)
+                    frame.pts = self._timestamp(frame)
                     previous_pts = frame.pts
                     self.decoded_frames += 1
                     yield frame
@@ -548,7 +717,7 @@ class _SparseCursor:
         self.reader = reader
         self.current: av.VideoFrame | None = None
         self.ahead: av.VideoFrame | None = reader.first
-        self._keyframes: tuple[list[float], list[int]] | None = None
+        self._keyframes: list[int] | None = None
         self.skip_allowed = True
 
     def frame_at(self, t: float) -> av.VideoFrame:
@@ -575,73 +744,67 @@ class _SparseCursor:
     def _step_to(self, t: float) -> av.VideoFrame:
         if self._must_seek(t):
             self._seek(t)
-        seconds = self.reader.seconds
-        while self.ahead is not None and seconds(self.ahead) <= t:
+        at_or_before = self.reader.at_or_before
+        while self.ahead is not None and at_or_before(self.ahead, t):
             self.current, self.ahead = self.ahead, self.reader.next_frame()
         held = self.current if self.current is not None else self.ahead
         assert held is not None  # _seek guarantees a frame
         return held
 
     def _must_seek(self, t: float) -> bool:
-        seconds = self.reader.seconds
+        reader = self.reader
         earliest = self.current if self.current is not None else self.ahead
-        if earliest is None or (seconds(earliest) > t and seconds(earliest) > 0.0):
+        if earliest is None or (not reader.at_or_before(earliest, t) and earliest.pts > reader.origin):
             return True  # the frame for t lies before what we hold (times went backwards)
-        if self.ahead is None or seconds(self.ahead) > t:
+        if self.ahead is None or not reader.at_or_before(self.ahead, t):
             return False  # the answer is already held
         keyframe = self._keyframe_at_or_before(t)
         if keyframe is not None:
             # Decoding on from `ahead` passes through keyframe; a seek starts right at it.
-            return keyframe[0] > seconds(self.ahead)
-        return t - seconds(self.ahead) > _BLIND_SEEK_GAP_S
+            return keyframe > self.ahead.pts
+        return t - reader.seconds(self.ahead) > _BLIND_SEEK_GAP_S
 
     def _seek(self, t: float) -> None:
         """Seek so that the first decoded frame is at or before ``t`` (or is the stream's first)."""
         reader = self.reader
-        # A second before the stream starts: some demuxers (MPEG-TS) asked for the very first
-        # timestamp land on a later keyframe, while a time before the start gives the first packet.
-        start_offset = reader.origin - math.ceil(1.0 / reader.time_base)
         keyframe = self._keyframe_at_or_before(t)
         target = reader.origin + math.floor(t / reader.time_base)
-        offset = keyframe[1] if keyframe is not None else target
+        offset = keyframe if keyframe is not None else target
         backoff = _FIRST_BACKOFF_S
         while True:
-            offset = max(offset, start_offset)
-            first = reader.seek(offset)
-            if first is not None and reader.seconds(first) <= t:
+            if offset <= reader.origin:
+                first = reader.restart(reader.origin)  # the very start, exactly
                 break
-            if offset <= start_offset:
-                if first is None:
-                    raise VideoDecodeError(reader.uri, "no frames after seeking to the start", "the file may be corrupt")
-                break  # t precedes the first frame: the first frame is the answer
+            first = reader.seek(offset)
+            if first is not None and reader.at_or_before(first, t):
+                break
             # The demuxer landed past t (no exact index, or B-frame reordering): step back.
             offset = min(offset - 1, target - math.ceil(backoff / reader.time_base))
             backoff *= 2
         self.current, self.ahead = None, first
 
-    def _keyframe_at_or_before(self, t: float) -> tuple[float, int] | None:
-        """(seconds, pts) of the last keyframe at or before t, estimated from the index."""
-        times, offsets = self._keyframe_index()
-        position = bisect.bisect_right(times, t) - 1
-        return (times[position], offsets[position]) if position >= 0 else None
+    def _keyframe_at_or_before(self, t: float) -> int | None:
+        """pts of the last keyframe at or before t, estimated from the index."""
+        offsets = self._keyframe_index()
+        position = bisect.bisect_right(offsets, self.reader.origin + self.reader.ticks(t)) - 1
+        return offsets[position] if position >= 0 else None
 
-    def _keyframe_index(self) -> tuple[list[float], list[int]]:
+    def _keyframe_index(self) -> list[int]:
         if self._keyframes is None:
             self._keyframes = self._read_keyframe_index()
         return self._keyframes
 
-    def _read_keyframe_index(self) -> tuple[list[float], list[int]]:
+    def _read_keyframe_index(self) -> list[int]:
         reader = self.reader
         if not reader.has_index:
-            return [], []
+            return []
         stamps = [e.timestamp for e in reader.stream.index_entries if e.is_keyframe and not e.is_discard]
         if not stamps:
-            return [], []
+            return []
         # MP4 indexes decode timestamps, but seeks by presentation time; with B-frames the two
         # differ by a constant delay, visible at the first keyframe (its pts is the first pts).
         shift = max(reader.origin - stamps[0], 0)
-        offsets = [s + shift for s in stamps]
-        return [float((o - reader.origin) * reader.time_base) for o in offsets], offsets
+        return [s + shift for s in stamps]
 
 
 class _Converter:
