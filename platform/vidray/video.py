@@ -301,13 +301,15 @@ def _resampled(reader: _Reader, fps: float, count: int, convert: _Converter) -> 
     held: av.VideoFrame | None = None
     held_image: np.ndarray | None = None
     rate = Fraction(fps)
+    limit = reader.last_pts_at(0)  # the last pts shown at or before k / fps
     for frame in reader.frames_from_start():
         # `frame` starts after k / fps, so `held` is the last frame at or before it.
-        while held is not None and k < count and not reader.at_or_before(frame, k / rate):
+        while held is not None and k < count and frame.pts > limit:
             if held_image is None:
                 held_image = convert(held)
             yield held_image
             k += 1
+            limit = reader.last_pts_at(k / rate)
         if k >= count:
             return
         held, held_image = frame, None
@@ -595,9 +597,10 @@ class _Reader:
         (half a tick of tolerance) makes "the last frame at or before t" hold on the boundary."""
         return math.floor(Fraction(t) / self.time_base + Fraction(1, 2))
 
-    def at_or_before(self, frame: av.VideoFrame, t: float | Fraction) -> bool:
-        """Whether ``frame`` is shown at or before ``t`` seconds (compared in ticks)."""
-        return frame.pts - self.origin <= self.ticks(t)
+    def last_pts_at(self, t: float | Fraction) -> int:
+        """The largest pts shown at or before ``t`` seconds: a frame is the answer for ``t`` when
+        its pts is at most this (compare once per time, not per frame, in integers)."""
+        return self.origin + self.ticks(t)
 
     def container_seconds(self, pts: int) -> float:
         """``pts`` in seconds on the container's timeline."""
@@ -744,8 +747,8 @@ class _SparseCursor:
     def _step_to(self, t: float) -> av.VideoFrame:
         if self._must_seek(t):
             self._seek(t)
-        at_or_before = self.reader.at_or_before
-        while self.ahead is not None and at_or_before(self.ahead, t):
+        limit = self.reader.last_pts_at(t)
+        while self.ahead is not None and self.ahead.pts <= limit:
             self.current, self.ahead = self.ahead, self.reader.next_frame()
         held = self.current if self.current is not None else self.ahead
         assert held is not None  # _seek guarantees a frame
@@ -753,10 +756,11 @@ class _SparseCursor:
 
     def _must_seek(self, t: float) -> bool:
         reader = self.reader
+        limit = reader.last_pts_at(t)
         earliest = self.current if self.current is not None else self.ahead
-        if earliest is None or (not reader.at_or_before(earliest, t) and earliest.pts > reader.origin):
+        if earliest is None or (earliest.pts > limit and earliest.pts > reader.origin):
             return True  # the frame for t lies before what we hold (times went backwards)
-        if self.ahead is None or not reader.at_or_before(self.ahead, t):
+        if self.ahead is None or self.ahead.pts > limit:
             return False  # the answer is already held
         keyframe = self._keyframe_at_or_before(t)
         if keyframe is not None:
@@ -776,7 +780,7 @@ class _SparseCursor:
                 first = reader.restart(reader.origin)  # the very start, exactly
                 break
             first = reader.seek(offset)
-            if first is not None and reader.at_or_before(first, t):
+            if first is not None and first.pts <= reader.last_pts_at(t):
                 break
             # The demuxer landed past t (no exact index, or B-frame reordering): step back.
             offset = min(offset - 1, target - math.ceil(backoff / reader.time_base))
@@ -786,7 +790,7 @@ class _SparseCursor:
     def _keyframe_at_or_before(self, t: float) -> int | None:
         """pts of the last keyframe at or before t, estimated from the index."""
         offsets = self._keyframe_index()
-        position = bisect.bisect_right(offsets, self.reader.origin + self.reader.ticks(t)) - 1
+        position = bisect.bisect_right(offsets, self.reader.last_pts_at(t)) - 1
         return offsets[position] if position >= 0 else None
 
     def _keyframe_index(self) -> list[int]:
