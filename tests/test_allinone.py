@@ -11,11 +11,24 @@ from vidray.frames.config import FramesModelConfig
 from vidray.frames.system import mask_text, size_figures
 
 
-def naive_roll(visual: torch.Tensor) -> torch.Tensor:
-    """REFERENCE.md's rule, one token at a time: fold = P // 8; tokens 1..fold of frame t come from
-    frame t-1, the last fold tokens from frame t+1 (cyclic); CLS and the rest stay."""
+def official_roll(visual: torch.Tensor) -> torch.Tensor:
+    """The official TemporalRoll, v=0 (showlab/all-in-one, AllInOne/modules/temporal_roll.py),
+    transcribed on ``[B, T, L, H]`` with L = 1 + P, the whole visual part: fold = L // 8, a zero
+    tensor filled slice by slice: CLS kept, tokens 1..fold rolled +1 in time, the last fold
+    rolled -1, the rest kept."""
+    fold = visual.shape[2] // 8
+    out = torch.zeros_like(visual)
+    out[:, :, 0] = visual[:, :, 0]
+    out[:, :, 1:fold + 1] = torch.roll(visual[:, :, 1:fold + 1], 1, 1)
+    out[:, :, -fold:] = torch.roll(visual[:, :, -fold:], -1, 1)
+    out[:, :, 1 + fold:-fold] = visual[:, :, 1 + fold:-fold]
+    return out
+
+
+def naive_roll(visual: torch.Tensor, fold: int) -> torch.Tensor:
+    """The rule one token at a time: tokens 1..fold of frame t come from frame t-1, the last fold
+    tokens from frame t+1 (cyclic); CLS and the rest stay."""
     b, t, l, h = visual.shape
-    fold = (l - 1) // 8
     out = visual.clone()
     for frame in range(t):
         for token in range(l):
@@ -26,22 +39,33 @@ def naive_roll(visual: torch.Tensor) -> torch.Tensor:
     return out
 
 
-@pytest.mark.parametrize("frames,patches", [(3, 16), (4, 49), (8, 196), (2, 9), (3, 7)])
-def test_temporal_roll_is_exactly_the_reference_permutation(frames, patches):
+# Square grids (16, 49, 196 patches), then grids where (1 + P) // 8 > P // 8: 7 = 1 x 7,
+# 15 = 3 x 5, 23 patches (the old P // 8 rule gave 0, 1, 2 there).
+@pytest.mark.parametrize("frames,patches", [(3, 16), (4, 49), (8, 196), (2, 9), (3, 7), (3, 15), (4, 23)])
+def test_temporal_roll_is_exactly_the_official_permutation(frames, patches):
     visual = torch.randn(2, frames, 1 + patches, 5)
     rolled = temporal_roll(visual)
-    torch.testing.assert_close(rolled, naive_roll(visual), rtol=0, atol=0)
+    torch.testing.assert_close(rolled, official_roll(visual), rtol=0, atol=0)
+    fold = (1 + patches) // 8
+    torch.testing.assert_close(rolled, naive_roll(visual, fold), rtol=0, atol=0)
+    if patches % 8 == 7:  # where the official fold counts the CLS in, one more token rolls each way
+        assert not torch.equal(rolled, naive_roll(visual, patches // 8))
     # A permutation: the same values, moved; applying its inverse (roll back) restores the input.
     assert torch.equal(rolled.flatten().sort().values, visual.flatten().sort().values)
-    fold = patches // 8
-    if fold:
-        assert not torch.equal(rolled, visual)
-        back = rolled.clone()
-        back[:, :, 1:fold + 1] = rolled[:, :, 1:fold + 1].roll(-1, dims=1)
-        back[:, :, -fold:] = rolled[:, :, -fold:].roll(1, dims=1)
-        assert torch.equal(back, visual)
-    else:  # fewer than 8 patches: nothing to roll
-        assert torch.equal(rolled, visual)
+    assert not torch.equal(rolled, visual)
+    back = rolled.clone()
+    back[:, :, 1:fold + 1] = rolled[:, :, 1:fold + 1].roll(-1, dims=1)
+    back[:, :, -fold:] = rolled[:, :, -fold:].roll(1, dims=1)
+    assert torch.equal(back, visual)
+
+
+def test_under_seven_patches_nothing_rolls_where_the_official_slicing_rolls_everything():
+    """fold = 0: the official ``x[:, :, -0:]`` is the whole frame, so every token, CLS included,
+    rolls -1 in time, against the rule's "CLS kept"; ours leaves the frames as they are
+    (docs/fidelity.md). Only frames of fewer than 7 patches reach it (not ViT-B at 224 px)."""
+    visual = torch.randn(2, 3, 1 + 6, 5)
+    assert torch.equal(temporal_roll(visual), visual)
+    assert torch.equal(official_roll(visual), visual.roll(-1, dims=1))
 
 
 def tiny_model(frames: int = 3, size: int = 64) -> AllInOne:

@@ -40,10 +40,16 @@ ALLINONE_FLAVOURS: dict[str, Dims] = {
 
 
 def temporal_roll(visual: torch.Tensor) -> torch.Tensor:
-    """``visual [B, T, 1 + P, H]`` (visual CLS then P patches per frame) with, for ``fold = P // 8``,
-    tokens ``1 .. fold`` rolled +1 along time (frame t takes frame t-1's, cyclic) and the last
-    ``fold`` tokens rolled -1; the CLS and the other patches stay. A permutation: no parameters."""
-    fold = (visual.shape[2] - 1) // 8
+    """``visual [B, T, 1 + P, H]`` (visual CLS then P patches per frame) with, for
+    ``fold = (1 + P) // 8``, tokens ``1 .. fold`` rolled +1 along time (frame t takes frame t-1's,
+    cyclic) and the last ``fold`` tokens rolled -1; the CLS and the other patches stay. A
+    permutation: no parameters."""
+    # The official TemporalRoll (AllInOne/modules/temporal_roll.py) divides the length of the
+    # whole visual part, CLS included: (1 + P) // 8. It equals P // 8 on square grids (P = n * n is
+    # never 7 mod 8) and differs on others, e.g. 3 x 5 patches: fold 2, not 1 (docs/fidelity.md).
+    fold = visual.shape[2] // 8
+    # fold 0 (under 7 patches): the official slices x[:, :, -0:], the whole frame, and rolls every
+    # token, CLS included, by -1, a slicing accident against the rule of CLS kept; nothing moves here.
     if fold == 0 or visual.shape[1] == 1:
         return visual
     forward = visual[:, :, 1:fold + 1].roll(1, dims=1)
