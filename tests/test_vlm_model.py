@@ -200,7 +200,8 @@ def test_pool_is_a_masked_mean():
     video_mask = torch.tensor([[True, True, False], [False, False, False]])
     text_mask = torch.tensor([[True, False, True, False], [True, True, True, True]])
     video_vec, text_vec = pool(hidden, video_mask, text_mask, 3)
-    assert video_vec[:, 0].tolist() == [1.5, 0.0]          # slots 1, 2; nothing valid -> 0
+    # The video side includes its [SEP] (slot 4), as MMPT pools: slots 1, 2, 4; no valid slot -> [SEP] alone.
+    assert video_vec[:, 0].tolist() == pytest.approx([7 / 3, 13.0])
     assert text_vec[:, 0].tolist() == [6.0, 15.5]          # slots 5, 7; slots 14..17
 
 

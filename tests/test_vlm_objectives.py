@@ -10,7 +10,7 @@ from torch.testing import assert_close
 
 from vidray.train.config import ObjectiveConfig
 from vidray.vlm.objectives import (IGNORE_INDEX, MMM_NONE, MMM_TEXT, MMM_VIDEO, OBJECTIVES, MaskedBatch,
-                                   SpecialIds, _random_ids, gather_predictions, mask_batch,
+                                   SpecialIds, apply_masking, draw_masking, gather_predictions, mask_batch,
                                    masked_token_loss, mfm_mlm_loss, video_candidates)
 
 SPECIAL = SpecialIds()
@@ -71,7 +71,8 @@ def test_mfm_mlm_statistics(big):
     kept = (corrupted == original).float().sum().item() / n
     randomised = ((corrupted != SPECIAL.mask) & (corrupted != original)).float().sum().item() / n
     assert abs(to_mask - 0.8) < 0.03 and abs(kept - 0.1) < 0.02 and abs(randomised - 0.1) < 0.02
-    assert not torch.isin(corrupted, torch.tensor([SPECIAL.pad, SPECIAL.cls, SPECIAL.sep])).any()
+    # Random replacements come from the whole vocabulary (special ids included, as in MMPT).
+    assert corrupted.min() >= 0 and corrupted.max() < SPECIAL.vocab_size
     # Targets are the original ids; unpicked tokens are untouched.
     assert torch.equal(m.text_targets[picked], batch["text_ids"][picked])
     assert torch.equal(m.text_ids[~picked], batch["text_ids"][~picked])
@@ -94,9 +95,12 @@ def test_whole_modality_masks_are_whole(big):
     batch, m = big
     real, picked = real_text(batch), m.text_targets != IGNORE_INDEX
     text, video = m.mmm == MMM_TEXT, m.mmm == MMM_VIDEO
-    # Whole text: every real token -> [MASK] and predicted; the video is left intact.
+    # Whole text: every real token predicted, corrupted 80/10/10 (MMPT); the video is left intact.
     assert torch.equal(picked[text], real[text])
-    assert (m.text_ids[text][real[text]] == SPECIAL.mask).all()
+    original, corrupted = batch["text_ids"][text][real[text]], m.text_ids[text][real[text]]
+    to_mask = (corrupted == SPECIAL.mask).float().mean().item()
+    kept = (corrupted == original).float().mean().item()
+    assert abs(to_mask - 0.8) < 0.02 and abs(kept - 0.1) < 0.02 and abs(1 - to_mask - kept - 0.1) < 0.02
     assert not m.video_targets[text].any()
     assert torch.equal(m.video[text], batch["video"][text])
     # Whole video: every valid slot zeroed and predicted; the text is left intact.
@@ -139,13 +143,85 @@ def test_deterministic_and_inputs_untouched():
     assert isinstance(moved, MaskedBatch) and torch.equal(moved.text_targets, a.text_targets)
 
 
-def test_random_ids_uniform_over_non_special():
-    special = SpecialIds(pad=0, cls=5, sep=6, mask=2, vocab_size=10)
-    ids = _random_ids((60000,), special, torch.Generator().manual_seed(0), torch.device("cpu"))
-    counts = torch.bincount(ids, minlength=10).float() / ids.numel()
-    allowed = torch.tensor([1, 3, 4, 7, 8, 9])
-    assert counts[[0, 2, 5, 6]].sum() == 0
-    assert_close(counts[allowed], torch.full((6,), 1 / 6), atol=0.01, rtol=0)
+def test_whole_text_all_mask_option():
+    """``mmm_text_corruption="mask"`` (vidray's rule before issue 18): every token of a whole
+    masked text becomes [MASK]; MFM-MLM examples keep their 80/10/10."""
+    batch = make_batch(400)
+    cfg = ObjectiveConfig(mmm_ratio=1.0, mmm_text_corruption="mask")
+    m = mask_batch(batch, cfg, SPECIAL, torch.Generator().manual_seed(3))
+    text, real = m.mmm == MMM_TEXT, real_text(batch)
+    assert text.sum() > 100
+    assert (m.text_ids[text][real[text]] == SPECIAL.mask).all()
+    assert torch.equal(m.text_targets[text][real[text]], batch["text_ids"][text][real[text]])
+
+
+def small_vocab(batch: dict, special: SpecialIds) -> dict:
+    """``batch`` with its words folded into ``special.vocab_size`` and its special ids renamed, so
+    that random replacements hit special ids often."""
+    ids = batch["text_ids"]
+    words = ids % (special.vocab_size - 4) + 4
+    for bert_id, small_id in ((SPECIAL.cls, special.cls), (SPECIAL.sep, special.sep), (SPECIAL.pad, special.pad)):
+        words = torch.where(ids == bert_id, small_id, words)
+    return {**batch, "text_ids": words}
+
+
+def mmpt_masking(batch: dict, draws, mm_prob: float, mlm_prob: float, mfm_prob: float, special: SpecialIds):
+    """A transcription of MMPT's masking, example by example and token by token, reading its coin
+    flips from ``draws`` (fairseq examples/MMPT/mmpt/processors/how2processor.py):
+    ``MFMMLMAligner.sampling`` picks the example's kind, ``TextMaskingProcessor.__call__`` masks the
+    text ("full" = probability 1, "no" = 0, None = mlm_probability; [CLS]/[SEP]/[PAD] never; then
+    bernoulli(0.8) -> [MASK], else bernoulli(0.5) -> torch.randint(len(tokenizer)), else kept;
+    the "full" case included) and ``FrameMaskingProcessor`` zeroes video slots the same way."""
+    text_ids, video = batch["text_ids"].clone(), batch["video"].clone()
+    B, Lt = text_ids.shape
+    Lv = video.shape[1]
+    text_targets = torch.full_like(text_ids, IGNORE_INDEX)
+    video_targets = torch.zeros(B, Lv, dtype=torch.bool)
+    kinds = []
+    for b in range(B):
+        masking_text, masking_video = None, None
+        if draws.u_example[b] < mm_prob:
+            masking_text, masking_video = ("full", "no") if draws.u_side[b] < 0.5 else ("no", "full")
+        kinds.append({None: MMM_NONE, "full": MMM_TEXT, "no": MMM_VIDEO}[masking_text])
+        p_text = {None: mlm_prob, "full": 1.0, "no": 0.0}[masking_text]
+        p_video = {None: mfm_prob, "full": 1.0, "no": 0.0}[masking_video]
+        for t in range(Lt):
+            token = int(batch["text_ids"][b, t])
+            if not batch["text_mask"][b, t] or token in (special.cls, special.sep, special.pad):
+                continue
+            if draws.u_text[b, t] < p_text:                    # bernoulli(p)
+                text_targets[b, t] = token
+                u = float(draws.u_kind[b, t])
+                if u < 0.8:                                       # bernoulli(0.8)
+                    text_ids[b, t] = special.mask
+                elif (u - 0.8) / 0.2 < 0.5:                       # bernoulli(0.5) of the rest
+                    text_ids[b, t] = draws.random_ids[b, t]
+        for s in range(Lv):
+            if batch["video_mask"][b, s] and draws.u_video[b, s] < p_video:
+                video_targets[b, s] = True
+                video[b, s] = 0.0
+    return text_ids, text_targets, video, video_targets, torch.tensor(kinds)
+
+
+def test_masking_equals_a_transcription_of_mmpt():
+    special = SpecialIds(pad=0, cls=1, sep=2, mask=3, vocab_size=12)
+    batch = small_vocab(make_batch(48, Lv=5, Lt=9, D=2, seed=4), special)
+    cfg = ObjectiveConfig()                                       # the default: MMPT's rule
+    draws = draw_masking(48, 5, 9, special.vocab_size, torch.Generator().manual_seed(5),
+                         torch.device("cpu"), torch.device("cpu"))
+    ours = apply_masking(batch, cfg, special, draws)
+    text_ids, text_targets, video, video_targets, kinds = mmpt_masking(
+        batch, draws, cfg.mmm_ratio, cfg.mlm_prob, cfg.mfm_prob, special)
+    assert torch.equal(ours.mmm, kinds)
+    assert torch.equal(ours.text_ids, text_ids) and torch.equal(ours.text_targets, text_targets)
+    assert torch.equal(ours.video, video) and torch.equal(ours.video_targets, video_targets)
+    # Not vacuous: whole-text examples hold random and kept tokens, and some random ids are special.
+    whole = (ours.mmm == MMM_TEXT)[:, None] & (ours.text_targets != IGNORE_INDEX)
+    assert ((ours.text_ids != special.mask) & whole).sum() >= 5
+    assert torch.isin(draws.random_ids, torch.tensor([0, 1, 2, 3])).any()
+    # mask_batch is draw_masking + apply_masking on the same generator state.
+    again = mask_batch(batch, cfg, special, torch.Generator().manual_seed(5))
+    assert torch.equal(again.text_ids, ours.text_ids) and torch.equal(again.video, ours.video)
 
 
 def test_missing_batch_key_is_named():

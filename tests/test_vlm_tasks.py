@@ -49,6 +49,32 @@ def test_retrieval_separate_passes_equal_the_joint_isolated_pass(vlm):
                               "isolated"), other["video_mask"], batch["text_mask"])[1], atol=1e-5, rtol=1e-5)
 
 
+def mmpt_pooling(hidden: torch.Tensor, video_mask: torch.Tensor, text_mask: torch.Tensor):
+    """A transcription of MMPT's ``MMFusion._pooling_vt_layer`` (fairseq examples/MMPT/mmpt/models/
+    mmfusion.py), slot by slot: the video vector averages ``hidden[:, 1:Lv + 2]`` under
+    ``cat([vmasks, ones])`` (the video slots AND the [SEP] after them); the text vector averages
+    ``hidden[:, Lv + 2:]`` under ``cmasks[:, 2:]`` (the text and its final [SEP], no [PAD])."""
+    lv = video_mask.shape[1]
+    videos, texts = [], []
+    for b in range(len(hidden)):
+        video_slots = [1 + s for s in range(lv) if video_mask[b, s]] + [lv + 1]
+        text_slots = [lv + 2 + t for t in range(text_mask.shape[1]) if text_mask[b, t]]
+        videos.append(torch.stack([hidden[b, i] for i in video_slots]).mean(0))
+        texts.append(torch.stack([hidden[b, i] for i in text_slots]).mean(0))
+    return torch.stack(videos), torch.stack(texts)
+
+
+def test_retrieval_pooling_equals_a_transcription_of_mmpt(vlm):
+    model, batch = RetrievalModel(vlm), batch_of(4, seed=5)
+    with torch.no_grad():
+        hidden = vlm(batch["video"], batch["video_mask"], batch["text_ids"], batch["text_mask"], "isolated")
+        video, text = mmpt_pooling(hidden, batch["video_mask"], batch["text_mask"])
+        assert_close(model.encode_video(batch["video"], batch["video_mask"]), video, atol=1e-5, rtol=1e-5)
+        assert_close(model.encode_text(batch["text_ids"], batch["text_mask"]), text, atol=1e-5, rtol=1e-5)
+        loss, _ = model(**batch)
+    assert_close(loss, contrastive_loss(text, video), atol=1e-5, rtol=1e-5)
+
+
 def test_contrastive_loss_matches_a_naive_loop():
     torch.manual_seed(1)
     text, video = torch.randn(5, 6, requires_grad=True), torch.randn(5, 6, requires_grad=True)
@@ -125,6 +151,42 @@ def test_segmentation_loss_ignores_unlabelled_and_padded_seconds(vlm):
              for b in range(2) for s in range(LV) if batch["labels"][b, s] != IGNORE_INDEX]
     assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
     assert 0.0 <= logs["frame_accuracy"] <= 1.0
+
+
+def mmpt_coin_iso_mask(video_mask: torch.Tensor) -> torch.Tensor:
+    """MMPT's COIN input and mask, transcribed: ``COINActionSegmentationAligner`` gives the text
+    side ``caps = [CLS, SEP, PAD, SEP]``, ``cmasks = [0, 1, 0, 1]``, and ``coin.yaml`` sets
+    ``num_iso_layer: 12`` so every layer uses ``MMFusion._make_iso_mask``: row [CLS] sees only
+    itself; the video rows and the first [SEP] see the valid video slots and that [SEP]; the text
+    rows see the text slots whose cmask is 1. Sequence: [CLS] v_1..v_Lv [SEP] [PAD] [SEP]."""
+    B, lv = video_mask.shape
+    cmasks = [False, True, False, True]
+    length = lv + 4
+    allowed = torch.zeros(B, length, length, dtype=torch.bool)
+    for b in range(B):
+        allowed[b, 0, 0] = True
+        for q in range(1, lv + 2):
+            for s in range(lv):
+                allowed[b, q, 1 + s] = bool(video_mask[b, s])
+            allowed[b, q, lv + 1] = cmasks[1]
+        for q in range(lv + 2, length):
+            for t in range(2):
+                allowed[b, q, lv + 2 + t] = cmasks[2 + t]
+    return allowed
+
+
+def test_segmentation_logits_equal_mmpt_coin_isolated_pass(vlm):
+    model = SegmentationModel(vlm, num_classes=3).eval()
+    torch.manual_seed(4)
+    video = torch.randn(2, LV, DIM)
+    video_mask = torch.tensor([[True] * LV, [True, True, True, False]])
+    caps_text = torch.tensor([[0, SEP_ID]] * 2)                 # MMPT's [PAD] [SEP] after the video [SEP]
+    text_mask = torch.tensor([[False, True]] * 2)
+    with torch.no_grad():
+        hidden = vlm(video, video_mask, caps_text, text_mask, mmpt_coin_iso_mask(video_mask))
+        expected = model.classifier(hidden[:, 1:LV + 1])
+        logits = model.logits(video, video_mask)
+    assert_close(logits[video_mask], expected[video_mask], atol=1e-5, rtol=1e-5)
 
 
 def test_clip_examples_take_the_seconds_of_each_caption():

@@ -22,6 +22,7 @@ from torch import nn
 from vidray.config import ConfigError
 from vidray.frames.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads
 from vidray.frames.data import IGNORE_INDEX, collate, tokenizer_for
+from vidray.masking import corrupt, random_token_ids
 
 RETRIEVAL_TEMPERATURE = 0.05
 
@@ -88,19 +89,17 @@ def freeze(*modules: nn.Module | nn.Parameter | None) -> None:
 def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, prob: float, mask_id: int, vocab: int,
               generator: torch.Generator, special: tuple[int, ...],
               always_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: ``prob`` of the real tokens chosen; of those 80% [MASK], 10% random, 10% kept
-    (``always_mask``: all [MASK], LAVENDER's). Returns (inputs, targets with IGNORE_INDEX where
-    nothing is predicted)."""
+    """BERT masking: ``prob`` of the real tokens chosen; of those 80% [MASK], 10% random (from the
+    whole vocabulary, :mod:`vidray.masking`'s rule, shared with VLM), 10% kept (``always_mask``:
+    all [MASK], LAVENDER's). Returns (inputs, targets with IGNORE_INDEX where nothing is predicted)."""
     candidates = text_mask & ~torch.isin(text_ids, torch.tensor(special))
     chosen = candidates & (torch.rand(text_ids.shape, generator=generator) < prob)
     targets = text_ids.masked_fill(~chosen, IGNORE_INDEX)
     roll = torch.rand(text_ids.shape, generator=generator)
     if always_mask:
         roll.zero_()
-    random_ids = torch.randint(vocab, text_ids.shape, generator=generator)
-    inputs = torch.where(chosen & (roll < 0.8), torch.full_like(text_ids, mask_id), text_ids)
-    inputs = torch.where(chosen & (roll >= 0.8) & (roll < 0.9), random_ids, inputs)
-    return inputs, targets
+    random_ids = random_token_ids(text_ids.shape, vocab, generator, text_ids.device)
+    return corrupt(text_ids, chosen, roll, random_ids, mask_id), targets
 
 
 class PretrainModel(nn.Module):

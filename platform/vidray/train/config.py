@@ -29,6 +29,9 @@ class ObjectiveConfig:
     mmm_ratio: float = option(0.5, "share of examples with a whole modality masked", ge=0.0, le=1.0)
     mlm_prob: float = option(0.15, "text token masking rate (80/10/10)", gt=0.0, lt=1.0)
     mfm_prob: float = option(0.15, "video token masking rate (zeroed)", ge=0.0, lt=1.0)
+    mmm_text_corruption: Literal["bert", "mask"] = option(
+        "bert", "tokens of a whole-text MMM example (all predicted): bert = 80% [MASK] / 10% random / "
+        "10% kept, as MMPT's official code does; mask = every one [MASK] (vidray before issue 18)")
 
 
 @dataclass

@@ -102,13 +102,18 @@ def sequence_slices(lv: int, lt: int) -> tuple[slice, slice]:
 
 def pool(hidden: torch.Tensor, video_mask: torch.Tensor, text_mask: torch.Tensor,
          lv: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Mean of the valid video-slot states and mean of the valid text-slot states (text includes its
-    final [SEP]): two ``[B, H]`` tensors for retrieval. An empty side pools to zeros."""
+    """Retrieval vectors, two ``[B, H]`` tensors, as MMPT's ``MMFusion._pooling_vt_layer`` makes
+    them: the mean over the valid video slots AND the [SEP] after them (the isolated mask gives
+    that [SEP] to the video side; a clip with no valid slot pools to its [SEP] alone), and the
+    mean over the valid text slots, which hold the text and its final [SEP] (an empty text pools
+    to zeros)."""
     lv = video_mask.shape[1] if lv is None else lv
     if lv != video_mask.shape[1]:
         raise ValueError(f"lv={lv} but video_mask has {video_mask.shape[1]} slots")
-    video_slots, text_slots = sequence_slices(lv, text_mask.shape[1])
-    return (_masked_mean(hidden[:, video_slots], video_mask),
+    text_slots = sequence_slices(lv, text_mask.shape[1])[1]
+    sep = torch.ones_like(video_mask[:, :1], dtype=torch.bool)
+    video_side = torch.cat([video_mask.bool(), sep], dim=1)   # slots 1..Lv, then the [SEP] at Lv + 1
+    return (_masked_mean(hidden[:, 1:lv + 2], video_side),
             _masked_mean(hidden[:, text_slots], text_mask))
 
 

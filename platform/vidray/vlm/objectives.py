@@ -2,7 +2,10 @@
 
 Masking (:func:`mask_batch`): each example is, with probability ``mmm_ratio``, a masked
 modality model (MMM) example whose whole text or whole video (coin flip) is masked; otherwise it
-is an MFM-MLM example (15% of text tokens 80/10/10, 15% of video slots zeroed).
+is an MFM-MLM example (15% of text tokens 80/10/10, 15% of video slots zeroed). As in MMPT, the
+tokens of a whole masked text are corrupted 80/10/10 too (``objective.mmm_text_corruption``), and
+random replacements come from the whole vocabulary (:mod:`vidray.masking`, shared with the frames
+models).
 
 Losses, pure functions on tensors (one device; no model code):
 
@@ -31,6 +34,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
+from vidray.masking import corrupt, random_token_ids
 from vidray.train.config import ObjectiveConfig
 
 IGNORE_INDEX = -100
@@ -51,13 +55,10 @@ class SpecialIds:
     sep: int = 102
     """[SEP]: the final text token; never selected."""
     mask: int = 103
-    """[MASK]: what a selected text token becomes (80% of MLM picks, every MMM-text token)."""
+    """[MASK]: what a picked text token becomes 80% of the time (MLM and whole-text MMM alike)."""
     vocab_size: int = 30522
-    """Size of the word-embedding matrix; random replacements are drawn from [0, vocab_size)."""
-
-    def excluded_from_random(self) -> list[int]:
-        """Ids never drawn as a random replacement: pad, cls, sep and mask (sorted, in-vocab)."""
-        return sorted({i for i in (self.pad, self.cls, self.sep, self.mask) if 0 <= i < self.vocab_size})
+    """Size of the word-embedding matrix; random replacements are drawn from all of [0, vocab_size),
+    special ids included (:mod:`vidray.masking`, as MMPT and HuggingFace's MLM collator do)."""
 
 
 @dataclass
@@ -96,16 +97,34 @@ def _rand(shape, generator: Optional[torch.Generator], device: torch.device) -> 
     return torch.rand(shape, generator=generator, device=where).to(device)
 
 
-def _random_ids(shape, special: SpecialIds, generator: Optional[torch.Generator],
-                device: torch.device) -> torch.Tensor:
-    """Ids uniform over the vocabulary minus :meth:`SpecialIds.excluded_from_random`."""
-    excluded = special.excluded_from_random()
-    where = generator.device if generator is not None else device
-    ids = torch.randint(0, special.vocab_size - len(excluded), shape, generator=generator, device=where)
-    # The r-th allowed id: step over each excluded id at or below it (ascending order keeps it exact).
-    for skip in excluded:
-        ids = ids + (ids >= skip).long()
-    return ids.to(device)
+@dataclass
+class MaskingDraws:
+    """Every random number :func:`apply_masking` reads, drawn for every slot whatever the data."""
+
+    u_example: torch.Tensor
+    """float [B]: MMM example when below ``mmm_ratio``."""
+    u_side: torch.Tensor
+    """float [B]: an MMM example masks its whole text when below 0.5, else its whole video."""
+    u_text: torch.Tensor
+    """float [B, Lt]: an MFM-MLM example picks a text token when below ``mlm_prob``."""
+    u_kind: torch.Tensor
+    """float [B, Lt]: a picked token's fate, :func:`vidray.masking.corrupt`'s roll (80/10/10)."""
+    u_video: torch.Tensor
+    """float [B, Lv]: an MFM-MLM example zeroes a video slot when below ``mfm_prob``."""
+    random_ids: torch.Tensor
+    """long [B, Lt]: replacement ids, uniform over the whole vocabulary (:mod:`vidray.masking`)."""
+
+
+def draw_masking(B: int, Lv: int, Lt: int, vocab_size: int, generator: Optional[torch.Generator],
+                 text_device: torch.device, video_device: torch.device) -> MaskingDraws:
+    """The draws of one batch, in a fixed order (the same generator state gives the same masks)."""
+    # Keyword arguments are evaluated left to right: this order is the generator's order.
+    return MaskingDraws(u_example=_rand((B,), generator, text_device),
+                        u_side=_rand((B,), generator, text_device),
+                        u_text=_rand((B, Lt), generator, text_device),
+                        u_kind=_rand((B, Lt), generator, text_device),
+                        u_video=_rand((B, Lv), generator, video_device),
+                        random_ids=random_token_ids((B, Lt), vocab_size, generator, text_device))
 
 
 def mask_batch(batch: Mapping[str, torch.Tensor], cfg: ObjectiveConfig, special: SpecialIds,
@@ -114,42 +133,49 @@ def mask_batch(batch: Mapping[str, torch.Tensor], cfg: ObjectiveConfig, special:
 
     ``batch`` holds ``video`` [B, Lv, D], ``video_mask`` [B, Lv], ``text_ids`` [B, Lt] and
     ``text_mask`` [B, Lt]; it is not modified. The same ``generator`` state gives the same output
-    (every random number is drawn for every slot, so the draws do not depend on the data).
-
-    - MMM (half text, half video): every real text token -> [MASK], or every valid video slot ->
-      zeros; all of them are predicted, the other modality is left intact.
-    - MFM-MLM: each real text token (never [CLS]/[SEP]/[PAD]) is picked with ``cfg.mlm_prob``:
-      80% -> [MASK], 10% -> a random id (uniform over the vocabulary minus pad/cls/sep/mask),
-      10% kept; each valid video slot is picked with ``cfg.mfm_prob`` and zeroed.
+    (every random number is drawn for every slot, so the draws do not depend on the data). The
+    rule itself is :func:`apply_masking`'s.
     """
     missing = [k for k in _BATCH_KEYS if k not in batch]
     if missing:
         raise KeyError(f"mask_batch: the batch lacks {missing}; it needs {list(_BATCH_KEYS)}")
+    (B, Lv), Lt = batch["video_mask"].shape, batch["text_ids"].shape[1]
+    draws = draw_masking(B, Lv, Lt, special.vocab_size, generator, batch["text_ids"].device,
+                         batch["video"].device)
+    return apply_masking(batch, cfg, special, draws)
+
+
+def apply_masking(batch: Mapping[str, torch.Tensor], cfg: ObjectiveConfig, special: SpecialIds,
+                  draws: MaskingDraws) -> MaskedBatch:
+    """The masking rule (MMPT's ``MFMMLMAligner``), given the random numbers.
+
+    - MMM (half text, half video): every real text token is picked, or every valid video slot is
+      zeroed; all of them are predicted, the other modality is left intact. Picked text tokens
+      are corrupted 80/10/10 like MLM picks (MMPT's ``TextMaskingProcessor`` with
+      ``modality_masking="full"``); ``cfg.mmm_text_corruption="mask"`` makes them all [MASK].
+    - MFM-MLM: each real text token (never [CLS]/[SEP]/[PAD]) is picked with ``cfg.mlm_prob``:
+      80% -> [MASK], 10% -> a random id (uniform over the whole vocabulary), 10% kept; each valid
+      video slot is picked with ``cfg.mfm_prob`` and zeroed.
+    """
     video, video_mask = batch["video"], batch["video_mask"].bool()
     text_ids, text_mask = batch["text_ids"], batch["text_mask"].bool()
-    (B, Lv), Lt, device = video_mask.shape, text_ids.shape[1], text_ids.device
+    device = text_ids.device
 
-    u_example, u_side = _rand((B,), generator, device), _rand((B,), generator, device)
-    u_text, u_kind = _rand((B, Lt), generator, device), _rand((B, Lt), generator, device)
-    u_video = _rand((B, Lv), generator, video.device)
-    random_ids = _random_ids((B, Lt), special, generator, device)
-
-    is_mmm = u_example < cfg.mmm_ratio
-    mmm = torch.where(is_mmm, torch.where(u_side < 0.5, MMM_TEXT, MMM_VIDEO), MMM_NONE).long()
-    mlm = (mmm == MMM_NONE)[:, None]
+    is_mmm = draws.u_example < cfg.mmm_ratio
+    mmm = torch.where(is_mmm, torch.where(draws.u_side < 0.5, MMM_TEXT, MMM_VIDEO), MMM_NONE).long()
+    mlm, whole_text = (mmm == MMM_NONE)[:, None], (mmm == MMM_TEXT)[:, None]
 
     specials = torch.tensor([special.cls, special.sep, special.pad], device=device)
     real_text = text_mask & ~torch.isin(text_ids, specials)
-    text_pick = real_text & (((mmm == MMM_TEXT)[:, None]) | (mlm & (u_text < cfg.mlm_prob)))
-    # Whole-text MMM always uses [MASK]; MLM picks split 80/10/10 by u_kind.
-    to_mask = text_pick & (~mlm | (u_kind < 0.8))
-    to_random = text_pick & mlm & (u_kind >= 0.8) & (u_kind < 0.9)
-    corrupted = torch.where(to_mask, special.mask, text_ids)
-    corrupted = torch.where(to_random, random_ids, corrupted)
+    text_pick = real_text & (whole_text | (mlm & (draws.u_text < cfg.mlm_prob)))
+    roll = draws.u_kind
+    if cfg.mmm_text_corruption == "mask":
+        roll = roll.masked_fill(whole_text, 0.0)  # a roll of 0 always means [MASK]
+    corrupted = corrupt(text_ids, text_pick, roll, draws.random_ids, special.mask)
     text_targets = torch.where(text_pick, text_ids, IGNORE_INDEX)
 
     mmm_v, mlm_v = mmm.to(video.device), mlm.to(video.device)
-    video_pick = video_mask & ((mmm_v == MMM_VIDEO)[:, None] | (mlm_v & (u_video < cfg.mfm_prob)))
+    video_pick = video_mask & ((mmm_v == MMM_VIDEO)[:, None] | (mlm_v & (draws.u_video < cfg.mfm_prob)))
     masked_video = video.masked_fill(video_pick[..., None], 0.0)
 
     return MaskedBatch(video=masked_video, text_ids=corrupted, video_targets=video_pick,

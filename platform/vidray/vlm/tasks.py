@@ -1,13 +1,15 @@
 """Fine-tuning heads of VLM: one BERT, a different attention mask per task (REFERENCE.md).
 
-- :class:`RetrievalModel`: ``isolated`` mask, mean-pooled video and text states, contrastive loss
-  text -> video over the batch. Because the mask isolates the sides, one joint forward pass
-  gives exactly the states of two separate passes, so evaluation encodes texts and videos
-  separately (O(N) passes, not O(N^2)) with :meth:`encode_text` / :meth:`encode_video`.
+- :class:`RetrievalModel`: ``isolated`` mask, mean-pooled video (+ the [SEP] after it) and text
+  (+ its final [SEP]) states as MMPT pools them, contrastive loss text -> video over the batch.
+  Because the mask isolates the sides, one joint forward pass gives exactly the states of two
+  separate passes, so evaluation encodes texts and videos separately (O(N) passes, not O(N^2))
+  with :meth:`encode_text` / :meth:`encode_video`.
 - :class:`CaptioningModel`: ``causal_text`` mask, text shifted right with [CLS] as BOS, BERT's
   tied LM head predicts the next token; :meth:`next_token_log_probs` drives greedy/beam search.
 - :class:`SegmentationModel`: a linear classifier on every video slot (one per second), video
-  only (the text side is a lone [SEP]).
+  only (the text side is a lone [SEP]) under the ``isolated`` mask, as the paper and MMPT's COIN
+  setup (``num_iso_layer: 12``) do: the video sees neither [CLS] nor the dummy text.
 
 Each ``forward(**batch)`` returns ``(loss, logs)``, the contract of the training loop.
 """
@@ -116,7 +118,8 @@ class SegmentationModel(nn.Module):
     def logits(self, video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
         """``[B, Lv, K]``: class logits of every video slot (second)."""
         text_ids, text_mask = _lone_sep(len(video), video.device)
-        hidden = self.vlm(video, video_mask, text_ids, text_mask, attention="full")
+        # Isolated, not full: MMPT fine-tunes and tests COIN with every layer isolated.
+        hidden = self.vlm(video, video_mask, text_ids, text_mask, attention="isolated")
         return self.classifier(hidden[:, sequence_slices(video_mask.shape[1], 1)[0]])
 
     def forward(self, video, video_mask, labels):
