@@ -2,7 +2,12 @@
 
     manifest -> shards of videos (sorted by video_id) -> Ray Data actor pool (one extractor,
     model loaded once per actor; GPU actors when the cluster has GPUs) -> per shard: quarantine
-    file, then part file -> _manifest.json last (the commit; see store.py for the protocol)
+    file (_quarantine/), then part file -> _manifest.json last (the commit; see store.py)
+
+The quarantine holds the videos that could not be read and, for the clip extractors (frames,
+vq), each caption past its video's end (clipped to the end, or skipped if it starts there or
+later); the manifest and the report count them as ``quarantined`` (videos), ``clips_clipped``
+and ``clips_skipped``.
 
 Each shard is decoded, extracted and written inside one actor call, so the bulky per-video data
 (S3D windows, frames) streams from the decoder to the model to storage and never crosses Ray's
@@ -23,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vidray import storage
+from vidray.clips import overrun_counts, quarantine_record
 from vidray.config import ConfigError, option
 from vidray.feature_store import store
 from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, S3DExtractConfig,
@@ -113,26 +119,33 @@ class ShardWorker:
         waited for (never a reason to quarantine a video); if it stays down the shard is left
         unwritten, for a rerun, and the summary says why (Ray's task errors lose the type)."""
         started = time.monotonic()
-        rows, bad = [], []
+        rows, records, bad = [], [], 0
         try:
             for video in videos:
                 try:
-                    rows.extend(storage.call_with_retries(lambda: self.extractor.extract(video), video["uri"]))
+                    video_rows, overruns = storage.call_with_retries(lambda: self._extract(video), video["uri"])
                 except storage.StorageUnreachable:
                     raise
                 except Exception as err:  # noqa: BLE001 - one bad video is quarantined, not fatal
-                    bad.append({"video_id": video["video_id"], "uri": video["uri"],
-                                "error": f"{type(err).__name__}: {err}"})
+                    video_rows, overruns, bad = [], [quarantine_record(video, err)], bad + 1
+                rows.extend(video_rows)
+                records.extend(overruns)
             # Quarantine first, part last: the part's existence marks the shard done.
-            store.write_table_atomically(pa.Table.from_pylist(bad, schema=store.QUARANTINE_SCHEMA),
+            store.write_table_atomically(pa.Table.from_pylist(records, schema=store.QUARANTINE_SCHEMA),
                                          storage.join(self.version, store.quarantine_name(shard)))
             store.write_table_atomically(self.extractor.to_table(rows),
                                          storage.join(self.version, store.part_name(shard)))
         except storage.StorageUnreachable as err:
             return {"shard": shard, "videos": 0, "rows": 0, "quarantined": 0, "seconds": 0.0,
                     "unreachable": str(err)}
-        return {"shard": shard, "videos": len(videos), "rows": len(rows), "quarantined": len(bad),
+        return {"shard": shard, "videos": len(videos), "rows": len(rows), "quarantined": bad,
                 "seconds": time.monotonic() - started, "unreachable": ""}
+
+    def _extract(self, video: dict) -> tuple[list[dict], list[dict]]:
+        """One video's rows and its captions past the end (quarantine records), in a fresh list
+        per call: a retry after a storage error must not repeat the failed try's records."""
+        overruns: list[dict] = []
+        return self.extractor.extract(video, overruns=overruns), overruns
 
 
 def _shards(videos: pa.Table, per_part: int) -> list[tuple[int, list[dict]]]:
@@ -175,14 +188,19 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
             bar.set_postfix(quarantined=summary["quarantined"], refresh=False)
 
 
+def _quarantine_counts(version: str, shards: list) -> dict[str, int]:
+    """Whole videos quarantined and captions clipped / skipped, from the shards' quarantine files
+    (small: a few records per shard), which may come from an earlier, interrupted run."""
+    tables = [store.read_parquet(storage.join(version, store.quarantine_name(shard))) for shard, _ in shards]
+    return overrun_counts(pa.concat_tables(tables))
+
+
 def _manifest(cfg: ExtractConfig, ident: dict, version: str, shards: list, extractor_cls) -> dict:
-    parts, quarantined = [], 0
+    parts = []
     for shard, videos in shards:
         fs, path = storage.arrow_filesystem(storage.join(version, store.part_name(shard)))
         parts.append({"file": store.part_name(shard), "videos": len(videos),
                       "rows": pq.read_metadata(path, filesystem=fs).num_rows})
-        qfs, qpath = storage.arrow_filesystem(storage.join(version, store.quarantine_name(shard)))
-        quarantined += pq.read_metadata(qpath, filesystem=qfs).num_rows
     fs, path = storage.arrow_filesystem(storage.join(version, parts[0]["file"]))
     schema = pq.read_schema(path, filesystem=fs)
     dims = {c: schema.field(c).type.value_type.list_size for c in schema.names
@@ -201,8 +219,14 @@ def _manifest(cfg: ExtractConfig, ident: dict, version: str, shards: list, extra
         "schema_ipc": schema.serialize().to_pybytes().hex(),
         "parts": parts, "quarantine_files": [store.quarantine_name(s) for s, _ in shards],
         "rows": sum(p["rows"] for p in parts), "videos": sum(p["videos"] for p in parts),
-        "quarantined": quarantined, "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        **_quarantine_counts(version, shards), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _counts(manifest: dict) -> dict:
+    """What the report says of the quarantine (versions before the caption counts have none)."""
+    return {"quarantined": manifest["quarantined"], "clips_clipped": manifest.get("clips_clipped", 0),
+            "clips_skipped": manifest.get("clips_skipped", 0)}
 
 
 def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
@@ -223,8 +247,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
         manifest = store.open_version(version).manifest
         say(f"nothing to do: {version} is already committed ({manifest['rows']} rows, "
             f"{manifest['quarantined']} quarantined)")
-        return {**report, "extracted_videos": 0, "rows": manifest["rows"],
-                "quarantined": manifest["quarantined"], "skipped_parts": len(manifest["parts"])}
+        return {**report, "extracted_videos": 0, "rows": manifest["rows"], **_counts(manifest),
+                "skipped_parts": len(manifest["parts"])}
 
     shards = _shards(videos, cfg.videos_per_part)
     done = store.done_shards(version)
@@ -244,8 +268,9 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
     extracted = sum(len(v) for _, v in pending)
     manifest = feature_set.manifest
     say(f"committed {version}: {manifest['rows']} rows from {manifest['videos']} videos "
-        f"({manifest['quarantined']} quarantined) in {seconds:.1f} s")
-    return {**report, "extracted_videos": extracted, "rows": manifest["rows"],
-            "quarantined": manifest["quarantined"], "skipped_parts": len(shards) - len(pending),
+        f"({manifest['quarantined']} quarantined; captions past the end: {manifest['clips_clipped']} "
+        f"clipped, {manifest['clips_skipped']} skipped) in {seconds:.1f} s")
+    return {**report, "extracted_videos": extracted, "rows": manifest["rows"], **_counts(manifest),
+            "skipped_parts": len(shards) - len(pending),
             "seconds": round(seconds, 2),
             "videos_per_s": round(extracted / seconds, 2) if seconds and extracted else None}

@@ -2,13 +2,22 @@
 
 A plain-dict registry, ``EXTRACTORS = {name: (ConfigClass, ExtractorClass)}``. An extractor is
 built once per Ray actor (models load once), declares its output schema and key columns, and
-turns one video into rows, raising on unreadable input (the job quarantines that video):
+turns one video into rows with ``extract(row, overruns=None)``, raising on unreadable input (the
+job quarantines that video):
 
 - ``s3d``    one row per video: ``features`` = one 512-d S3D-G ``video_embedding`` per second of
              video (30 fps windows, 224 px centre crop, [0, 1] pixels), L2-normalised, fp16.
-- ``text``   one row per video: each caption's WordPiece ids (no special tokens) with its times.
+             Captions play no part, so none can run past the end.
+- ``text``   one row per video: each caption's WordPiece ids (no special tokens) with its times,
+             as the manifest gives them, also past the video's end: the text set never opens the
+             video, so it cannot tell (whoever pairs them with frames or seconds decides).
 - ``frames`` one row per clip: the sparse frames of :func:`vidray.video.iter_clips`, JPEG.
 - ``vq``     one row per clip of a frames set: E-ViLM's VQ tokenizer code of every frame region.
+
+The clip extractors (frames, vq) cut a caption that runs past the video's end at the end and
+skip one that starts at or after it (:func:`vidray.clips.iter_video_clips`); each lands in the
+list ``overruns`` as a quarantine record with its ``clip_index``, while the video's other clips
+are kept.
 """
 
 from __future__ import annotations
@@ -108,7 +117,7 @@ class S3DExtractor:
             out = self.model(preprocess(windows).to(self.device))["video_embedding"]
         return out.float().cpu()
 
-    def extract(self, row: dict) -> list[dict]:
+    def extract(self, row: dict, overruns: list | None = None) -> list[dict]:
         features = self.embed(row["uri"], uri=row["uri"])
         return [{"video_id": row["video_id"], "num_seconds": len(features), "features": features}]
 
@@ -170,7 +179,7 @@ class TextExtractor:
         files = sorted(f for f in os.listdir(path) if f.startswith(("vocab", "tokenizer", "special")))
         return digest(b"".join(open(os.path.join(path, f), "rb").read() for f in files))
 
-    def extract(self, row: dict) -> list[dict]:
+    def extract(self, row: dict, overruns: list | None = None) -> list[dict]:
         captions = [c for c in (row.get("captions") or []) if (c.get("text") or "").strip()]
         if not captions:
             raise ValueError("no captions: the manifest row has no caption text; fix the "
@@ -200,7 +209,10 @@ class FramesExtractConfig:
 
 class FramesExtractor:
     key = ["video_id", "clip_index"]
-    schema_version = 1
+    # 2: a caption past the video's end is clipped or skipped, not the whole video quarantined;
+    # end_s of a clipped caption or a whole-video clip is the video's duration (was the caption's
+    # end, or null).
+    schema_version = 2
     dims: dict[str, int] = {}
     schema = pa.schema([("video_id", pa.string()), ("clip_index", pa.int32()),
                         ("start_s", pa.float64()), ("end_s", pa.float64()),
@@ -214,18 +226,19 @@ class FramesExtractor:
     def weights_digest(cfg: FramesExtractConfig) -> str:
         return "none"
 
-    def raw_clips(self, row: dict) -> Iterator[dict]:
+    def raw_clips(self, row: dict, overruns: list | None = None) -> Iterator[dict]:
         """The clips of one manifest row with their raw ``frames`` ``uint8 [T, size, size, 3]``, one
         at a time. The one sampler of the set: frames models that decode on the fly
         (``data.source=videos``) call it too, so their clips are this set's clips."""
         from vidray.clips import iter_video_clips
 
         return iter_video_clips(row, num_frames=self.cfg.num_frames, strategy=self.cfg.strategy,
-                                size=self.cfg.size, clip=self.cfg.clip, seed=self.cfg.seed)
+                                size=self.cfg.size, clip=self.cfg.clip, seed=self.cfg.seed,
+                                overruns=overruns)
 
-    def extract(self, row: dict) -> list[dict]:
+    def extract(self, row: dict, overruns: list | None = None) -> list[dict]:
         clips = []
-        for clip in self.raw_clips(row):
+        for clip in self.raw_clips(row, overruns):
             frames = clip.pop("frames")  # compressed now: only this clip's raw frames are held
             clip.update(timestamps=clip["timestamps"].tolist(), height=frames.shape[1],
                         width=frames.shape[2],
@@ -267,7 +280,7 @@ class VQExtractor:
     round trip, so the codes describe exactly the pixels a trainer reads from that set."""
 
     key = ["video_id", "clip_index"]
-    schema_version = 1
+    schema_version = 2  # as frames: the clips of a video with captions past its end are labelled
     schema = pa.schema([("video_id", pa.string()), ("clip_index", pa.int32()), ("start_s", pa.float64()),
                         ("codes", pa.list_(pa.int32()))])
 
@@ -303,13 +316,13 @@ class VQExtractor:
         weights = storage.read_bytes(storage.join(cfg.checkpoint, CHECKPOINT_FILE))
         return f"{hashlib.sha256(weights).hexdigest()[:16]}+frames:{digest(open_version(cfg.frames).manifest)[:12]}"
 
-    def extract(self, row: dict) -> list[dict]:
+    def extract(self, row: dict, overruns: list | None = None) -> list[dict]:
         import torch
 
         from vidray.frames.data import decode_clip
 
         m = self.tokenizer_cfg.model
-        clips = self.frames.extract(row)
+        clips = self.frames.extract(row, overruns)
         if not clips:
             return []
         pixels = np.stack([decode_clip(c["jpeg"], m.num_frames, m.image_size) for c in clips])

@@ -1,8 +1,15 @@
 """The feature store's layout, versions and commit protocol.
 
-    <root>/<name>/<version>/part-00000.parquet ...   one part per shard of the source videos
-    <root>/<name>/<version>/quarantine-00000.parquet  the shard's unreadable videos, with reasons
-    <root>/<name>/<version>/_manifest.json            written last: the commit point
+    <root>/<name>/<version>/part-00000.parquet ...                one part per shard of the source videos
+    <root>/<name>/<version>/_quarantine/quarantine-00000.parquet  the shard's quarantine, with reasons
+    <root>/<name>/<version>/_manifest.json                        written last: the commit point
+
+Only parts sit at the top of a version, so the folder reads as the feature set's rows alone with
+any Parquet reader (``pq.read_table(version)``, pyarrow datasets, DuckDB, Polars and Spark skip
+``_``-prefixed paths). A quarantine record is a video that could not be read (``clip_index``
+null) or, for the clip extractors, a caption past the video's end (its ``clip_index``).
+Versions written before ``_quarantine/`` keep their quarantine files at the top level; their
+manifest lists them there, and :meth:`FeatureSet.quarantine` still reads them.
 
 The version is a digest of what determines the content: extractor name, its config, the
 weights digest, the source manifest's digest and the extractor's schema version. Changing any
@@ -29,8 +36,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vidray import __version__, storage
+from vidray.clips import QUARANTINE_SCHEMA  # one schema for the clip pipeline's and the store's
 
 MANIFEST_NAME = "_manifest.json"
+QUARANTINE_DIR = "_quarantine"
 
 
 class FeatureStoreError(RuntimeError):
@@ -60,10 +69,8 @@ def part_name(shard: int) -> str:
 
 
 def quarantine_name(shard: int) -> str:
-    return f"quarantine-{shard:05d}.parquet"
-
-
-QUARANTINE_SCHEMA = pa.schema([("video_id", pa.string()), ("uri", pa.string()), ("error", pa.string())])
+    """The shard's quarantine file, relative to the version (as the manifest lists it)."""
+    return f"{QUARANTINE_DIR}/quarantine-{shard:05d}.parquet"
 
 
 def dictionary_columns(schema: pa.Schema) -> list[str]:
@@ -94,7 +101,8 @@ def write_table_atomically(table: pa.Table, uri: str) -> None:
         return
     path = uri.removeprefix("file://")
     os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp-{uuid.uuid4().hex[:8]}"
+    # Dot-prefixed: a killed run's leftover is skipped by Parquet readers of the version folder.
+    tmp = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
     with open(tmp, "wb") as f:
         f.write(data)
         f.flush()
@@ -123,6 +131,7 @@ class FeatureSet:
 
     @property
     def quarantine_uris(self) -> list[str]:
+        # Paths relative to the version: under _quarantine/, or at the top level in older versions.
         return [storage.join(self.uri, q) for q in self.manifest.get("quarantine_files", [])]
 
     @property
@@ -130,8 +139,16 @@ class FeatureSet:
         return self.manifest["key"]
 
     def quarantine(self) -> pa.Table:
-        tables = [read_parquet(u) for u in self.quarantine_uris]
+        """Every quarantine record of the version, as :data:`QUARANTINE_SCHEMA`."""
+        tables = [_as_quarantine_schema(read_parquet(u)) for u in self.quarantine_uris]
         return pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
+
+
+def _as_quarantine_schema(table: pa.Table) -> pa.Table:
+    """Older versions' quarantine files have no clip_index: each of their records is a video."""
+    if "clip_index" not in table.column_names:
+        table = table.append_column("clip_index", pa.nulls(table.num_rows, pa.int32()))
+    return table.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -142,9 +142,11 @@ def cmd_features(args: argparse.Namespace) -> int:
         shown = {k: v for k, v in feature_set.manifest.items() if k != "schema_ipc"}
         print(json.dumps(shown, indent=2))
         quarantine = feature_set.quarantine().to_pylist()
-        print(f"\nquarantine: {len(quarantine)} videos")
+        videos = [r for r in quarantine if r["clip_index"] is None]
+        print(f"\nquarantine: {len(videos)} videos, {len(quarantine) - len(videos)} captions past the end")
         for row in quarantine:
-            print(f"  {row['video_id']}: {row['error']}  ({row['uri']})")
+            caption = "" if row["clip_index"] is None else f" caption {row['clip_index']}"
+            print(f"  {row['video_id']}{caption}: {row['error']}  ({row['uri']})")
         return 0
     report = store.validate(args.uri)
     print(json.dumps(report, indent=2))

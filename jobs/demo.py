@@ -55,7 +55,7 @@ def _corpus(workdir: str, configs_dir: str, videos: int) -> dict:
 
 
 def _clips(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
-    from vidray.clips import ClipsConfig, count_rows, run_clips
+    from vidray.clips import ClipsConfig, count_rows, overrun_counts, run_clips
 
     cfg = ClipsConfig(manifest=manifest_uri, output=os.path.join(workdir, "clips"), num_frames=4,
                       size=112, clip="captions", overwrite=True)
@@ -65,7 +65,8 @@ def _clips(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
         import pyarrow.parquet as pq
 
         return {"clips": count_rows(os.path.join(cfg.output, "clips")),
-                "quarantined": pq.read_metadata(marker).num_rows, "reused": True, "config": cfg}
+                "quarantined": overrun_counts(pq.read_table(marker))["quarantined"], "reused": True,
+                "config": cfg}
     say("clips: Ray Data pipeline, 4 frames per caption segment, seek-based sparse decode")
     report = run_clips(cfg)
     _save_config(configs_dir, "clips", cfg)

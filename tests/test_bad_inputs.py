@@ -89,7 +89,12 @@ def corpus(stack, tmp_path_factory):
 
 
 def _quarantine(feature_set: store.FeatureSet) -> dict[str, str]:
-    return {q["video_id"]: q["error"] for q in feature_set.quarantine().to_pylist()}
+    """The reasons of the videos quarantined whole (not of captions past a video's end)."""
+    return {q["video_id"]: q["error"] for q in feature_set.quarantine().to_pylist() if q["clip_index"] is None}
+
+
+# The 1-frame video lasts 1/24 s: its caption's 0-1 s span runs past the end.
+ONE_FRAME_CLIPPED = "span [0.0, 1.0) runs past the video's end (0.042 s): clipped to [0.0, 0.042)"
 
 
 def _video_ids(feature_set: store.FeatureSet) -> list[str]:
@@ -113,6 +118,9 @@ def test_frames_extraction_quarantines_each_bad_video_with_its_reason(ray_cluste
     (one,) = [r for uri in feature_set.part_uris for r in store.read_parquet(uri).to_pylist()
               if r["video_id"] == "one_frame"]
     assert len(one["jpeg"]) == 4 and len(set(one["timestamps"])) == 1  # its one frame, repeated
+    captions = [(q["video_id"], q["clip_index"], q["error"]) for q in feature_set.quarantine().to_pylist()
+                if q["clip_index"] is not None]
+    assert captions == [("one_frame", 0, ONE_FRAME_CLIPPED)] and report["clips_clipped"] == 1
 
 
 def test_text_extraction_quarantines_missing_and_empty_captions(ray_cluster, corpus, s3_uri):
@@ -125,9 +133,13 @@ def test_text_extraction_quarantines_missing_and_empty_captions(ray_cluster, cor
 def test_clips_job_quarantines_inside_its_output_whatever_the_video_id(ray_cluster, corpus, s3_uri):
     report = run_clips(ClipsConfig(manifest=corpus["manifest"], output=s3_uri, num_frames=4, size=32))
     fs, path = storage.filesystem(s3_uri)
-    records = [json.loads(fs.cat(p)) for p in fs.glob(f"{path}/_quarantine/*.json")]
-    assert {r["video_id"] for r in records} == set(QUARANTINED) | {ESCAPING_ID}
-    assert report["quarantined"] == len(records)
+    # One file per video, holding that video's records.
+    records = [r for p in fs.glob(f"{path}/_quarantine/*.json") for r in json.loads(fs.cat(p))]
+    videos = [r for r in records if r["clip_index"] is None]
+    assert {r["video_id"] for r in videos} == set(QUARANTINED) | {ESCAPING_ID}
+    assert report["quarantined"] == len(videos)
+    assert [(r["video_id"], r["error"]) for r in records if r["clip_index"] is not None] == [
+        ("one_frame", ONE_FRAME_CLIPPED)]
     # Its record sits in the output's _quarantine/ like any other, and nothing anywhere else in
     # the bucket is named after where "../../outside" points.
     bucket = path.split("/", 1)[0]

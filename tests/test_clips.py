@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import collections
+import glob
+import os
 
 import numpy as np
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
-from videogen import broken_videos, write_video
+from videogen import broken_videos, write_overrunning_video, write_video
 from vidray import storage
-from vidray.clips import ClipsConfig, clip_specs, run_clips
+from vidray.clips import ClipsConfig, clip_specs, decode_video_clips, gather_quarantine, run_clips
 from vidray.manifest import manifest_table, read_manifest, write_manifest
 from vidray.synth import SynthConfig, synthesize
 from vidray.video import sample_frames
@@ -103,3 +106,75 @@ def test_refuses_to_overwrite_unless_told(ray_cluster, tmp_path):
     report = run_clips(cfg)
     assert report["clips"] == 1 and report["quarantined"] == 0
     assert not (out / "something.parquet").exists()
+
+
+def test_captions_past_the_end_are_clipped_or_skipped_and_the_good_clips_kept(ray_cluster, tmp_path):
+    """Issue 18: one ASR caption past the end of a 79.5 s video quarantined the whole video."""
+    uri, captions = write_overrunning_video(tmp_path / "asr.mp4")
+    # No duration in the manifest: the decoder's is what counts.
+    rows = [{"video_id": "asr", "uri": uri, "captions": captions},
+            {"video_id": "plain", "uri": write_video(tmp_path / "plain.mp4"),
+             "captions": [{"start": 0.0, "end": 1.0, "text": "plain"}]}]
+    manifest = str(tmp_path / "m.parquet")
+    write_manifest(manifest_table(rows), manifest)
+    cfg = ClipsConfig(manifest=manifest, output=str(tmp_path / "out"), num_frames=3, size=16)
+    report = run_clips(cfg)
+
+    assert report["quarantined"] == 0 and report["videos_ok"] == 2 and report["clips"] == 4
+    assert report["clips_clipped"] == 1 and report["clips_skipped"] == 1
+    clips = sorted((c for c in pq.read_table(report["clips_uri"]).to_pylist() if c["video_id"] == "asr"),
+                   key=lambda c: c["clip_index"])
+    # The clip row says the span it sampled: the third caption ends where the video does.
+    assert [(c["clip_index"], c["start_s"], c["end_s"]) for c in clips] == [
+        (0, 0.0, 20.0), (1, 20.0, 40.0), (2, 40.0, 79.5)]
+    assert [c["texts"] for c in clips] == [["first"], ["second"], ["third runs past the end"]]
+    assert 40.0 <= min(clips[2]["timestamps"]) and max(clips[2]["timestamps"]) < 79.5
+
+    def quarantine() -> list[dict]:
+        return sorted(pq.read_table(report["quarantine_uri"]).to_pylist(), key=lambda r: r["clip_index"])
+
+    clipped, skipped = quarantine()
+    assert (clipped["video_id"], clipped["clip_index"], skipped["clip_index"]) == ("asr", 2, 3)
+    assert clipped["uri"] == uri
+    assert clipped["error"] == ("span [40.0, 84.0) runs past the video's end (79.5 s): "
+                                "clipped to [40.0, 79.5)")
+    assert skipped["error"] == "span [80.0, 84.0) starts at or after the video's end (79.5 s): skipped"
+
+    # A retried task writes the video's records again: they replace the first ones.
+    assert len(decode_video_clips(rows[0], cfg)) == 3
+    gather_quarantine(cfg.output)
+    assert quarantine() == [clipped, skipped]
+
+
+def test_clips_output_is_one_table_whatever_the_clip_ends(ray_cluster, tmp_path):
+    """Issue 18: parts whose clips all had an unknown end stored end_s as type null, so the
+    folder did not read as one table ("Unsupported cast from double to null")."""
+    video = write_video(tmp_path / "v.mp4")  # 2.0 s
+    rows = [  # the untimed ones first: their part is the one pyarrow takes the schema from
+        {"video_id": "untimed", "uri": video, "captions": [{"start": None, "end": None, "text": "u"}]},
+        {"video_id": "no_captions", "uri": video, "captions": []},
+        {"video_id": "timed", "uri": video, "captions": [{"start": 0.0, "end": 1.0, "text": "a"},
+                                                        {"start": 1.0, "end": 2.0, "text": "b"}]}]
+    manifest = str(tmp_path / "m.parquet")
+    write_manifest(manifest_table(rows), manifest)
+    report = run_clips(ClipsConfig(manifest=manifest, output=str(tmp_path / "out"), num_frames=2, size=16))
+    assert report["clips"] == 4 and report["quarantined"] == 0
+
+    # OUT/clips holds clip parts and nothing else, all of one schema.
+    names = os.listdir(report["clips_uri"])
+    assert len(names) >= 2 and all(n.endswith(".parquet") for n in names)
+    schemas = [pq.read_schema(p) for p in glob.glob(os.path.join(report["clips_uri"], "*"))]
+    assert all(s.equals(schemas[0]) for s in schemas), [str(s.field("end_s")) for s in schemas]
+
+    table = pq.read_table(report["clips_uri"])
+    assert table.num_rows == pads.dataset(report["clips_uri"], format="parquet").count_rows() == 4
+    by_id = {(r["video_id"], r["clip_index"]): r for r in table.to_pylist()}
+    # A whole-video clip's end is the end it sampled to: the video's duration.
+    assert by_id[("untimed", 0)]["end_s"] == by_id[("no_captions", 0)]["end_s"] == 2.0
+    assert (by_id[("timed", 1)]["start_s"], by_id[("timed", 1)]["end_s"]) == (1.0, 2.0)
+    # The frames of a clip read back as [T, H, W, 3] with the row's own shape columns.
+    clip = by_id[("timed", 0)]
+    frames = np.asarray(clip["frames"], np.uint8).reshape(len(clip["timestamps"]), clip["height"],
+                                                          clip["width"], 3)
+    direct = sample_frames(video, 2, size=16, start_s=0.0, end_s=1.0)
+    np.testing.assert_array_equal(frames, direct.frames)

@@ -12,11 +12,13 @@ import sys
 import time
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
 
 from conftest import REPO
-from videogen import broken_videos
+from videogen import broken_videos, write_overrunning_video
 from vidray import storage
 from vidray.config import load_config
 from vidray.feature_store import store
@@ -109,6 +111,64 @@ def test_frames_quarantine_versions_and_direct_equality(ray_cluster, corpus, s3_
     assert store.validate(report["uri"])["ok"] and store.validate(other["uri"])["ok"]
     listed = {(e["name"], e["version"]) for e in store.list_sets(s3_uri) if e["committed"]}
     assert len(listed) == 2
+
+
+def test_frames_set_keeps_the_good_clips_of_a_video_whose_captions_overrun(ray_cluster, corpus, s3_uri,
+                                                                           tmp_path):
+    """Issue 18: one ASR caption past the end of a 79.5 s video quarantined the whole video."""
+    path, captions = write_overrunning_video(tmp_path / "asr.mp4")
+    uri = storage.join(s3_uri, "videos", "asr.mp4")
+    storage.write_bytes(uri, open(path, "rb").read())
+    truncated = next(r for r in corpus["rows"] if r["video_id"] == "truncated")
+    manifest = storage.join(s3_uri, "manifest.parquet")
+    write_manifest(manifest_table([{"video_id": "asr", "uri": uri, "captions": captions}, truncated]), manifest)
+    cfg = ExtractConfig(manifest=manifest, root=storage.join(s3_uri, "features"), extractor="frames",
+                        frames=FramesExtractConfig(num_frames=2, size=16))
+    report = run_extract(cfg, progress=False)
+
+    feature_set = store.open_version(report["uri"])
+    counts = {k: feature_set.manifest[k] for k in ("rows", "quarantined", "clips_clipped", "clips_skipped")}
+    assert counts == {"rows": 3, "quarantined": 1, "clips_clipped": 1, "clips_skipped": 1}
+    assert {k: report[k] for k in counts} == counts
+    rows = sorted(read_rows(feature_set), key=lambda r: r["clip_index"])
+    assert [(r["clip_index"], r["start_s"], r["end_s"]) for r in rows] == [
+        (0, 0.0, 20.0), (1, 20.0, 40.0), (2, 40.0, 79.5)]
+    quarantine = {(q["video_id"], q["clip_index"]): q["error"] for q in feature_set.quarantine().to_pylist()}
+    assert set(quarantine) == {("truncated", None), ("asr", 2), ("asr", 3)}
+    assert quarantine[("asr", 2)].endswith("(79.5 s): clipped to [40.0, 79.5)")
+    assert quarantine[("asr", 3)].startswith("span [80.0, 84.0) starts at or after the video's end (79.5 s)")
+    assert store.validate(report["uri"])["ok"]
+
+
+def test_version_folder_reads_as_a_dataset_of_its_rows_alone(ray_cluster, corpus, s3_uri):
+    """Issue 18: pyarrow's dataset discovery on a version folder counted the quarantine's rows."""
+    cfg = ExtractConfig(manifest=corpus["manifest"], root=s3_uri, extractor="frames",
+                        frames=FramesExtractConfig(num_frames=2, size=16), videos_per_part=4)
+    report = run_extract(cfg, progress=False)
+    feature_set = store.open_version(report["uri"])
+    assert feature_set.manifest["quarantined"] == 2  # truncated, zero_byte: the quarantine is not empty
+
+    fs, path = storage.arrow_filesystem(report["uri"])
+    table = pq.read_table(path, filesystem=fs)
+    assert table.num_rows == feature_set.manifest["rows"] == len(read_rows(feature_set))
+    assert table.schema.names == store.read_parquet(feature_set.part_uris[0]).schema.names
+    assert pads.dataset(path, filesystem=fs, format="parquet").count_rows() == feature_set.manifest["rows"]
+    # The quarantine is still the feature set's, in its own folder.
+    assert all("/_quarantine/" in u for u in feature_set.quarantine_uris)
+    assert sorted(q["video_id"] for q in feature_set.quarantine().to_pylist()) == ["truncated", "zero_byte"]
+
+
+def test_quarantine_of_an_older_version_at_the_top_level_still_reads(tmp_path):
+    """Versions written before the _quarantine/ folder list their quarantine files at the top
+    level, without clip_index (every record was a whole video)."""
+    version = str(tmp_path / "frames" / "v-000000000000")
+    old = pa.table({"video_id": ["bad"], "uri": ["s3://b/bad.mp4"], "error": ["VideoDecodeError: x"]})
+    store.write_table_atomically(old, os.path.join(version, "quarantine-00000.parquet"))
+    store.commit(version, {"parts": [], "quarantine_files": ["quarantine-00000.parquet"]})
+    quarantine = store.open_version(version).quarantine()
+    assert quarantine.schema.equals(store.QUARANTINE_SCHEMA)
+    assert quarantine.to_pylist() == [{"video_id": "bad", "uri": "s3://b/bad.mp4", "clip_index": None,
+                                       "error": "VideoDecodeError: x"}]
 
 
 def test_parts_read_with_plain_pyarrow(ray_cluster, corpus, tmp_path):

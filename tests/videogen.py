@@ -137,3 +137,15 @@ def broken_videos(directory: str | os.PathLike) -> dict[str, bytes]:
     cut = truncate_copy(real, os.path.join(directory, "cut.mp4"), 0.3)
     return {"zero_byte": b"", "truncated": open(cut, "rb").read(),
             "not_a_video": b"this is a caption file, not a video\n" * 20, "good": open(real, "rb").read()}
+
+
+# HowTo100M-style ASR captions of a 79.5 s video: the third runs past its end, the fourth starts
+# after it (issue 18). (start, end, text)
+OVERRUN_CAPTIONS = [(0.0, 20.0, "first"), (20.0, 40.0, "second"), (40.0, 84.0, "third runs past the end"),
+                    (80.0, 84.0, "fourth starts after the end")]
+
+
+def write_overrunning_video(path: str | os.PathLike) -> tuple[str, list[dict]]:
+    """A 79.5 s video (2 fps, so it is quick to write) and its :data:`OVERRUN_CAPTIONS`."""
+    path = write_video(path, num_frames=159, fps=2)
+    return path, [{"start": s, "end": e, "text": t} for s, e, t in OVERRUN_CAPTIONS]

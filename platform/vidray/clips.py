@@ -1,19 +1,30 @@
 """The Ray Data clip pipeline: manifest -> sparsely sampled frames, one row per clip.
 
     manifest.parquet --(one task per block of videos)--> probe + seek-based sparse decode
-        -> OUT/clips/*.parquet     video_id, clip_index, start_s, end_s, texts, frames [T,H,W,3], timestamps
-        -> OUT/quarantine.parquet  video_id, uri, error       (one row per video that could not be read)
+        -> OUT/clips/*.parquet     clip parts only, every one of CLIPS_SCHEMA: video_id, clip_index,
+                                   start_s, end_s, texts, frames (uint8 [T,H,W,3] flattened), height,
+                                   width, timestamps
+        -> OUT/_quarantine/*.json  one file per video with records, written from inside the tasks
+        -> OUT/quarantine.parquet  video_id, uri, clip_index, error (all those records, gathered)
 
 A clip is a timestamped caption's segment (``clip="captions"``, HowTo100M / YouCook2 / the
 synthetic corpus) or the whole video (``clip="video"``, or captions without timestamps as in
-WebVid and MSR-VTT, whose texts all go with the one clip).
+WebVid and MSR-VTT, whose texts all go with the one clip). ``end_s`` is the caption's end, or
+the video's duration for a whole-video clip or a clipped caption.
 
-Errors are caught per video, not per block: a bad video becomes a quarantine record (its reason
-included) and the rest of its block goes on. Ray Data's ``max_errored_blocks`` would instead drop
-whole blocks of good videos silently. Quarantine records are written as one small JSON object per
-video under ``OUT/_quarantine/`` from inside the task (keyed by video_id, so a retried task
-overwrites rather than duplicates) and gathered into ``quarantine.parquet`` at the end; this keeps
-the single streaming pass over the frames, which are far too big to materialise.
+Captions past the end (ASR timings often overrun the file): a span that ends after the video
+(by more than ``OVERRUN_TOLERANCE_S``) is clipped to its end, one that starts at or after the
+end is skipped; each is a quarantine record with its ``clip_index`` and a reason naming the span,
+the video's duration and what was done, and the report counts them. The video's other clips
+are kept.
+
+Errors are caught per video, not per block: a bad video becomes one quarantine record with
+``clip_index`` null (its reason included) and the rest of its block goes on. Ray Data's
+``max_errored_blocks`` would instead drop whole blocks of good videos silently. A video's records
+are written as one small JSON file under ``OUT/_quarantine/`` from inside the task (named after
+the video_id, so a retried task overwrites rather than duplicates them) and gathered into
+``quarantine.parquet`` at the end; this keeps the single streaming pass over the frames, which
+are far too big to materialise.
 """
 
 from __future__ import annotations
@@ -24,6 +35,7 @@ import zlib
 from dataclasses import asdict, dataclass
 from typing import Any, Iterator, Literal, Optional
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
@@ -32,7 +44,20 @@ from vidray import storage
 from vidray.config import ConfigError, option
 from vidray.manifest import read_manifest
 
-QUARANTINE_SCHEMA = pa.schema([("video_id", pa.string()), ("uri", pa.string()), ("error", pa.string())])
+# Also the feature store's quarantine. clip_index is null for a video that could not be read at
+# all, and the caption's index for a caption past the video's end.
+QUARANTINE_SCHEMA = pa.schema([("video_id", pa.string()), ("uri", pa.string()),
+                               ("clip_index", pa.int32()), ("error", pa.string())])
+
+# Every part of OUT/clips is written with this schema, so the folder reads as one table: left to
+# inference, a part whose clips all had an unknown end stored end_s as type null. Plain Arrow
+# types (no Ray tensor extension), so any Parquet reader gets the frames: reshape a row's to
+# [len(timestamps), height, width, 3]. large_list: one video's clips can pass 2 GiB of pixels
+# (a clip of 256 frames at 224 px is 38 MB), more than 32-bit list offsets address.
+CLIPS_SCHEMA = pa.schema([
+    ("video_id", pa.string()), ("clip_index", pa.int32()), ("start_s", pa.float64()),
+    ("end_s", pa.float64()), ("texts", pa.list_(pa.string())), ("frames", pa.large_list(pa.uint8())),
+    ("height", pa.int32()), ("width", pa.int32()), ("timestamps", pa.list_(pa.float64()))])
 
 
 @dataclass
@@ -82,44 +107,135 @@ def _quarantine_uri(output: str, video_id: str) -> str:
     return storage.join(output, "_quarantine", f"{safe}-{zlib.crc32(video_id.encode()):08x}.json")
 
 
-def quarantine_record(row: dict[str, Any], err: BaseException) -> dict[str, str]:
-    """Why one video of the manifest could not be read: ``{video_id, uri, error}``."""
-    return {"video_id": row["video_id"], "uri": row["uri"], "error": f"{type(err).__name__}: {err}"}
+def quarantine_record(row: dict[str, Any], err: BaseException) -> dict[str, Any]:
+    """Why one video of the manifest could not be read: ``{video_id, uri, clip_index: None, error}``."""
+    return {"video_id": row["video_id"], "uri": row["uri"], "clip_index": None,
+            "error": f"{type(err).__name__}: {err}"}
 
 
-def quarantine_video(output: str, row: dict[str, Any], err: BaseException) -> dict[str, str]:
-    """Record (and return) why one video could not be read, as ``output/_quarantine/<id>.json``:
-    written from inside a Ray task, keyed by video id so a retried task overwrites its record."""
+def write_quarantine(output: str, video_id: str, records: list[dict[str, Any]]) -> None:
+    """Write all of one video's records as ``output/_quarantine/<id>.json``: from inside a Ray
+    task, one file per video, so a retried task overwrites its records instead of adding to them."""
+    storage.write_bytes(_quarantine_uri(output, video_id), json.dumps(records).encode())
+
+
+def quarantine_video(output: str, row: dict[str, Any], err: BaseException) -> dict[str, Any]:
+    """Record (and return) why one video could not be read (see :func:`write_quarantine`)."""
     record = quarantine_record(row, err)
-    storage.write_bytes(_quarantine_uri(output, row["video_id"]), json.dumps(record).encode())
+    write_quarantine(output, row["video_id"], [record])
     return record
 
 
+# A caption that ends this little after the video is not an overrun but rounding: the container
+# states its duration in its time base (a synthetic 2.3333 s video reads as 2.3330 s), and
+# annotations round too. Such a clip keeps its caption's end and is not recorded.
+OVERRUN_TOLERANCE_S = 0.1
+
+
+def _seconds(t: float) -> str:
+    """A time for a reason: millisecond precision, always with a decimal point (80.0, 79.5)."""
+    return str(round(float(t), 3))
+
+
+def overrun_reason(spec: dict[str, Any], sampled, duration_s: float | None) -> str:
+    """Why caption ``spec`` is a quarantine record: it was clipped (``sampled`` is what
+    :func:`vidray.video.iter_clips` sampled) or skipped (``sampled`` is None)."""
+    span = f"span [{_seconds(spec['start_s'])}, {_seconds(spec['end_s'])})"
+    if sampled is not None:
+        return (f"{span} runs past the video's end ({_seconds(sampled.end_s)} s): "
+                f"clipped to [{_seconds(sampled.start_s)}, {_seconds(sampled.end_s)})")
+    # Unknown only when no other caption reached the end and the manifest has no duration.
+    ends = f"{_seconds(duration_s)} s" if duration_s is not None else f"<= {_seconds(spec['start_s'])} s"
+    return f"{span} starts at or after the video's end ({ends}): skipped"
+
+
+def overrun_counts(quarantine: pa.Table) -> dict[str, int]:
+    """``quarantined`` (whole videos), ``clips_clipped`` and ``clips_skipped`` of a quarantine table
+    (the last two from the action :func:`overrun_reason` ends each caption's reason with)."""
+    if "clip_index" not in quarantine.column_names:  # written before captions were recorded
+        return {"quarantined": quarantine.num_rows, "clips_clipped": 0, "clips_skipped": 0}
+    captions = quarantine.filter(pc.is_valid(quarantine["clip_index"]))["error"].to_pylist()
+    skipped = sum(reason.endswith(": skipped") for reason in captions)
+    return {"quarantined": quarantine.num_rows - len(captions),
+            "clips_clipped": len(captions) - skipped, "clips_skipped": skipped}
+
+
+def _overrun_records(row: dict[str, Any], late: list[tuple], duration_s: float | None) -> list[dict]:
+    return [{"video_id": row["video_id"], "uri": row["uri"], "clip_index": i,
+             "error": overrun_reason(spec, sampled, duration_s)} for i, spec, sampled in late]
+
+
 def iter_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, size: int | None,
-                     clip: str, seed: int, timeout_s: float = 120.0) -> Iterator[dict[str, Any]]:
+                     clip: str, seed: int, timeout_s: float = 120.0,
+                     overruns: list[dict] | None = None) -> Iterator[dict[str, Any]]:
     """The clips of one manifest row with their frames and timestamps (one open of the video),
     one at a time: the ``frames`` extractor compresses each as it comes, so a long video's raw
-    frames are never all in memory. Raises on an unreadable video."""
+    frames are never all in memory. Raises on an unreadable video.
+
+    A caption that runs past the video's end (by more than :data:`OVERRUN_TOLERANCE_S`) is
+    clipped to it (the row's ``end_s`` says so); one that starts at or after the end yields
+    nothing. When the video is done, ``overruns`` (if given) gets a quarantine record for each,
+    with its ``clip_index``."""
     from vidray import video
 
     specs = clip_specs(row.get("captions"), row.get("duration_s"), clip)
     sampled = video.iter_clips(
         row["uri"], [(s["start_s"], s["end_s"]) for s in specs], num_frames, strategy=strategy,
-        size=size, timeout_s=timeout_s,
+        size=size, timeout_s=timeout_s, past_end="skip",
         seeds=[clip_seed(seed, row["video_id"], i) for i in range(len(specs))])
+    late, duration_s = [], row.get("duration_s")
     for i, (spec, frames) in enumerate(zip(specs, sampled)):
-        yield {"video_id": row["video_id"], "clip_index": i, "start_s": spec["start_s"], "end_s": spec["end_s"],
+        if frames is None:  # starts at or after the end
+            late.append((i, spec, None))
+            continue
+        if spec["end_s"] is None or frames.end_s < spec["end_s"]:  # sampled to the end: the
+            duration_s = frames.end_s  # decoder's duration, trusted over the manifest's
+        clipped = spec["end_s"] is not None and frames.end_s < spec["end_s"] - OVERRUN_TOLERANCE_S
+        if clipped:
+            late.append((i, spec, frames))
+        end_s = frames.end_s if clipped or spec["end_s"] is None else spec["end_s"]
+        yield {"video_id": row["video_id"], "clip_index": i, "start_s": frames.start_s, "end_s": end_s,
                "texts": spec["texts"], "frames": frames.frames, "timestamps": frames.timestamps}
+    # Only now: a skipped caption's reason names the duration, which a later clipped one may tell.
+    if overruns is not None:
+        overruns.extend(_overrun_records(row, late, duration_s))
 
 
 def decode_video_clips(row: dict[str, Any], cfg: ClipsConfig) -> list[dict[str, Any]]:
-    """All clip rows of one manifest row, or none (and a quarantine record) if it can't be read."""
+    """The good clip rows of one manifest row (none if it can't be read), after writing its
+    quarantine records: the whole video's failure, or each caption past its end."""
+    records: list[dict] = []
     try:
-        return list(iter_video_clips(row, num_frames=cfg.num_frames, strategy=cfg.strategy,
-                                     size=cfg.size, clip=cfg.clip, seed=cfg.seed, timeout_s=cfg.timeout_s))
+        clips = list(iter_video_clips(row, num_frames=cfg.num_frames, strategy=cfg.strategy, size=cfg.size,
+                                      clip=cfg.clip, seed=cfg.seed, timeout_s=cfg.timeout_s, overruns=records))
     except Exception as err:  # noqa: BLE001 - any failure of one video quarantines that video only
-        quarantine_video(cfg.output, row, err)
-        return []
+        clips, records = [], [quarantine_record(row, err)]
+    if records:
+        write_quarantine(cfg.output, row["video_id"], records)
+    return clips
+
+
+def clips_table(clips: list[dict[str, Any]]) -> pa.Table:
+    """Clip rows as a table of :data:`CLIPS_SCHEMA`. Each clip's frames become one chunk that
+    shares the numpy buffer, so the conversion copies no pixels."""
+    frames = pa.chunked_array(
+        [pa.LargeListArray.from_arrays(pa.array([0, c["frames"].size], pa.int64()),
+                                       pa.array(c["frames"].reshape(-1), pa.uint8())) for c in clips],
+        CLIPS_SCHEMA.field("frames").type)
+    columns = {name: [c[name] for c in clips] for name in ("video_id", "clip_index", "start_s", "end_s", "texts")}
+    return pa.table({**columns, "frames": frames,
+                     "height": [c["frames"].shape[1] for c in clips],
+                     "width": [c["frames"].shape[2] for c in clips],
+                     "timestamps": [np.asarray(c["timestamps"], np.float64) for c in clips]},
+                    schema=CLIPS_SCHEMA)
+
+
+def _decode_batch(videos: pa.Table, cfg: ClipsConfig) -> Iterator[pa.Table]:
+    """Ray Data map: one table of :data:`CLIPS_SCHEMA` per readable video of the batch."""
+    for row in videos.to_pylist():
+        clips = decode_video_clips(row, cfg)
+        if clips:
+            yield clips_table(clips)
 
 
 def _prepare_output(cfg: ClipsConfig) -> None:
@@ -139,7 +255,7 @@ def gather_quarantine(output: str) -> pa.Table:
     if fs.exists(path):
         for name in sorted(fs.ls(path, detail=False)):
             with fs.open(name, "rb") as f:
-                records.append(json.loads(f.read()))
+                records.extend(json.loads(f.read()))  # a video's records, in caption order
     table = pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA)
     arrow_fs, qpath = storage.arrow_filesystem(storage.join(output, "quarantine.parquet"))
     pq.write_table(table, qpath, filesystem=arrow_fs)
@@ -156,8 +272,10 @@ def _select_videos(cfg: ClipsConfig) -> pa.Table:
 
 
 def build_clip_dataset(cfg: ClipsConfig, videos: pa.Table, parallelism: int):
-    """The lazy Ray Dataset of clip rows (nothing runs until it is consumed)."""
-    return video_blocks(videos, parallelism).flat_map(decode_video_clips, fn_kwargs={"cfg": cfg}, num_cpus=1)
+    """The lazy Ray Dataset of clip rows (nothing runs until it is consumed). One video per call,
+    whose clips leave as one table of the declared schema, so a task holds one video's frames."""
+    return video_blocks(videos, parallelism).map_batches(
+        _decode_batch, batch_format="pyarrow", batch_size=1, num_cpus=1, fn_kwargs={"cfg": cfg})
 
 
 def video_blocks(videos: pa.Table, parallelism: int):
@@ -190,17 +308,19 @@ def run_clips(cfg: ClipsConfig) -> dict[str, Any]:
     build_clip_dataset(cfg, videos, parallelism).write_parquet(clips_path, filesystem=arrow_fs)
     quarantine = gather_quarantine(cfg.output)
     seconds = time.monotonic() - started
-    num_clips = count_rows(clips_uri)
+    counts = overrun_counts(quarantine)
     return {
         "videos": videos.num_rows,
-        "videos_ok": videos.num_rows - quarantine.num_rows,
-        "quarantined": quarantine.num_rows,
-        "clips": num_clips,
+        "videos_ok": videos.num_rows - counts["quarantined"],
+        **counts,
+        "clips": count_rows(clips_uri),
         "seconds": round(seconds, 2),
         "videos_per_s": round(videos.num_rows / seconds, 2) if seconds else None,
         "clips_uri": clips_uri,
         "quarantine_uri": storage.join(cfg.output, "quarantine.parquet"),
-        "quarantine_reasons": {r["video_id"]: r["error"] for r in quarantine.to_pylist()},
+        # Whole videos only: captions past the end are counted here, listed in quarantine.parquet.
+        "quarantine_reasons": {r["video_id"]: r["error"] for r in quarantine.to_pylist()
+                               if r["clip_index"] is None},
         "config": asdict(cfg),
     }
 
