@@ -13,7 +13,8 @@ import pytest
 
 from videogen import broken_videos, write_overrunning_video, write_video
 from vidray import storage
-from vidray.clips import ClipsConfig, clip_specs, decode_video_clips, gather_quarantine, run_clips
+from vidray.clips import (ClipsConfig, clip_specs, decode_video_clips, gather_quarantine, iter_video_clips,
+                          run_clips)
 from vidray.manifest import manifest_table, read_manifest, write_manifest
 from vidray.synth import SynthConfig, synthesize
 from vidray.video import sample_frames
@@ -144,6 +145,18 @@ def test_captions_past_the_end_are_clipped_or_skipped_and_the_good_clips_kept(ra
     assert len(decode_video_clips(rows[0], cfg)) == 3
     gather_quarantine(cfg.output)
     assert quarantine() == [clipped, skipped]
+
+
+def test_a_skipped_caption_names_the_video_duration_even_when_nothing_else_reached_the_end(tmp_path):
+    uri, _ = write_overrunning_video(tmp_path / "asr.mp4")
+    row = {"video_id": "asr", "uri": uri, "captions": [{"start": 0.0, "end": 20.0, "text": "in"},
+                                                        {"start": 80.0, "end": 84.0, "text": "after"}]}
+    records: list[dict] = []
+    clips = list(iter_video_clips(row, num_frames=2, strategy="uniform", size=16, clip="captions", seed=0,
+                                  overruns=records))
+    assert [c["clip_index"] for c in clips] == [0]
+    assert [r["error"] for r in records] == [
+        "span [80.0, 84.0) starts at or after the video's end (79.5 s): skipped"]
 
 
 def test_clips_output_is_one_table_whatever_the_clip_ends(ray_cluster, tmp_path):

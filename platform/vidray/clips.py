@@ -40,7 +40,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vidray import storage
+from vidray import storage, video
 from vidray.config import ConfigError, option
 from vidray.manifest import read_manifest
 
@@ -137,16 +137,14 @@ def _seconds(t: float) -> str:
     return str(round(float(t), 3))
 
 
-def overrun_reason(spec: dict[str, Any], sampled, duration_s: float | None) -> str:
-    """Why caption ``spec`` is a quarantine record: it was clipped (``sampled`` is what
-    :func:`vidray.video.iter_clips` sampled) or skipped (``sampled`` is None)."""
+def overrun_reason(spec: dict[str, Any], sampled) -> str:
+    """Why caption ``spec`` is a quarantine record: it was clipped (``sampled`` is the
+    ``SampledFrames`` of :func:`vidray.video.iter_clips`) or skipped (a ``SkippedSpan``)."""
     span = f"span [{_seconds(spec['start_s'])}, {_seconds(spec['end_s'])})"
-    if sampled is not None:
-        return (f"{span} runs past the video's end ({_seconds(sampled.end_s)} s): "
-                f"clipped to [{_seconds(sampled.start_s)}, {_seconds(sampled.end_s)})")
-    # Unknown only when no other caption reached the end and the manifest has no duration.
-    ends = f"{_seconds(duration_s)} s" if duration_s is not None else f"<= {_seconds(spec['start_s'])} s"
-    return f"{span} starts at or after the video's end ({ends}): skipped"
+    ends = f"the video's end ({_seconds(sampled.video_duration_s)} s)"
+    if not isinstance(sampled, video.SkippedSpan):
+        return f"{span} runs past {ends}: clipped to [{_seconds(sampled.start_s)}, {_seconds(sampled.end_s)})"
+    return f"{span} starts at or after {ends}: skipped"
 
 
 def overrun_counts(quarantine: pa.Table) -> dict[str, int]:
@@ -160,9 +158,9 @@ def overrun_counts(quarantine: pa.Table) -> dict[str, int]:
             "clips_clipped": len(captions) - skipped, "clips_skipped": skipped}
 
 
-def _overrun_records(row: dict[str, Any], late: list[tuple], duration_s: float | None) -> list[dict]:
+def _overrun_records(row: dict[str, Any], late: list[tuple]) -> list[dict]:
     return [{"video_id": row["video_id"], "uri": row["uri"], "clip_index": i,
-             "error": overrun_reason(spec, sampled, duration_s)} for i, spec, sampled in late]
+             "error": overrun_reason(spec, sampled)} for i, spec, sampled in late]
 
 
 def iter_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, size: int | None,
@@ -176,29 +174,24 @@ def iter_video_clips(row: dict[str, Any], *, num_frames: int, strategy: str, siz
     clipped to it (the row's ``end_s`` says so); one that starts at or after the end yields
     nothing. When the video is done, ``overruns`` (if given) gets a quarantine record for each,
     with its ``clip_index``."""
-    from vidray import video
-
     specs = clip_specs(row.get("captions"), row.get("duration_s"), clip)
     sampled = video.iter_clips(
         row["uri"], [(s["start_s"], s["end_s"]) for s in specs], num_frames, strategy=strategy,
         size=size, timeout_s=timeout_s, past_end="skip",
         seeds=[clip_seed(seed, row["video_id"], i) for i in range(len(specs))])
-    late, duration_s = [], row.get("duration_s")
+    late = []
     for i, (spec, frames) in enumerate(zip(specs, sampled)):
-        if frames is None:  # starts at or after the end
-            late.append((i, spec, None))
+        if isinstance(frames, video.SkippedSpan):  # starts at or after the end
+            late.append((i, spec, frames))
             continue
-        if spec["end_s"] is None or frames.end_s < spec["end_s"]:  # sampled to the end: the
-            duration_s = frames.end_s  # decoder's duration, trusted over the manifest's
         clipped = spec["end_s"] is not None and frames.end_s < spec["end_s"] - OVERRUN_TOLERANCE_S
         if clipped:
             late.append((i, spec, frames))
         end_s = frames.end_s if clipped or spec["end_s"] is None else spec["end_s"]
         yield {"video_id": row["video_id"], "clip_index": i, "start_s": frames.start_s, "end_s": end_s,
                "texts": spec["texts"], "frames": frames.frames, "timestamps": frames.timestamps}
-    # Only now: a skipped caption's reason names the duration, which a later clipped one may tell.
     if overruns is not None:
-        overruns.extend(_overrun_records(row, late, duration_s))
+        overruns.extend(_overrun_records(row, late))
 
 
 def decode_video_clips(row: dict[str, Any], cfg: ClipsConfig) -> list[dict[str, Any]]:

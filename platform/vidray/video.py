@@ -11,7 +11,7 @@
         ...                                              # at 30 fps, the S3D input
 
 Public names: :func:`probe`, :func:`sample_frames`, :func:`iter_clips`, :func:`iter_windows`, :class:`VideoInfo`,
-:class:`SampledFrames`, :class:`VideoDecodeError`.
+:class:`SampledFrames`, :class:`SkippedSpan`, :class:`VideoDecodeError`.
 
 A source is a local path, any URI :func:`vidray.storage.open_uri` understands (``s3://...``),
 or the file's ``bytes``. Times are in seconds from the first frame of the video stream, which is
@@ -122,6 +122,18 @@ class SampledFrames:
     """Start of the span the times were spread over (seconds)."""
     end_s: float = 0.0
     """End of that span: the asked-for end, or the video's duration where the span ran past it."""
+    video_duration_s: float = 0.0
+    """Duration of the whole video (see :class:`VideoInfo`)."""
+
+
+@dataclass(frozen=True)
+class SkippedSpan:
+    """What ``iter_clips(..., past_end="skip")`` yields for a span that starts at or after the
+    end of the video: the span as asked for, and the video's duration."""
+
+    start_s: float
+    end_s: float | None
+    video_duration_s: float
 
 
 def probe(source: Source, *, timeout_s: float = 60.0, uri: str | None = None) -> VideoInfo:
@@ -183,7 +195,7 @@ def iter_clips(
     timeout_s: float = 60.0,
     uri: str | None = None,
     past_end: str = "raise",
-) -> Iterator[SampledFrames | None]:
+) -> Iterator[SampledFrames | SkippedSpan]:
     """:func:`sample_frames` for several spans ``(start_s, end_s)`` of one video, opened once,
     one clip at a time.
 
@@ -197,8 +209,9 @@ def iter_clips(
 
     A span that ends after the video is clipped to its duration (``end_s`` of the result says
     so). A span that starts at or after the end raises ``ValueError``, or with
-    ``past_end="skip"`` yields ``None`` in its place and goes on with the next span: ASR captions
-    (HowTo100M) often run past the file, and one of them must not cost the video's good clips."""
+    ``past_end="skip"`` yields a :class:`SkippedSpan` in its place and goes on with the next span:
+    ASR captions (HowTo100M) often run past the file, and one of them must not cost the video's
+    good clips."""
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
     if strategy not in STRATEGIES:
@@ -219,7 +232,7 @@ def iter_clips(
             end = reader.duration_s if end_s is None else min(end_s, reader.duration_s)
             if start_s >= end:
                 if past_end == "skip":
-                    yield None
+                    yield SkippedSpan(start_s, end_s, reader.duration_s)
                     continue
                 raise ValueError(
                     f"{reader.uri}: span [{start_s}, {end_s}) starts after the video ends "
@@ -237,7 +250,8 @@ def iter_clips(
             decoded = reader.decoded_frames - decoded_before
             decoded_before = reader.decoded_frames
             yield SampledFrames(frames=np.stack(images), timestamps=np.array(times, np.float64),
-                                requested=requested, decoded_frames=decoded, start_s=start_s, end_s=end)
+                                requested=requested, decoded_frames=decoded, start_s=start_s, end_s=end,
+                                video_duration_s=reader.duration_s)
 
 
 def iter_windows(
