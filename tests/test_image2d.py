@@ -1,0 +1,100 @@
+"""The `image2d` feature set (issue 19): ImageNet EfficientNet-Lite0 features per second, through
+the real extraction job on the local S3 endpoint, equal to a direct forward of the same frames;
+and VLM taking its video width from whichever per-second set it is given."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from vidray import storage
+from vidray.config import ConfigError
+from vidray.feature_store import store
+from vidray.feature_store.extract import ExtractConfig, run_extract
+from vidray.feature_store.extractors import Image2DExtractConfig
+from vidray.manifest import read_manifest
+from vidray.models.efficientnet import build_efficientnet, default_weights, load_weights, preprocess, weights_digest
+from vidray.synth import SynthConfig, synthesize
+from vidray.train.config import ModelConfig
+from vidray.video import iter_windows
+from vidray.vlm.data import resolve_video_dim
+
+
+@pytest.fixture(scope="module")
+def image2d_set(ray_cluster, stack, tmp_path_factory):
+    root = f"s3://{stack.bucket}/image2d-corpus"
+    synthesize(root, SynthConfig(videos=4, seed=21, min_seconds=2.0, max_seconds=3.5, workers=2), progress=False)
+    manifest = storage.join(root, "manifest.parquet")
+    report = run_extract(ExtractConfig(manifest=manifest, root=storage.join(root, "features"),
+                                       extractor="image2d", videos_per_part=2), progress=False)
+    return {"report": report, "rows": read_manifest(manifest).to_pylist(), "manifest": manifest, "root": root}
+
+
+def direct_features(uri: str) -> np.ndarray:
+    """The same features without Ray or the job: the frame at each second's start, 224 px centre
+    crop, the pretrained network's pooled 1280-d output, L2-normalised, fp16."""
+    model = build_efficientnet("lite0")
+    load_weights(model)
+    model.eval()
+    frames = np.concatenate(list(iter_windows(uri, fps=1.0, size=224, frames_per_window=1)))
+    with torch.inference_mode():
+        pooled = model.features(preprocess(frames, 224))
+    return torch.nn.functional.normalize(pooled, dim=-1).to(torch.float16).numpy()
+
+
+def test_image2d_rows_equal_a_direct_forward_and_tell_videos_apart(image2d_set):
+    feature_set = store.open_version(image2d_set["report"]["uri"])
+    assert store.validate(feature_set.uri)["ok"]
+    assert feature_set.manifest["dims"] == {"features": 1280}
+    # The weights' digest is part of the version: other weights would make another version.
+    assert feature_set.manifest["weights_digest"] == weights_digest(default_weights("lite0"))
+    rows = {r["video_id"]: r for uri in feature_set.part_uris for r in store.read_parquet(uri).to_pylist()}
+    assert sorted(rows) == sorted(r["video_id"] for r in image2d_set["rows"])
+    means = []
+    for video in image2d_set["rows"]:
+        stored = np.asarray(rows[video["video_id"]]["features"], np.float16)
+        expected = direct_features(video["uri"])
+        assert stored.shape == expected.shape == (int(np.ceil(video["duration_s"] - 1e-9)), 1280)
+        np.testing.assert_allclose(stored.astype(np.float32), expected.astype(np.float32), atol=2e-3)
+        means.append(stored.astype(np.float32).mean(0))
+    means = np.stack(means) / np.linalg.norm(np.stack(means), axis=1, keepdims=True)
+    cosine = means @ means.T
+    # Different synthetic videos (other shapes, colours, backgrounds) give different features.
+    assert cosine[~np.eye(len(means), dtype=bool)].max() < 0.95, cosine
+
+
+def test_image2d_version_follows_its_weights_and_settings(tmp_path):
+    from vidray.feature_store.extractors import Image2DExtractor
+
+    lite0 = Image2DExtractor.weights_digest(Image2DExtractConfig())
+    assert lite0 == weights_digest(default_weights("lite0"))
+    assert Image2DExtractor.weights_digest(Image2DExtractConfig(flavour="tiny")).startswith("random-init")
+    assert Image2DExtractor(Image2DExtractConfig(block=10)).dim == 112  # block 10 pools 112 channels
+
+
+def test_vlm_takes_the_feature_width_from_the_set(image2d_set):
+    uri = image2d_set["report"]["uri"]
+    model = ModelConfig()
+    resolve_video_dim(model, uri)
+    assert model.video_dim == 1280
+    with pytest.raises(ConfigError, match="model.video_dim.*512.*1280"):
+        resolve_video_dim(ModelConfig(video_dim=512), uri)
+
+
+@pytest.mark.heavy
+def test_vlm_pretrains_on_image2d_features(image2d_set, tmp_path, stack):
+    from vidray.config import load_config
+    from vidray.train.config import PretrainConfig
+    from vidray.vlm.pretrain import run_pretrain
+
+    text = run_extract(ExtractConfig(manifest=image2d_set["manifest"], root=storage.join(image2d_set["root"], "features"),
+                                     extractor="text"), progress=False)
+    cfg = load_config(PretrainConfig, None, [
+        f"data.features={image2d_set['report']['uri']}", f"data.text={text['uri']}",
+        "train.steps=6", "train.batch_size=8", "train.num_workers=2", "train.checkpoint_every=6",
+        f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={stack.env['MLFLOW_TRACKING_URI']}",
+        "mlflow.experiment=test-image2d"])
+    report = run_pretrain(cfg, say=lambda m: None)
+    assert report["metrics"]["step"] == 6 and np.isfinite(report["metrics"]["loss"])
+    assert cfg.model.video_dim == 1280
