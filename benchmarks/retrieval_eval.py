@@ -56,14 +56,14 @@ def _timed(fn) -> tuple[float, object]:
     return time.perf_counter() - started, out
 
 
-def _per_pair_scores(net, words, frames, text_ids, text_mask, batch_size: int):
+def _per_pair_scores(net, words, frames, text_ids, text_mask, batch_size: int, size_txt: int):
     """The fusion path as it was first written: every pair re-encodes its clip and projects every
     text slot onto the vocabulary, then reads the one [MASK] slot."""
     import torch
 
-    from vidray.frames.lavender_tasks import insert_mask_slot, true_score
+    from vidray.frames.lavender_tasks import append_mask_slot, true_score
 
-    ids, mask, slots = insert_mask_slot(text_ids, text_mask, [], words.mask, words.pad)
+    ids, mask, positions, slots = append_mask_slot(text_ids, text_mask, size_txt, words.mask)
     rows = []
     with torch.no_grad():
         for t in range(len(ids)):
@@ -71,7 +71,8 @@ def _per_pair_scores(net, words, frames, text_ids, text_mask, batch_size: int):
             for start in range(0, len(frames), batch_size):
                 chunk = frames[start:start + batch_size]
                 n = len(chunk)
-                logits = net(chunk, ids[t:t + 1].expand(n, -1), mask[t:t + 1].expand(n, -1))
+                logits = net(chunk, ids[t:t + 1].expand(n, -1), mask[t:t + 1].expand(n, -1),
+                             positions=positions[t:t + 1].expand(n, -1))
                 scores.append(true_score(logits[:, slots[t]], words.true, words.false))
             rows.append(torch.cat(scores))
     return torch.stack(rows)
@@ -100,12 +101,12 @@ def run(args) -> dict:
     batch = collate(examples, args.text_tokens, words.pad)
     subset = slice(0, args.fusion_texts)
     fusion_s, scores = _timed(lambda: pair_scores(lavender, words, batch["frames"], batch["text_ids"][subset],
-                                                  batch["text_mask"][subset], args.batch))
+                                                  batch["text_mask"][subset], args.batch, args.text_tokens))
     assert scores.shape == (args.fusion_texts, args.n)
     reencode_texts = max(1, args.fusion_texts // 4)
     few = slice(0, reencode_texts)
     reencode_s, old = _timed(lambda: _per_pair_scores(lavender, words, batch["frames"], batch["text_ids"][few],
-                                                             batch["text_mask"][few], args.batch))
+                                                             batch["text_mask"][few], args.batch, args.text_tokens))
     # The two fusion paths are the same function of the inputs.
     torch.testing.assert_close(old, scores[:reencode_texts], rtol=1e-4, atol=1e-5)
 

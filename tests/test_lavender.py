@@ -10,13 +10,15 @@ import pytest
 import torch
 
 from vidray.config import ConfigError, from_dict
-from vidray.frames.config import FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig
+from vidray.frames.config import (FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
+                                  FramesObjectiveConfig, FramesPretrainConfig)
 from vidray.frames.data import IGNORE_INDEX, clip_examples
 from vidray.frames.lavender import LAVENDER_FLAVOURS, Lavender
-from vidray.frames.lavender_tasks import (LavenderFinetuneSystem, LavenderRetrievalModel, Words, insert_mask_slot,
-                                          matching_batch, pair_scores, true_score)
+from vidray.frames.lavender_tasks import (LavenderFinetuneSystem, LavenderPretrainSystem, LavenderRetrievalModel,
+                                          Words, append_mask_slot, insert_mask_slot, matching_batch, pair_scores,
+                                          sampled_pairs, true_score)
 from vidray.frames.run import evaluate_mc, option_scores, run_frames_finetune
-from vidray.frames.system import build_net, size_figures
+from vidray.frames.system import build_net, mask_text, size_figures
 
 CLS, SEP, MASK, PAD = 101, 102, 103, 0
 
@@ -49,25 +51,174 @@ def test_padding_after_the_text_changes_nothing():
     torch.testing.assert_close(padded[:, :5], out, rtol=1e-4, atol=1e-4)
 
 
+# --- the official rules (microsoft/LAVENDER), transcribed ---------------------------------------------
+
+def official_text(ids: list[int], size_txt: int) -> tuple[list[int], list[bool]]:
+    """dataset.py: ``str2txt`` pads to ``size_txt`` (mask 1 where not [PAD]), then
+    ``append_mask_tok2txt`` adds [MASK] with mask 1: the matching [MASK] at position size_txt."""
+    txt = list(ids) + [PAD] * (size_txt - len(ids))
+    return txt + [MASK], [t != PAD for t in txt] + [True]
+
+
+def official_slot_logits(net, frames: torch.Tensor, texts: list[list[int]], size_txt: int) -> torch.Tensor:
+    """The vocabulary at the appended [MASK] of each (clip, text) pair, one plain forward per pair
+    (default position ids 0 .. size_txt): ``[pairs, V]``."""
+    rows = []
+    for clip, ids in zip(frames, texts):
+        txt, mask = official_text(ids, size_txt)
+        with torch.no_grad():
+            rows.append(net(clip[None], torch.tensor([txt]), torch.tensor([mask]))[0, size_txt])
+    return torch.stack(rows)
+
+
+def batch_of(words: Words, captions: list[str], frames: int = 3) -> list[dict]:
+    rng = np.random.default_rng(0)
+    return [{"frames": rng.integers(0, 256, (frames, 64, 64, 3), dtype=np.uint8),
+             "text_ids": np.asarray(words.tokenizer(c)["input_ids"])} for c in captions]
+
+
+CAPTIONS = ["a red square moves left", "a blue circle rises", "green star", "a yellow triangle moves down slowly"]
+
+
+def test_matching_mask_is_appended_after_the_padding_at_position_size_txt():
+    """Item: the official [MASK] sits after the padding, at position size_txt. Ours sits right after
+    the batch's padding with position id size_txt: the same [MASK] state as the official layout."""
+    net = tiny()
+    ids = torch.tensor([[CLS, 1200, 1300, SEP], [CLS, 1400, SEP, PAD]])
+    out, out_mask, positions, slots = append_mask_slot(ids, ids != PAD, 10, MASK)
+    assert out.tolist() == [[CLS, 1200, 1300, SEP, MASK], [CLS, 1400, SEP, PAD, MASK]]
+    assert out_mask.tolist() == [[True] * 5, [True, True, True, False, True]]
+    assert positions.tolist() == [[0, 1, 2, 3, 10]] * 2 and slots.tolist() == [4, 4]
+    frames = torch.randn(2, 3, 3, 64, 64)
+    with torch.no_grad():
+        ours = net(frames, out, out_mask, slots=slots, positions=positions)
+    texts = [[CLS, 1200, 1300, SEP], [CLS, 1400, SEP]]
+    torch.testing.assert_close(ours, official_slot_logits(net, frames, texts, 10), rtol=1e-4, atol=1e-4)
+    with pytest.raises(ValueError, match="exceed size_txt"):
+        append_mask_slot(ids, ids != PAD, 3, MASK)
+
+
+def test_retrieval_finetuning_loss_is_the_official_all_pairs_loss():
+    """main_retrieval_mlm.py: every clip i with every text j of the batch, target "true" when they
+    are the same (video), "false" otherwise; cross-entropy over the vocabulary at the appended
+    [MASK], averaged over the B x B pairs. The old rule (1 + 3 per text, the [MASK] before [SEP])
+    gives another loss."""
+    cfg = finetune_cfg("retrieval")
+    assert cfg.match_negatives is None  # the official rule is the default
+    torch.manual_seed(0)
+    net = build_net(cfg.model).eval()
+    words = Words("minilm")
+    system = LavenderFinetuneSystem(cfg, net, torch.device("cpu"))
+    batch = system.collate(batch_of(words, CAPTIONS))
+    loss, _ = system.training_step(batch)
+    texts = [words.tokenizer(c)["input_ids"] for c in CAPTIONS]
+    n = len(CAPTIONS)
+    pairs = [(i, j) for i in range(n) for j in range(n)]
+    logits = official_slot_logits(net, batch["frames"][[i for i, _ in pairs]], [texts[j] for _, j in pairs],
+                                  cfg.model.max_text_tokens)
+    targets = torch.tensor([words.true if i == j else words.false for i, j in pairs])
+    torch.testing.assert_close(loss, torch.nn.functional.cross_entropy(logits, targets), rtol=1e-4, atol=1e-5)
+
+
+def test_all_pairs_are_clip_major_with_true_on_the_diagonal():
+    words = Words("minilm")
+    frames = torch.arange(3, dtype=torch.float).view(3, 1, 1, 1, 1).expand(3, 1, 3, 2, 2)
+    ids = torch.tensor([[CLS, 10 + i, SEP] for i in range(3)])
+    _, pair_ids, _, _, _, clips, texts, targets = matching_batch(frames, ids, torch.ones_like(ids, dtype=torch.bool),
+                                                                 words, size_txt=8)
+    expected = [(i, j) for i in range(3) for j in range(3)]  # the official double loop
+    assert list(zip(clips.tolist(), texts.tolist())) == expected
+    assert targets.tolist() == [words.true if i == j else words.false for i, j in expected]
+    assert pair_ids[:, 1].tolist() == [10, 11, 12]
+    assert words.true != words.false and words.tokenizer.convert_ids_to_tokens([words.true]) == ["true"]
+
+
+def test_sampled_pairs_give_each_clip_its_text_then_distinct_random_other_texts():
+    """main_pretrain_mlm.py: for clip i, its own text, then the first min(B, 4) - 1 of a random
+    permutation of the other rows: distinct, never i, every other row equally likely."""
+    n, k = 5, 3
+    counts = torch.zeros(n, n)
+    generator = torch.Generator().manual_seed(0)
+    for _ in range(2000):
+        clips, texts = sampled_pairs(n, k, generator)
+        assert clips.tolist() == [i for i in range(n) for _ in range(k + 1)]
+        per_clip = texts.view(n, k + 1)
+        assert per_clip[:, 0].tolist() == list(range(n))
+        for i, row in enumerate(per_clip[:, 1:].tolist()):
+            assert len(set(row)) == k and i not in row
+            counts[i, row] += 1
+    off = counts[~torch.eye(n, dtype=torch.bool)]
+    # Each other row is drawn with probability k / (n - 1) = 0.75: 1500 of 2000, binomial sd ~19.
+    assert off.min() > 1400 and off.max() < 1600
+    clips, texts = sampled_pairs(3, 3, generator)  # at most the n - 1 other rows
+    assert len(clips) == 3 * 3 and sorted(texts.view(3, 3)[0, 1:].tolist()) == [1, 2]
+
+
+def test_pretraining_loss_is_the_official_mlm_plus_matching_on_masked_text():
+    """main_pretrain_mlm.py: MLM on the masked texts (each with the matching [MASK] appended,
+    predicting nothing there) + matching where each clip meets its own masked text ("true") and 3
+    other rows' masked texts ("false"). With 4 rows the 3 others are all the others, so the draw
+    cannot change the loss. The old rule (clean text, the clip's 3 neighbouring clips, the [MASK]
+    before [SEP]) gives another loss."""
+    cfg = FramesPretrainConfig(model=FramesModelConfig(arch="lavender", flavour="tiny", image_size=64, num_frames=3,
+                                                       max_text_tokens=12),
+                               objective=FramesObjectiveConfig(mlm_prob=0.5, vtm_negatives=3))
+    torch.manual_seed(0)
+    system = LavenderPretrainSystem(cfg, torch.device("cpu"))
+    net, words = system.model.net.eval(), system.words
+    batch = system.collate(batch_of(words, CAPTIONS))
+    loss, logs = system.training_step(batch)
+    # The run's masking: mask_text's draws come first from the run's seeded generator.
+    masked, targets = mask_text(batch["text_ids"], batch["text_mask"], 0.5, words.mask, words.vocab,
+                                torch.Generator().manual_seed(cfg.train.seed), words.special, always_mask=True)
+    assert (targets != IGNORE_INDEX).any()
+    size, n = cfg.model.max_text_tokens, len(CAPTIONS)
+    texts = [row[m].tolist() for row, m in zip(masked, batch["text_mask"])]
+    mlm_logits, mlm_targets = [], []
+    for b in range(n):
+        txt, mask = official_text(texts[b], size)
+        with torch.no_grad():
+            mlm_logits.append(net(batch["frames"][b:b + 1], torch.tensor([txt]), torch.tensor([mask]))[0])
+        answer = targets[b][batch["text_mask"][b]].tolist()
+        mlm_targets.append(torch.tensor(answer + [IGNORE_INDEX] * (size + 1 - len(answer))))
+    mlm = torch.nn.functional.cross_entropy(torch.cat(mlm_logits), torch.cat(mlm_targets), ignore_index=IGNORE_INDEX)
+    pairs = [(i, j) for i in range(n) for j in [i] + [j for j in range(n) if j != i]]
+    vtm_logits = official_slot_logits(net, batch["frames"][[i for i, _ in pairs]], [texts[j] for _, j in pairs], size)
+    vtm = torch.nn.functional.cross_entropy(vtm_logits, torch.tensor([words.true if i == j else words.false
+                                                                      for i, j in pairs]))
+    assert logs["mlm_loss"] == pytest.approx(mlm.item(), rel=1e-4)
+    assert logs["vtm_loss"] == pytest.approx(vtm.item(), rel=1e-4)
+    torch.testing.assert_close(loss, mlm + vtm, rtol=1e-4, atol=1e-5)
+
+
+def test_probability_ratio_ranks_where_the_official_raw_logit_ratio_does_not():
+    """The official eval scores l_true / (l_true + l_false) on raw logits. Pair A is undecided
+    (l_true = l_false = 1); pair B leans "true" by 2 (l_true = -1, l_false = -3): the raw ratio
+    ranks A (0.5) above B (0.25); p(true) / (p(true) + p(false)) ranks B (0.88) above A (0.5). A
+    shift of every logit (the MLM head's bias) moves the raw ratio, not the probability ratio."""
+    words = Words("minilm")
+    logits = torch.zeros(2, 30522)
+    logits[0, [words.true, words.false]] = torch.tensor([1.0, 1.0])
+    logits[1, [words.true, words.false]] = torch.tensor([-1.0, -3.0])
+    l_true, l_false = logits[:, words.true], logits[:, words.false]
+    official = l_true / (l_true + l_false)
+    assert official.tolist() == [0.5, 0.25] and official[0] > official[1]  # B mis-ranked below A
+    ours = true_score(logits, words.true, words.false)
+    torch.testing.assert_close(ours, torch.sigmoid(l_true - l_false))
+    assert ours[1] > ours[0] and ours[0] == 0.5
+    torch.testing.assert_close(true_score(logits + 4.0, words.true, words.false), ours)
+    shifted = (l_true + 4.0) / (l_true + l_false + 8.0)
+    assert not torch.allclose(shifted, official)
+
+
 def test_mask_slot_goes_before_the_final_sep_of_each_row():
+    """Open-ended QA's "answer: [MASK]" (official main_qaoe_mlm.py writes it inside the text)."""
     ids = torch.tensor([[CLS, 7, 8, SEP, PAD], [CLS, 9, 10, 11, SEP]])
     mask = ids != PAD
     out, out_mask, slots = insert_mask_slot(ids, mask, [55, 56], MASK, PAD)
     assert out.tolist() == [[CLS, 7, 8, 55, 56, MASK, SEP, PAD], [CLS, 9, 10, 11, 55, 56, MASK, SEP]]
     assert out_mask.tolist() == [[True] * 7 + [False], [True] * 8]
     assert slots.tolist() == [5, 6] and out[torch.arange(2), slots].tolist() == [MASK, MASK]
-
-
-def test_matching_pairs_each_text_with_its_clip_then_with_negatives():
-    words = Words("minilm")
-    frames = torch.arange(4, dtype=torch.float).view(4, 1, 1, 1, 1).expand(4, 1, 3, 2, 2)
-    ids = torch.tensor([[CLS, 10 + i, SEP] for i in range(4)])
-    pf, pi, pm, slots, targets = matching_batch(frames, ids, torch.ones_like(ids, dtype=torch.bool), words, 3)
-    assert len(pf) == 16 and targets.tolist() == [words.true] * 4 + [words.false] * 12
-    for k in range(16):  # naive: the k-th pair holds text k % 4 and clip (k % 4 - k // 4) mod 4
-        text, clip = k % 4, (k % 4 - k // 4) % 4
-        assert pi[k, 1].item() == 10 + text and pf[k, 0, 0, 0, 0].item() == clip
-    assert words.true != words.false and words.tokenizer.convert_ids_to_tokens([words.true]) == ["true"]
 
 
 def test_retrieval_score_is_p_true_over_p_true_plus_false():
@@ -83,13 +234,11 @@ def test_pair_scores_equal_one_forward_per_pair():
     frames = torch.randn(3, 3, 3, 64, 64)
     ids = torch.tensor([[CLS, 1200, 1300, SEP], [CLS, 1400, SEP, PAD]])
     mask = ids != PAD
-    scores = pair_scores(model, words, frames, ids, mask, batch_size=2)
-    for t in range(2):
-        slot_ids, slot_mask, slots = insert_mask_slot(ids[t:t + 1], mask[t:t + 1], [], words.mask, words.pad)
-        for v in range(3):
-            logits = model(frames[v:v + 1], slot_ids, slot_mask)[0, slots[0]]
-            torch.testing.assert_close(scores[t, v], true_score(logits[None], words.true, words.false)[0],
-                                       rtol=1e-4, atol=1e-5)
+    scores = pair_scores(model, words, frames, ids, mask, batch_size=2, size_txt=9)
+    texts = [[CLS, 1200, 1300, SEP], [CLS, 1400, SEP]]
+    for t in range(2):  # naive: each pair alone, in the official layout ([MASK] at position 9)
+        logits = official_slot_logits(model, frames, [texts[t]] * 3, 9)
+        torch.testing.assert_close(scores[t], true_score(logits, words.true, words.false), rtol=1e-4, atol=1e-5)
 
 
 def test_answer_words_outside_the_vocabulary_are_marked():
@@ -170,12 +319,9 @@ def test_mc_option_scores_equal_one_forward_per_question_and_option():
     scores = option_scores(LavenderRetrievalModel(net), "lavender", "minilm", examples, batch_size=2,
                            max_text_tokens=24, pad_id=PAD)
     assert scores.shape == (5,)
-    for e, score in zip(examples, scores):  # naive: each pair alone, the [MASK] written by hand
+    for e, score in zip(examples, scores):  # naive: each pair alone, the official layout (main_retmc_mlm.py)
         frames = torch.from_numpy(e["frames"]).permute(0, 3, 1, 2)[None].float() / 127.5 - 1.0
-        ids = e["text_ids"].tolist()
-        ids = torch.tensor([ids[:-1] + [MASK, SEP]])
-        with torch.no_grad():
-            logits = net(frames, ids, torch.ones_like(ids, dtype=torch.bool))[0, len(ids[0]) - 2]
+        logits = official_slot_logits(net, frames, [e["text_ids"].tolist()], 24)[0]
         probs = torch.softmax(logits, -1)
         expected = probs[words.true] / (probs[words.true] + probs[words.false])
         assert abs(float(score) - float(expected)) < 1e-5

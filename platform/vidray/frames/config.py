@@ -61,8 +61,9 @@ class FramesDataConfig:
 class FramesObjectiveConfig:
     mlm_prob: float = option(0.15, "text token masking rate (80/10/10)", gt=0.0, lt=1.0)
     vtm_weight: float = option(1.0, "weight of the video-text matching loss next to MLM", ge=0.0)
-    vtm_negatives: int = option(3, "lavender: other clips of the batch each text is matched against "
-                                "(target 'false'), next to its own (target 'true')", ge=1)
+    vtm_negatives: int = option(3, "lavender: texts of other rows each clip is matched with (target 'false'), "
+                                "drawn at random from the batch, next to its own (target 'true'); the official "
+                                "min(batch, 4) - 1", ge=1)
     mvm_tokenizer: Literal["semantic", "pixel", "none"] = option(
         "none", "evilm masked video modelling targets: the codes of the data.vq set of that name "
                 "(semantic: a VQ tokenizer trained to predict caption words; pixel: one trained to "
@@ -102,8 +103,10 @@ class FramesFinetuneConfig:
               "fine-tuning; null = random init")
     answers: list[str] = option(default_factory=list, help="qa: the answer vocabulary; empty = every "
                                 "answer of the training split's questions (filled in before training)")
-    match_negatives: int = option(3, "lavender retrieval: other clips of the batch each text is matched "
-                                  "against, as in pre-training", ge=1)
+    match_negatives: Optional[int] = option(
+        None, "lavender retrieval: null = every clip of the batch against every text, B x B pairs (the "
+              "official rule); N = each clip with its own text and N random others, as pre-training (fewer "
+              "pairs per step)", ge=1)
     model: FramesModelConfig = field(default_factory=FramesModelConfig)
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=100))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=32))

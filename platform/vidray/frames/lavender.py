@@ -120,14 +120,17 @@ class Lavender(nn.Module):
         return torch.cat([x.mean(dim=2, keepdim=True), x], dim=2).flatten(1, 2)
 
     def forward(self, frames: torch.Tensor | None, text_ids: torch.Tensor, text_mask: torch.Tensor,
-                video: torch.Tensor | None = None, slots: torch.Tensor | None = None) -> torch.Tensor:
+                video: torch.Tensor | None = None, slots: torch.Tensor | None = None,
+                positions: torch.Tensor | None = None) -> torch.Tensor:
         """MLM logits ``[B, Lt, V]`` of the text slots, every slot seeing the video and the text;
         with ``slots`` (one text position per row) only those: ``[B, V]`` (the tasks read one
         [MASK], and the vocabulary projection of every other slot was most of a tiny model's
         FLOPs). ``video``: the clips' ``video_tokens`` computed once (all-pairs scoring fuses each
-        clip with every text; ``frames`` is then None)."""
+        clip with every text; ``frames`` is then None). ``positions``: the text's position ids
+        ``[B, Lt]`` (default 0, 1, ..): the matching [MASK] sits at the text width, after the
+        padding (:func:`vidray.frames.lavender_tasks.append_mask_slot`)."""
         video = self.video_tokens(frames) if video is None else video
-        text = self.embeddings(input_ids=text_ids, token_type_ids=torch.ones_like(text_ids))
+        text = self.embeddings(input_ids=text_ids, token_type_ids=torch.ones_like(text_ids), position_ids=positions)
         x = torch.cat([video, text], dim=1)
         keep = torch.cat([torch.ones(video.shape[:2], dtype=torch.bool, device=video.device), text_mask], 1)
         bias = torch.zeros(keep.shape, dtype=x.dtype, device=x.device).masked_fill(~keep, torch.finfo(x.dtype).min)

@@ -1,10 +1,15 @@
 """LAVENDER's tasks, all as masked language modelling with the one MLM head (REFERENCE.md).
 
-- pre-training: MLM on 15% of the text tokens, always [MASK]; video-text matching as MLM: the
-  text gets a [MASK] before its final [SEP] whose target is "true" for its own clip and "false"
-  for ``negatives`` other clips of the batch (1 positive + 3 negatives in the paper).
-- retrieval: trained as that matching; a (text, video) pair scores p(true) / (p(true) + p(false))
-  at the slot, so evaluation runs every pair through the model (no separate passes).
+- the matching [MASK]: appended after the text's padding, at position ``size_txt``
+  (``model.max_text_tokens``), as the official code does (:func:`append_mask_slot`).
+- pre-training: MLM on 15% of the text tokens, always [MASK]; video-text matching as MLM: each
+  clip is read with its own text (target "true" at the [MASK]) and with ``vtm_negatives`` texts
+  drawn at random from the other rows of the batch (target "false"), all of them the MLM-masked
+  texts, as the official main_pretrain_mlm.py pairs them (:func:`sampled_pairs`).
+- retrieval: trained as that matching over every (clip, text) pair of the batch, B x B, "true" on
+  the diagonal (official main_retrieval_mlm.py; ``match_negatives`` samples fewer, as
+  pre-training does); a pair scores p(true) / (p(true) + p(false)) at the slot, so evaluation
+  runs every pair through the model (no separate passes).
 - open-ended QA: "question answer: [MASK]" and the answer is one word of the vocabulary; an answer
   that is not a single WordPiece cannot be produced and counts wrong (it trains nothing).
 - multiple-choice QA: each option is its own row, "question [SEP] option [MASK]" with its clip,
@@ -29,7 +34,9 @@ from vidray.frames.data import IGNORE_INDEX, collate, tokenizer_for
 def insert_mask_slot(text_ids: torch.Tensor, text_mask: torch.Tensor, prefix: list[int], mask_id: int,
                      pad_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Each row ``[CLS] w .. [SEP]`` becomes ``[CLS] w .. <prefix> [MASK] [SEP]``; returns the
-    ids, their mask and the [MASK] slot of every row."""
+    ids, their mask and the [MASK] slot of every row. Open-ended QA's "answer: [MASK]" (the
+    official main_qaoe_mlm.py writes it inside the text, before [SEP]); matching uses
+    :func:`append_mask_slot`."""
     lengths = text_mask.sum(1).tolist()
     extra = len(prefix) + 1
     ids = torch.full((len(text_ids), text_ids.shape[1] + extra), pad_id, dtype=text_ids.dtype)
@@ -44,8 +51,34 @@ def insert_mask_slot(text_ids: torch.Tensor, text_mask: torch.Tensor, prefix: li
     return ids.to(text_ids.device), mask.to(text_ids.device), slots.to(text_ids.device)
 
 
+def append_mask_slot(text_ids: torch.Tensor, text_mask: torch.Tensor, size_txt: int,
+                     mask_id: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The matching [MASK] where the official code puts it (dataset.py, append_mask_tok2txt): every
+    text padded to ``size_txt`` tokens, then the [MASK], at position ``size_txt``. Returns the ids,
+    their mask, their position ids and the [MASK] slot of every row.
+
+    The padding is masked out of attention and BERT's positions are absolute, so the [MASK] goes
+    right after this batch's padding (column W, the batch's text width) with position id
+    ``size_txt``: the same states as the fully padded text, on W + 1 text tokens, not size_txt + 1."""
+    b, width = text_ids.shape
+    if width > size_txt:
+        raise ValueError(f"texts of {width} tokens exceed size_txt={size_txt}")
+    ids = torch.cat([text_ids, torch.full((b, 1), mask_id, dtype=text_ids.dtype, device=text_ids.device)], 1)
+    mask = torch.cat([text_mask, torch.ones(b, 1, dtype=torch.bool, device=text_mask.device)], 1)
+    positions = torch.arange(width + 1, device=text_ids.device).repeat(b, 1)
+    positions[:, width] = size_txt
+    slots = torch.full((b,), width, dtype=torch.long, device=text_ids.device)
+    return ids, mask, positions, slots
+
+
 def true_score(logits: torch.Tensor, true_id: int, false_id: int) -> torch.Tensor:
-    """p(true) / (p(true) + p(false)) from slot logits ``[B, V]``: a softmax over the two words."""
+    """p(true) / (p(true) + p(false)) from slot logits ``[B, V]``: a softmax over the two words.
+    The official eval (main_retrieval_mlm.py, eval_retrieval_mlm.py) divides the raw logits,
+    l_true / (l_true + l_false): logits are not probabilities, and where their signs differ that
+    ratio flips or blows up (l_true = -1, l_false = -3 gives 0.25 for a pair far more "true"
+    than l_true = l_false = 1's 0.5). The ratio of the probabilities ranks pairs by how much more
+    likely "true" is than "false" (it is sigmoid(l_true - l_false)) whatever the logits' signs, and
+    a shift of every logit leaves it as it is (docs/fidelity.md)."""
     return torch.softmax(logits[:, [true_id, false_id]].float(), dim=-1)[:, 0]
 
 
@@ -66,30 +99,62 @@ class Words:
         return ids[0] if len(ids) == 1 else IGNORE_INDEX
 
 
-def matching_batch(frames, text_ids, text_mask, words: Words, negatives: int):
-    """Texts with a [MASK] slot, each paired with its own clip (target "true") and with the clips
-    1..``negatives`` places along the batch (target "false"): ``(1 + negatives) * B`` pairs."""
-    ids, mask, slots = insert_mask_slot(text_ids, text_mask, [], words.mask, words.pad)
-    negatives = min(negatives, len(frames) - 1)
-    rolls = range(negatives + 1)
-    targets = torch.cat([torch.full((len(frames),), words.true if r == 0 else words.false, dtype=torch.long)
-                         for r in rolls]).to(frames.device)
-    return (torch.cat([frames.roll(r, dims=0) for r in rolls]), ids.repeat(len(rolls), 1),
-            mask.repeat(len(rolls), 1), slots.repeat(len(rolls)), targets)
+def all_pairs(n: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clip, text) row indices of every pair of a batch of ``n``, clip-major, as the official
+    retrieval fine-tuning loops them (main_retrieval_mlm.py: for video i, for text j)."""
+    return torch.arange(n).repeat_interleave(n), torch.arange(n).repeat(n)
 
 
-def option_pairs(frames, text_ids, text_mask, match, words: Words):
-    """MC rows (question + one option each) with a [MASK] slot, paired with their own clip: target
-    "true" where ``match`` is 1 (the right option), "false" where it is 0."""
-    ids, mask, slots = insert_mask_slot(text_ids, text_mask, [], words.mask, words.pad)
+def sampled_pairs(n: int, negatives: int, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """(clip, text) row indices, clip-major: each clip with its own text, then with ``negatives``
+    texts of other rows drawn without replacement (at most n - 1), as the official pre-training
+    does (main_pretrain_mlm.py: a random permutation of the rows j != i, its first
+    min(B, 4) - 1)."""
+    k = min(negatives, n - 1)
+    rows = torch.arange(n)
+    draw = torch.rand(n, n - 1, generator=generator).argsort(dim=1)[:, :k]   # positions among the others
+    others = draw + (draw >= rows[:, None]).long()                            # skip the clip's own row
+    return rows.repeat_interleave(k + 1), torch.cat([rows[:, None], others], dim=1).flatten()
+
+
+def match_targets(clips: torch.Tensor, texts: torch.Tensor, words: Words) -> torch.Tensor:
+    """The word each pair's [MASK] should read: "true" where its clip and text are the same row,
+    "false" elsewhere. The official retrieval compares video ids; a batch here holds each clip once
+    with one caption, so the same clip is the same row."""
+    return torch.where(clips == texts, words.true, words.false)
+
+
+def matching_batch(frames, text_ids, text_mask, words: Words, size_txt: int, negatives: int | None = None,
+                   generator: torch.Generator | None = None) -> tuple:
+    """Matching inputs of a batch (see :func:`matching_loss`): the texts with their [MASK] slot and
+    the (clip, text) pairs: all B x B (``negatives`` None), or each clip with its own text and
+    ``negatives`` random others."""
+    ids, mask, positions, slots = append_mask_slot(text_ids, text_mask, size_txt, words.mask)
+    clips, texts = all_pairs(len(ids)) if negatives is None else sampled_pairs(len(ids), negatives, generator)
+    return frames, ids, mask, positions, slots, clips, texts, match_targets(clips, texts, words)
+
+
+def option_pairs(frames, text_ids, text_mask, match, words: Words, size_txt: int) -> tuple:
+    """MC rows (question + one option each) with a [MASK] slot, each paired with its own clip:
+    target "true" where ``match`` is 1 (the right option), "false" where it is 0 (the official
+    main_retmc_mlm.py appends the [MASK] as retrieval does)."""
+    ids, mask, positions, slots = append_mask_slot(text_ids, text_mask, size_txt, words.mask)
+    rows = torch.arange(len(ids))
     targets = torch.where(match.cpu() == 1, words.true, words.false)
-    return frames, ids.to(frames.device), mask.to(frames.device), slots.to(frames.device), targets.to(frames.device)
+    return tuple(t.to(frames.device) for t in (frames, ids, mask, positions, slots, rows, rows, targets))
 
 
-def matching_loss(net: nn.Module, pair_frames, pair_ids, pair_mask, slots, pair_targets):
+def match_logits(net: nn.Module, video, ids, mask, positions, slots, clips, texts) -> torch.Tensor:
+    """Vocabulary logits at the [MASK] of every (clip, text) pair, ``[pairs, V]``: each clip's
+    video tokens computed once and fused with each of its texts (the official go_feat, then
+    go_cross on the pairs)."""
+    return net(None, ids[texts], mask[texts], video=video[clips], slots=slots[texts], positions=positions[texts])
+
+
+def matching_loss(net: nn.Module, frames, ids, mask, positions, slots, clips, texts, pair_targets):
     """Cross-entropy of the word at each pair's [MASK] against "true"/"false", over the whole
     vocabulary (the one MLM head), and the share of pairs whose top word is the target."""
-    at_slot = net(pair_frames, pair_ids, pair_mask, slots=slots)
+    at_slot = match_logits(net, net.video_tokens(frames), ids, mask, positions, slots, clips, texts)
     loss = F.cross_entropy(at_slot.float(), pair_targets)
     with torch.no_grad():
         accuracy = (at_slot.argmax(-1) == pair_targets).float().mean()
@@ -114,12 +179,14 @@ class LavenderPretrainModel(nn.Module):
         super().__init__()
         self.net, self.vtm_weight = net, vtm_weight
 
-    def forward(self, frames, masked_ids, text_mask, mlm_targets, pair_frames, pair_ids, pair_mask, slots,
-                pair_targets):
-        logits = self.net(frames, masked_ids, text_mask)
+    def forward(self, frames, ids, mask, positions, mlm_targets, slots, clips, texts, pair_targets):
+        """``ids``: the MLM-masked texts with the matching [MASK] appended; both passes read them
+        and share the clips' video tokens, as the official pre-training does."""
+        video = self.net.video_tokens(frames)
+        logits = self.net(None, ids, mask, video=video, positions=positions)
         mlm = torch.nan_to_num(F.cross_entropy(logits.float().flatten(0, 1), mlm_targets.flatten(),
                                                ignore_index=IGNORE_INDEX))
-        at_slot = self.net(pair_frames, pair_ids, pair_mask, slots=slots)
+        at_slot = match_logits(self.net, video, ids, mask, positions, slots, clips, texts)
         vtm = F.cross_entropy(at_slot.float(), pair_targets)
         with torch.no_grad():
             accuracy = (at_slot.argmax(-1) == pair_targets).float().mean()
@@ -135,8 +202,8 @@ class LavenderRetrievalModel(nn.Module):
         super().__init__()
         self.net = net
 
-    def forward(self, pair_frames, pair_ids, pair_mask, slots, pair_targets):
-        return matching_loss(self.net, pair_frames, pair_ids, pair_mask, slots, pair_targets)
+    def forward(self, frames, ids, mask, positions, slots, clips, texts, pair_targets):
+        return matching_loss(self.net, frames, ids, mask, positions, slots, clips, texts, pair_targets)
 
 
 class LavenderQAModel(nn.Module):
@@ -188,9 +255,13 @@ class LavenderPretrainSystem:
         ids, mask = batch["text_ids"].cpu(), batch["text_mask"].cpu()
         inputs, targets = mask_text(ids, mask, self.cfg.objective.mlm_prob, w.mask, w.vocab, generator,
                                     w.special, always_mask=True)
-        pair = matching_batch(batch["frames"], ids, mask, w, self.cfg.objective.vtm_negatives)
-        return self.model(batch["frames"], inputs.to(device), batch["text_mask"], targets.to(device),
-                          *(t.to(device) for t in pair))
+        # The official appends the matching [MASK] to every text (Dataset_Pretrain_MLM.str2txt) and
+        # matches on the MLM-masked texts: one text for both passes, the slot predicting no word.
+        ids, mask, positions, slots = append_mask_slot(inputs, mask, self.cfg.model.max_text_tokens, w.mask)
+        targets = torch.cat([targets, torch.full((len(ids), 1), IGNORE_INDEX, dtype=targets.dtype)], 1)
+        clips, texts = sampled_pairs(len(ids), self.cfg.objective.vtm_negatives, generator)
+        inputs = (ids, mask, positions, targets, slots, clips, texts, match_targets(clips, texts, w))
+        return self.model(batch["frames"], *(t.to(device) for t in inputs))
 
     def training_step(self, batch: dict):
         return self._step(batch, self.generator)
@@ -224,6 +295,7 @@ class LavenderFinetuneSystem:
         self.cfg, self.words = cfg, Words(cfg.model.tokenizer)
         self.task = cfg.task
         self.model = finetune_model(net, cfg.task, cfg.tasks).to(device)
+        self.generator = torch.Generator().manual_seed(cfg.train.seed)  # match_negatives' draws
         self.answer_tokens = torch.tensor([self.words.answer_token(a) for a in cfg.answers] or [IGNORE_INDEX])
         self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=self.words.pad)
         self.inputs = {"retrieval": self.retrieval_inputs, "qa": self.qa_step_inputs, "mc": self.mc_inputs}
@@ -246,12 +318,12 @@ class LavenderFinetuneSystem:
 
     def retrieval_inputs(self, batch: dict) -> tuple:
         pair = matching_batch(batch["frames"], batch["text_ids"].cpu(), batch["text_mask"].cpu(), self.words,
-                              self.cfg.match_negatives)
+                              self.cfg.model.max_text_tokens, self.cfg.match_negatives, self.generator)
         return tuple(t.to(batch["frames"].device) for t in pair)
 
     def mc_inputs(self, batch: dict) -> tuple:
         return option_pairs(batch["frames"], batch["text_ids"].cpu(), batch["text_mask"].cpu(), batch["match"],
-                            self.words)
+                            self.words, self.cfg.model.max_text_tokens)
 
     def task_inputs(self, batch: dict) -> dict[str, tuple]:
         """Each task's inputs from its rows of a multi-task batch (tasks without rows left out)."""
@@ -271,18 +343,19 @@ class LavenderFinetuneSystem:
 
 @torch.no_grad()
 def pair_scores(net: nn.Module, words: Words, frames: torch.Tensor, text_ids: torch.Tensor,
-                text_mask: torch.Tensor, batch_size: int) -> torch.Tensor:
+                text_mask: torch.Tensor, batch_size: int, size_txt: int) -> torch.Tensor:
     """``[N_text, N_video]`` p(true) / (p(true) + p(false)) of every text against every clip.
     Each chunk of clips goes through the video encoder once and is then fused with every text,
     reading the vocabulary at the [MASK] slot only (BENCHMARKS.md, retrieval_eval: 5x faster than
     re-encoding the clip and projecting every slot, per pair)."""
-    ids, mask, slots = insert_mask_slot(text_ids, text_mask, [], words.mask, words.pad)
+    ids, mask, positions, slots = append_mask_slot(text_ids, text_mask, size_txt, words.mask)
     columns = []
     for start in range(0, len(frames), batch_size):
         video = net.video_tokens(frames[start:start + batch_size])
         n = len(video)
         columns.append(torch.stack([
             true_score(net(None, ids[t:t + 1].expand(n, -1), mask[t:t + 1].expand(n, -1), video=video,
-                           slots=slots[t:t + 1].expand(n)), words.true, words.false)
+                           slots=slots[t:t + 1].expand(n), positions=positions[t:t + 1].expand(n, -1)),
+                       words.true, words.false)
             for t in range(len(ids))]))
     return torch.cat(columns, dim=1)

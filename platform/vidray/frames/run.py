@@ -155,7 +155,7 @@ def similarity_matrix(model, arch: str, tokenizer: str, examples: list[dict], ba
 
         batch = collate(examples, max_text_tokens, pad_id)
         return pair_scores(model.net, Words(tokenizer), batch["frames"], batch["text_ids"], batch["text_mask"],
-                           batch_size).numpy()
+                           batch_size, max_text_tokens).numpy()
     texts, videos = [], []
     for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
         texts.append(model.net.encode_text(batch["text_ids"], batch["text_mask"]))
@@ -228,7 +228,7 @@ def option_scores(model, arch: str, tokenizer: str, examples: list[dict], batch_
     """Each MC example's score (one option against its clip): LAVENDER's p(true) / (p(true) +
     p(false)) at a [MASK] appended to the text, as its matching is trained; All-in-one / E-ViLM:
     the dot product of the text and clip embeddings, their retrieval score."""
-    from vidray.frames.lavender_tasks import Words, insert_mask_slot, true_score
+    from vidray.frames.lavender_tasks import Words, append_mask_slot, true_score
 
     words = Words(tokenizer) if arch == "lavender" else None
     scores = []
@@ -237,8 +237,10 @@ def option_scores(model, arch: str, tokenizer: str, examples: list[dict], batch_
             text = model.net.encode_text(batch["text_ids"], batch["text_mask"])
             scores.append((text * model.net.encode_video(batch["frames"])).sum(-1))
         else:
-            ids, mask, slots = insert_mask_slot(batch["text_ids"], batch["text_mask"], [], words.mask, words.pad)
-            scores.append(true_score(model.net(batch["frames"], ids, mask, slots=slots), words.true, words.false))
+            ids, mask, positions, slots = append_mask_slot(batch["text_ids"], batch["text_mask"], max_text_tokens,
+                                                           words.mask)
+            logits = model.net(batch["frames"], ids, mask, slots=slots, positions=positions)
+            scores.append(true_score(logits, words.true, words.false))
     return torch.cat(scores).float().numpy() if scores else np.zeros(0, np.float32)
 
 
