@@ -1,7 +1,11 @@
-"""caption_metrics: COCO-convention BLEU/METEOR/ROUGE-L/CIDEr on normalized captions.
+"""caption_metrics: COCO-convention BLEU/METEOR/ROUGE-L/CIDEr on PTB-tokenized captions.
 
 METEOR starts a JVM that loads a 60 MB paraphrase table (~6 s), so only the tests about METEOR
 itself run it; the others simulate an absent JRE (`no_jre`) to keep this file fast.
+
+The PTB tokenizer (vidray.ptb_tokenizer) is checked against the output of the CoreNLP jar that
+pycocoevalcap runs, recorded in tests/data/ptb_captions.txt (its header says how it was made),
+and against the jar itself where Java and pycocoevalcap's jar are installed.
 """
 
 from __future__ import annotations
@@ -10,11 +14,16 @@ import itertools
 import os
 import shutil
 import stat
+import subprocess
+from pathlib import Path
 
 import pytest
 
 from vidray import caption_metrics as cm
-from vidray.caption_metrics import caption_metrics, normalize_caption
+from vidray.caption_metrics import caption_metrics
+from vidray.ptb_tokenizer import ptb_tokenize_lines, tokenize_captions
+
+FIXTURE = Path(__file__).parent / "data" / "ptb_captions.txt"
 
 SENTENCE = "A man is playing a guitar on stage."
 
@@ -61,10 +70,114 @@ def naive_rouge_l(candidate: str, refs: list[str], beta: float = 1.2) -> float:
     return (1 + beta**2) * precision * recall / (recall + beta**2 * precision)
 
 
-def test_normalize_caption_strips_punctuation_case_and_spacing():
-    assert normalize_caption("  A Man, playing-guitar!\n Isn't it?? ") == "a man playing guitar isnt it"
-    assert normalize_caption("The dog\u2019s \u201cball\u201d\u2026 (red)") == "the dogs ball red"
-    assert normalize_caption("?!.") == ""
+def read_fixture() -> tuple[list[str], list[str]]:
+    """(captions, the jar's output line for each) from tests/data/ptb_captions.txt."""
+    captions, jar_lines = [], []
+    for line in FIXTURE.read_text(encoding="utf-8").split("\n"):
+        if line.startswith("caption: "):
+            captions.append(line[len("caption: "):])
+        elif line.startswith("ptb: "):
+            jar_lines.append(line[len("ptb: "):])
+    assert len(captions) == len(jar_lines) == 300
+    return captions, jar_lines
+
+
+def fixture_scenes() -> tuple[dict[str, str], dict[str, list[str]]]:
+    """The fixture's 60 scenes: the first caption of each group of five is the prediction."""
+    captions, _ = read_fixture()
+    keys = [f"scene{k:02d}" for k in range(len(captions) // 5)]
+    predictions = {key: captions[5 * k] for k, key in enumerate(keys)}
+    references = {key: captions[5 * k + 1 : 5 * k + 5] for k, key in enumerate(keys)}
+    return predictions, references
+
+
+def mismatches(captions: list[str], expected_lines: list[str]) -> list[str]:
+    ours = [" ".join(tokens) for tokens in ptb_tokenize_lines(captions)]
+    assert len(ours) == len(expected_lines)
+    return [f"line {i}: {c!r}: jar {e!r}, ours {o!r}"
+            for i, (c, e, o) in enumerate(zip(captions, expected_lines, ours)) if e != o]
+
+
+def test_ptb_tokenizer_splits_as_the_jar_does():
+    # Contractions and possessives split off, hyphenated words kept, brackets spelled out (and,
+    # lower-cased by -lowerCase, not in pycocoevalcap's punctuation list), quotes in LaTeX style.
+    assert ptb_tokenize_lines(["A man's ice-cream isn't \"cheap\" (or cold)..."]) == [
+        ["a", "man", "'s", "ice-cream", "is", "n't", "``", "cheap", "''", "-lrb-", "or", "cold", "-rrb-", "..."]
+    ]
+    assert ptb_tokenize_lines(["He cannot go, he's gonna stay.", "Mr. Smith paid $5.50 at 9 a.m."]) == [
+        ["he", "can", "not", "go", ",", "he", "'s", "gon", "na", "stay", "."],
+        ["mr.", "smith", "paid", "$", "5.50", "at", "9", "a.m."],
+    ]
+    # pycocoevalcap then drops the tokens on its punctuation list, and only those ("??" stays);
+    # a newline inside a caption is a space.
+    assert tokenize_captions(["  A Man, playing-guitar!\n Isn't it?? ", "The dog\u2019s \u201cball\u201d\u2026 (red)", "?!.", "..."]) == [
+        "a man playing-guitar is n't it ??",
+        "the dog 's ball -lrb- red -rrb-",
+        "?!",
+        "",
+    ]
+
+
+def test_ptb_tokenizer_equals_the_recorded_jar_output_on_every_fixture_line():
+    captions, jar_lines = read_fixture()
+    assert mismatches(captions, jar_lines) == []
+
+
+def pycocoevalcap_jar() -> Path | None:
+    try:
+        import pycocoevalcap.tokenizer.ptbtokenizer as ptb
+    except ImportError:
+        return None
+    jar = Path(ptb.__file__).parent / ptb.STANFORD_CORENLP_3_4_1_JAR
+    return jar if jar.exists() else None
+
+
+def test_ptb_tokenizer_equals_the_jar_run_now(tmp_path):
+    jar = pycocoevalcap_jar()
+    if shutil.which("java") is None or jar is None:
+        pytest.skip("needs java on PATH and pycocoevalcap's stanford-corenlp-3.4.1.jar "
+                    "(the recorded output in tests/data/ptb_captions.txt is checked without them)")
+    captions, jar_lines = read_fixture()
+    corpus = tmp_path / "captions.txt"
+    corpus.write_bytes("\n".join(captions).encode("utf-8"))  # as pycocoevalcap writes its file
+    run = subprocess.run(["java", "-cp", str(jar), "edu.stanford.nlp.process.PTBTokenizer",
+                          "-preserveLines", "-lowerCase", str(corpus)], capture_output=True, timeout=300, check=True)
+    live_lines = run.stdout.decode("utf-8").split("\n")
+    assert live_lines == jar_lines  # the fixture still says what this jar prints
+    assert mismatches(captions, live_lines) == []
+
+    # pycocoevalcap's own wrapper (jar + punctuation removal) on the scenes, as COCOEvalCap calls it.
+    from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
+
+    _, references = fixture_scenes()
+    try:
+        official_refs = PTBTokenizer().tokenize({k: [{"caption": c} for c in refs] for k, refs in references.items()})
+    except PermissionError:  # it writes its temporary file next to the jar
+        pytest.skip("pycocoevalcap's tokenizer folder is not writable; the jar's lines were checked")
+    ours = iter(tokenize_captions([c for refs in references.values() for c in refs]))
+    assert official_refs == {key: [next(ours) for _ in refs] for key, refs in references.items()}
+
+
+# pycocoevalcap 1.2's own pipeline on the fixture's 60 scenes (what COCOEvalCap.evaluate does):
+# its PTBTokenizer (the Java jar) on the references and on the predictions, then Bleu(4), Meteor,
+# Rouge and Cider on what it returned. Recorded on 2026-12-06 with OpenJDK 17.0.15.
+PYCOCOEVALCAP_SCORES = {
+    "BLEU-3": 0.33970592973776687,
+    "BLEU-4": 0.22873401880744706,
+    "METEOR": 0.33207861631871705,
+    "ROUGE-L": 0.5457365027956385,
+    "CIDEr": 1.3586831627770188,
+}
+
+
+def test_scores_equal_pycocoevalcap_on_punctuated_captions():
+    predictions, references = fixture_scenes()
+    metrics, skipped = caption_metrics(predictions, references)
+    expected = dict(PYCOCOEVALCAP_SCORES)
+    if shutil.which("java") is None:
+        assert "METEOR" in skipped
+        del expected["METEOR"]
+    assert metrics == pytest.approx(expected, rel=1e-12, abs=0)
 
 
 def test_identical_caption_scores_perfectly_and_meteor_runs_when_java_present():

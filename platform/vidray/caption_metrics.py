@@ -4,10 +4,12 @@
 COCO toolkit does: BLEU over the whole corpus with the "closest" reference length, METEOR from
 the jar's aggregate statistics, ROUGE-L (beta = 1.2) and CIDEr-D (x10) averaged over items.
 
-One deliberate difference from the toolkit: captions are tokenized by `normalize_caption`
-(lowercase, punctuation stripped, whitespace split) instead of the PTB tokenizer, which needs a
-JVM start of its own and is slow. Scores can therefore differ slightly from published numbers
-on text with contractions or hyphens; they are comparable across runs of this module.
+Captions are tokenized as the toolkit tokenizes them (`vidray.ptb_tokenizer.tokenize_captions`:
+Stanford CoreNLP 3.4.1's PTB tokenizer with `-preserveLines -lowerCase`, then its punctuation
+tokens dropped), in pure Python, so no JVM is needed for BLEU, ROUGE-L and CIDEr and the scores
+equal pycocoevalcap's on the same captions ("man's" -> "man 's", "isn't" -> "is n't", "(red)" ->
+"-lrb- red -rrb-" as the toolkit leaves it). References and predictions are tokenized as two
+texts, in item order, as pycocoevalcap's `COCOEvalCap` does.
 
 METEOR runs the METEOR 1.5 jar in a Java subprocess. Without Java, or when that subprocess
 fails, METEOR is left out of the metrics and the reason is reported in `skipped` rather than
@@ -17,9 +19,7 @@ raised, so the other four metrics are never lost to a missing JRE.
 from __future__ import annotations
 
 import shutil
-import string
 import threading
-import unicodedata
 from collections.abc import Mapping, Sequence
 
 from pycocoevalcap.bleu.bleu import Bleu
@@ -27,35 +27,14 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
+from vidray.ptb_tokenizer import tokenize_captions
+
 METRIC_NAMES = ("BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 JAVA_MISSING_REASON = "needs a Java runtime (java not on PATH): apt-get install default-jre-headless"
 # The jar answers a corpus of thousands of captions in seconds; only a hung JVM takes this long.
 METEOR_TIMEOUT_S = 600.0
 
-# Apostrophes are deleted rather than turned into spaces so that "man's" and "isn't" stay one
-# word each (the PTB tokenizer would split them, but never into a stray "s" or "t" token).
-_APOSTROPHES = frozenset("'\u2019\u02bc")
-
 Tokenized = dict[str, list[str]]
-
-
-def _is_punctuation(char: str) -> bool:
-    """ASCII punctuation/symbols plus any Unicode punctuation (curly quotes, dashes, ellipses)."""
-    return char in string.punctuation or unicodedata.category(char).startswith("P")
-
-
-def normalize_caption(text: str) -> str:
-    """Lowercase, strip punctuation and collapse whitespace: the token string all scorers see.
-
-    Punctuation other than apostrophes becomes a space, so "ice-cream" and "man/woman" split
-    into words instead of fusing into one unknown token.
-    """
-    chars = []
-    for char in text.lower():
-        if char in _APOSTROPHES:
-            continue
-        chars.append(" " if _is_punctuation(char) else char)
-    return " ".join("".join(chars).split())
 
 
 def _validate(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> None:
@@ -72,13 +51,17 @@ def _validate(predictions: Mapping[str, str], references: Mapping[str, Sequence[
 
 
 def _tokenize(predictions: Mapping[str, str], references: Mapping[str, Sequence[str]]) -> tuple[Tokenized, Tokenized]:
-    """(gts, res) in the scorers' format: id -> list of normalized captions, same keys in both.
+    """(gts, res) in the scorers' format: id -> list of PTB-tokenized captions, same keys in both.
 
     Only ids with a prediction are scored: references for other ids are ignored, as the COCO
-    toolkit ignores images the results file does not cover.
+    toolkit ignores images the results file does not cover. Like pycocoevalcap, all references
+    go through the tokenizer as one text and all predictions as another (a caption's last token
+    can depend on how the next one starts, as in the jar).
     """
-    gts = {key: [normalize_caption(ref) for ref in references[key]] for key in predictions}
-    res = {key: [normalize_caption(predictions[key])] for key in predictions}
+    keys = list(predictions)
+    tokenized_refs = iter(tokenize_captions([ref for key in keys for ref in references[key]]))
+    gts = {key: [next(tokenized_refs) for _ in references[key]] for key in keys}
+    res = {key: [caption] for key, caption in zip(keys, tokenize_captions([predictions[key] for key in keys]))}
     return gts, res
 
 
