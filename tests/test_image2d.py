@@ -14,7 +14,8 @@ from vidray.feature_store import store
 from vidray.feature_store.extract import ExtractConfig, run_extract
 from vidray.feature_store.extractors import Image2DExtractConfig
 from vidray.manifest import read_manifest
-from vidray.models.efficientnet import build_efficientnet, default_weights, load_weights, preprocess, weights_digest
+from vidray.models.efficientnet import build_efficientnet, default_weights, load_weights, preprocess
+from vidray.models.weights import file_digest as weights_digest
 from vidray.synth import SynthConfig, synthesize
 from vidray.train.config import ModelConfig
 from vidray.video import iter_windows

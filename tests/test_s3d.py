@@ -22,8 +22,8 @@ from vidray.models.s3d import (
     load_s3d_weights,
     preprocess,
     space_to_depth,
-    weights_digest,
 )
+from vidray.models.weights import file_digest as weights_digest
 
 TOP_LEVEL = ["conv1", "maxpool_2a", "conv_2b", "conv_2c", "gating", "maxpool_3a", "mixed_3b",
              "mixed_3c", "maxpool_4a", "mixed_4b", "mixed_4c", "mixed_4d", "mixed_4e", "mixed_4f",
@@ -309,7 +309,7 @@ def test_checkpoint_without_batchnorm_counters_loads(tmp_path):
 def test_not_a_checkpoint(tmp_path):
     path = tmp_path / "notes.pth"
     path.write_bytes(b"not a checkpoint")
-    with pytest.raises(S3DWeightsError, match="notes.pth: cannot read it as a PyTorch checkpoint"):
+    with pytest.raises(S3DWeightsError, match="notes.pth: cannot read it as a PyTorch weights file"):
         load_s3d_weights(build_s3d("tiny"), str(path))
     with pytest.raises(S3DWeightsError, match="not a state dict"):
         load_s3d_weights(build_s3d("tiny"), _save(tmp_path / "list.pth", [1, 2]))

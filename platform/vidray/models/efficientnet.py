@@ -35,7 +35,6 @@ import dataclasses
 import glob
 import hashlib
 import importlib.util
-import io
 import math
 import os
 import re
@@ -49,6 +48,7 @@ from torch import nn
 
 from vidray import storage
 from vidray.config import option
+from vidray.models.weights import read_state_dict
 
 # (repeats, kernel, stride, expansion, output channels) of the seven stages of EfficientNet-B0,
 # which Lite keeps; a stage's input is the previous stage's output (the stem's for the first).
@@ -355,7 +355,7 @@ class LoadedWeights:
     """What :func:`load_weights` loaded: from where, the file's sha256, how many tensors."""
 
     uri: str
-    digest: str  # sha256 of the file's bytes, as weights_digest(uri) returns
+    digest: str  # sha256 of the file's bytes, as vidray.models.weights.file_digest(uri) returns
     tensors: int
 
 
@@ -394,7 +394,7 @@ def load_weights(model: EfficientNetLite, source: str | None = None) -> LoadedWe
     data = storage.read_bytes(uri)
     digest = hashlib.sha256(data).hexdigest()
     _check_named_hash(uri, digest)
-    state = _read_state_dict(data, uri)
+    state = read_state_dict(data, uri, EfficientNetWeightsError, WEIGHTS_FIX)
     problems = _mismatches(model.state_dict(), state)
     if problems:
         raise EfficientNetWeightsError(
@@ -402,15 +402,6 @@ def load_weights(model: EfficientNetLite, source: str | None = None) -> LoadedWe
             + "; ".join(problems) + f". Is it the file for this flavour? {WEIGHTS_FIX}")
     model.load_state_dict(state, strict=False)  # strictness checked above; counters may be absent
     return LoadedWeights(uri=uri, digest=digest, tensors=len(state))
-
-
-def weights_digest(source: str) -> str:
-    """sha256 (hex) of the file at ``source`` (path or URI): versions the features made with it."""
-    digest = hashlib.sha256()
-    with storage.storage_errors(source), storage.open_uri(source, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _flavour_name(config: EfficientNetConfig) -> str:
@@ -439,27 +430,6 @@ def _check_named_hash(uri: str, digest: str) -> None:
         raise EfficientNetWeightsError(
             f"{uri}: its sha256 starts {digest[:8]}, but its name says {named.group(1)}: the file "
             f"is damaged or was modified. {WEIGHTS_FIX}")
-
-
-def _read_state_dict(data: bytes, uri: str) -> dict[str, Any]:
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # zip, pickle and weights-only refusals all mean "not a state dict"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise EfficientNetWeightsError(
-            f"{uri}: cannot read it as a PyTorch weights file ({reason[:300]}); is it truncated "
-            f"or another kind of file? {WEIGHTS_FIX}") from err
-    for wrapper in ("state_dict", "model"):
-        if isinstance(payload, Mapping) and isinstance(payload.get(wrapper), Mapping):
-            payload = payload[wrapper]
-            break
-    if not isinstance(payload, Mapping) or not payload:
-        raise EfficientNetWeightsError(f"{uri}: holds a {type(payload).__name__}, not a state dict "
-                                       f"of tensors. {WEIGHTS_FIX}")
-    state = {str(key): value for key, value in payload.items()}
-    if all(key.startswith("module.") for key in state):  # saved from DataParallel/DDP
-        state = {key[len("module."):]: value for key, value in state.items()}
-    return state
 
 
 def _mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any], limit: int = 8) -> list[str]:

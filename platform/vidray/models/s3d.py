@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import io
 from collections.abc import Mapping
 from typing import Any
 
@@ -40,6 +39,7 @@ from torch import nn
 
 from vidray import storage
 from vidray.config import ConfigError, option
+from vidray.models.weights import read_state_dict
 
 # (in, b0, b1a, b1b, b2a, b2b, b3b) channels of each inception block of the published S3D-G;
 # a block's output is b0 + b1b + b2b + b3b channels, the next block's input.
@@ -330,7 +330,7 @@ class LoadReport:
     """What :func:`load_s3d_weights` did with each checkpoint key."""
 
     uri: str
-    digest: str  # sha256 of the file's bytes, as weights_digest(uri) returns
+    digest: str  # sha256 of the file's bytes, as vidray.models.weights.file_digest(uri) returns
     loaded: list[str]  # keys copied into the model
     missing: list[str]  # model keys the checkpoint lacks (they keep their current values)
     unexpected: list[str]  # checkpoint keys the model does not have (text_module.* excluded)
@@ -359,41 +359,12 @@ def load_s3d_weights(model: S3DG, uri: str, *, allow_partial: bool = False) -> L
     lack them; evaluation does not use them).
     """
     data = storage.read_bytes(uri)
-    state = _checkpoint_state_dict(data, uri)
+    state = read_state_dict(data, uri, S3DWeightsError, "Is it s3d_howto100m.pth?")
     report = _match(model.state_dict(), state, uri, hashlib.sha256(data).hexdigest())
     if not report.complete and not allow_partial:
         raise S3DWeightsError(_refusal(report))
     model.load_state_dict({key: state[key] for key in report.loaded}, strict=False)
     return report
-
-
-def weights_digest(uri: str) -> str:
-    """sha256 (hex) of the file at ``uri``: identifies the weights in a feature set's manifest."""
-    digest = hashlib.sha256()
-    with storage.storage_errors(uri), storage.open_uri(uri, "rb") as f:
-        while chunk := f.read(1 << 20):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
-def _checkpoint_state_dict(data: bytes, uri: str) -> dict[str, Any]:
-    try:
-        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
-    except Exception as err:  # zip/pickle/weights-only refusals all mean "not a state dict"
-        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise S3DWeightsError(f"{uri}: cannot read it as a PyTorch checkpoint ({reason[:300]}); "
-                              "is it s3d_howto100m.pth?") from err
-    for wrapper in ("state_dict", "model"):
-        if isinstance(payload, Mapping) and isinstance(payload.get(wrapper), Mapping):
-            payload = payload[wrapper]
-            break
-    if not isinstance(payload, Mapping) or not payload:
-        raise S3DWeightsError(f"{uri}: holds a {type(payload).__name__}, not a state dict of "
-                              "tensors; is it s3d_howto100m.pth?")
-    state = {str(key): value for key, value in payload.items()}
-    if all(key.startswith("module.") for key in state):
-        state = {key[len("module."):]: value for key, value in state.items()}
-    return state
 
 
 def _match(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any], uri: str, digest: str) -> LoadReport:

@@ -1,0 +1,47 @@
+"""Reading a weights file, for every model that loads one (S3D-G, EfficientNet-Lite).
+
+    state = read_state_dict(storage.read_bytes(uri), uri, S3DWeightsError, "is it s3d_howto100m.pth?")
+    digest = file_digest(uri)   # goes into the version of the feature sets made with it
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from typing import Any, Mapping
+
+import torch
+
+from vidray import storage
+
+
+def file_digest(uri: str) -> str:
+    """sha256 (hex) of the file at ``uri`` (path or URI), read in 1 MiB chunks."""
+    digest = hashlib.sha256()
+    with storage.storage_errors(uri), storage.open_uri(uri, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_state_dict(data: bytes, uri: str, error: type[Exception], fix: str) -> dict[str, Any]:
+    """The state dict in a PyTorch weights file's bytes: a raw one, one nested under
+    ``"state_dict"`` or ``"model"``, with a ``module.`` prefix (DataParallel/DDP) removed.
+    Loaded with ``weights_only=True`` (plain tensors, no code). Anything else raises ``error``
+    naming ``uri``, with ``fix`` appended."""
+    try:
+        payload = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except Exception as err:  # zip, pickle and weights-only refusals all mean "not a state dict"
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise error(f"{uri}: cannot read it as a PyTorch weights file ({reason[:300]}); is it "
+                    f"truncated or another kind of file? {fix}") from err
+    for wrapper in ("state_dict", "model"):
+        if isinstance(payload, Mapping) and isinstance(payload.get(wrapper), Mapping):
+            payload = payload[wrapper]
+            break
+    if not isinstance(payload, Mapping) or not payload:
+        raise error(f"{uri}: holds a {type(payload).__name__}, not a state dict of tensors. {fix}")
+    state = {str(key): value for key, value in payload.items()}
+    if all(key.startswith("module.") for key in state):
+        state = {key[len("module."):]: value for key, value in state.items()}
+    return state
