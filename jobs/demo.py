@@ -13,6 +13,7 @@ import time
 from typing import Any
 
 from vidray import stack
+from vidray.clips import clip_row_frames
 from vidray.config import dump_yaml, flatten
 
 def say(message: str) -> None:
@@ -352,12 +353,13 @@ def _contact_sheet(clips_dir: str, count: int = 4):
         if row["video_id"] not in seen and len(rows) < count:
             seen.add(row["video_id"])
             rows.append(row)
-    frames_per_clip = len(rows[0]["frames"])
+    frames_per_clip = len(rows[0]["timestamps"])
     fig, axes = plt.subplots(len(rows), frames_per_clip, figsize=(2 * frames_per_clip, 2.2 * len(rows)),
                              squeeze=False)
     for r, row in enumerate(rows):
+        frames = clip_row_frames(row)
         for c in range(frames_per_clip):
-            axes[r][c].imshow(row["frames"][c])
+            axes[r][c].imshow(frames[c])
             axes[r][c].set_xticks([])
             axes[r][c].set_yticks([])
             axes[r][c].set_xlabel(f"t={row['timestamps'][c]:.2f}s", fontsize=7)

@@ -60,6 +60,11 @@ CLIPS_SCHEMA = pa.schema([
     ("height", pa.int32()), ("width", pa.int32()), ("timestamps", pa.list_(pa.float64()))])
 
 
+def clip_row_frames(row: dict[str, Any]) -> np.ndarray:
+    """uint8 ``[T, H, W, 3]``: a clip row's frames, as stored flat in :data:`CLIPS_SCHEMA`."""
+    return np.asarray(row["frames"], np.uint8).reshape(len(row["timestamps"]), row["height"], row["width"], 3)
+
+
 @dataclass
 class ClipsConfig:
     manifest: str = option("", "manifest.parquet to read (local path or s3://)")
