@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vidray import storage
-from vidray.clips import overrun_counts, quarantine_record
+from vidray.quarantine import QUARANTINE_SCHEMA, overrun_counts, quarantine_record
 from vidray.config import ConfigError, option
 from vidray.feature_store import store
 from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, Image2DExtractConfig,
@@ -58,6 +58,10 @@ class ExtractConfig:
         for key in ("manifest", "root"):
             if not getattr(self, key):
                 raise ConfigError(key, "is required (a local path or s3:// URI)")
+        rate = getattr(self.extractor_config, "fps", None)
+        if rate is not None and (rate < 1 or rate != round(rate)):
+            raise ConfigError(f"{self.extractor}.fps", f"is {rate}: use a whole number of frames per "
+                              "second (>= 1), so every one-second window holds the same frames")
 
     @property
     def extractor_config(self) -> Any:
@@ -132,7 +136,7 @@ class ShardWorker:
                 rows.extend(video_rows)
                 records.extend(overruns)
             # Quarantine first, part last: the part's existence marks the shard done.
-            store.write_table_atomically(pa.Table.from_pylist(records, schema=store.QUARANTINE_SCHEMA),
+            store.write_table_atomically(pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA),
                                          storage.join(self.version, store.quarantine_name(shard)))
             store.write_table_atomically(self.extractor.to_table(rows),
                                          storage.join(self.version, store.part_name(shard)))

@@ -36,7 +36,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vidray import __version__, storage
-from vidray.clips import QUARANTINE_SCHEMA  # one schema for the clip pipeline's and the store's
+from vidray.quarantine import QUARANTINE_SCHEMA, conform as conform_quarantine
 
 MANIFEST_NAME = "_manifest.json"
 QUARANTINE_DIR = "_quarantine"
@@ -140,15 +140,8 @@ class FeatureSet:
 
     def quarantine(self) -> pa.Table:
         """Every quarantine record of the version, as :data:`QUARANTINE_SCHEMA`."""
-        tables = [_as_quarantine_schema(read_parquet(u)) for u in self.quarantine_uris]
+        tables = [conform_quarantine(read_parquet(u)) for u in self.quarantine_uris]
         return pa.concat_tables(tables) if tables else QUARANTINE_SCHEMA.empty_table()
-
-
-def _as_quarantine_schema(table: pa.Table) -> pa.Table:
-    """Older versions' quarantine files have no clip_index: each of their records is a video."""
-    if "clip_index" not in table.column_names:
-        table = table.append_column("clip_index", pa.nulls(table.num_rows, pa.int32()))
-    return table.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
 
 
 def read_parquet(uri: str, columns: list[str] | None = None) -> pa.Table:

@@ -56,7 +56,8 @@ def _corpus(workdir: str, configs_dir: str, videos: int) -> dict:
 
 
 def _clips(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
-    from vidray.clips import ClipsConfig, count_rows, overrun_counts, run_clips
+    from vidray.clips import ClipsConfig, count_rows, run_clips
+    from vidray.quarantine import overrun_counts
 
     cfg = ClipsConfig(manifest=manifest_uri, output=os.path.join(workdir, "clips"), num_frames=4,
                       size=112, clip="captions", overwrite=True)

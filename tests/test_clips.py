@@ -13,9 +13,10 @@ import pytest
 
 from videogen import broken_videos, write_overrunning_video, write_video
 from vidray import storage
-from vidray.clips import (ClipsConfig, clip_specs, decode_video_clips, gather_quarantine, iter_video_clips,
+from vidray.clips import (ClipsConfig, clip_row_frames, clip_specs, decode_video_clips, iter_video_clips,
                           run_clips)
 from vidray.manifest import manifest_table, read_manifest, write_manifest
+from vidray.quarantine import gather_quarantine
 from vidray.synth import SynthConfig, synthesize
 from vidray.video import sample_frames
 
@@ -187,7 +188,5 @@ def test_clips_output_is_one_table_whatever_the_clip_ends(ray_cluster, tmp_path)
     assert (by_id[("timed", 1)]["start_s"], by_id[("timed", 1)]["end_s"]) == (1.0, 2.0)
     # The frames of a clip read back as [T, H, W, 3] with the row's own shape columns.
     clip = by_id[("timed", 0)]
-    frames = np.asarray(clip["frames"], np.uint8).reshape(len(clip["timestamps"]), clip["height"],
-                                                          clip["width"], 3)
     direct = sample_frames(video, 2, size=16, start_s=0.0, end_s=1.0)
-    np.testing.assert_array_equal(frames, direct.frames)
+    np.testing.assert_array_equal(clip_row_frames(clip), direct.frames)

@@ -26,6 +26,7 @@ from vidray.feature_store.extract import ExtractConfig, run_extract
 from vidray.feature_store.extractors import (FramesExtractConfig, FramesExtractor,
                                              TextExtractor, decode_jpeg)
 from vidray.manifest import manifest_table, read_manifest, write_manifest
+from vidray.quarantine import QUARANTINE_SCHEMA
 from vidray.synth import SynthConfig, synthesize
 from vidray.video import iter_clips
 
@@ -166,7 +167,7 @@ def test_quarantine_of_an_older_version_at_the_top_level_still_reads(tmp_path):
     store.write_table_atomically(old, os.path.join(version, "quarantine-00000.parquet"))
     store.commit(version, {"parts": [], "quarantine_files": ["quarantine-00000.parquet"]})
     quarantine = store.open_version(version).quarantine()
-    assert quarantine.schema.equals(store.QUARANTINE_SCHEMA)
+    assert quarantine.schema.equals(QUARANTINE_SCHEMA)
     assert quarantine.to_pylist() == [{"video_id": "bad", "uri": "s3://b/bad.mp4", "clip_index": None,
                                        "error": "VideoDecodeError: x"}]
 

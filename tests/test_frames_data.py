@@ -11,14 +11,14 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from videogen import broken_videos
+from videogen import broken_videos, write_overrunning_video
 from vidray import storage
 from vidray.config import ConfigError
 from vidray.feature_store import store
 from vidray.feature_store.extract import ExtractConfig, run_extract
 from vidray.feature_store.extractors import FramesExtractConfig, decode_jpeg, encode_jpeg
 from vidray.frames.config import FramesDataConfig, FramesModelConfig, FramesPretrainConfig
-from vidray.frames.data import examples_dataset, read_examples, read_qa, read_video_clips
+from vidray.frames.data import clip_keys, examples_dataset, read_examples, read_qa, read_video_clips
 from vidray.manifest import manifest_table, read_manifest, write_manifest
 from vidray.synth import SynthConfig, synthesize
 from vidray.train.config import OptimConfig, TrainConfig
@@ -87,6 +87,8 @@ def test_decoded_videos_give_the_frames_set_examples(corpus, tmp_path):
 
 
 def test_unreadable_videos_are_skipped_and_named_while_the_rest_arrive(corpus, s3_uri, tmp_path):
+    """Two unreadable videos are skipped whole; a video whose captions run past its end keeps its
+    three good clips and records the clipped and the skipped caption, as the clip pipeline does."""
     bad = broken_videos(tmp_path)
     rows = read_manifest(corpus["videos"].manifest).to_pylist()
     caption = [{"start": 0.0, "end": 1.0, "text": "something moves"}]
@@ -94,6 +96,9 @@ def test_unreadable_videos_are_skipped_and_named_while_the_rest_arrive(corpus, s
         uri = storage.join(s3_uri, f"{kind}.mp4")
         storage.write_bytes(uri, bad[kind])
         rows.append({"video_id": kind, "uri": uri, "split": "train", "captions": caption})
+    long_path, long_captions = write_overrunning_video(tmp_path / "overrun.mp4")
+    rows.append({"video_id": "overrun", "uri": str(long_path), "split": "train", "captions": long_captions,
+                 "duration_s": 79.5})
     manifest = storage.join(s3_uri, "mixed.parquet")
     write_manifest(manifest_table(rows), manifest)
     data = dataclasses.replace(corpus["videos"], manifest=manifest)
@@ -102,16 +107,23 @@ def test_unreadable_videos_are_skipped_and_named_while_the_rest_arrive(corpus, s
     said: list[str] = []
     skipped_to = storage.join(s3_uri, "skipped")
     ds = examples_dataset(MODEL, data, "train", skipped_to=skipped_to, say=said.append)
-    assert ds.count() == len(good)
-    (warning,) = said
+    assert ds.count() == len(good) + 3
+    note, warning = said
+    assert note.startswith("note: 2 captions of split 'train' run past their video's end")
     assert warning.startswith(f"warning: skipped 2 of {len(rows)} videos of split 'train'")
     assert "zero_byte (VideoDecodeError: s3://" in warning and "empty object (0 bytes)" in warning
-    assert "truncated (VideoDecodeError: s3://" in warning
+    assert "truncated (VideoDecodeError: s3://" in warning and "overrun" not in warning
     fs, path = storage.arrow_filesystem(storage.join(skipped_to, "quarantine.parquet"))
-    assert sorted(pq.read_table(path, filesystem=fs)["video_id"].to_pylist()) == ["truncated", "zero_byte"]
+    records = pq.read_table(path, filesystem=fs).to_pylist()
+    assert sorted((r["video_id"], r["clip_index"]) for r in records if r["clip_index"] is not None) == [
+        ("overrun", 2), ("overrun", 3)]
+    assert sorted(r["video_id"] for r in records if r["clip_index"] is None) == ["truncated", "zero_byte"]
+    # The clips listed without decoding are the clips decoded: not the caption that starts late.
+    listed = {k for k in clip_keys(MODEL, data) if k[0] == "overrun"}
+    assert listed == {("overrun", 0), ("overrun", 1), ("overrun", 2)}
 
     said.clear()  # evaluation decodes in its own process and skips the same way
-    assert len(read_examples(MODEL, data, "train", say=said.append)) == len(good)
+    assert len(read_examples(MODEL, data, "train", say=said.append)) == len(good) + 3
     assert len(said) == 1 and "zero_byte" in said[0] and "truncated" in said[0]
 
 

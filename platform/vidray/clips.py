@@ -29,7 +29,6 @@ are far too big to materialise.
 
 from __future__ import annotations
 
-import json
 import time
 import zlib
 from dataclasses import asdict, dataclass
@@ -43,11 +42,8 @@ import pyarrow.parquet as pq
 from vidray import storage, video
 from vidray.config import ConfigError, option
 from vidray.manifest import read_manifest
-
-# Also the feature store's quarantine. clip_index is null for a video that could not be read at
-# all, and the caption's index for a caption past the video's end.
-QUARANTINE_SCHEMA = pa.schema([("video_id", pa.string()), ("uri", pa.string()),
-                               ("clip_index", pa.int32()), ("error", pa.string())])
+from vidray.quarantine import (SKIPPED, gather_quarantine, overrun_counts, quarantine_record,
+                                write_quarantine)
 
 # Every part of OUT/clips is written with this schema, so the folder reads as one table: left to
 # inference, a part whose clips all had an unknown end stored end_s as type null. Plain Arrow
@@ -107,30 +103,6 @@ def clip_seed(seed: int, video_id: str, clip_index: int) -> int:
     return zlib.crc32(f"{seed}:{video_id}:{clip_index}".encode())
 
 
-def _quarantine_uri(output: str, video_id: str) -> str:
-    safe = "".join(ch if ch.isalnum() or ch in "-_." else "_" for ch in video_id)
-    return storage.join(output, "_quarantine", f"{safe}-{zlib.crc32(video_id.encode()):08x}.json")
-
-
-def quarantine_record(row: dict[str, Any], err: BaseException) -> dict[str, Any]:
-    """Why one video of the manifest could not be read: ``{video_id, uri, clip_index: None, error}``."""
-    return {"video_id": row["video_id"], "uri": row["uri"], "clip_index": None,
-            "error": f"{type(err).__name__}: {err}"}
-
-
-def write_quarantine(output: str, video_id: str, records: list[dict[str, Any]]) -> None:
-    """Write all of one video's records as ``output/_quarantine/<id>.json``: from inside a Ray
-    task, one file per video, so a retried task overwrites its records instead of adding to them."""
-    storage.write_bytes(_quarantine_uri(output, video_id), json.dumps(records).encode())
-
-
-def quarantine_video(output: str, row: dict[str, Any], err: BaseException) -> dict[str, Any]:
-    """Record (and return) why one video could not be read (see :func:`write_quarantine`)."""
-    record = quarantine_record(row, err)
-    write_quarantine(output, row["video_id"], [record])
-    return record
-
-
 # A caption that ends this little after the video is not an overrun but rounding: the container
 # states its duration in its time base (a synthetic 2.3333 s video reads as 2.3330 s), and
 # annotations round too. Such a clip keeps its caption's end and is not recorded.
@@ -149,18 +121,7 @@ def overrun_reason(spec: dict[str, Any], sampled) -> str:
     ends = f"the video's end ({_seconds(sampled.video_duration_s)} s)"
     if not isinstance(sampled, video.SkippedSpan):
         return f"{span} runs past {ends}: clipped to [{_seconds(sampled.start_s)}, {_seconds(sampled.end_s)})"
-    return f"{span} starts at or after {ends}: skipped"
-
-
-def overrun_counts(quarantine: pa.Table) -> dict[str, int]:
-    """``quarantined`` (whole videos), ``clips_clipped`` and ``clips_skipped`` of a quarantine table
-    (the last two from the action :func:`overrun_reason` ends each caption's reason with)."""
-    if "clip_index" not in quarantine.column_names:  # written before captions were recorded
-        return {"quarantined": quarantine.num_rows, "clips_clipped": 0, "clips_skipped": 0}
-    captions = quarantine.filter(pc.is_valid(quarantine["clip_index"]))["error"].to_pylist()
-    skipped = sum(reason.endswith(": skipped") for reason in captions)
-    return {"quarantined": quarantine.num_rows - len(captions),
-            "clips_clipped": len(captions) - skipped, "clips_skipped": skipped}
+    return f"{span} starts at or after {ends}{SKIPPED}"
 
 
 def _overrun_records(row: dict[str, Any], late: list[tuple]) -> list[dict]:
@@ -244,20 +205,6 @@ def _prepare_output(cfg: ClipsConfig) -> None:
     if existing:
         fs.rm(path, recursive=True)
     storage.makedirs(cfg.output)
-
-
-def gather_quarantine(output: str) -> pa.Table:
-    """Every record under ``output/_quarantine/``, also written as ``output/quarantine.parquet``."""
-    fs, path = storage.filesystem(storage.join(output, "_quarantine"))
-    records = []
-    if fs.exists(path):
-        for name in sorted(fs.ls(path, detail=False)):
-            with fs.open(name, "rb") as f:
-                records.extend(json.loads(f.read()))  # a video's records, in caption order
-    table = pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA)
-    arrow_fs, qpath = storage.arrow_filesystem(storage.join(output, "quarantine.parquet"))
-    pq.write_table(table, qpath, filesystem=arrow_fs)
-    return table
 
 
 def _select_videos(cfg: ClipsConfig) -> pa.Table:

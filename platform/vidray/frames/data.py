@@ -307,14 +307,16 @@ def source_tags(data) -> dict[str, str]:
 
 def clip_keys(model, data) -> list[tuple[str, int]]:
     """``(video_id, clip_index)`` of every clip the data holds: the frames set's rows, or with
-    ``data.source=videos`` the manifest's clips as the sampler cuts them (nothing decoded)."""
+    ``data.source=videos`` the manifest's clips as the sampler cuts them (nothing decoded; a
+    caption that starts at or after the video's probed end is skipped there, so not listed)."""
     if data.source == "videos":
         from vidray.clips import clip_specs
 
         mode = video_sampler(model).clip
         rows = read_manifest(data.manifest).select(["video_id", "captions", "duration_s"]).to_pylist()
         return [(r["video_id"], i) for r in rows
-                for i in range(len(clip_specs(r["captions"], r["duration_s"], mode)))]
+                for i, spec in enumerate(clip_specs(r["captions"], r["duration_s"], mode))
+                if r["duration_s"] is None or spec["start_s"] < r["duration_s"]]
     from vidray.feature_store import store
 
     parts = [store.read_parquet(u, ["video_id", "clip_index"]) for u in store.open_version(data.frames).part_uris]
@@ -344,14 +346,20 @@ def video_sampler(model):
     return FramesExtractConfig(num_frames=model.num_frames, size=model.image_size)
 
 
-def decode_video(row: dict, sampler) -> list[dict]:
-    """Every clip row of one manifest row with raw ``frames``, cut by the frames extractor itself.
-    Raises :class:`vidray.video.VideoDecodeError` on an unreadable video; storage that does not
-    answer is waited for (never a reason to skip a video)."""
+def decode_video(row: dict, sampler, overruns: list[dict] | None = None) -> list[dict]:
+    """Every clip row of one manifest row with raw ``frames``, cut by the frames extractor itself;
+    captions past the video's end are clipped or skipped and recorded in ``overruns``. Raises
+    :class:`vidray.video.VideoDecodeError` on an unreadable video; storage that does not answer is
+    waited for (never a reason to skip a video)."""
     from vidray import storage
     from vidray.feature_store.extractors import FramesExtractor
 
-    return storage.call_with_retries(lambda: list(FramesExtractor(sampler).raw_clips(row)), row["uri"])
+    def attempt() -> list[dict]:
+        if overruns is not None:
+            overruns.clear()  # a retried attempt records them again
+        return list(FramesExtractor(sampler).raw_clips(row, overruns))
+
+    return storage.call_with_retries(attempt, row["uri"])
 
 
 def split_manifest(data, split: str) -> pa.Table:
@@ -364,16 +372,20 @@ def split_manifest(data, split: str) -> pa.Table:
 
 def _video_examples(videos: pa.Table, *, sampler, skipped_to: str, **kwargs) -> Iterator[dict]:
     """Ray Data map: the examples of manifest rows, one output batch per video; a video that
-    cannot be decoded gets a record under ``skipped_to`` (as the clip pipeline quarantines) instead."""
-    from vidray.clips import quarantine_video
+    cannot be decoded, and each caption past a video's end, gets a record under ``skipped_to``
+    (as the clip pipeline quarantines)."""
+    from vidray.quarantine import quarantine_video, write_quarantine
     from vidray.video import VideoDecodeError
 
     for row in videos.to_pylist():
+        overruns: list[dict] = []
         try:
-            clips = decode_video(row, sampler)
+            clips = decode_video(row, sampler, overruns)
         except VideoDecodeError as err:
             quarantine_video(skipped_to, row, err)
             continue
+        if overruns:
+            write_quarantine(skipped_to, row["video_id"], overruns)
         examples = clip_examples(clips, **kwargs)
         if examples:
             yield _columns(examples, **kwargs)
@@ -387,7 +399,8 @@ def video_examples_dataset(model, data, split: str, kwargs: dict, skipped_to: st
     import ray
 
     from vidray import storage
-    from vidray.clips import gather_quarantine, video_blocks
+    from vidray.clips import video_blocks
+    from vidray.quarantine import gather_quarantine
 
     if not skipped_to:
         raise ValueError("data.source=videos needs skipped_to: a folder on storage every node reaches, for "
@@ -412,7 +425,7 @@ def video_examples_dataset(model, data, split: str, kwargs: dict, skipped_to: st
 def read_video_clips(model, data, split: str, say: Callable[[str], None] = print) -> list[dict]:
     """Every clip of ``split``'s videos, decoded in this process (evaluation); unreadable videos are
     skipped and named through ``say``."""
-    from vidray.clips import quarantine_record
+    from vidray.quarantine import quarantine_record
     from vidray.video import VideoDecodeError
 
     sampler, clips, skipped = video_sampler(model), [], []
@@ -428,7 +441,13 @@ def read_video_clips(model, data, split: str, say: Callable[[str], None] = print
 
 def warn_skipped(skipped: list[dict], videos: int, split: str, say: Callable[[str], None],
                  records: str = "") -> None:
-    """One warning naming each skipped video (up to :data:`NAMED_SKIPS`) and why, with the count."""
+    """One warning naming each skipped video (up to :data:`NAMED_SKIPS`) and why, with the count;
+    captions past a video's end (records with a ``clip_index``) are counted in a note of their own."""
+    captions = sum(r["clip_index"] is not None for r in skipped)
+    if captions:
+        say(f"note: {captions} captions of split {split!r} run past their video's end: clipped or "
+            "skipped" + (f"; records in {records}" if records else ""))
+    skipped = [r for r in skipped if r["clip_index"] is None]
     if not skipped:
         return
     named = "; ".join(f"{r['video_id']} ({r['error']})" for r in skipped[:NAMED_SKIPS])
