@@ -137,7 +137,9 @@ class SkippedSpan:
 
 
 def probe(source: Source, *, timeout_s: float = 60.0, uri: str | None = None) -> VideoInfo:
-    """Describe the first video stream of ``source`` (decodes only its first frame).
+    """Describe the first video stream of ``source``: decodes its first frame (MPEG-4 Part 2: up
+    to 48, to settle its timestamps) and, outside MP4/MOV, demuxes the packets at its end to
+    measure the duration.
 
     Raises :class:`VideoDecodeError` if the source cannot be read as a video. ``uri`` names
     the video in error messages when ``source`` is its bytes.
@@ -391,6 +393,9 @@ class _Reader:
             self.rotation = (-round(self.first.rotation or 0)) % 360
             self._end_pts = self._measure_stream()
             self.duration_s = self._duration_s()
+            # Fixed once the stream is measured; the sampler reads them for every frame it seeks.
+            self.counted_frames = self._count_frames()
+            self.fps = self._average_fps()
         except BaseException:
             self.close()
             raise
@@ -405,16 +410,19 @@ class _Reader:
         else:
             target = self._local_path_or_file(os.fspath(source))
         self._target = target
-        try:
-            container = av.open(target, metadata_errors="ignore")
-        except (av.error.FFmpegError, OSError) as err:
-            raise VideoDecodeError(self.uri, *_explain(err)) from err
+        container = self._av_open(target)
         format_name = container.format.name
         kind = _NOT_VIDEO_FORMATS.get(format_name) or ("a still image" if format_name.endswith("_pipe") else None)
         if kind:
             container.close()
             raise VideoDecodeError(self.uri, f"not a video: FFmpeg reads it as {kind} ({format_name})")
         return container
+
+    def _av_open(self, target: str | IO[bytes]) -> av.container.InputContainer:
+        try:
+            return av.open(target, metadata_errors="ignore")
+        except (av.error.FFmpegError, OSError) as err:
+            raise VideoDecodeError(self.uri, *_explain(err)) from err
 
     def _local_path_or_file(self, uri: str) -> str | IO[bytes]:
         """A local path (FFmpeg reads it directly) or an open file object for remote URIs."""
@@ -564,11 +572,10 @@ class _Reader:
         self.container.close()
         if hasattr(self._target, "seek"):
             self._target.seek(0)
-        self.container = av.open(self._target, metadata_errors="ignore")
-        self.stream = self.container.streams.video[0]
+        self.container = self._av_open(self._target)
+        self.stream = self._video_stream()
         self._skipping = False
-        self._last_stamp = None
-        self._frames = self._decode()
+        self._decode_afresh()
 
     def _duration_s(self) -> float:
         stream, container = self.stream, self.container
@@ -620,17 +627,16 @@ class _Reader:
         """``pts`` in seconds on the container's timeline."""
         return float(pts * self.time_base)
 
-    @property
-    def fps(self) -> float:
+    def _average_fps(self) -> float:
         """Average frame rate: counted frames over the duration where the container counts them,
         else the stated rate; 0.0 when neither tells."""
-        counted = self.counted_frames()
+        counted = self.counted_frames
         if counted and self.duration_s > 0:
             return counted / self.duration_s
         rate = self.stream.average_rate or self.stream.guessed_rate
         return float(rate) if rate else 0.0
 
-    def counted_frames(self) -> int | None:
+    def _count_frames(self) -> int | None:
         """Frames listed one by one in the container (MP4/MOV sample table, AVI index), else None.
 
         An AVI header's frame count may count slots, not frames: Cinepak `tree.avi` says 444 at
@@ -647,7 +653,7 @@ class _Reader:
         width, height = self.first.width, self.first.height
         if self.rotation in (90, 270):
             width, height = height, width
-        counted = self.counted_frames()
+        counted = self.counted_frames
         num_frames = counted or max(1, round(self.duration_s * fps))
         return VideoInfo(
             duration_s=self.duration_s,
@@ -671,14 +677,18 @@ class _Reader:
     def seek(self, offset: int) -> av.VideoFrame | None:
         """Seek to the keyframe at or before ``offset`` (stream time base); the first frame after."""
         self._frames.close()
-        self.skipped_since_seek = False
-        self._last_stamp = None
         try:
             self.container.seek(offset, stream=self.stream, backward=True)
         except av.error.FFmpegError as err:
             raise VideoDecodeError(self.uri, f"cannot seek ({err})", "remux it into MP4 (faststart)") from err
-        self._frames = self._decode()
+        self._decode_afresh()
         return next(self._frames, None)
+
+    def _decode_afresh(self) -> None:
+        """Start decoding where the container now stands (after a seek or a reopen)."""
+        self.skipped_since_seek = False
+        self._last_stamp = None
+        self._frames = self._decode()
 
     def next_frame(self) -> av.VideoFrame | None:
         return next(self._frames, None)
