@@ -66,6 +66,7 @@ class PerSecondExtractor:
     key = ["video_id"]
     cfg: Any
     dim: int
+    size: int  # frame side fed to the network
 
     @property
     def schema(self) -> pa.Schema:
@@ -83,7 +84,7 @@ class PerSecondExtractor:
         from vidray.video import iter_windows
 
         chunks, batch = [], []
-        windows = iter_windows(source, fps=self.cfg.fps, size=self.cfg.size,
+        windows = iter_windows(source, fps=self.cfg.fps, size=self.size,
                                frames_per_window=round(self.cfg.fps), uri=uri)
         for window in windows:
             batch.append(window)
@@ -141,6 +142,7 @@ class S3DExtractor(PerSecondExtractor):
             calibrate_batchnorm(self.model, seed=cfg.seed)
         self.model.to(device).eval()
         self.dim = self.model.fc.out_features
+        self.size = cfg.size
 
     @staticmethod
     def weights_digest(cfg: S3DExtractConfig) -> str:
@@ -171,7 +173,8 @@ class Image2DExtractConfig:
         None, "pool the output of this block (0-based) instead of the final 1280-d feature", ge=0)
     fps: float = option(1.0, "frames per second read; each second's feature is the mean of its "
                         "frames' features (1: the frame at the start of the second)", gt=0)
-    size: int = option(224, "shorter side, then centre crop size x size (the weights' resolution)", ge=32)
+    size: Optional[int] = option(
+        None, "shorter side, then centre crop size x size; null = the flavour's resolution (224, 240, 260)", ge=32)
     seconds_per_batch: int = option(32, "seconds per forward pass", ge=1)
     normalize: bool = option(True, "L2-normalise each feature")
     seed: int = option(0, "seed of the tiny flavour's random init")
@@ -196,6 +199,7 @@ class Image2DExtractor(PerSecondExtractor):
             load_weights(self.model, cfg.weights)
         self.model.to(device).eval()
         self.dim = self.model.feature_dim(cfg.block)
+        self.size = cfg.size or self.model.config.resolution
 
     @staticmethod
     def weights_digest(cfg: Image2DExtractConfig) -> str:
@@ -214,7 +218,7 @@ class Image2DExtractor(PerSecondExtractor):
         seconds, per_second = windows.shape[:2]
         frames = windows.reshape(seconds * per_second, *windows.shape[2:])
         with torch.inference_mode(), _autocast(self.device):
-            pooled = self.model.features(preprocess(frames, self.model.config.resolution, self.device),
+            pooled = self.model.features(preprocess(frames, self.size, self.device),
                                          block=self.cfg.block)
         return pooled.float().reshape(seconds, per_second, -1).mean(dim=1).cpu()
 

@@ -4,6 +4,8 @@ and VLM taking its video width from whichever per-second set it is given."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -17,9 +19,9 @@ from vidray.manifest import read_manifest
 from vidray.models.efficientnet import build_efficientnet, default_weights, load_weights, preprocess
 from vidray.models.weights import file_digest as weights_digest
 from vidray.synth import SynthConfig, synthesize
-from vidray.train.config import ModelConfig
+from vidray.train.config import ModelConfig, PretrainConfig
 from vidray.video import iter_windows
-from vidray.vlm.data import resolve_video_dim
+from vidray.vlm.data import with_video_dim
 
 
 @pytest.fixture(scope="module")
@@ -65,22 +67,35 @@ def test_image2d_rows_equal_a_direct_forward_and_tell_videos_apart(image2d_set):
     assert cosine[~np.eye(len(means), dtype=bool)].max() < 0.95, cosine
 
 
-def test_image2d_version_follows_its_weights_and_settings(tmp_path):
+def test_image2d_settings_change_the_version_and_bad_rates_are_refused(image2d_set):
+    from vidray.config import load_config
+    from vidray.feature_store.extract import identity
     from vidray.feature_store.extractors import Image2DExtractor
+    from vidray.manifest import manifest_table
 
-    lite0 = Image2DExtractor.weights_digest(Image2DExtractConfig())
-    assert lite0 == weights_digest(default_weights("lite0"))
+    videos = manifest_table(image2d_set["rows"])
+    base = ["extractor=image2d", f"manifest={image2d_set['manifest']}", f"root={image2d_set['root']}",
+            "videos_per_part=2"]
+    version = lambda *extra: store.version_id(identity(load_config(ExtractConfig, None, base + list(extra)), videos))
+    assert version() == store.version_id(identity(ExtractConfig(
+        manifest="m", root="r", extractor="image2d", videos_per_part=2), videos))  # URIs are not content
+    assert len({version(), version("image2d.block=10"), version("image2d.fps=2"),
+                version("image2d.flavour=tiny")}) == 4
     assert Image2DExtractor.weights_digest(Image2DExtractConfig(flavour="tiny")).startswith("random-init")
     assert Image2DExtractor(Image2DExtractConfig(block=10)).dim == 112  # block 10 pools 112 channels
+    assert Image2DExtractor(Image2DExtractConfig(flavour="tiny")).size == 64  # the flavour's resolution
+    for rate in ("0.5", "1.5"):  # a window must hold a whole, equal number of frames
+        with pytest.raises(ConfigError, match=r"image2d.fps.*whole number"):
+            load_config(ExtractConfig, None, base + [f"image2d.fps={rate}"])
 
 
 def test_vlm_takes_the_feature_width_from_the_set(image2d_set):
     uri = image2d_set["report"]["uri"]
-    model = ModelConfig()
-    resolve_video_dim(model, uri)
-    assert model.video_dim == 1280
+    cfg = PretrainConfig()
+    resolved = with_video_dim(cfg, uri)
+    assert resolved.model.video_dim == 1280 and cfg.model.video_dim is None  # a copy
     with pytest.raises(ConfigError, match="model.video_dim.*512.*1280"):
-        resolve_video_dim(ModelConfig(video_dim=512), uri)
+        with_video_dim(dataclasses.replace(cfg, model=ModelConfig(video_dim=512)), uri)
 
 
 @pytest.mark.heavy

@@ -11,6 +11,8 @@ Rows hold numpy arrays of varying length; :func:`collate` pads them into the bat
 
 from __future__ import annotations
 
+import dataclasses
+
 import math
 import zlib
 from dataclasses import dataclass
@@ -170,9 +172,11 @@ def text_table(text_uri: str, manifest_uri: str = "", split: str = "") -> pa.Tab
     return table
 
 
-def resolve_video_dim(model_cfg, features_uri: str) -> None:
-    """Set ``model_cfg.video_dim`` to the width of the feature set at ``features_uri`` (its
-    manifest's ``dims``: 512 for S3D, 1280 for image2d), or refuse a set value that disagrees."""
+def with_video_dim(cfg, features_uri: str):
+    """A copy of the job config ``cfg`` whose ``model.video_dim`` is the width of the feature set
+    at ``features_uri`` (its manifest's ``dims``: 512 for S3D, 1280 for image2d); a set value
+    that disagrees is refused. A copy, so the caller's config (and the run name hashed from a
+    resolved one) does not change under it."""
     from vidray.config import ConfigError
     from vidray.feature_store import store
 
@@ -180,10 +184,10 @@ def resolve_video_dim(model_cfg, features_uri: str) -> None:
     if width is None:
         raise ConfigError("data.features", f"{features_uri} is not a per-second video feature set "
                           "(no 'features' width in its manifest); use an s3d or image2d set")
-    if model_cfg.video_dim not in (None, width):
-        raise ConfigError("model.video_dim", f"is {model_cfg.video_dim} but {features_uri} holds "
+    if cfg.model.video_dim not in (None, width):
+        raise ConfigError("model.video_dim", f"is {cfg.model.video_dim} but {features_uri} holds "
                           f"{width}-wide features; leave it null to take the set's width")
-    model_cfg.video_dim = width
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, video_dim=width))
 
 
 def examples_dataset(cfg: DataConfig, max_video_tokens: int, seed: int = 0, epoch: int = 0):

@@ -23,7 +23,7 @@ from vidray.feature_store.store import digest, open_version
 from vidray.manifest import split_videos
 from vidray.train.config import FinetuneConfig, ModelConfig
 from vidray.train.job import load_state, require_same_model, run_training
-from vidray.vlm.data import (_ragged, clip_examples_of_video, collate, resolve_video_dim, segment_windows,
+from vidray.vlm.data import (_ragged, clip_examples_of_video, collate, with_video_dim, segment_windows,
                              text_table)
 from vidray.vlm.model import SEP_ID, VLM, build_vlm
 from vidray.vlm.objectives import IGNORE_INDEX
@@ -171,7 +171,6 @@ def check_data(cfg: FinetuneConfig) -> dict[str, str]:
                               "(see `vidray features ls ROOT`)")
     tags = {f"feature_set.{k if k != 'features' else 's3d'}": open_version(getattr(cfg.data, k)).uri
             for k in needed}
-    resolve_video_dim(cfg.model, cfg.data.features)
     if cfg.task == "action_segmentation":
         segment_classes(cfg.data.labels)
     return tags
@@ -179,7 +178,9 @@ def check_data(cfg: FinetuneConfig) -> dict[str, str]:
 
 def run_finetune(cfg: FinetuneConfig, say=print, tags: dict | None = None) -> dict[str, Any]:
     """Fine-tune; ``tags`` go on the MLflow run (a sweep's trial nests it under its own run)."""
-    tags = {**check_data(cfg), "task": cfg.task, "init_from": str(cfg.init_from), **(tags or {})}
+    data_tags = check_data(cfg)
+    cfg = with_video_dim(cfg, cfg.data.features)
+    tags = {**data_tags, "task": cfg.task, "init_from": str(cfg.init_from), **(tags or {})}
     report = run_training(cfg, job="finetune", experiment=cfg.mlflow.experiment or EXPERIMENT,
                           run_name=run_name(cfg), build_system=build_system,
                           make_dataset=lambda: finetune_dataset(cfg), tags=tags, say=say)

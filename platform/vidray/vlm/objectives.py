@@ -34,7 +34,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from vidray.masking import corrupt, random_token_ids
+from vidray.masking import corrupt, random_token_ids, uniform
 from vidray.train.config import ObjectiveConfig
 
 IGNORE_INDEX = -100
@@ -91,12 +91,6 @@ class MaskedBatch:
 _BATCH_KEYS = ("video", "video_mask", "text_ids", "text_mask")
 
 
-def _rand(shape, generator: Optional[torch.Generator], device: torch.device) -> torch.Tensor:
-    # Draw on the generator's device so a CPU generator drives GPU batches reproducibly.
-    where = generator.device if generator is not None else device
-    return torch.rand(shape, generator=generator, device=where).to(device)
-
-
 @dataclass
 class MaskingDraws:
     """Every random number :func:`apply_masking` reads, drawn for every slot whatever the data."""
@@ -119,11 +113,11 @@ def draw_masking(B: int, Lv: int, Lt: int, vocab_size: int, generator: Optional[
                  text_device: torch.device, video_device: torch.device) -> MaskingDraws:
     """The draws of one batch, in a fixed order (the same generator state gives the same masks)."""
     # Keyword arguments are evaluated left to right: this order is the generator's order.
-    return MaskingDraws(u_example=_rand((B,), generator, text_device),
-                        u_side=_rand((B,), generator, text_device),
-                        u_text=_rand((B, Lt), generator, text_device),
-                        u_kind=_rand((B, Lt), generator, text_device),
-                        u_video=_rand((B, Lv), generator, video_device),
+    return MaskingDraws(u_example=uniform((B,), generator, text_device),
+                        u_side=uniform((B,), generator, text_device),
+                        u_text=uniform((B, Lt), generator, text_device),
+                        u_kind=uniform((B, Lt), generator, text_device),
+                        u_video=uniform((B, Lv), generator, video_device),
                         random_ids=random_token_ids((B, Lt), vocab_size, generator, text_device))
 
 

@@ -9,7 +9,7 @@ from vidray.config import ConfigError
 from vidray.feature_store.store import digest, open_version
 from vidray.train.config import PretrainConfig
 from vidray.train.job import run_training
-from vidray.vlm.data import examples_dataset, resolve_video_dim
+from vidray.vlm.data import examples_dataset, with_video_dim
 from vidray.vlm.system import build_system
 
 EXPERIMENT = "vidray-pretrain"
@@ -31,7 +31,7 @@ def run_pretrain(cfg: PretrainConfig, say=print, tags: dict | None = None, callb
         raise ConfigError("data.manifest", "is required with train.val_every > 0: it names the videos "
                           "of data.val_split")
     features, text = open_version(cfg.data.features), open_version(cfg.data.text)  # clear errors first
-    resolve_video_dim(cfg.model, features.uri)
+    cfg = with_video_dim(cfg, features.uri)
     held_out = dataclasses.replace(cfg.data, split=cfg.data.val_split)
     return run_training(cfg, job="pretrain", experiment=cfg.mlflow.experiment or EXPERIMENT,
                         run_name=run_name(cfg), build_system=build_system,
