@@ -21,6 +21,7 @@ import realvideo
 import videogen
 from videoref import Decoded, assert_matches_reference
 from vidray import storage, video
+from vidray.clips import clip_row_frames
 
 
 @pytest.fixture(scope="module")
@@ -68,7 +69,7 @@ def assert_windows_match(path: str, reference: str | None = None) -> int:
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "vtest.avi"])
 def test_iter_windows_equals_a_full_decode(files, name):
     path, reference = files[name]
-    assert_windows_match(path, reference) > 0
+    assert_windows_match(path, reference)
 
 
 # -- 1. the duration is the span of the frames, whatever the container says --------------------
@@ -188,8 +189,7 @@ def test_clip_pipeline_and_extractors_over_real_footage_on_s3(files, ray_cluster
     for clip in clips:
         expected = video.sample_frames(files[clip["video_id"]][0], 4, size=32,
                                        start_s=clip["start_s"], end_s=clip["end_s"])
-        frames = np.array(clip["frames"], np.uint8).reshape(expected.frames.shape)
-        np.testing.assert_array_equal(frames, expected.frames, err_msg=clip["video_id"])
+        np.testing.assert_array_equal(clip_row_frames(clip), expected.frames, err_msg=clip["video_id"])
 
     root = storage.join(s3_uri, "features")
     frames_set = run_extract(ExtractConfig(manifest=manifest, root=root, extractor="frames", videos_per_part=8),

@@ -23,6 +23,14 @@ MASK_BELOW, RANDOM_BELOW = 0.8, 0.9
 remaining 10% are kept."""
 
 
+def uniform(shape, generator: Optional[torch.Generator] = None,
+            device: torch.device | str | None = None) -> torch.Tensor:
+    """float ``shape`` uniform on [0, 1), drawn where :func:`random_token_ids` draws."""
+    where = generator.device if generator is not None else device
+    values = torch.rand(tuple(shape), generator=generator, device=where)
+    return values if device is None else values.to(device)
+
+
 def random_token_ids(shape, vocab_size: int, generator: Optional[torch.Generator] = None,
                      device: torch.device | str | None = None) -> torch.Tensor:
     """long ``shape``: ids uniform over ``[0, vocab_size)``, special tokens included.

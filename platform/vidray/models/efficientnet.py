@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import dataclasses
 import glob
-import hashlib
 import importlib.util
 import math
 import os
@@ -46,9 +45,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidray import storage
 from vidray.config import option
-from vidray.models.weights import read_state_dict
+from vidray.models.weights import key_listing, missing_keys, read_weights
 
 # (repeats, kernel, stride, expansion, output channels) of the seven stages of EfficientNet-B0,
 # which Lite keeps; a stage's input is the previous stage's output (the stem's for the first).
@@ -391,10 +389,8 @@ def load_weights(model: EfficientNetLite, source: str | None = None) -> LoadedWe
     before the model is touched.
     """
     uri = default_weights(_flavour_of(model.config)) if source is None else source
-    data = storage.read_bytes(uri)
-    digest = hashlib.sha256(data).hexdigest()
+    state, digest = read_weights(uri, EfficientNetWeightsError, WEIGHTS_FIX)
     _check_named_hash(uri, digest)
-    state = read_state_dict(data, uri, EfficientNetWeightsError, WEIGHTS_FIX)
     problems = _mismatches(model.state_dict(), state)
     if problems:
         raise EfficientNetWeightsError(
@@ -438,8 +434,7 @@ def _mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any], 
     fits = {key: value for key, value in known.items()
             if isinstance(value, torch.Tensor) and value.shape == expected[key].shape}
     kinds = {
-        "missing": [key for key in expected
-                    if key not in state and not key.endswith(".num_batches_tracked")],
+        "missing": missing_keys(expected, state),
         "unexpected": [key for key in state if key not in expected],
         "with the wrong shape": [f"{key} (file {_shape(value)}, model {list(expected[key].shape)})"
                                  for key, value in known.items() if key not in fits],
@@ -447,12 +442,7 @@ def _mismatches(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any], 
         "with NaN or infinite values": [key for key, value in fits.items()
                                         if value.is_floating_point() and not bool(value.isfinite().all())],
     }
-
-    def listing(kind: str, keys: list[str]) -> str:
-        more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
-        return f"{len(keys)} {kind}: {', '.join(keys[:limit])}{more}"
-
-    return [listing(kind, keys) for kind, keys in kinds.items() if keys]
+    return [key_listing(kind, keys, limit) for kind, keys in kinds.items() if keys]
 
 
 def _shape(value: Any) -> str:

@@ -28,7 +28,6 @@ same module names, same 512-d ``video_embedding``) for CPU tests and demos.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -37,9 +36,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidray import storage
 from vidray.config import ConfigError, option
-from vidray.models.weights import read_state_dict
+from vidray.models.weights import key_listing, missing_keys, read_weights
 
 # (in, b0, b1a, b1b, b2a, b2b, b3b) channels of each inception block of the published S3D-G;
 # a block's output is b0 + b1b + b2b + b3b channels, the next block's input.
@@ -358,9 +356,8 @@ def load_s3d_weights(model: S3DG, uri: str, *, allow_partial: bool = False) -> L
     says what was not. BatchNorm ``num_batches_tracked`` counters may be absent (older files
     lack them; evaluation does not use them).
     """
-    data = storage.read_bytes(uri)
-    state = read_state_dict(data, uri, S3DWeightsError, "Is it s3d_howto100m.pth?")
-    report = _match(model.state_dict(), state, uri, hashlib.sha256(data).hexdigest())
+    state, digest = read_weights(uri, S3DWeightsError, "Is it s3d_howto100m.pth?")
+    report = _match(model.state_dict(), state, uri, digest)
     if not report.complete and not allow_partial:
         raise S3DWeightsError(_refusal(report))
     model.load_state_dict({key: state[key] for key in report.loaded}, strict=False)
@@ -379,24 +376,19 @@ def _match(expected: Mapping[str, torch.Tensor], state: Mapping[str, Any], uri: 
             report.mismatched.append((key, tuple(value.shape), tuple(expected[key].shape)))
         else:
             report.loaded.append(key)
-    report.missing = [key for key in expected
-                      if key not in state and not key.endswith(".num_batches_tracked")]
+    report.missing = missing_keys(expected, state)
     return report
 
 
 def _refusal(report: LoadReport, limit: int = 10) -> str:
-    def listing(kind: str, items: list[str]) -> str:
-        more = f", ... ({len(items) - limit} more)" if len(items) > limit else ""
-        return f"{len(items)} {kind}: {', '.join(items[:limit])}{more}"
-
     parts = []
     if report.missing:
-        parts.append(listing("missing", report.missing))
+        parts.append(key_listing("missing", report.missing, limit))
     if report.unexpected:
-        parts.append(listing("unexpected", report.unexpected))
+        parts.append(key_listing("unexpected", report.unexpected, limit))
     if report.mismatched:
-        parts.append(listing("with the wrong shape", [f"{key} (checkpoint {list(ckpt)}, model {list(own)})"
-                                                       for key, ckpt, own in report.mismatched]))
+        parts.append(key_listing("with the wrong shape", [f"{key} (checkpoint {list(ckpt)}, model {list(own)})"
+                                                          for key, ckpt, own in report.mismatched], limit))
     return (f"{report.uri}: does not fit this S3D-G ({len(report.loaded)} tensors match); "
             + "; ".join(parts) + ". Is it the right file (s3d_howto100m.pth), and the 'full' "
             "flavour (the tiny one cannot take the published weights)? Pass allow_partial=True "

@@ -24,6 +24,25 @@ def file_digest(uri: str) -> str:
     return digest.hexdigest()
 
 
+def read_weights(uri: str, error: type[Exception], fix: str) -> tuple[dict[str, Any], str]:
+    """The state dict of the weights file at ``uri`` (see :func:`read_state_dict`) and the
+    file's sha256, from one read."""
+    data = storage.read_bytes(uri)
+    return read_state_dict(data, uri, error, fix), hashlib.sha256(data).hexdigest()
+
+
+def missing_keys(expected: Mapping[str, Any], state: Mapping[str, Any]) -> list[str]:
+    """Keys of ``expected`` absent from ``state``, except BatchNorm ``num_batches_tracked``
+    counters (older files lack them; evaluation does not use them)."""
+    return [key for key in expected if key not in state and not key.endswith(".num_batches_tracked")]
+
+
+def key_listing(kind: str, keys: list[str], limit: int) -> str:
+    """``"3 missing: a, b, ... (1 more)"``: a problem with a weights file, for its error message."""
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return f"{len(keys)} {kind}: {', '.join(keys[:limit])}{more}"
+
+
 def read_state_dict(data: bytes, uri: str, error: type[Exception], fix: str) -> dict[str, Any]:
     """The state dict in a PyTorch weights file's bytes: a raw one, one nested under
     ``"state_dict"`` or ``"model"``, with a ``module.`` prefix (DataParallel/DDP) removed.
