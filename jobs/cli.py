@@ -81,12 +81,12 @@ def _run_training_command(args: argparse.Namespace) -> int:
 # --- subcommands -----------------------------------------------------------------------------
 
 def cmd_synth(args: argparse.Namespace) -> int:
-    from vidray.config import from_dict, merge, read_yaml
+    from vidray.config import from_dict, merge, parse_overrides, read_yaml
     from vidray.synth import SynthConfig, synthesize
 
     flags = {"videos": args.videos, "seed": args.seed, "min_seconds": args.min_seconds,
-             "max_seconds": args.max_seconds, "workers": args.workers}
-    base = read_yaml(args.config) if args.config else {}
+             "max_seconds": args.max_seconds, "workers": args.workers, "style": args.style}
+    base = merge(read_yaml(args.config) if args.config else {}, parse_overrides(args.overrides))
     cfg = from_dict(SynthConfig, merge(base, {k: v for k, v in flags.items() if v is not None}))
     summary = synthesize(args.out, cfg, progress=not args.quiet)
     print(json.dumps(vars(summary), indent=2, default=str))
@@ -300,15 +300,28 @@ def build_parser() -> argparse.ArgumentParser:
     fmt = argparse.RawDescriptionHelpFormatter
 
     p = sub.add_parser("synth", help="write a synthetic video-caption corpus (real H.264 MP4s)",
-                       description="Write OUT/videos/*.mp4, OUT/manifest.parquet, OUT/qa.jsonl and "
-                       "OUT/mc.jsonl: coloured shapes moving in named directions, with timestamped "
-                       "captions. Deterministic per seed.")
+                       description="Write OUT/videos/*.mp4, OUT/manifest.parquet, OUT/qa.jsonl, "
+                       "OUT/mc.jsonl and OUT/coin.json:\ncoloured shapes moving in named directions, "
+                       "with timestamped captions. Deterministic per seed.\n--style asr writes a "
+                       "pre-training corpus of other videos instead (HowTo100M-like\nnoisy, loosely "
+                       "timed captions; videos and manifest only).",
+                       epilog="overrides are SynthConfig keys, e.g.  vidray synth OUT style=asr videos=64\n"
+                       "keys: videos, seed, min_seconds, max_seconds, workers, val_fraction, "
+                       "test_fraction, style\n(the asr style ignores val_fraction and test_fraction: "
+                       "every video is in train).\nFlags win over overrides, overrides over --config.",
+                       formatter_class=fmt)
     p.add_argument("out", help="output folder or s3:// prefix")
+    p.add_argument("overrides", nargs="*", metavar="key=value", help="SynthConfig overrides")
     p.add_argument("--videos", type=int, help="number of videos (default 24)")
     p.add_argument("--seed", type=int, help="random seed (default 0)")
     p.add_argument("--min-seconds", type=float, help="shortest video (default 4)")
     p.add_argument("--max-seconds", type=float, help="longest video (default 12)")
     p.add_argument("--workers", type=int, help="encoder processes (default: one per core)")
+    p.add_argument("--style", choices=("clean", "asr"),
+                   help="clean (default): the exactly captioned downstream set with train/val/test "
+                   "splits, QA, MC and COIN files; asr: a HowTo100M-like pre-training corpus of other "
+                   "videos (ids asr-*): captions with filler words and chatter, loosely timed, every "
+                   "video in train, no QA/MC/COIN")
     p.add_argument("--config", help="a saved SynthConfig YAML (e.g. a demo's configs/synth.yaml); "
                    "flags override it")
     p.add_argument("--quiet", action="store_true", help="no progress bar")

@@ -73,3 +73,20 @@ def test_adapt_unknown_format_is_a_clear_error(tmp_path):
     proc = vidray("adapt", "kinetics", str(tmp_path / "x.csv"), "--videos", "/v", "--out", str(tmp_path / "m"))
     assert proc.returncode == 1
     assert "webvid" in proc.stderr and "kinetics" in proc.stderr
+
+
+def test_synth_takes_config_overrides_and_the_asr_style(tmp_path):
+    import pyarrow.parquet as pq
+
+    proc = vidray("synth", "--help")
+    assert "--style {clean,asr}" in proc.stdout and "style=asr" in proc.stdout
+    out = tmp_path / "asr"
+    proc = vidray("synth", str(out), "style=asr", "videos=2", "min_seconds=1", "max_seconds=1.5",
+                  "--workers", "1", "--quiet")
+    assert proc.returncode == 0, proc.stderr
+    assert '"qa": 0' in proc.stdout and '"coin_uri": null' in proc.stdout
+    rows = pq.read_table(out / "manifest.parquet").to_pylist()
+    assert [r["video_id"] for r in rows] == ["asr-synth_000000", "asr-synth_000001"]
+    assert not (out / "qa.jsonl").exists()
+    proc = vidray("synth", str(tmp_path / "bad"), "style=howto")
+    assert proc.returncode == 2 and "'style'" in proc.stderr

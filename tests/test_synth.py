@@ -7,6 +7,7 @@ bug shared by writer and reader cannot hide itself.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -19,19 +20,39 @@ import pytest
 
 from vidray import manifest, storage
 from vidray.config import ConfigError, from_dict
-from vidray.synth import COLOURS, SynthConfig, synthesize
+from vidray.synth import (COLOURS, DIRECTIONS, FILLER_WORDS, SHAPES, SynthConfig, captions,
+                          plan_video, synthesize)
 
 # Seed 8 happens to draw every shape kind, fps and frame size, and two three-shape videos.
 CFG = SynthConfig(videos=6, seed=8, min_seconds=1.5, max_seconds=3.0, workers=1)
 CAPTION_PART = re.compile(r"an? (\w+) (\w+) moves (\w+)")
 COLOUR_DISTANCE = 60  # RGB distance under which a decoded pixel counts as a palette colour
 STEP = {"left": (-1, 0), "right": (1, 0), "up": (0, -1), "down": (0, 1)}
+# The asr style of the same config: a pre-training corpus beside the clean one of the same seed.
+ASR_CFG = dataclasses.replace(CFG, style="asr")
+CLEAN_WORDS = {"a", "an", "and", "moves", *COLOURS, *SHAPES, *DIRECTIONS}
+# sha256 of CFG's clean text outputs (manifest rows without their uri, as sorted-key JSON), taken
+# before the asr style existed: the clean style must not change. A new numpy may change random
+# streams (see the synth module's docstring); then re-pin after checking nothing else moved.
+CLEAN_DIGESTS = {
+    "qa.jsonl": "b3d0576395811c7853515d5dcdcfe0d6e9b6a4a2d65f0b97a04772211b7e7a60",
+    "mc.jsonl": "3a85406a6411f293f5e3d274dc60bacf459e1df02c552c18e6c58a980ba11d78",
+    "coin.json": "2afec03aa8378a3cadcc0207e6f346bb91a1db2ad3e66139f0d399a2a008b888",
+    "manifest": "190923b6d422a4c690c0423b498b416b987ed8727be37d6fb9c6fc1155eb7962",
+}
 
 
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     out = tmp_path_factory.mktemp("corpus")
     summary = synthesize(str(out), CFG, progress=False)
+    return out, summary
+
+
+@pytest.fixture(scope="module")
+def asr_corpus(tmp_path_factory):
+    out = tmp_path_factory.mktemp("asr")
+    summary = synthesize(str(out), ASR_CFG, progress=False)
     return out, summary
 
 
@@ -293,3 +314,115 @@ def test_synth_to_s3(s3_uri):
     assert len(frames) == round(rows[1]["duration_s"] * rows[1]["fps"])
     assert header["size"] == (rows[1]["width"], rows[1]["height"])
     assert len(storage.read_bytes(f"{s3_uri}/qa.jsonl").splitlines()) == summary.qa
+
+
+def test_clean_style_output_is_pinned(corpus):
+    """The default (clean) style writes what it wrote before the asr style was added."""
+    out, _ = corpus
+    assert SynthConfig().style == "clean" and CFG.style == "clean"
+    for name in ("qa.jsonl", "mc.jsonl", "coin.json"):
+        assert hashlib.sha256((out / name).read_bytes()).hexdigest() == CLEAN_DIGESTS[name], name
+    rows = [{k: v for k, v in r.items() if k != "uri"} for r in read_rows(out)]
+    digest = hashlib.sha256(json.dumps(rows, sort_keys=True).encode()).hexdigest()
+    assert digest == CLEAN_DIGESTS["manifest"]
+
+
+def words(text: str) -> list[str]:
+    return text.replace(",", "").split()
+
+
+def test_asr_corpus_is_train_only_without_qa_mc_coin(asr_corpus):
+    out, summary = asr_corpus
+    rows = read_rows(out)
+    assert sorted(os.listdir(out)) == ["manifest.parquet", "videos"]
+    assert summary.qa == summary.mc == 0 and summary.coin_uri is None
+    assert summary.videos == len(rows) == ASR_CFG.videos
+    assert summary.clips == sum(len(r["captions"]) for r in rows)
+    # val_fraction / test_fraction keep their (non-zero) defaults and are ignored.
+    assert ASR_CFG.val_fraction > 0 and ASR_CFG.test_fraction > 0
+    assert summary.splits == {"train": ASR_CFG.videos, "val": 0, "test": 0}
+    assert {r["split"] for r in rows} == {"train"}
+    assert [r["video_id"] for r in rows] == [f"asr-synth_{i:06d}" for i in range(ASR_CFG.videos)]
+    assert sorted(os.listdir(out / "videos")) == [f"{r['video_id']}.mp4" for r in rows]
+    for row in rows:  # real, decodable videos, as in the clean style
+        frames, _, header = decode(row["uri"])
+        assert len(frames) == round(row["duration_s"] * row["fps"])
+        assert header["size"] == (row["width"], row["height"])
+
+
+def test_asr_captions_are_noisy_speech(asr_corpus):
+    """Every event is spoken with fillers, some words dropped or repeated, chatter in between,
+    in the clean captions' words plus FILLER_WORDS only."""
+    out, _ = asr_corpus
+    event_lines, exact, chatter = 0, 0, 0
+    for row in read_rows(out):
+        plan = plan_video(ASR_CFG.seed, int(row["video_id"][-6:]), ASR_CFG.min_seconds,
+                          ASR_CFG.max_seconds, style="asr")
+        assert plan.video_id == row["video_id"]
+        clean = [" ".join(words(c["text"])) for c in captions(plan)]
+        spoken = [c["text"] for c in row["captions"] if "moves" in c["text"].split()]
+        assert len(spoken) == len(plan.events)
+        for text in (c["text"] for c in row["captions"]):
+            assert set(text.split()) <= CLEAN_WORDS | FILLER_WORDS, text
+            assert text == text.lower() and "," not in text
+            if "moves" not in text.split():  # chatter: names nothing on screen
+                assert not set(text.split()) & (set(COLOURS) | set(SHAPES)), text
+                chatter += 1
+        for text in spoken:
+            assert text not in clean, "an event line is never the bare clean caption"
+            assert text.split()[0] in FILLER_WORDS
+            exact += any(f" {c} " in f" {text} " for c in clean)
+            event_lines += 1
+    assert chatter > 0
+    assert 0 < exact < event_lines, "most event lines say the description whole, some drop or repeat a word"
+
+
+def test_asr_caption_times_are_loose(asr_corpus):
+    """Times are jittered off the event boundaries, within [0, duration], end > start, and
+    consecutive captions may overlap."""
+    out, _ = asr_corpus
+    boundaries, starts, overlaps = set(), [], 0
+    for row in read_rows(out):
+        caps = row["captions"]
+        for cap in caps:
+            assert 0 <= cap["start"] < cap["end"] <= row["duration_s"], (row["video_id"], cap)
+            assert round(cap["start"] * 100) == pytest.approx(cap["start"] * 100)  # centiseconds
+        assert [c["start"] for c in caps] == sorted(c["start"] for c in caps)
+        overlaps += sum(a["end"] > b["start"] for a, b in zip(caps, caps[1:]))
+        plan = plan_video(ASR_CFG.seed, int(row["video_id"][-6:]), ASR_CFG.min_seconds,
+                          ASR_CFG.max_seconds, style="asr")
+        boundaries |= {(row["video_id"], round(e.first_frame / plan.fps, 2)) for e in plan.events}
+        starts += [(row["video_id"], c["start"]) for c in caps]
+    assert overlaps > 0
+    assert sum(s not in boundaries for s in starts) > len(starts) / 2, "starts should be jittered"
+
+
+def test_asr_corpus_is_deterministic_and_apart_from_clean(corpus, asr_corpus, tmp_path):
+    """The same seed gives the same asr corpus; it shares no video (id, plan or bytes) with the
+    clean corpus of that seed."""
+    out, _ = asr_corpus
+    again = tmp_path / "again"
+    synthesize(str(again), dataclasses.replace(ASR_CFG, workers=2), progress=False)
+    here, there = read_rows(again), read_rows(out)
+    assert [{**r, "uri": os.path.relpath(r["uri"], again)} for r in here] == \
+           [{**r, "uri": os.path.relpath(r["uri"], out)} for r in there]
+    for a, b in zip(here, there):
+        assert open(a["uri"], "rb").read() == open(b["uri"], "rb").read(), a["video_id"]
+
+    clean_out, _ = corpus
+    clean = read_rows(clean_out)
+    assert not {r["video_id"] for r in clean} & {r["video_id"] for r in there}
+    clean_bytes = {open(r["uri"], "rb").read() for r in clean}
+    assert not any(open(r["uri"], "rb").read() in clean_bytes for r in there)
+    args = (CFG.seed, CFG.min_seconds, CFG.max_seconds)
+    clean_plans = [dataclasses.replace(plan_video(args[0], i, *args[1:]), video_id="", index=0)
+                   for i in range(CFG.videos)]
+    for i in range(ASR_CFG.videos):
+        plan = plan_video(args[0], i, *args[1:], style="asr")
+        assert dataclasses.replace(plan, video_id="", index=0) not in clean_plans, i
+
+
+def test_style_is_checked():
+    with pytest.raises(ConfigError) as err:
+        from_dict(SynthConfig, {"style": "howto"})
+    assert err.value.key == "style" and "asr" in str(err.value)

@@ -39,8 +39,27 @@ Event ``k`` covers frames ``[f_k, f_{k+1})``; its caption has ``start = f_k / fp
 ``end = f_{k+1} / fps`` (the next event's start), so the frame for time ``t`` (the last frame whose
 presentation time is ``<= t``) of any ``t`` in ``[start, end)`` belongs to the event.
 
-Determinism: a video's content comes only from ``np.random.default_rng([seed, index])`` (its QA
-and split from sibling streams), x264 runs with one thread and fixed options, and every output
+Two styles (``SynthConfig.style``). ``clean`` is all of the above: the small, exactly captioned
+downstream set (MSR-VTT / YouCook2-like). ``asr`` is a pre-training corpus of the same visual world
+(same planner, same renderer) captioned the way HowTo100M's ASR is (:func:`asr_captions`):
+
+- every event is still spoken, but with filler words around it (``"so um"``, ``"okay now"``,
+  ``"you can see"``, ``"right"``), lower case without commas, sometimes with one word dropped or
+  said twice; between events, lines of unrelated chatter (``"thanks for watching"``) that describe
+  nothing on screen. The words are the clean captions' words plus ``FILLER_WORDS``.
+- caption times are loose: each end moves by up to ``ASR_JITTER_S`` (1 s) either way, clamped to
+  ``[0, duration]`` with ``end > start``, so consecutive captions may overlap or leave gaps.
+  Captions are sorted by start time.
+- no ``qa.jsonl``, ``mc.jsonl`` or ``coin.json`` (the summary counts 0 and ``coin_uri`` is None);
+  every video is in the ``train`` split (``val_fraction`` and ``test_fraction`` are ignored).
+- video ids are ``asr-synth_<index>``, never equal to a clean corpus's ``synth_<index>``, so both
+  corpora can sit side by side; plans come from ``rng([seed, index, ASR_PLAN_STREAM])``, so the
+  asr corpus of seed S holds other videos than the clean corpus of seed S (or of any other seed
+  below 2^32): the downstream test videos are never seen in pre-training.
+
+Determinism: a clean video's content comes only from ``np.random.default_rng([seed, index])`` (its
+QA and split from sibling streams; an asr video's from ``[seed, index, ASR_PLAN_STREAM]``, its
+captions from ``ASR_TEXT_STREAM``), x264 runs with one thread and fixed options, and every output
 is sorted by ``video_id``. The same seed therefore gives byte-identical MP4s and manifests,
 whatever the worker count or completion order (with the same numpy and PyAV/FFmpeg builds: numpy
 does not promise the same random streams, nor x264 the same bitstream, across versions).
@@ -57,7 +76,7 @@ import os
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
-from typing import Iterator, Optional
+from typing import Iterator, Literal, Optional
 
 import av
 import numpy as np
@@ -95,6 +114,9 @@ PLACEMENT_TRIES = 256             # random placements tried before accepting ove
 X264_OPTIONS = {"preset": "veryfast", "crf": "23", "x264-params": "mbtree=0"}
 KEYFRAME_SECONDS = 2              # a keyframe every 2 s, like real footage, so seeking matters
 SPLIT_STREAM, QA_STREAM, MC_STREAM = 1, 2, 3  # sibling random streams: rng([seed, index, stream])
+# The asr style's plan and caption streams. Never 0: numpy pads a short seed list with zeros, so
+# rng([seed, index, 0]) would be rng([seed, index]), the clean video's plan.
+ASR_PLAN_STREAM, ASR_TEXT_STREAM = 4, 5
 # (question, which word answers it); directions are distinct within an event, so each is unambiguous.
 QA_TEMPLATES = (
     ("what colour is the shape moving {direction}?", "colour"),
@@ -105,6 +127,25 @@ MC_OPTIONS = 5
 MC_QUESTION = "which caption describes the clip?"
 # Our split -> COIN's "subset" value (COIN has training/testing; validation follows the pattern).
 COIN_SUBSETS = {"train": "training", "val": "validation", "test": "testing"}
+STYLES = ("clean", "asr")
+ASR_ID_PREFIX = "asr-"
+# HowTo100M-like ASR captions: an event's description said with fillers around it, and chatter.
+# No filler or chatter line names a colour or a shape; "right" is both a filler and a direction,
+# as it is in real speech.
+ASR_OPENERS = ("so", "so um", "um", "uh", "okay now", "okay so", "and now", "now", "and then",
+               "you can see", "so you can see", "here we have", "right so", "and um", "so now we have")
+ASR_CLOSERS = ("right", "okay", "you see", "like that", "there we go", "just like that", "yeah")
+ASR_CHATTER = ("thanks for watching", "do not forget to subscribe", "let me know in the comments",
+               "okay let us get started", "i really like this one", "this is my favourite part",
+               "so yeah", "hi everyone welcome back", "give it a try at home", "that is it for today",
+               "i will be back in a second", "pretty cool")
+FILLER_WORDS = frozenset(w for line in ASR_OPENERS + ASR_CLOSERS + ASR_CHATTER for w in line.split())
+ASR_JITTER_S = 1.0           # each caption end moves by up to this much, either way
+ASR_MIN_CAPTION_S = 0.3      # shortest caption after jittering (less on a video shorter than 0.6 s)
+ASR_CLOSER_P = 0.4           # an event line ends with a filler too
+ASR_DROP_P, ASR_REPEAT_P = 0.15, 0.15  # one word of an event line dropped / said twice
+ASR_CHATTER_P = 0.35         # a chatter line after an event (and before the first)
+ASR_CHATTER_S = (1.0, 2.5)   # a chatter line's length
 
 
 @dataclass
@@ -118,6 +159,10 @@ class SynthConfig:
     workers: Optional[int] = option(None, "encoding processes (null: one per CPU)", ge=1)
     val_fraction: float = option(0.1, "fraction of videos in the val split", ge=0, le=1)
     test_fraction: float = option(0.2, "fraction of videos in the test split", ge=0, le=1)
+    style: Literal["clean", "asr"] = option(
+        "clean", "clean: the exactly captioned downstream set with splits, QA, MC and COIN files; asr: "
+        "a HowTo100M-like pre-training corpus of other videos (ids asr-*), loosely timed captions "
+        "with filler words and chatter, all videos in train (val/test fractions ignored), no QA/MC/COIN")
 
     def validate(self) -> None:
         """Cross-field checks; raises :class:`ConfigError` naming the key to change."""
@@ -182,9 +227,9 @@ class SynthSummary:
 
     out: str
     manifest_uri: str
-    coin_uri: str       # action segments (COIN format)
+    coin_uri: Optional[str]  # action segments (COIN format); None for the asr style
     videos: int
-    clips: int          # events = captioned clips
+    clips: int          # captions in the manifest (clean: events = captioned clips; asr: + chatter)
     qa: int
     mc: int
     frames: int
@@ -195,13 +240,24 @@ class SynthSummary:
 # --- planning: all randomness lives here ------------------------------------------------------
 
 
-def video_id(index: int) -> str:
-    return f"synth_{index:06d}"
+def video_id(index: int, style: str = "clean") -> str:
+    """``synth_000042``; ``asr-synth_000042`` in the asr style."""
+    return (ASR_ID_PREFIX if style == "asr" else "") + f"synth_{index:06d}"
 
 
-def plan_video(seed: int, index: int, min_seconds: float, max_seconds: float) -> VideoPlan:
-    """The content of video ``index``, drawn from ``np.random.default_rng([seed, index])`` only."""
-    rng = np.random.default_rng([seed, index])
+def _plan_rng(seed: int, index: int, style: str) -> np.random.Generator:
+    if style == "clean":
+        return np.random.default_rng([seed, index])
+    if style == "asr":
+        return np.random.default_rng([seed, index, ASR_PLAN_STREAM])
+    raise ValueError(f"unknown style {style!r}; expected one of {STYLES}")
+
+
+def plan_video(seed: int, index: int, min_seconds: float, max_seconds: float,
+               style: str = "clean") -> VideoPlan:
+    """The content of video ``index``, drawn from ``np.random.default_rng([seed, index])`` only
+    (``[seed, index, ASR_PLAN_STREAM]`` in the asr style: other videos than the clean ones)."""
+    rng = _plan_rng(seed, index, style)
     fps = int(rng.choice(FPS_CHOICES))
     width, height = FRAME_SIZES[int(rng.integers(len(FRAME_SIZES)))]
     # At least two frames: a direction needs two.
@@ -210,7 +266,8 @@ def plan_video(seed: int, index: int, min_seconds: float, max_seconds: float) ->
     shapes = _draw_shapes(rng, min(width, height))
     events = tuple(_draw_event(rng, shapes, first, end, width, height)
                    for first, end in _event_bounds(rng, frames, fps))
-    return VideoPlan(video_id(index), index, fps, width, height, frames, background, shapes, events)
+    return VideoPlan(video_id(index, style), index, fps, width, height, frames, background, shapes,
+                     events)
 
 
 def _dark_colour(rng: np.random.Generator) -> tuple[int, int, int]:
@@ -331,6 +388,58 @@ def captions(plan: VideoPlan) -> list[dict]:
     return out
 
 
+def asr_captions(plan: VideoPlan, seed: int) -> list[dict]:
+    """HowTo100M-like ASR captions of ``plan``, from ``rng([seed, index, ASR_TEXT_STREAM])`` only.
+
+    One line per event (its description with fillers, maybe a word dropped or repeated) and, with
+    probability ``ASR_CHATTER_P`` before the first event and after each, a chatter line about
+    nothing on screen. Times are jittered by up to ``ASR_JITTER_S``, kept in ``[0, duration]``
+    with ``end - start >= min(ASR_MIN_CAPTION_S, duration / 2)``, and given in centiseconds;
+    the lines are sorted by (start, end).
+    """
+    rng = np.random.default_rng([seed, plan.index, ASR_TEXT_STREAM])
+    duration_cs = math.floor(plan.duration_s * 100)
+    shortest_cs = max(1, min(round(ASR_MIN_CAPTION_S * 100), duration_cs // 2))
+    jitter_cs = round(ASR_JITTER_S * 100)
+
+    def timed(start: float, end: float, text: str) -> dict:
+        lo = round(start * 100) + int(rng.integers(-jitter_cs, jitter_cs + 1))
+        hi = round(end * 100) + int(rng.integers(-jitter_cs, jitter_cs + 1))
+        lo = min(max(lo, 0), duration_cs - shortest_cs)
+        hi = min(max(hi, lo + shortest_cs), duration_cs)
+        return {"start": lo / 100, "end": hi / 100, "text": text}
+
+    def chatter(at: float) -> dict:
+        length = rng.uniform(*ASR_CHATTER_S)
+        return timed(at, at + length, str(rng.choice(ASR_CHATTER)))
+
+    out = []
+    if rng.random() < ASR_CHATTER_P:
+        out.append(chatter(0.0))
+    for event in plan.events:
+        start, end = event_span(plan, event)
+        out.append(timed(start, end, _spoken(rng, caption_text(event_parts(plan, event)))))
+        if rng.random() < ASR_CHATTER_P:
+            out.append(chatter(end))
+    return sorted(out, key=lambda c: (c["start"], c["end"]))
+
+
+def _spoken(rng: np.random.Generator, description: str) -> str:
+    """``description`` as speech: lower case, no commas, an opener, maybe a closer, maybe one word
+    dropped or said twice."""
+    words = description.replace(",", "").split()
+    roll = rng.random()
+    if roll < ASR_DROP_P and len(words) > 2:
+        del words[int(rng.integers(len(words)))]
+    elif roll < ASR_DROP_P + ASR_REPEAT_P:
+        i = int(rng.integers(len(words)))
+        words.insert(i, words[i])
+    words = str(rng.choice(ASR_OPENERS)).split() + words
+    if rng.random() < ASR_CLOSER_P:
+        words += str(rng.choice(ASR_CLOSERS)).split()
+    return " ".join(words)
+
+
 def qa_rows(plan: VideoPlan, seed: int) -> list[dict]:
     """One question of each template per event, about a randomly chosen shape of that event."""
     rng = np.random.default_rng([seed, plan.index, QA_STREAM])
@@ -401,7 +510,10 @@ def coin_json(plans: list[VideoPlan], splits: list[str]) -> bytes:
 
 
 def assign_splits(cfg: SynthConfig) -> list[str]:
-    """Split of each video index: exact counts, chosen by per-video random keys (seed-stable)."""
+    """Split of each video index: exact counts, chosen by per-video random keys (seed-stable).
+    The asr style puts every video in train."""
+    if cfg.style == "asr":
+        return ["train"] * cfg.videos
     keys = [np.random.default_rng([cfg.seed, i, SPLIT_STREAM]).random() for i in range(cfg.videos)]
     n_test = math.floor(cfg.videos * cfg.test_fraction + 0.5)
     n_val = min(math.floor(cfg.videos * cfg.val_fraction + 0.5), cfg.videos - n_test)
@@ -487,8 +599,8 @@ def encode_mp4(plan: VideoPlan) -> bytes:
     return buffer.getvalue()
 
 
-def video_uri(root: str, index: int) -> str:
-    return storage.join(root, "videos", f"{video_id(index)}.mp4")
+def video_uri(root: str, index: int, style: str = "clean") -> str:
+    return storage.join(root, "videos", f"{video_id(index, style)}.mp4")
 
 
 def make_video(root: str, index: int, cfg: SynthConfig) -> VideoPlan:
@@ -496,8 +608,8 @@ def make_video(root: str, index: int, cfg: SynthConfig) -> VideoPlan:
 
     The worker entry point: planning (placement retries) happens here too, so it runs in parallel.
     """
-    plan = plan_video(cfg.seed, index, cfg.min_seconds, cfg.max_seconds)
-    storage.write_bytes(video_uri(root, index), encode_mp4(plan))
+    plan = plan_video(cfg.seed, index, cfg.min_seconds, cfg.max_seconds, cfg.style)
+    storage.write_bytes(video_uri(root, index, cfg.style), encode_mp4(plan))
     return plan
 
 
@@ -553,6 +665,7 @@ def synthesize(out: str, cfg: SynthConfig, progress: bool = True) -> SynthSummar
     """Write the synthetic corpus under ``out`` (local path or s3:// URI); see the module docstring.
 
     Videos go first and ``manifest.parquet`` last, so a manifest names only videos that exist.
+    The asr style writes only the videos and the manifest.
     """
     started = time.perf_counter()
     cfg = _checked(cfg)
@@ -560,21 +673,28 @@ def synthesize(out: str, cfg: SynthConfig, progress: bool = True) -> SynthSummar
     storage.makedirs(root)
     workers = min(cfg.workers or os.cpu_count() or 1, cfg.videos)
     plans = _make_all(root, cfg, workers, progress)
-    uris = [video_uri(root, p.index) for p in plans]
+    uris = [video_uri(root, p.index, cfg.style) for p in plans]
 
     splits = assign_splits(cfg)
+    asr = cfg.style == "asr"
     rows = [{"video_id": p.video_id, "uri": uri, "split": split, "duration_s": p.duration_s,
-             "fps": float(p.fps), "width": p.width, "height": p.height, "captions": captions(p)}
+             "fps": float(p.fps), "width": p.width, "height": p.height,
+             "captions": asr_captions(p, cfg.seed) if asr else captions(p)}
             for p, uri, split in zip(plans, uris, splits)]
-    qa = [row for p in plans for row in qa_rows(p, cfg.seed)]
-    mc = [row for p in plans for row in mc_rows(p, cfg.seed)]
-    storage.write_bytes(storage.join(root, "qa.jsonl"), _jsonl(qa))
-    storage.write_bytes(storage.join(root, "mc.jsonl"), _jsonl(mc))
-    coin_uri = storage.join(root, "coin.json")
-    storage.write_bytes(coin_uri, coin_json(plans, splits))
+    qa: list[dict] = []
+    mc: list[dict] = []
+    coin_uri = None
+    if not asr:
+        qa = [row for p in plans for row in qa_rows(p, cfg.seed)]
+        mc = [row for p in plans for row in mc_rows(p, cfg.seed)]
+        storage.write_bytes(storage.join(root, "qa.jsonl"), _jsonl(qa))
+        storage.write_bytes(storage.join(root, "mc.jsonl"), _jsonl(mc))
+        coin_uri = storage.join(root, "coin.json")
+        storage.write_bytes(coin_uri, coin_json(plans, splits))
     manifest_uri = storage.join(root, "manifest.parquet")
     manifest.write_manifest(manifest.manifest_table(rows), manifest_uri)
     return SynthSummary(
         out=root, manifest_uri=manifest_uri, coin_uri=coin_uri, videos=len(plans),
-        clips=sum(len(p.events) for p in plans), qa=len(qa), mc=len(mc), frames=sum(p.frames for p in plans),
+        clips=sum(len(r["captions"]) for r in rows), qa=len(qa), mc=len(mc),
+        frames=sum(p.frames for p in plans),
         splits={s: splits.count(s) for s in manifest.SPLITS}, seconds=time.perf_counter() - started)
