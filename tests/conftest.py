@@ -74,3 +74,26 @@ def feature_sets(ray_cluster, tmp_path_factory):
     text = run_extract(ExtractConfig(**common, extractor="text"), progress=False)
     return {"s3d": s3d["uri"], "text": text["uri"], "root": root, "manifest": manifest,
             "corpus": root / "corpus"}
+
+
+@pytest.fixture(scope="session")
+def frames_corpus(ray_cluster, stack):
+    """Six short synthetic videos on the local S3 endpoint (all in train) and their frames set at
+    3 frames of 32 px (a tiny frames model's input): ``frames`` reads the set, ``videos`` decodes
+    the manifest on the fly."""
+    import dataclasses
+
+    from vidray import storage
+    from vidray.feature_store.extract import ExtractConfig, run_extract
+    from vidray.feature_store.extractors import FramesExtractConfig
+    from vidray.frames.config import FramesDataConfig
+    from vidray.synth import SynthConfig, synthesize
+
+    root = f"s3://{stack.bucket}/frames-data"
+    synthesize(root, SynthConfig(videos=6, seed=21, min_seconds=2.0, max_seconds=3.0, workers=2,
+                                 val_fraction=0.0, test_fraction=0.0), progress=False)
+    manifest = storage.join(root, "manifest.parquet")
+    frames = run_extract(ExtractConfig(manifest=manifest, root=storage.join(root, "features"), extractor="frames",
+                                       frames=FramesExtractConfig(num_frames=3, size=32)), progress=False)
+    sets = FramesDataConfig(frames=frames["uri"], manifest=manifest, qa=storage.join(root, "qa.jsonl"))
+    return {"root": root, "frames": sets, "videos": dataclasses.replace(sets, source="videos", frames="")}

@@ -111,8 +111,7 @@ def test_qa_finetuning_answers_beyond_the_best_constant_answer(pretrained, frame
     assert metrics["qa_questions"] >= 150 and metrics["qa_chance"] == pytest.approx(1 / len(saved["config"]["answers"]))
     # ~220 questions: the standard error of an accuracy near 0.2 is ~0.03.
     assert metrics["qa_accuracy"] >= metrics["qa_majority"] + 0.07
-    for kind in ("colour", "kind", "direction"):
-        assert 0 <= metrics[f"qa_{kind}_accuracy"] <= 1
+    assert {f"qa_{kind}_accuracy" for kind in ("colour", "kind", "direction")} <= set(metrics)
     assert metrics["qa_temporal_accuracy"] == metrics["qa_direction_accuracy"]
 
 
@@ -201,7 +200,6 @@ def test_lavender_multitask_finetuning_trains_every_task_with_the_one_head(laven
     metrics = result["metrics"]
     assert metrics["retrieval_examples"] >= 50 and {"t2v_R1", "t2v_MdR", "v2t_R1"} <= set(metrics)
     assert metrics["mc_questions"] == metrics["mc_examples"] >= 50 and metrics["mc_chance"] == pytest.approx(0.2)
-    assert 0 <= metrics["mc_accuracy"] <= 1
     # QA sees about a third of the rows: 800 steps give it more questions than the single-task run's 400 x 16.
     assert metrics["qa_questions"] >= 150 and metrics["qa_accuracy"] >= metrics["qa_majority"] + 0.05, metrics
     logged = client.get_run(result["mlflow_run_id"])

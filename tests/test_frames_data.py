@@ -15,30 +15,19 @@ from videogen import broken_videos, write_overrunning_video
 from vidray import storage
 from vidray.config import ConfigError
 from vidray.feature_store import store
-from vidray.feature_store.extract import ExtractConfig, run_extract
-from vidray.feature_store.extractors import FramesExtractConfig, decode_jpeg, encode_jpeg
+from vidray.feature_store.extractors import decode_jpeg, encode_jpeg
 from vidray.frames.config import FramesDataConfig, FramesModelConfig, FramesPretrainConfig
 from vidray.frames.data import clip_keys, examples_dataset, read_examples, read_qa, read_video_clips
 from vidray.manifest import manifest_table, read_manifest, write_manifest
-from vidray.synth import SynthConfig, synthesize
 from vidray.train.config import OptimConfig, TrainConfig
 
 # The set is extracted at the model's frame count and size, so both sources sample the same times.
 MODEL = FramesModelConfig(arch="allinone", flavour="tiny", image_size=32, num_frames=3, max_text_tokens=16)
 
 
-@pytest.fixture(scope="module")
-def corpus(ray_cluster, stack):
-    """Six short synthetic videos on the local S3 endpoint (all in train) and their frames set."""
-    root = f"s3://{stack.bucket}/frames-data"
-    synthesize(root, SynthConfig(videos=6, seed=21, min_seconds=2.0, max_seconds=3.0, workers=2,
-                                 val_fraction=0.0, test_fraction=0.0), progress=False)
-    manifest = storage.join(root, "manifest.parquet")
-    frames = run_extract(ExtractConfig(manifest=manifest, root=storage.join(root, "features"), extractor="frames",
-                                       frames=FramesExtractConfig(num_frames=MODEL.num_frames, size=MODEL.image_size)),
-                         progress=False)
-    sets = FramesDataConfig(frames=frames["uri"], manifest=manifest, qa=storage.join(root, "qa.jsonl"))
-    return {"root": root, "frames": sets, "videos": dataclasses.replace(sets, source="videos", frames="")}
+@pytest.fixture
+def corpus(frames_corpus):
+    return frames_corpus
 
 
 def _key(example: dict) -> tuple:

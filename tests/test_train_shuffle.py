@@ -1,5 +1,6 @@
-"""The training loop's batches under Ray Data's local shuffle, through the real loop, Ray Train (2
-workers) and MLflow: a system that trains nothing but logs which rows each batch held."""
+"""The training loop's batches under Ray Data's local shuffle, through the real loop, Ray Train and
+MLflow, over two whole passes of the data: a system that trains nothing but logs which rows each
+batch held."""
 
 from __future__ import annotations
 
@@ -39,16 +40,27 @@ def _row_logging_system(cfg, device):
     return RowLogger()
 
 
+PASS_STEPS = 56  # repeat_for_steps makes a pass of 7 copies of the 64 rows: 448 rows, 56 batches of 8
+
+
 def _run(stack, tmp_path, name: str, shuffle_buffer: int) -> dict[str, list[float]]:
+    """Two whole passes on one worker, with Ray Data's block order fixed: what differs between
+    the passes is the shuffle alone."""
     import ray.data
 
-    cfg = load_config(PretrainConfig, None, [
-        "train.steps=16", "train.batch_size=8", "train.num_workers=2", "train.checkpoint_every=16",
-        f"train.shuffle_buffer={shuffle_buffer}", f"train.storage_path={tmp_path / 'runs'}",
-        f"mlflow.tracking_uri={stack.env['MLFLOW_TRACKING_URI']}", "mlflow.experiment=test-shuffle"])
-    report = run_training(cfg, job="shuffle", experiment="test-shuffle", run_name=name,
-                          build_system=_row_logging_system, make_dataset=lambda: ray.data.range(ROWS),
-                          tags={}, say=lambda m: None)
+    context = ray.data.DataContext.get_current()
+    before, context.execution_options.preserve_order = context.execution_options.preserve_order, True
+    try:
+        cfg = load_config(PretrainConfig, None, [
+            f"train.steps={2 * PASS_STEPS}", "train.batch_size=8", "train.num_workers=1",
+            f"train.checkpoint_every={2 * PASS_STEPS}", f"train.shuffle_buffer={shuffle_buffer}",
+            f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={stack.env['MLFLOW_TRACKING_URI']}",
+            "mlflow.experiment=test-shuffle"])
+        report = run_training(cfg, job="shuffle", experiment="test-shuffle", run_name=name,
+                              build_system=_row_logging_system, make_dataset=lambda: ray.data.range(ROWS),
+                              tags={}, say=lambda m: None)
+    finally:
+        context.execution_options.preserve_order = before
     client = mlflow.MlflowClient()
     return {key: [m.value for m in sorted(client.get_metric_history(report["mlflow_run_id"], key),
                                           key=lambda m: m.step)]
@@ -56,23 +68,25 @@ def _run(stack, tmp_path, name: str, shuffle_buffer: int) -> dict[str, list[floa
 
 
 def test_batches_are_shuffled_every_epoch_and_read_in_order_when_turned_off(ray_cluster, stack, tmp_path):
-    # 64 rows, 4 rows a worker a step: 8 steps an epoch, 16 steps two epochs.
     shuffled = _run(stack, tmp_path, "shuffled", shuffle_buffer=32)
-    assert len(shuffled["in_dataset_order"]) == 16
-    # Four consecutive ids in order by chance: about one batch in 32**3 / 4 draws.
-    assert sum(shuffled["in_dataset_order"]) <= 2, shuffled
-    # The second epoch is not a replay of the first (the seed follows the step the epoch starts at).
-    assert shuffled["first_row"][:8] != shuffled["first_row"][8:], shuffled
+    assert len(shuffled["in_dataset_order"]) == 2 * PASS_STEPS
+    # Eight consecutive ids in order by chance: about one batch in 32**7 / 8 draws.
+    assert sum(shuffled["in_dataset_order"]) == 0, shuffled
+    # The second pass is not a replay of the first (the seed follows the epoch).
+    first, second = shuffled["first_row"][:PASS_STEPS], shuffled["first_row"][PASS_STEPS:]
+    assert sum(a == b for a, b in zip(first, second)) < PASS_STEPS // 4, (first, second)
 
     ordered = _run(stack, tmp_path, "ordered", shuffle_buffer=0)
     assert all(ordered["in_dataset_order"]), ordered
+    # Unshuffled, both passes read the same rows in the same order.
+    assert ordered["first_row"][:PASS_STEPS] == ordered["first_row"][PASS_STEPS:]
 
 
-def test_shuffle_seeds_differ_per_worker_and_epoch_and_repeat_for_the_same_start():
+def test_shuffle_seeds_differ_per_worker_and_epoch_and_repeat_for_the_same_epoch():
     cfg = load_config(PretrainConfig, None, ["train.shuffle_buffer=128", "train.seed=3"]).train
-    seeds = {shuffle_options(cfg, rank, step)["local_shuffle_seed"] for rank in (0, 1) for step in (0, 8)}
+    seeds = {shuffle_options(cfg, rank, epoch)["local_shuffle_seed"] for rank in (0, 1) for epoch in (0, 1)}
     assert len(seeds) == 4
-    assert shuffle_options(cfg, 1, 8) == shuffle_options(cfg, 1, 8)
+    assert shuffle_options(cfg, 1, 1) == shuffle_options(cfg, 1, 1)
     assert shuffle_options(cfg, 0, 0)["local_shuffle_buffer_size"] == 128
     off = load_config(PretrainConfig, None, ["train.shuffle_buffer=0"]).train
     assert shuffle_options(off, 0, 0) == {}

@@ -58,22 +58,22 @@ def warmup_poly_decay(warmup_steps: int, total_steps: int, power: float = 1.0) -
     return factor
 
 
-def rng_state() -> dict:
-    """Every RNG's state as tensors and plain values (what ``weights_only`` loading accepts)."""
+def rng_state(generator: torch.Generator | None = None) -> dict:
+    """Every RNG's state as tensors and plain values (what ``weights_only`` loading accepts),
+    with ``generator``'s (a system's own draws: masks, pairings) where it has one."""
     import random
-
-    import numpy as np
 
     name, keys, position, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
-            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss]}
+            "numpy": [name, torch.from_numpy(keys.astype(np.int64)), position, has_gauss, gauss],
+            **({"generator": generator.get_state()} if generator is not None else {})}
 
 
-def set_rng_state(state: dict) -> None:
+def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
     import random
 
-    import numpy as np
-
+    if generator is not None and "generator" in state:
+        generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
     name, keys, position, has_gauss, gauss = state["numpy"]
     np.random.set_state((name, keys.numpy().astype(np.uint32), position, has_gauss, gauss))
@@ -84,7 +84,7 @@ def set_rng_state(state: dict) -> None:
 def save_checkpoint(directory: str, model_state: dict, optimizer_state: dict, scheduler, step: int,
                     config: dict, extra: dict | None = None) -> str:
     """``state.pt``: tensors and plain values only, so it loads with ``weights_only=True``; the
-    config with credentials masked."""
+    config with credentials masked. ``extra`` may carry its own ``rng`` (with a system's generator)."""
     path = os.path.join(directory, CHECKPOINT_FILE)
     torch.save({"model": model_state, "optimizer": optimizer_state,
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
@@ -211,6 +211,11 @@ def train_loop_per_worker(config: dict) -> None:
     torch.manual_seed(cfg.train.seed + rank)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     system = build_system(cfg, device)
+    # A system's own CPU generator (masks, pairings): one stream per rank, so workers do not draw
+    # the same masks for their different batches; checkpointed with the other RNGs.
+    generator = getattr(system, "generator", None)
+    if generator is not None and rank > 0:
+        generator.manual_seed(_stream_seed(cfg.train.seed, rank))
     model = system.model = parallelize(system.model, cfg.train.strategy, world, device)
     if cfg.train.compile:
         compiled = compile_layers(model)
@@ -224,18 +229,25 @@ def train_loop_per_worker(config: dict) -> None:
                                  fused=fused or None)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, warmup_poly_decay(cfg.optim.warmup_steps, cfg.train.steps))
-    step = 0
+    step, position = 0, (0, 0)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
         with checkpoint.as_directory() as directory:
             state = load_checkpoint(directory)
         load_full_state(model, optimizer, state["model"], state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        set_rng_state(state["rng"])
         step = state["step"]
+        position = (state.get("epoch", 0), state.get("epoch_batches", 0))
+        # The saved RNGs are rank 0's; the other ranks start streams of their own at this step.
+        if rank == 0:
+            set_rng_state(state["rng"], generator)
+        else:
+            torch.manual_seed(_stream_seed(cfg.train.seed, rank, step))
+            if generator is not None:
+                generator.manual_seed(_stream_seed(cfg.train.seed, rank, step, 1))
     tracker = config["make_tracker"]() if rank == 0 else None
     try:
-        _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world, device)
+        _train(cfg, system, model, optimizer, scheduler, step, position, tracker, rank, world, device)
     except BaseException:
         if tracker:
             tracker.finish("FAILED")
@@ -244,7 +256,13 @@ def train_loop_per_worker(config: dict) -> None:
         tracker.finish()
 
 
-def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world, device) -> None:
+def _stream_seed(*parts: int) -> int:
+    return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
+
+
+def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, rank, world, device) -> None:
+    """Train from ``step``; ``position`` is (epoch, micro-batches of it already trained on): a
+    resumed run skips those, so it sees the batches an uninterrupted run would have."""
     import ray.train
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -260,11 +278,16 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
     # A system's CPU-side randomness (masks, pairings) runs before the copy, so a batch crosses
     # to the GPU once and is never copied back.
     prepare = getattr(system, "prepare", lambda batch: batch)
+    epoch, done = position
     while step < cfg.train.steps:
         # Pinned host memory and two batches in flight: the copy to the GPU overlaps the step.
-        for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate, drop_last=True,
-                                              pin_memory=device.type == "cuda", prefetch_batches=2,
-                                              **shuffle_options(cfg.train, rank, step)):
+        batches = shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate, drop_last=True,
+                                           pin_memory=device.type == "cuda", prefetch_batches=2,
+                                           **shuffle_options(cfg.train, rank, epoch))
+        in_epoch = 0
+        for in_epoch, batch in enumerate(batches, start=1):
+            if in_epoch <= done:  # trained on before the checkpoint this run resumed from
+                continue
             batch = to_device(prepare(batch), device)
             counter = FlopCounterMode(display=False) if flops_per_example is None else nullcontext()
             with counter:
@@ -303,22 +326,30 @@ def _train(cfg, system, model, optimizer, scheduler, step, tracker, rank, world,
                 if tracker:
                     tracker.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step)
             if step % cfg.train.checkpoint_every == 0 or last:
-                _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint=True)
+                _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint=True,
+                        resume={"epoch": epoch, "epoch_batches": in_epoch,
+                                "rng": rng_state(getattr(system, "generator", None))})
             elif validate_now:  # a result without a checkpoint: Tune's schedulers act on it
                 _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint=False)
             if step >= cfg.train.steps:
                 return
+        if in_epoch == 0:
+            raise RuntimeError(f"worker {rank}'s share of the training data holds no full batch of "
+                               f"{per_worker} rows in epoch {epoch}: lower train.batch_size or add data")
+        epoch, done = epoch + 1, 0
 
 
-def shuffle_options(train, rank: int, step: int) -> dict:
+def shuffle_options(train, rank: int, epoch: int) -> dict:
     """Ray Data's local shuffle for one epoch of one worker. Unshuffled, rows come in dataset order:
     a video's clips side by side, so in-batch negatives (contrastive, matching) would mostly be
     other clips of the text's own video, and every epoch would repeat the same batches. The seed
-    follows (seed, rank, the step the epoch starts at): a new order every epoch and after a resume.
-    (Which rows reach which worker is Ray Data's streaming split, not seeded.)"""
+    follows (seed, rank, epoch): a new order every epoch, the same order when a resumed run
+    replays the epoch it stopped in. (Which rows reach which worker is Ray Data's streaming
+    split, not seeded: with several workers a resumed epoch holds the same rows only where the
+    split repeats.)"""
     if not train.shuffle_buffer:
         return {}
-    seed = int(np.random.SeedSequence([train.seed, rank, step]).generate_state(1)[0])
+    seed = int(np.random.SeedSequence([train.seed, rank, epoch]).generate_state(1)[0])
     return {"local_shuffle_buffer_size": train.shuffle_buffer, "local_shuffle_seed": seed}
 
 
@@ -358,7 +389,10 @@ def _validate(system, model, per_worker: int, world: int, seed: int, device) -> 
     return {f"val_{k}": (totals[i] / totals[-1]).item() for i, k in enumerate(names)}
 
 
-def _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint: bool) -> None:
+def _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint: bool,
+            resume: dict | None = None) -> None:
+    """Report ``metrics`` to Ray Train, with a checkpoint that holds ``resume`` (where in the data
+    and the RNG streams the run stands) when ``with_checkpoint``."""
     import dataclasses
 
     import ray.train
@@ -369,7 +403,8 @@ def _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoi
     model_state, optimizer_state = full_state(model, optimizer)  # every rank: collective under FSDP
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:  # the states are whole on rank 0: one copy is enough
-            save_checkpoint(directory, model_state, optimizer_state, scheduler, step, dataclasses.asdict(cfg))
+            save_checkpoint(directory, model_state, optimizer_state, scheduler, step, dataclasses.asdict(cfg),
+                            extra=resume)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
