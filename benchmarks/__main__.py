@@ -10,7 +10,8 @@ import time
 BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache",
               "sweep_asha": "benchmarks.sweep_asha", "ray_overhead": "benchmarks.ray_overhead",
               "retrieval_eval": "benchmarks.retrieval_eval", "ingest": "benchmarks.ingest",
-              "extract_scaling": "benchmarks.extract_scaling", "memory": "benchmarks.memory"}
+              "extract_scaling": "benchmarks.extract_scaling", "memory": "benchmarks.memory",
+              "ablations": "benchmarks.ablations"}
 
 
 def main() -> None:

@@ -40,13 +40,16 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     result = json.loads((tmp_path / "demo.json").read_text())
     assert result["done"]["synth"]["videos"] == 6
     assert result["done"]["synth"]["splits"] == {"test": 1, "train": 4, "val": 1}
+    # VLM pre-trains on a corpus of its own: twice the videos, ASR-style captions, no downstream video.
+    assert result["done"]["synth_pretrain"]["videos"] == 12
+    assert result["done"]["synth_pretrain"]["splits"] == {"train": 12}
     clips = result["done"]["clips"]
     assert clips["clips"] == result["done"]["synth"]["captions"] > 6 and clips["quarantined"] == 0
     features = result["done"]["features"]
-    assert set(features) == {"text", "s3d", "frames"}
-    assert features["s3d"]["rows"] == features["text"]["rows"] == 6
-    assert features["frames"]["rows"] == clips["clips"]
-    assert (tmp_path / "configs" / "extract_s3d.yaml").exists()
+    assert set(features) == {"text", "image2d", "pretrain_text", "pretrain_image2d"}
+    assert features["image2d"]["rows"] == features["text"]["rows"] == 6
+    assert features["pretrain_image2d"]["rows"] == features["pretrain_text"]["rows"] == 12
+    assert (tmp_path / "configs" / "extract_pretrain_image2d.yaml").exists()
     pretrain = result["done"]["pretrain"]
     assert pretrain["step"] == 300 and pretrain["checkpoint"].endswith("checkpoint_00000300")
     assert (tmp_path / "configs" / "pretrain.yaml").exists()
@@ -60,14 +63,15 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
         assert run["checkpoint"].endswith("checkpoint_00000300")
     assert "retrieval on the held-out test split" in first.stdout and "random init" in first.stdout
     assert (tmp_path / "configs" / "evaluate_pretrained.yaml").exists()
-    # It ends with a small MMM-ratio sweep: three trials, the best by val R@1, its config saved.
+    # It ends with a small MMM-ratio sweep: three trials, each run to the end and chosen by the
+    # downstream val R@1 (no early stop on a pre-training loss), its config saved.
     sweep = result["done"]["sweep"]
-    assert [t["objective.mmm_ratio"] for t in sweep["trials"]] == [0.0, 0.3, 0.7]
-    assert sum(sweep["counts"].values()) == 3 and sweep["counts"]["failed"] == 0
+    assert [t["objective.mmm_ratio"] for t in sweep["trials"]] == [0.0, 0.5]
+    assert sweep["counts"]["done"] == 2
     assert sweep["best"]["status"] == "done" and 0 <= sweep["best"]["t2v_R1"] <= 1
     assert f"sweep {sweep['name']}: best MMM ratio" in first.stdout
     assert load_config(SweepConfig, str(tmp_path / "configs" / "sweep.yaml")).space == {
-        "objective.mmm_ratio": {"grid": [0.0, 0.3, 0.7]}}
+        "objective.mmm_ratio": {"grid": [0.0, 0.5]}}
     # Saved configs load back with their own schema (and are what the steps ran with).
     assert load_config(SynthConfig, str(tmp_path / "configs" / "synth.yaml")).videos == 6
     assert load_config(ClipsConfig, str(tmp_path / "configs" / "clips.yaml")).num_frames == 4
@@ -82,8 +86,8 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     second = demo(tmp_path, 400)
     assert second.returncode == 0, second.stderr[-3000:]
     assert "corpus: reusing" in second.stdout and "clips: reusing" in second.stdout
-    assert second.stdout.count("nothing to do:") == 3
-    assert json.loads((tmp_path / "demo.json").read_text())["done"]["features"]["s3d"]["extracted_videos"] == 0
+    assert second.stdout.count("nothing to do:") == 4
+    assert json.loads((tmp_path / "demo.json").read_text())["done"]["features"]["image2d"]["extracted_videos"] == 0
     again = json.loads((tmp_path / "demo.json").read_text())
     assert again["done"]["clips"]["clips"] == clips["clips"]
     assert again["done"]["mlflow"]["run_id"] != result["done"]["mlflow"]["run_id"]
@@ -95,12 +99,12 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert "sweep: reusing" in second.stdout and again["done"]["sweep"] == sweep
 
     # The same work dir with a frames model, E-ViLM (the longest frames path; All-in-one's and
-    # LAVENDER's are the same minus the tokenizer): corpus, clips and the frames feature set are
-    # reused; the VQ tokenizer, its codes, pre-training with MVM, retrieval and QA fine-tuning and
+    # LAVENDER's are the same minus the tokenizer): corpus and clips are reused; the frames feature
+    # set, the VQ tokenizer, its codes, pre-training with MVM, retrieval and QA fine-tuning and
     # their evaluations run; --quick (a fifth of the steps) keeps this to the path, not the scores.
     frames_run = demo(tmp_path, 600, "--model", "evilm", "--quick")
     assert frames_run.returncode == 0, frames_run.stderr[-3000:]
-    assert "corpus: reusing" in frames_run.stdout and frames_run.stdout.count("nothing to do:") == 1
+    assert "corpus: reusing" in frames_run.stdout and "pre-training corpus" not in frames_run.stdout
     evilm = json.loads((tmp_path / "demo.json").read_text())
     assert evilm["model"] == "evilm" and evilm["quick"] and set(evilm["done"]["features"]) == {"frames"}
     result = evilm["done"]["evilm"]

@@ -1,0 +1,206 @@
+"""ablations: the papers' VLM ablations on the held-out downstream test split, 3+ seeds, 95% intervals.
+
+The setting of `vidray demo`: VLM (tiny) pre-trains on an ASR-style corpus of its own (twice the
+downstream videos, noisy captions) on ImageNet EfficientNet-Lite0 features, is fine-tuned for
+retrieval on the clean downstream corpus's train split and scored on its test split (text->video
+R@1/R@5/median rank, multiple-choice QA). Each seed (`train.seed` of every run; the corpora stay
+fixed) runs every variant:
+
+    default      pre-trained: MMM 50%, masked token loss (VLM's recipe)
+    mmm0         pre-trained with MMM 0 (VLM Tab. 8: MMM helps retrieval)
+    mfm_mlm      pre-trained with the MFM-MLM (NCE + MLM) baseline loss (VLM: masked token loss helps)
+    random_init  no pre-training (the fine-tuning alone)
+
+Each comparison is the per-seed paired difference, its mean and a 95% Student-t interval (n-1
+degrees of freedom); "reproduced" means the interval lies on the paper's side of zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import tempfile
+
+# The paper's direction for each comparison: (variant, baseline, what the paper reports).
+COMPARISONS = [
+    ("default", "random_init", "pre-training helps retrieval (all papers)"),
+    ("default", "mmm0", "MMM 50% beats MMM 0 on retrieval (VLM Tab. 8)"),
+    ("default", "mfm_mlm", "the masked token loss beats MFM-MLM (VLM Tab. 7)"),
+]
+VARIANTS = {"default": [], "mmm0": ["objective.mmm_ratio=0.0"], "mfm_mlm": ["objective.name=mfm_mlm"],
+            "random_init": None}
+METRICS = ("t2v_R1", "t2v_R5", "t2v_MdR", "mc_accuracy")
+# Student-t 97.5% quantiles by degrees of freedom (a 95% two-sided interval).
+T975 = {1: 12.706, 2: 4.303, 3: 3.182, 4: 2.776, 5: 2.571, 6: 2.447, 7: 2.365, 8: 2.306, 9: 2.262}
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--videos", type=int, default=48, help="downstream videos; the pre-training corpus has "
+                   "twice as many (default 48, as `make demo`)")
+    p.add_argument("--seeds", default="0,1,2", help="train.seed values (default 0,1,2)")
+    p.add_argument("--pretrain-steps", type=int, default=300, help="pre-training steps (default 300)")
+    p.add_argument("--finetune-steps", type=int, default=300, help="retrieval fine-tuning steps (default 300)")
+    p.add_argument("--variants", default=",".join(VARIANTS), help=f"subset of {', '.join(VARIANTS)}")
+    p.add_argument("--workdir", help="keep corpora, features, runs and per-run results here (a rerun "
+                   "reuses finished runs); default: a temp dir")
+
+
+def mean_interval(values: list[float]) -> tuple[float, float]:
+    """Mean and the half-width of its 95% Student-t interval (nan with one value)."""
+    mean = statistics.fmean(values)
+    if len(values) < 2:
+        return mean, float("nan")
+    return mean, T975.get(len(values) - 1, 1.96) * statistics.stdev(values) / math.sqrt(len(values))
+
+
+def verdict(mean: float, half: float, higher_is_better: bool = True) -> str:
+    if math.isnan(half):
+        return "one seed: no interval"
+    low, high = (mean - half, mean + half) if higher_is_better else (-(mean + half), -(mean - half))
+    if low > 0:
+        return "reproduced"
+    if high < 0:
+        return "opposite"
+    return "interval includes 0"
+
+
+def corpora(workdir: str, videos: int) -> dict:
+    """The downstream (clean) and pre-training (asr) corpora with their text and image2d sets."""
+    from vidray.feature_store.extract import ExtractConfig, run_extract
+    from vidray.synth import SynthConfig, synthesize
+
+    out = {}
+    for style, count in (("clean", videos), ("asr", 2 * videos)):
+        corpus = os.path.join(workdir, f"corpus_{style}")
+        manifest = os.path.join(corpus, "manifest.parquet")
+        if not os.path.exists(manifest):
+            synthesize(corpus, SynthConfig(videos=count, seed=0, min_seconds=4.0, max_seconds=10.0, style=style),
+                       progress=False)
+        common = {"manifest": manifest, "root": os.path.join(workdir, "features"), "videos_per_part": 8}
+        sets = {name: run_extract(ExtractConfig(**common, extractor=name, name=f"{style}_{name}"),
+                                  progress=False)["uri"] for name in ("text", "image2d")}
+        out[style] = {"manifest": manifest, "mc": os.path.join(corpus, "mc.jsonl"), **sets}
+    return out
+
+
+def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
+    """Pre-train (unless random_init), fine-tune, evaluate; the metrics, saved so a rerun reuses them."""
+    from vidray.config import load_config
+    from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
+    from vidray.vlm.evaluate import run_evaluate
+    from vidray.vlm.finetune import run_finetune
+    from vidray.vlm.pretrain import run_pretrain
+
+    saved = os.path.join(workdir, "results", f"{variant}-seed{seed}.json")
+    if os.path.exists(saved):
+        return json.loads(open(saved).read())
+    common = [f"train.seed={seed}", "model.flavour=tiny", "train.batch_size=32", "train.num_workers=2",
+              "train.log_every=100", f"train.storage_path={os.path.join(workdir, 'runs')}", "optim.lr=1e-3",
+              "optim.warmup_steps=10", f"mlflow.tracking_uri=sqlite:///{os.path.join(workdir, 'mlflow.db')}",
+              "mlflow.experiment=bench-ablations"]
+    init = None
+    if VARIANTS[variant] is not None:
+        asr = data["asr"]
+        pretrain = load_config(PretrainConfig, None, common + VARIANTS[variant] + [
+            f"data.features={asr['image2d']}", f"data.text={asr['text']}", f"data.manifest={asr['manifest']}",
+            "data.clips_per_video=16", f"train.steps={args.pretrain_steps}",
+            f"train.checkpoint_every={args.pretrain_steps}", f"train.run_name=pretrain-{variant}-seed{seed}"])
+        init = run_pretrain(pretrain, say=lambda m: None)["checkpoint"]
+    clean = data["clean"]
+    finetune = load_config(FinetuneConfig, None, common + [
+        "task=retrieval", f"init_from={init or 'null'}", f"data.features={clean['image2d']}",
+        f"data.text={clean['text']}", f"data.manifest={clean['manifest']}", "data.split=train",
+        f"train.steps={args.finetune_steps}", f"train.checkpoint_every={args.finetune_steps}",
+        f"train.run_name=finetune-{variant}-seed{seed}"])
+    tuned = run_finetune(finetune, say=lambda m: None)
+    evaluation = EvaluateConfig(checkpoint=tuned["checkpoint"], split="test", mc=clean["mc"])
+    evaluation.mlflow.tracking_uri = finetune.mlflow.tracking_uri
+    evaluation.mlflow.experiment = "bench-ablations"
+    metrics = run_evaluate(evaluation, say=lambda m: None)["metrics"]
+    result = {"variant": variant, "seed": seed, **{k: metrics[k] for k in METRICS},
+              "examples": metrics["examples"], "chance_R1": metrics["chance_R1"], "mc_chance": metrics["mc_chance"]}
+    os.makedirs(os.path.dirname(saved), exist_ok=True)
+    with open(saved, "w") as f:
+        json.dump(result, f, indent=2)
+    return result
+
+
+def summarize(results: list[dict], seeds: list[int]) -> tuple[list[dict], list[dict]]:
+    """Per-variant means with intervals, and the paired comparisons."""
+    by = {(r["variant"], r["seed"]): r for r in results}
+    variants = [v for v in VARIANTS if any((v, s) in by for s in seeds)]
+    table = []
+    for variant in variants:
+        row = {"variant": variant, "seeds": sum((variant, s) in by for s in seeds)}
+        for metric in METRICS:
+            row[metric] = mean_interval([by[variant, s][metric] for s in seeds if (variant, s) in by])
+        table.append(row)
+    comparisons = []
+    for variant, baseline, claim in COMPARISONS:
+        paired = [s for s in seeds if (variant, s) in by and (baseline, s) in by]
+        if not paired:
+            continue
+        row = {"variant": variant, "baseline": baseline, "claim": claim, "seeds": len(paired)}
+        for metric in METRICS:
+            diffs = [by[variant, s][metric] - by[baseline, s][metric] for s in paired]
+            mean, half = mean_interval(diffs)
+            row[metric] = (mean, half, verdict(mean, half, higher_is_better=metric != "t2v_MdR"))
+        comparisons.append(row)
+    return table, comparisons
+
+
+def _cell(mean: float, half: float, digits: int = 3) -> str:
+    return f"{mean:.{digits}f}" if math.isnan(half) else f"{mean:.{digits}f} ± {half:.{digits}f}"
+
+
+def markdown(args, table: list[dict], comparisons: list[dict], chance: dict, seeds: list[int]) -> str:
+    lines = ["## ablations: VLM pre-training, MMM and the masked token loss, with seeds", "",
+             f"`python -m benchmarks ablations --videos {args.videos} --seeds {args.seeds} --pretrain-steps "
+             f"{args.pretrain_steps} --finetune-steps {args.finetune_steps}`", "",
+             f"VLM (tiny) pre-trained on an ASR-style synthetic corpus of {2 * args.videos} videos "
+             f"(EfficientNet-Lite0 features, {args.pretrain_steps} steps), fine-tuned for retrieval on the "
+             f"{args.videos}-video downstream corpus ({args.finetune_steps} steps) and scored on its held-out "
+             f"test split: {chance['examples']} clips (chance R@1 {chance['chance_R1']:.3f}, MC-QA chance "
+             f"{chance['mc_chance']:.2f}). Mean ± 95% t-interval over seeds {', '.join(map(str, seeds))}.", "",
+             "| variant | seeds | t2v R@1 | t2v R@5 | t2v MdR | MC-QA |", "|---|---:|---:|---:|---:|---:|"]
+    for row in table:
+        lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(
+            _cell(*row[m], digits=1 if m == "t2v_MdR" else 3) for m in METRICS) + " |")
+    lines += ["", "Paired differences (variant − baseline, same seed); MdR: lower is better.", "",
+              "| comparison | paper | seeds | Δ t2v R@1 | Δ t2v R@5 | Δ MdR | Δ MC-QA |",
+              "|---|---|---:|---|---|---|---|"]
+    for row in comparisons:
+        cells = [f"{_cell(*row[m][:2], digits=1 if m == 't2v_MdR' else 3)} ({row[m][2]})" for m in METRICS]
+        lines.append(f"| {row['variant']} vs {row['baseline']} | {row['claim']} | {row['seeds']} | "
+                     + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def run(args) -> dict:
+    import ray
+
+    from benchmarks.report import publish
+    from vidray.train.job import start_local_ray
+
+    workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-ablations-")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    variants = [v.strip() for v in args.variants.split(",")]
+    unknown = sorted(set(variants) - set(VARIANTS))
+    if unknown:
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+    if not ray.is_initialized():
+        start_local_ray(num_cpus=max(4, 2 * (os.cpu_count() or 1)), log_to_driver=False)
+    data = corpora(workdir, args.videos)
+    results = []
+    for seed in seeds:
+        for variant in variants:
+            result = one_run(args, workdir, data, variant, seed)
+            print(f"seed {seed} {variant}: " + ", ".join(f"{k} {result[k]:.3f}" for k in METRICS), flush=True)
+            results.append(result)
+    table, comparisons = summarize(results, seeds)
+    summary = {"workdir": workdir, "seeds": seeds, "results": results, "table": table, "comparisons": comparisons}
+    publish("ablations", summary, markdown(args, table, comparisons, results[0], seeds))
+    return summary
