@@ -51,7 +51,8 @@ def test_unreachable_endpoint_is_one_clear_error(monkeypatch, capfd):
     assert str(info.value).startswith("s3://some-bucket/v.mp4: ") and "http://127.0.0.1:9" in str(info.value)
     assert isinstance(info.value, StorageError)
     # read_bytes retries the open inside its own retry: the loop that waited says how often it tried.
-    assert re.search(r"\(\d+ attempts; last: EndpointConnectionError", str(info.value)), str(info.value)
+    # (one attempt when a loaded machine makes the first one outlast the 2 s)
+    assert re.search(r"\(\d+ attempts?; last: EndpointConnectionError", str(info.value)), str(info.value)
     # It waited with backoff before giving up, saying so each time.
     assert warnings and all("storage unreachable" in w and "try " in w for w in warnings)
 
