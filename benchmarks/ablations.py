@@ -94,7 +94,8 @@ def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     from vidray.vlm.finetune import run_finetune
     from vidray.vlm.pretrain import run_pretrain
 
-    saved = os.path.join(workdir, "results", f"{variant}-seed{seed}.json")
+    steps = f"pt{args.pretrain_steps}-ft{args.finetune_steps}"
+    saved = os.path.join(workdir, "results", f"{variant}-{steps}-seed{seed}.json")
     if os.path.exists(saved):
         return json.loads(open(saved).read())
     common = [f"train.seed={seed}", "model.flavour=tiny", "train.batch_size=32", "train.num_workers=2",
@@ -107,14 +108,15 @@ def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
         pretrain = load_config(PretrainConfig, None, common + VARIANTS[variant] + [
             f"data.features={asr['image2d']}", f"data.text={asr['text']}", f"data.manifest={asr['manifest']}",
             "data.clips_per_video=16", f"train.steps={args.pretrain_steps}",
-            f"train.checkpoint_every={args.pretrain_steps}", f"train.run_name=pretrain-{variant}-seed{seed}"])
+            f"train.checkpoint_every={args.pretrain_steps}",
+            f"train.run_name=pretrain-{variant}-pt{args.pretrain_steps}-seed{seed}"])
         init = run_pretrain(pretrain, say=lambda m: None)["checkpoint"]
     clean = data["clean"]
     finetune = load_config(FinetuneConfig, None, common + [
         "task=retrieval", f"init_from={init or 'null'}", f"data.features={clean['image2d']}",
         f"data.text={clean['text']}", f"data.manifest={clean['manifest']}", "data.split=train",
         f"train.steps={args.finetune_steps}", f"train.checkpoint_every={args.finetune_steps}",
-        f"train.run_name=finetune-{variant}-seed{seed}"])
+        f"train.run_name=finetune-{variant}-{steps}-seed{seed}"])
     tuned = run_finetune(finetune, say=lambda m: None)
     evaluation = EvaluateConfig(checkpoint=tuned["checkpoint"], split="test", mc=clean["mc"])
     evaluation.mlflow.tracking_uri = finetune.mlflow.tracking_uri
@@ -157,7 +159,7 @@ def _cell(mean: float, half: float, digits: int = 3) -> str:
 
 
 def markdown(args, table: list[dict], comparisons: list[dict], chance: dict, seeds: list[int]) -> str:
-    lines = ["## ablations: VLM pre-training, MMM and the masked token loss, with seeds", "",
+    lines = [f"### {args.finetune_steps} fine-tuning steps", "",
              f"`python -m benchmarks ablations --videos {args.videos} --seeds {args.seeds} --pretrain-steps "
              f"{args.pretrain_steps} --finetune-steps {args.finetune_steps}`", "",
              f"VLM (tiny) pre-trained on an ASR-style synthetic corpus of {2 * args.videos} videos "
@@ -202,5 +204,5 @@ def run(args) -> dict:
             results.append(result)
     table, comparisons = summarize(results, seeds)
     summary = {"workdir": workdir, "seeds": seeds, "results": results, "table": table, "comparisons": comparisons}
-    publish("ablations", summary, markdown(args, table, comparisons, results[0], seeds))
+    publish(f"ablations-ft{args.finetune_steps}", summary, markdown(args, table, comparisons, results[0], seeds))
     return summary

@@ -354,6 +354,11 @@ def _print_retrieval(retrieval: dict) -> None:
     for label, key, chance in rows:
         chance_text = f"{first[chance]:8.3f}" if chance else " " * 8
         say(f"  {label:18s} {retrieval['pretrained'][key]:12.3f} {retrieval['random_init'][key]:12.3f} {chance_text}")
+    gain = retrieval["pretrained"]["t2v_R1"] - retrieval["random_init"]["t2v_R1"]
+    hits = round(gain * first["examples"])
+    say(f"pre-training {'gained' if hits > 0 else 'lost' if hits < 0 else 'changed'} {abs(hits)} text->video "
+        f"hit(s) at R@1 over random init on this run ({first['examples']} clips, one seed). Over seeds, "
+        "`python -m benchmarks ablations` measures it (BENCHMARKS.md, \"ablations\")")
 
 
 def _contact_sheet(clips_dir: str, count: int = 4):
