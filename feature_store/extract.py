@@ -28,7 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vidray import storage
-from vidray.quarantine import QUARANTINE_SCHEMA, overrun_counts, quarantine_record
+from vidray.quarantine import QUARANTINE_SCHEMA, conform, overrun_counts, quarantine_record
 from vidray.config import ConfigError, option
 from vidray.feature_store import store
 from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, Image2DExtractConfig,
@@ -196,7 +196,8 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
 def _quarantine_counts(version: str, shards: list) -> dict[str, int]:
     """Whole videos quarantined and captions clipped / skipped, from the shards' quarantine files
     (small: a few records per shard), which may come from an earlier, interrupted run."""
-    tables = [store.read_parquet(storage.join(version, store.quarantine_name(shard))) for shard, _ in shards]
+    tables = [conform(store.read_parquet(storage.join(version, store.quarantine_name(shard))))
+              for shard, _ in shards]  # conformed first: an older run's files have no clip_index
     return overrun_counts(pa.concat_tables(tables))
 
 

@@ -100,7 +100,7 @@ def _features(workdir: str, configs_dir: str, manifest_uri: str,
     for name, cfg in steps.items():
         if name not in names:
             continue
-        cfg.name = prefix + name
+        cfg.name = prefix + name  # the set's folder: text and pretrain_text side by side
         say(f"extract {cfg.name}: one-time feature extraction to {root}/{cfg.name}/")
         _save_config(configs_dir, f"extract_{cfg.name}", cfg)
         report = run_extract(cfg, progress=True, say=say)

@@ -82,12 +82,12 @@ def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None
 
 
 def save_checkpoint(directory: str, model_state: dict, optimizer_state: dict, scheduler, step: int,
-                    config: dict, extra: dict | None = None) -> str:
+                    config: dict, extra: dict | None = None, rng: dict | None = None) -> str:
     """``state.pt``: tensors and plain values only, so it loads with ``weights_only=True``; the
-    config with credentials masked. ``extra`` may carry its own ``rng`` (with a system's generator)."""
+    config with credentials masked. ``rng``: :func:`rng_state` (default: without a generator)."""
     path = os.path.join(directory, CHECKPOINT_FILE)
     torch.save({"model": model_state, "optimizer": optimizer_state,
-                "scheduler": scheduler.state_dict(), "step": step, "rng": rng_state(),
+                "scheduler": scheduler.state_dict(), "step": step, "rng": rng or rng_state(),
                 "config": redact(config), **(extra or {})}, path)
     return path
 
@@ -327,8 +327,8 @@ def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, ra
                     tracker.log({k: v for k, v in metrics.items() if k.startswith("val_")}, step)
             if step % cfg.train.checkpoint_every == 0 or last:
                 _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint=True,
-                        resume={"epoch": epoch, "epoch_batches": in_epoch,
-                                "rng": rng_state(getattr(system, "generator", None))})
+                        position={"epoch": epoch, "epoch_batches": in_epoch},
+                        rng=rng_state(getattr(system, "generator", None)))
             elif validate_now:  # a result without a checkpoint: Tune's schedulers act on it
                 _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint=False)
             if step >= cfg.train.steps:
@@ -390,9 +390,9 @@ def _validate(system, model, per_worker: int, world: int, seed: int, device) -> 
 
 
 def _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoint: bool,
-            resume: dict | None = None) -> None:
-    """Report ``metrics`` to Ray Train, with a checkpoint that holds ``resume`` (where in the data
-    and the RNG streams the run stands) when ``with_checkpoint``."""
+            position: dict | None = None, rng: dict | None = None) -> None:
+    """Report ``metrics`` to Ray Train, with a checkpoint when ``with_checkpoint`` that also holds
+    ``position`` (where in the data the run stands) and ``rng`` (its RNG streams)."""
     import dataclasses
 
     import ray.train
@@ -404,7 +404,7 @@ def _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoi
     with tempfile.TemporaryDirectory() as directory:
         if rank == 0:  # the states are whole on rank 0: one copy is enough
             save_checkpoint(directory, model_state, optimizer_state, scheduler, step, dataclasses.asdict(cfg),
-                            extra=resume)
+                            extra=position, rng=rng)
         checkpoint = ray.train.Checkpoint.from_directory(directory) if rank == 0 else None
         ray.train.report({**metrics, "step": step}, checkpoint=checkpoint,
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
