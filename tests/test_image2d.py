@@ -113,4 +113,7 @@ def test_vlm_pretrains_on_image2d_features(image2d_set, tmp_path, stack):
         "mlflow.experiment=test-image2d"])
     report = run_pretrain(cfg, say=lambda m: None)
     assert report["metrics"]["step"] == 6 and np.isfinite(report["metrics"]["loss"])
-    assert cfg.model.video_dim == 1280
+    # the run trained at the feature set's width (resolved on a copy of cfg, logged as a param)
+    import mlflow
+    params = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"]).get_run(report["mlflow_run_id"]).data.params
+    assert params["model.video_dim"] == "1280" and cfg.model.video_dim is None
