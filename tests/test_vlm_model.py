@@ -230,10 +230,12 @@ def offline(monkeypatch):
 def test_minilm_backbone_loads_offline(offline):
     from safetensors import safe_open
 
-    from vidray.feature_store.extractors import resolve_tokenizer
+    from vidray.models.weights import resolve_text_model
 
-    folder = resolve_tokenizer("minilm")
-    model = build_vlm(ModelConfig(flavour="tiny", text_backbone=folder)).eval()
+    folder = resolve_text_model("minilm")
+    # 'minilm' names the shipped files (what the demo's configs say); a folder works the same way
+    model = build_vlm(ModelConfig(flavour="tiny", text_backbone="minilm")).eval()
+    torch.testing.assert_close(model.word_embeddings, build_vlm(ModelConfig(text_backbone=folder)).word_embeddings)
     assert (model.hidden_size, len(model.bert.encoder.layer), model.vocab_size) == (384, 6, 30522)
     with safe_open(os.path.join(folder, "model.safetensors"), "pt") as f:
         torch.testing.assert_close(model.word_embeddings.detach(), f.get_tensor("embeddings.word_embeddings.weight"))

@@ -40,10 +40,10 @@ def tokenizer_for(name: str):
     """The tokenizer of ``model.tokenizer`` (loaded once per process)."""
     from transformers import AutoTokenizer
 
-    from vidray.feature_store.extractors import resolve_tokenizer
+    from vidray.models.weights import resolve_text_model
 
     try:
-        return AutoTokenizer.from_pretrained(resolve_tokenizer(name))
+        return AutoTokenizer.from_pretrained(resolve_text_model(name))
     except OSError as err:
         raise ConfigError("model.tokenizer", f"cannot load tokenizer {name!r} ({err}); use 'minilm' "
                           "or a local tokenizer folder") from None

