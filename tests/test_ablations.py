@@ -26,10 +26,10 @@ def test_verdict_names_the_side_of_zero_and_knows_lower_is_better():
 def test_comparisons_pair_runs_of_the_same_seed():
     metrics = {"t2v_R5": 0.0, "t2v_MdR": 10.0, "mc_accuracy": 0.2}
     results = [{"variant": "default", "seed": s, "t2v_R1": 0.2 + 0.1 * s, **metrics} for s in (0, 1, 2)]
-    results += [{"variant": "random_init", "seed": s, "t2v_R1": 0.1 + 0.1 * s, **metrics} for s in (0, 1, 2)]
+    results += [{"variant": "no_pretrain", "seed": s, "t2v_R1": 0.1 + 0.1 * s, **metrics} for s in (0, 1, 2)]
     table, comparisons = summarize(results, [0, 1, 2])
-    assert [row["variant"] for row in table] == ["default", "random_init"]
-    (row,) = comparisons  # only default vs random_init has both sides
+    assert [row["variant"] for row in table] == ["default", "no_pretrain"]
+    (row,) = comparisons  # only default vs no_pretrain has both sides
     mean, half, said = row["t2v_R1"]
     # Unpaired, the seeds' spread (0.1 per seed) would swamp the difference; paired it is exact.
     assert mean == pytest.approx(0.1) and half == pytest.approx(0.0, abs=1e-12) and said == "reproduced"
