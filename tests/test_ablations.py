@@ -34,3 +34,18 @@ def test_comparisons_pair_runs_of_the_same_seed():
     # Unpaired, the seeds' spread (0.1 per seed) would swamp the difference; paired it is exact.
     assert mean == pytest.approx(0.1) and half == pytest.approx(0.0, abs=1e-12) and said == "reproduced"
     assert row["t2v_MdR"][2] == "interval includes 0"
+
+
+def test_benchmarks_help_lists_every_benchmark_and_all_leaves_out_the_hour_long_ones():
+    # A '%' in a module's first doc line once broke argparse's --help.
+    import subprocess
+    import sys
+
+    from benchmarks.__main__ import BENCHMARKS, BY_NAME_ONLY
+    from conftest import REPO
+
+    out = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=REPO, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert all(name in out.stdout for name in BENCHMARKS) and "but ablations" in out.stdout
+    assert BY_NAME_ONLY == {"ablations"}
