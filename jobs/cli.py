@@ -430,7 +430,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--workdir", default="demo-work", help="where everything goes (default ./demo-work)")
     p.add_argument("--videos", type=int, default=48, help="synthetic videos (default 48)")
     p.add_argument("--model", choices=["vlm", "allinone", "lavender", "evilm"], default="vlm",
-                   help="vlm (default): S3D + text features, VLM pre-training, retrieval, a sweep; "
+                   help="vlm (default): EfficientNet-Lite0 + text features, VLM (from all-MiniLM-L6-v2) "
+                   "pre-trained on an ASR-style corpus, retrieval with and without it, an MMM sweep; "
                    "allinone | lavender: frames feature set, pre-training, retrieval and QA "
                    "fine-tuning; evilm: the same after training its VQ tokenizer and caching its codes")
     p.add_argument("--quick", action="store_true",

@@ -47,7 +47,7 @@ def test_overrides_apply_with_yaml_types():
     assert cfg.optim.betas == [0.9, 0.99]
     assert cfg.model.text_backbone is None
     assert cfg.train.use_gpu is True and cfg.train.run_name == "exp-1"
-    assert cfg.train.steps == 60  # from the preset, untouched
+    assert cfg.train.steps == 300  # from the preset, untouched
     assert cfg.optim.lr == 1e-3  # YAML 1.1 would read '1e-3' as a string
 
 
