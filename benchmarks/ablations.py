@@ -53,7 +53,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--backbone", choices=sorted(BACKBONES), default="minilm",
                    help="minilm: BERT starts from all-MiniLM-L6-v2 (384 wide, 6 layers; the papers start "
                    "from BERT); none: the tiny flavour from random weights (default minilm)")
-    p.add_argument("--batch-size", type=int, default=16, help="global batch of every run (default 16)")
+    p.add_argument("--batch-size", type=int, default=16, help="global batch of pre-training (default 16)")
+    p.add_argument("--finetune-batch-size", type=int, help="global batch of fine-tuning (default: --batch-size); "
+                   "VLM's contrastive loss sees one worker's share of it")
     p.add_argument("--lr", type=float, help="peak learning rate of every run (default: 1e-4 with "
                    "minilm, 1e-3 with none)")
     p.add_argument("--workdir", help="keep corpora, features, runs and per-run results here (a rerun "
@@ -102,6 +104,10 @@ def learning_rate(args) -> float:
     return args.lr or DEFAULT_LR[args.backbone]
 
 
+def finetune_batch(args) -> int:
+    return args.finetune_batch_size or args.batch_size
+
+
 def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     """Pre-train (unless no_pretrain), fine-tune, evaluate; the metrics, saved so a rerun reuses them."""
     from vidray.config import load_config
@@ -110,12 +116,13 @@ def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     from vidray.vlm.finetune import run_finetune
     from vidray.vlm.pretrain import run_pretrain
 
-    steps = f"{args.backbone}-pt{args.pretrain_steps}-ft{args.finetune_steps}"
+    # Every setting that changes a run is in its name: a rerun reuses only what it would compute.
+    pretrained = f"{args.backbone}-b{args.batch_size}-lr{learning_rate(args):g}-pt{args.pretrain_steps}"
+    steps = f"{pretrained}-ft{args.finetune_steps}-b{finetune_batch(args)}"
     saved = os.path.join(workdir, "results", f"{variant}-{steps}-seed{seed}.json")
     if os.path.exists(saved):
         return json.loads(open(saved).read())
-    common = [f"train.seed={seed}", *BACKBONES[args.backbone], f"train.batch_size={args.batch_size}",
-              "train.num_workers=2", "train.log_every=100", f"train.storage_path={os.path.join(workdir, 'runs')}",
+    common = [f"train.seed={seed}", *BACKBONES[args.backbone], "train.num_workers=2", "train.log_every=100", f"train.storage_path={os.path.join(workdir, 'runs')}",
               f"optim.lr={learning_rate(args)}", "optim.warmup_steps=10",
               f"mlflow.tracking_uri=sqlite:///{os.path.join(workdir, 'mlflow.db')}",
               "mlflow.experiment=bench-ablations"]
@@ -124,15 +131,16 @@ def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
         asr = data["asr"]
         pretrain = load_config(PretrainConfig, None, common + VARIANTS[variant] + [
             f"data.features={asr['image2d']}", f"data.text={asr['text']}", f"data.manifest={asr['manifest']}",
-            "data.clips_per_video=16", f"train.steps={args.pretrain_steps}",
+            "data.clips_per_video=16", f"train.steps={args.pretrain_steps}", f"train.batch_size={args.batch_size}",
             f"train.checkpoint_every={args.pretrain_steps}",
-            f"train.run_name=pretrain-{variant}-{args.backbone}-pt{args.pretrain_steps}-seed{seed}"])
+            f"train.run_name=pretrain-{variant}-{pretrained}-seed{seed}"])
         init = run_pretrain(pretrain, say=lambda m: None)["checkpoint"]
     clean = data["clean"]
     finetune = load_config(FinetuneConfig, None, common + [
         "task=retrieval", f"init_from={init or 'null'}", f"data.features={clean['image2d']}",
         f"data.text={clean['text']}", f"data.manifest={clean['manifest']}", "data.split=train",
         f"train.steps={args.finetune_steps}", f"train.checkpoint_every={args.finetune_steps}",
+        f"train.batch_size={finetune_batch(args)}",
         f"train.run_name=finetune-{variant}-{steps}-seed{seed}"])
     tuned = run_finetune(finetune, say=lambda m: None)
     evaluation = EvaluateConfig(checkpoint=tuned["checkpoint"], split="test", mc=clean["mc"])
@@ -181,7 +189,8 @@ def markdown(args, table: list[dict], comparisons: list[dict], chance: dict, see
     lines = [f"### {model}, {args.finetune_steps} fine-tuning steps", "",
              f"`python -m benchmarks ablations --backbone {args.backbone} --videos {args.videos} --seeds "
              f"{args.seeds} --pretrain-steps {args.pretrain_steps} --finetune-steps {args.finetune_steps} "
-             f"--batch-size {args.batch_size} --lr {learning_rate(args):g}`", "",
+             f"--batch-size {args.batch_size} --finetune-batch-size {finetune_batch(args)} "
+             f"--lr {learning_rate(args):g}`", "",
              f"{model} pre-trained on an ASR-style synthetic corpus of {2 * args.videos} videos "
              f"(EfficientNet-Lite0 features, {args.pretrain_steps} steps), fine-tuned for retrieval on the "
              f"{args.videos}-video downstream corpus ({args.finetune_steps} steps) and scored on its held-out "
@@ -224,5 +233,5 @@ def run(args) -> dict:
             results.append(result)
     table, comparisons = summarize(results, seeds)
     summary = {"workdir": workdir, "seeds": seeds, "results": results, "table": table, "comparisons": comparisons}
-    publish(f"ablations-{args.backbone}-ft{args.finetune_steps}", summary, markdown(args, table, comparisons, results[0], seeds))
+    publish(f"ablations-{args.backbone}-ft{args.finetune_steps}-b{finetune_batch(args)}", summary, markdown(args, table, comparisons, results[0], seeds))
     return summary
