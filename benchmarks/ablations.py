@@ -122,8 +122,9 @@ def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     saved = os.path.join(workdir, "results", f"{variant}-{steps}-seed{seed}.json")
     if os.path.exists(saved):
         return json.loads(open(saved).read())
-    common = [f"train.seed={seed}", *BACKBONES[args.backbone], "train.num_workers=2", "train.log_every=100", f"train.storage_path={os.path.join(workdir, 'runs')}",
-              f"optim.lr={learning_rate(args)}", "optim.warmup_steps=10",
+    common = [f"train.seed={seed}", *BACKBONES[args.backbone], "train.num_workers=2", "train.log_every=100",
+              f"train.storage_path={os.path.join(workdir, 'runs')}", f"optim.lr={learning_rate(args)}",
+              "optim.warmup_steps=10",
               f"mlflow.tracking_uri=sqlite:///{os.path.join(workdir, 'mlflow.db')}",
               "mlflow.experiment=bench-ablations"]
     init = None
@@ -233,5 +234,6 @@ def run(args) -> dict:
             results.append(result)
     table, comparisons = summarize(results, seeds)
     summary = {"workdir": workdir, "seeds": seeds, "results": results, "table": table, "comparisons": comparisons}
-    publish(f"ablations-{args.backbone}-ft{args.finetune_steps}-b{finetune_batch(args)}", summary, markdown(args, table, comparisons, results[0], seeds))
+    publish(f"ablations-{args.backbone}-ft{args.finetune_steps}-b{finetune_batch(args)}", summary,
+            markdown(args, table, comparisons, results[0], seeds))
     return summary

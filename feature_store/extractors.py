@@ -34,7 +34,6 @@ import numpy as np
 import pyarrow as pa
 
 from vidray.config import option
-from vidray.models.weights import resolve_text_model
 
 CAPTION_IDS_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
                               ("input_ids", pa.list_(pa.int32()))])
@@ -243,6 +242,8 @@ class TextExtractor:
     def __init__(self, cfg: TextExtractConfig, device: str = "cpu"):
         from transformers import AutoTokenizer
 
+        from vidray.models.weights import resolve_text_model  # torch with it: loaded when used
+
         self.cfg = cfg
         self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(cfg.tokenizer))
 
@@ -250,6 +251,7 @@ class TextExtractor:
     def weights_digest(cfg: TextExtractConfig) -> str:
         """Digest of the vocabulary files: a different vocabulary means different ids."""
         from vidray.feature_store.store import digest
+        from vidray.models.weights import resolve_text_model
 
         path = resolve_text_model(cfg.tokenizer)
         if not os.path.isdir(path):

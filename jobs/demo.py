@@ -114,7 +114,7 @@ SWEEP_STEPS = (40, 60)  # pre-training and fine-tuning steps of each sweep trial
 # VLM starts from a pre-trained text model, as the papers' BERT does: all-MiniLM-L6-v2 (shipped
 # by a PyPI package, 384 wide, 6 layers) at the papers' small learning rate. From the random tiny
 # BERT, 300 pre-training steps learn only the word prior and leave the pooled vectors collapsed
-# (BENCHMARKS.md, "ablations"). Batch 16 keeps a step near a second on 2 cores.
+# (BENCHMARKS.md, "ablations"). Batch 16 keeps a step near 1.5 s on 2 cores.
 VLM_SETTINGS = ["model.text_backbone=minilm", "optim.lr=1e-4", "optim.warmup_steps=10", "train.batch_size=16",
                 "train.num_workers=2"]
 
