@@ -23,6 +23,7 @@ import argparse
 import json
 import math
 import os
+import re
 import statistics
 import tempfile
 
@@ -108,6 +109,26 @@ def finetune_batch(args) -> int:
     return args.finetune_batch_size or args.batch_size
 
 
+def settings(args) -> tuple[str, str]:
+    """The names of a pre-training and of a fine-tuning setting. Every setting that changes a run is
+    in its name, so a rerun reuses only what it would compute."""
+    pretrained = f"{args.backbone}-b{args.batch_size}-lr{learning_rate(args):g}-pt{args.pretrain_steps}"
+    return pretrained, f"{pretrained}-ft{args.finetune_steps}-b{finetune_batch(args)}"
+
+
+def saved_results(args, workdir: str) -> list[dict]:
+    """Every result saved in ``workdir`` for these settings, whichever invocation ran it (so a run of
+    two more seeds, or of two more variants, adds to the table instead of replacing it)."""
+    _, steps = settings(args)
+    found = []
+    for variant in VARIANTS:
+        pattern = re.compile(rf"{re.escape(variant)}-{re.escape(steps)}-seed(\d+)\.json")
+        for name in sorted(os.listdir(os.path.join(workdir, "results"))):
+            if pattern.fullmatch(name):
+                found.append(json.loads(open(os.path.join(workdir, "results", name)).read()))
+    return found
+
+
 def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     """Pre-train (unless no_pretrain), fine-tune, evaluate; the metrics, saved so a rerun reuses them."""
     from vidray.config import load_config
@@ -116,9 +137,7 @@ def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     from vidray.vlm.finetune import run_finetune
     from vidray.vlm.pretrain import run_pretrain
 
-    # Every setting that changes a run is in its name: a rerun reuses only what it would compute.
-    pretrained = f"{args.backbone}-b{args.batch_size}-lr{learning_rate(args):g}-pt{args.pretrain_steps}"
-    steps = f"{pretrained}-ft{args.finetune_steps}-b{finetune_batch(args)}"
+    pretrained, steps = settings(args)
     saved = os.path.join(workdir, "results", f"{variant}-{steps}-seed{seed}.json")
     if os.path.exists(saved):
         return json.loads(open(saved).read())
@@ -156,28 +175,28 @@ def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     return result
 
 
-def summarize(results: list[dict], seeds: list[int]) -> tuple[list[dict], list[dict]]:
-    """Per-variant means with intervals, and the paired comparisons."""
+def summarize(results: list[dict], seeds: list[int], variants=VARIANTS, comparisons=COMPARISONS,
+              metrics=METRICS) -> tuple[list[dict], list[dict]]:
+    """Per-variant means with intervals, and the paired comparisons (median ranks: lower is better)."""
     by = {(r["variant"], r["seed"]): r for r in results}
-    variants = [v for v in VARIANTS if any((v, s) in by for s in seeds)]
     table = []
-    for variant in variants:
+    for variant in [v for v in variants if any((v, s) in by for s in seeds)]:
         row = {"variant": variant, "seeds": sum((variant, s) in by for s in seeds)}
-        for metric in METRICS:
+        for metric in metrics:
             row[metric] = mean_interval([by[variant, s][metric] for s in seeds if (variant, s) in by])
         table.append(row)
-    comparisons = []
-    for variant, baseline, claim in COMPARISONS:
+    paired_rows = []
+    for variant, baseline, claim in comparisons:
         paired = [s for s in seeds if (variant, s) in by and (baseline, s) in by]
         if not paired:
             continue
         row = {"variant": variant, "baseline": baseline, "claim": claim, "seeds": len(paired)}
-        for metric in METRICS:
+        for metric in metrics:
             diffs = [by[variant, s][metric] - by[baseline, s][metric] for s in paired]
             mean, half = mean_interval(diffs)
-            row[metric] = (mean, half, verdict(mean, half, higher_is_better=metric != "t2v_MdR"))
-        comparisons.append(row)
-    return table, comparisons
+            row[metric] = (mean, half, verdict(mean, half, higher_is_better=not metric.endswith("MdR")))
+        paired_rows.append(row)
+    return table, paired_rows
 
 
 def _cell(mean: float, half: float, digits: int = 3) -> str:
@@ -191,24 +210,37 @@ def markdown(args, table: list[dict], comparisons: list[dict], chance: dict, see
              f"`python -m benchmarks ablations --backbone {args.backbone} --videos {args.videos} --seeds "
              f"{args.seeds} --pretrain-steps {args.pretrain_steps} --finetune-steps {args.finetune_steps} "
              f"--batch-size {args.batch_size} --finetune-batch-size {finetune_batch(args)} "
-             f"--lr {learning_rate(args):g}`", "",
+             f"--lr {learning_rate(args):g} --variants {args.variants}`", "",
+             "Runs with the same settings in the same `--workdir` add up: the table holds every variant and seed "
+             "saved there (the seeds column counts each variant's).", "",
              f"{model} pre-trained on an ASR-style synthetic corpus of {2 * args.videos} videos "
              f"(EfficientNet-Lite0 features, {args.pretrain_steps} steps), fine-tuned for retrieval on the "
              f"{args.videos}-video downstream corpus ({args.finetune_steps} steps) and scored on its held-out "
              f"test split: {chance['examples']} clips (chance R@1 {chance['chance_R1']:.3f}, MC-QA chance "
              f"{chance['mc_chance']:.2f}). Mean ± 95% t-interval over seeds {', '.join(map(str, seeds))}.", "",
-             "| variant | seeds | t2v R@1 | t2v R@5 | t2v MdR | MC-QA |", "|---|---:|---:|---:|---:|---:|"]
+             ]
+    return "\n".join(lines + result_tables(table, comparisons, COLUMNS))
+
+
+# Each metric's column header in the tables.
+COLUMNS = {"t2v_R1": "t2v R@1", "t2v_R5": "t2v R@5", "t2v_MdR": "t2v MdR", "mc_accuracy": "MC-QA"}
+
+
+def result_tables(table: list[dict], comparisons: list[dict], columns: dict[str, str]) -> list[str]:
+    """Markdown lines: per-variant means, then the paired differences with their verdicts."""
+    digits = {m: 1 if m.endswith("MdR") else 3 for m in columns}
+    lines = ["| variant | seeds | " + " | ".join(columns.values()) + " |", "|---|---:|" + "---:|" * len(columns)]
     for row in table:
         lines.append(f"| {row['variant']} | {row['seeds']} | " + " | ".join(
-            _cell(*row[m], digits=1 if m == "t2v_MdR" else 3) for m in METRICS) + " |")
-    lines += ["", "Paired differences (variant − baseline, same seed); MdR: lower is better.", "",
-              "| comparison | paper | seeds | Δ t2v R@1 | Δ t2v R@5 | Δ MdR | Δ MC-QA |",
-              "|---|---|---:|---|---|---|---|"]
+            _cell(*row[m], digits=digits[m]) for m in columns) + " |")
+    lines += ["", "Paired differences (variant − baseline, same seed); median ranks: lower is better.", "",
+              "| comparison | paper | seeds | " + " | ".join(f"Δ {c}" for c in columns.values()) + " |",
+              "|---|---|---:|" + "---|" * len(columns)]
     for row in comparisons:
-        cells = [f"{_cell(*row[m][:2], digits=1 if m == 't2v_MdR' else 3)} ({row[m][2]})" for m in METRICS]
+        cells = [f"{_cell(*row[m][:2], digits=digits[m])} ({row[m][2]})" for m in columns]
         lines.append(f"| {row['variant']} vs {row['baseline']} | {row['claim']} | {row['seeds']} | "
                      + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    return lines
 
 
 def run(args) -> dict:
@@ -232,6 +264,8 @@ def run(args) -> dict:
             result = one_run(args, workdir, data, variant, seed)
             print(f"seed {seed} {variant}: " + ", ".join(f"{k} {result[k]:.3f}" for k in METRICS), flush=True)
             results.append(result)
+    results = saved_results(args, workdir)
+    seeds = sorted({r["seed"] for r in results})
     table, comparisons = summarize(results, seeds)
     summary = {"workdir": workdir, "seeds": seeds, "results": results, "table": table, "comparisons": comparisons}
     publish(f"ablations-{args.backbone}-ft{args.finetune_steps}-b{finetune_batch(args)}", summary,
