@@ -1,5 +1,5 @@
 """`python -m benchmarks NAME [options]`; `python -m benchmarks all` runs every benchmark but the
-hour-long ``ablations`` (run it by name)."""
+long ``ablations`` and ``frames_ablations`` (run them by name)."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.featur
               "sweep_asha": "benchmarks.sweep_asha", "ray_overhead": "benchmarks.ray_overhead",
               "retrieval_eval": "benchmarks.retrieval_eval", "ingest": "benchmarks.ingest",
               "extract_scaling": "benchmarks.extract_scaling", "memory": "benchmarks.memory",
-              "ablations": "benchmarks.ablations"}
-BY_NAME_ONLY = {"ablations"}  # an hour on 2 cores: not part of `all` (`make bench`)
+              "ablations": "benchmarks.ablations", "frames_ablations": "benchmarks.frames_ablations"}
+# Tens of minutes to an hour on 2 cores each: not part of `all` (`make bench`).
+BY_NAME_ONLY = {"ablations", "frames_ablations"}
 
 
 def main() -> None:

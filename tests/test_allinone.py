@@ -7,7 +7,8 @@ import torch
 
 from vidray.frames import allinone
 from vidray.frames.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads, temporal_roll
-from vidray.frames.config import FramesModelConfig
+from vidray.config import ConfigError, load_config
+from vidray.frames.config import FramesModelConfig, FramesPretrainConfig
 from vidray.frames.system import mask_text, size_figures
 
 
@@ -88,6 +89,25 @@ def test_rolling_runs_before_every_block_of_joint_passes_only(monkeypatch):
     assert model(None, ids, mask).shape == (2, 7, 64) and model(frames, None).shape == (2, 17, 64)
     assert calls == []
     assert sum(p.numel() for p in model.parameters()) == sum(p.numel() for p in tiny_model().parameters())
+
+
+def test_without_rolling_frames_meet_only_in_the_mean():
+    """``temporal_roll=False`` (the paper's ablation): with the temporal embeddings zeroed, a joint
+    pass no longer sees the order of frames; with rolling it does."""
+    frames, ids = torch.randn(1, 3, 3, 64, 64), torch.randint(5, 100, (1, 7))
+    mask = torch.ones(1, 7, dtype=torch.bool)
+    outputs = {}
+    for rolling in (True, False):
+        torch.manual_seed(0)
+        model = AllInOne(ALLINONE_FLAVOURS["tiny"], vocab_size=100, image_size=64, num_frames=3,
+                         max_text_tokens=16, temporal_roll=rolling).eval()
+        with torch.no_grad():
+            model.temporal_pos.zero_()
+            outputs[rolling] = (model(frames, ids, mask), model(frames.flip(1), ids, mask))
+    torch.testing.assert_close(*outputs[False], rtol=1e-4, atol=1e-5)
+    assert not torch.allclose(*outputs[True], atol=1e-4)
+    with pytest.raises(ConfigError, match="model.temporal_roll"):
+        load_config(FramesPretrainConfig, None, ["model.arch=lavender", "model.temporal_roll=false"])
 
 
 def test_joint_pass_depends_on_frame_order_and_ignores_padded_text():

@@ -74,8 +74,10 @@ class Block(nn.Module):
 
 class AllInOne(nn.Module):
     def __init__(self, dims: Dims, vocab_size: int, image_size: int, num_frames: int,
-                 max_text_tokens: int):
+                 max_text_tokens: int, temporal_roll: bool = True):
         super().__init__()
+        # False: the paper's "w/o temporal token rolling" ablation (frames meet only in the mean).
+        self.rolling = temporal_roll
         if image_size % dims.patch:
             raise ValueError(f"image_size {image_size} is not a multiple of the patch size {dims.patch}")
         self.dims, self.num_frames = dims, num_frames
@@ -136,7 +138,7 @@ class AllInOne(nn.Module):
         else:
             x = visual.reshape(b * t, lv, h)
         for block in self.blocks:
-            if lt:  # rolling only where both modalities meet (REFERENCE.md)
+            if lt and self.rolling:  # rolling only where both modalities meet (REFERENCE.md)
                 x = x.view(b, t, lt + lv, h)
                 x = torch.cat([x[:, :, :lt], temporal_roll(x[:, :, lt:])], dim=2).view(b * t, lt + lv, h)
             x = block(x, padding)

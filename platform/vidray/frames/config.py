@@ -34,6 +34,14 @@ class FramesModelConfig:
     tokenizer: str = option("minilm", "tokenizer folder, hub name, or 'minilm' (offline package); "
                             "its vocabulary sizes the word embeddings")
     embed_dim: int = option(256, "width of the retrieval embeddings", ge=1)
+    temporal_roll: bool = option(True, "allinone: swap a few visual tokens between neighbouring frames "
+                                 "before every block of a joint pass; false is the paper's ablation, where "
+                                 "frames meet only in the final mean")
+
+    def validate(self) -> None:
+        if not self.temporal_roll and self.arch != "allinone":
+            raise ConfigError("temporal_roll", f"false is All-in-one's ablation; {self.arch} has no token "
+                              "rolling: drop it or set model.arch=allinone")
 
 
 @dataclass

@@ -52,7 +52,8 @@ def build_net(model_cfg, num_answers: int = 0) -> nn.Module:
         raise ConfigError("model.flavour", f"unknown flavour {model_cfg.flavour!r}; choose one of "
                           f"{sorted(ALLINONE_FLAVOURS)}")
     dims = ALLINONE_FLAVOURS[model_cfg.flavour]
-    backbone = AllInOne(dims, vocab, model_cfg.image_size, model_cfg.num_frames, model_cfg.max_text_tokens)
+    backbone = AllInOne(dims, vocab, model_cfg.image_size, model_cfg.num_frames, model_cfg.max_text_tokens,
+                        temporal_roll=model_cfg.temporal_roll)
     return AllInOneHeads(backbone, num_answers, model_cfg.embed_dim)
 
 
