@@ -435,7 +435,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "allinone | lavender: frames feature set, pre-training, retrieval and QA "
                    "fine-tuning; evilm: the same after training its VQ tokenizer and caching its codes")
     p.add_argument("--quick", action="store_true",
-                   help="a fifth of every training run's steps: checks the whole path in a few "
+                   help="a tenth of every training run's steps (at least 10): checks the whole path in a few "
                    "minutes; the scores it prints stay near chance")
     p.add_argument("--keep-stack", action="store_true",
                    help="leave the S3 endpoint and MLflow server running afterwards (to browse the UI)")

@@ -110,7 +110,13 @@ def _features(workdir: str, configs_dir: str, manifest_uri: str,
 
 
 PRETRAIN_STEPS, FINETUNE_STEPS = 300, 60
-SWEEP_STEPS = (40, 60)  # pre-training and fine-tuning steps of each sweep trial
+# Retrieval fine-tuning at a global batch of 32: VLM's contrastive loss sees one worker's 16 clips.
+# At 8 a worker the gain from pre-training was within noise; at 16 it showed on every seed
+# (BENCHMARKS.md, "ablations").
+FINETUNE_BATCH = 32
+# Pre-training and fine-tuning steps of each sweep trial: enough to show the sweep in Tune and
+# MLflow, far too few to rank MMM ratios (the ablations benchmark measures that, with seeds).
+SWEEP_STEPS = (20, 30)
 # VLM starts from a pre-trained text model, as the papers' BERT does: all-MiniLM-L6-v2 (shipped
 # by a PyPI package, 384 wide, 6 layers) at the papers' small learning rate. From the random tiny
 # BERT, 300 pre-training steps learn only the word prior and leave the pooled vectors collapsed
@@ -120,8 +126,9 @@ VLM_SETTINGS = ["model.text_backbone=minilm", "optim.lr=1e-4", "optim.warmup_ste
 
 
 def _steps(steps: int, quick: bool) -> int:
-    """A training run's steps; ``--quick`` runs a fifth of them (a smoke run of the whole path)."""
-    return max(20, steps // 5) if quick else steps
+    """A training run's steps; ``--quick`` runs a tenth of them, at least 10 (a smoke run of the
+    whole path: nothing learns in it)."""
+    return max(10, steps // 10) if quick else steps
 
 
 def _pretrain(workdir: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
@@ -162,11 +169,13 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
             "task=retrieval", f"init_from={init or 'null'}", *VLM_SETTINGS,
             f"data.features={features['image2d']['uri']}", f"data.text={features['text']['uri']}",
             f"data.manifest={corpus['manifest']}", "data.split=train",
-            f"train.steps={steps}", f"train.checkpoint_every={steps}", "train.log_every=20",
+            f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.batch_size={FINETUNE_BATCH}",
+            "train.log_every=20",
             f"train.storage_path={os.path.join(workdir, 'runs')}", "mlflow.experiment=vidray-demo"])
         _save_config(configs_dir, f"finetune_{label}", cfg)
         start = "the pre-trained checkpoint" if init else "the text model alone (no pre-training)"
-        say(f"finetune retrieval from {start}: {steps} steps on 2 workers, isolated masks + contrastive loss")
+        say(f"finetune retrieval from {start}: {steps} steps of batch {FINETUNE_BATCH} on 2 workers, "
+            "isolated masks + contrastive loss")
         tuned = run_finetune(cfg, say=say)
         evaluation = EvaluateConfig(checkpoint=tuned["checkpoint"], split="test", mc=mc)
         evaluation.mlflow.experiment = "vidray-demo"
@@ -417,7 +426,7 @@ def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str, 
 def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: str = "vlm",
              quick: bool = False) -> int:
     """Run the demo for ``model`` (vlm, or a frames model: allinone, lavender, evilm); returns the
-    exit code. ``quick``: a fifth of every training run's steps (at least 20), to check the path
+    exit code. ``quick``: a tenth of every training run's steps (at least 10), to check the path
     end to end; its scores stay near chance."""
     import ray
 

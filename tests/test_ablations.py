@@ -47,5 +47,6 @@ def test_benchmarks_help_lists_every_benchmark_and_all_leaves_out_the_hour_long_
     out = subprocess.run([sys.executable, "-m", "benchmarks", "--help"], cwd=REPO, capture_output=True,
                          text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
-    assert all(name in out.stdout for name in BENCHMARKS)
-    assert f"but {', '.join(sorted(BY_NAME_ONLY))}" in out.stdout
+    text = " ".join(out.stdout.split())   # argparse wraps long help lines
+    assert all(name in text for name in BENCHMARKS)
+    assert f"but {', '.join(sorted(BY_NAME_ONLY))}" in text

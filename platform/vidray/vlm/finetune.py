@@ -169,8 +169,9 @@ def check_data(cfg: FinetuneConfig) -> dict[str, str]:
         if not getattr(cfg.data, key):
             raise ConfigError(f"data.{key}", "is required: the URI of a committed feature-set version "
                               "(see `vidray features ls ROOT`)")
-    tags = {f"feature_set.{k if k != 'features' else 's3d'}": open_version(getattr(cfg.data, k)).uri
-            for k in needed}
+    # Tagged by extractor (feature_set.s3d, feature_set.image2d, feature_set.text): what was read.
+    sets = [open_version(getattr(cfg.data, key)) for key in needed]
+    tags = {f"feature_set.{s.manifest['extractor']}": s.uri for s in sets}
     if cfg.task == "action_segmentation":
         segment_classes(cfg.data.labels)
     return tags

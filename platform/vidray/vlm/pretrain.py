@@ -39,6 +39,7 @@ def run_pretrain(cfg: PretrainConfig, say=print, tags: dict | None = None, callb
                                                               seed=cfg.train.seed),
                         make_val_dataset=lambda: examples_dataset(held_out, cfg.model.max_video_tokens,
                                                                   seed=cfg.train.seed),
-                        tags={"feature_set.s3d": features.uri, "feature_set.text": text.uri,
+                        tags={f"feature_set.{features.manifest['extractor']}": features.uri,
+                              "feature_set.text": text.uri,
                               **(tags or {})},
                         callbacks=callbacks, say=say)
