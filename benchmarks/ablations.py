@@ -243,20 +243,28 @@ def result_tables(table: list[dict], comparisons: list[dict], columns: dict[str,
     return lines
 
 
-def run(args) -> dict:
+def start(args, known: dict, prefix: str) -> tuple[str, list[int], list[str]]:
+    """The work dir, seeds and variants of an ablation run (unknown variants refused), with a
+    local Ray started where none runs. Shared by ``ablations`` and ``frames_ablations``."""
     import ray
 
-    from benchmarks.report import publish
     from vidray.train.job import start_local_ray
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-ablations-")
+    workdir = args.workdir or tempfile.mkdtemp(prefix=prefix)
     seeds = [int(s) for s in args.seeds.split(",")]
     variants = [v.strip() for v in args.variants.split(",")]
-    unknown = sorted(set(variants) - set(VARIANTS))
+    unknown = sorted(set(variants) - set(known))
     if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
+        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(known)}")
     if not ray.is_initialized():
         start_local_ray(num_cpus=max(4, 2 * (os.cpu_count() or 1)), log_to_driver=False)
+    return workdir, seeds, variants
+
+
+def run(args) -> dict:
+    from benchmarks.report import publish
+
+    workdir, seeds, variants = start(args, VARIANTS, "vidray-bench-ablations-")
     data = corpora(workdir, args.videos)
     results = []
     for seed in seeds:

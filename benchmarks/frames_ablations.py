@@ -20,9 +20,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import tempfile
 
-from benchmarks.ablations import result_tables, summarize
+from benchmarks.ablations import result_tables, start, summarize
 
 VARIANTS = {"default": [], "no_roll": ["model.temporal_roll=false"]}
 COMPARISONS = [("default", "no_roll", "rolling helps what one frame cannot answer (All-in-one)")]
@@ -110,19 +109,9 @@ def markdown(args, table: list[dict], comparisons: list[dict], first: dict, seed
 
 
 def run(args) -> dict:
-    import ray
-
     from benchmarks.report import publish
-    from vidray.train.job import start_local_ray
 
-    workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-frames-ablations-")
-    seeds = [int(s) for s in args.seeds.split(",")]
-    variants = [v.strip() for v in args.variants.split(",")]
-    unknown = sorted(set(variants) - set(VARIANTS))
-    if unknown:
-        raise SystemExit(f"--variants: unknown {unknown}; choose from {', '.join(VARIANTS)}")
-    if not ray.is_initialized():
-        start_local_ray(num_cpus=max(4, 2 * (os.cpu_count() or 1)), log_to_driver=False)
+    workdir, seeds, variants = start(args, VARIANTS, "vidray-bench-frames-ablations-")
     data = corpus(workdir, args.videos)
     for seed in seeds:
         for variant in variants:
