@@ -28,6 +28,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vidray import storage
+from vidray.cluster import init_ray
 from vidray.quarantine import QUARANTINE_SCHEMA, conform, overrun_counts, quarantine_record
 from vidray.config import ConfigError, option
 from vidray.feature_store import store
@@ -263,7 +264,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
         say(f"resuming {version}: {len(shards) - len(pending)} of {len(shards)} parts already written")
     if pending:
         if not ray.is_initialized():
-            ray.init(address=cfg.ray_address)
+            init_ray(address=cfg.ray_address)
         _run_pending(cfg, version, pending, progress)
     missing = {s for s, _ in shards} - store.done_shards(version)
     if missing:

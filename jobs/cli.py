@@ -1,7 +1,8 @@
 """The `vidray` command line. Each subcommand parses its config, validates it, then runs a job.
 
 Heavy libraries (ray, torch, mlflow) are imported inside the commands so `--help` stays instant.
-Exit codes: 0 ok, 1 the job failed, 2 bad usage or bad config.
+Exit codes: 0 ok, 1 the job failed, 2 bad usage or bad config, 130 / 143 interrupted by SIGINT /
+SIGTERM (after stopping what the command started).
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
+import signal
 import sys
+import threading
 
 from vidray.archs import ARCH_JOBS, load
 from vidray.config import ConfigError
@@ -207,7 +211,8 @@ def cmd_stack(args: argparse.Namespace) -> int:
             print(f"# {name:6s} {s.url}  pid {s.pid}  log {s.log}", file=sys.stderr)
         print(f"# MLflow UI: {info.services['mlflow'].url}   bucket: s3://{info.bucket}",
               file=sys.stderr)
-        print("# to use it:  eval \"$(vidray stack env)\"", file=sys.stderr)
+        where = "" if os.path.abspath(args.dir) == stack.DEFAULT_DIR else f" --dir {shlex.quote(args.dir)}"
+        print(f"# to use it:  eval \"$(vidray stack env{where})\"", file=sys.stderr)
         print(info.export_lines())
         return 0
     if args.action == "env":
@@ -443,22 +448,43 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the main thread is, so it unwinds as Ctrl-C does."""
+
+
+_TERMINATED: list[int] = []   # set by the handler: a library may re-raise a plain KeyboardInterrupt
+
+
+def _raise_terminated(signum, frame) -> None:
+    _TERMINATED.append(signum)
+    raise Terminated()
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # A SIGTERM (a `timeout` wrapper, a scheduler, `kill`) would end Python without running any
+    # `finally`, leaving the local stack's servers and Ray behind: make it unwind like Ctrl-C.
+    main_thread = threading.current_thread() is threading.main_thread()   # where signals can be set
+    previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
         return args.run(args) or 0
     except ConfigError as err:
         print(f"vidray {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as err:
+        terminated = isinstance(err, Terminated) or bool(_TERMINATED)
+        print(f"vidray {args.command}: {'terminated' if terminated else 'interrupted'}; what it started "
+              "is stopped", file=sys.stderr)
+        return 128 + (signal.SIGTERM if terminated else signal.SIGINT)
     except Exception as err:  # a failed job: one line for the user, the trace on request
         if os.environ.get("VIDRAY_DEBUG"):
             raise
         print(f"vidray {args.command}: {type(err).__name__}: {err}\n"
               "(set VIDRAY_DEBUG=1 for the full traceback)", file=sys.stderr)
         return EXIT_FAILED
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":

@@ -31,6 +31,8 @@ def _up_status_down(directory, stack):
     assert set(env) >= {"AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY",
                         "MLFLOW_TRACKING_URI"}
     assert env["AWS_ENDPOINT_URL"].startswith("http://127.0.0.1:")
+    # The hint names this stack's dir: `vidray stack env` alone would look in the default one.
+    assert f'eval "$(vidray stack env --dir {directory})"' in up.stderr
     info = local_stack.load(directory)
     pids = {name: s.pid for name, s in info.services.items()}
 

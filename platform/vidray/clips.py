@@ -40,6 +40,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vidray import storage, video
+from vidray.cluster import init_ray
 from vidray.config import ConfigError, option
 from vidray.manifest import read_manifest
 from vidray.quarantine import (SKIPPED, gather_quarantine, overrun_counts, quarantine_record,
@@ -243,7 +244,7 @@ def run_clips(cfg: ClipsConfig) -> dict[str, Any]:
     import ray
 
     if not ray.is_initialized():
-        ray.init(address=cfg.ray_address)
+        init_ray(address=cfg.ray_address)
     started = time.monotonic()
     videos = _select_videos(cfg)
     _prepare_output(cfg)

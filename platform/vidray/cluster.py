@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import os
 import shlex
+import signal
+import threading
 import time
 from typing import Callable
 
@@ -24,6 +26,22 @@ FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION"
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
+
+
+def init_ray(**kwargs) -> None:
+    """``ray.init(**kwargs)``, keeping the process's SIGTERM handler.
+
+    Why: ray.init installs a native handler that aborts the driver on SIGTERM, so no ``finally``
+    runs and what the job started (the demo's local S3 and MLflow servers, a local Ray) outlives
+    it. The `vidray` command turns SIGTERM into an exception that unwinds; this keeps it so.
+    """
+    import ray
+
+    keep = threading.current_thread() is threading.main_thread()
+    handler = signal.getsignal(signal.SIGTERM) if keep else None
+    ray.init(**kwargs)
+    if keep and handler is not None:
+        signal.signal(signal.SIGTERM, handler)
 
 
 def job_runtime_env(working_dir: str | None, env: dict[str, str] | None = None) -> dict:

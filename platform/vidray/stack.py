@@ -91,12 +91,12 @@ def _save(info: StackInfo) -> None:
         json.dump(asdict(info), f, indent=2)
 
 
-def _spawn(name: str, argv: list[str], directory: str, port: int, url: str) -> Service:
+def _spawn(name: str, argv: list[str], directory: str, port: int, url: str, env: dict | None = None) -> Service:
     log = os.path.join(directory, f"{name}.log")
     with open(log, "ab") as out:
         # A new session so `down` can stop the server's worker processes with it.
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, cwd=directory,
-                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                                start_new_session=True, env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     with open(os.path.join(directory, f"{name}.pid"), "w") as f:
         f.write(str(proc.pid))
     return Service(name=name, pid=proc.pid, port=port, url=url, log=log)
@@ -189,13 +189,16 @@ def up(directory: str = DEFAULT_DIR, bucket: str = "vidray", timeout_s: float = 
          "--workers", "1",
          "--backend-store-uri", f"sqlite:///{os.path.join(mlflow_dir, 'mlflow.db')}",
          "--artifacts-destination", artifacts],
-        directory, mlflow_port, f"http://{HOST}:{mlflow_port}")
+        directory, mlflow_port, f"http://{HOST}:{mlflow_port}",
+        # MLflow 3's server jobs (GenAI scorers, trace roll-ups) start seven huey consumers with
+        # 47 worker threads; tracking runs needs none of them, and on 2 cores they slow its start.
+        env={"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     _save(info)
     try:
         for service in info.services.values():
             _wait_healthy(service, timeout_s)
         _create_bucket(info)
-    except Exception:
+    except BaseException:  # Ctrl-C while waiting too: nothing started may outlive the call
         down(directory)
         raise
     return info

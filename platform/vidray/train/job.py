@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any, Callable
 
 from vidray.config import ConfigError, dump_yaml, flatten
+from vidray.cluster import init_ray
 from vidray.train.loop import CHECKPOINT_FILE, MLflowRun, fit, load_checkpoint, read_checkpoint
 
 
@@ -59,7 +60,7 @@ def ensure_ray(num_train_workers: int) -> None:
     if ray.is_initialized():
         return
     if os.environ.get("RAY_ADDRESS"):
-        ray.init()
+        init_ray()
     else:
         start_local_ray(num_cpus=max(os.cpu_count() or 1, num_train_workers + 2))
 
@@ -82,15 +83,13 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     reserved and a sweep's next trial waits forever for CPUs. ``RAY_API_SERVER_ADDRESS``, set
     before the workers start, removes the guess.
     """
-    import ray
-
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
                                "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}
     # address="local": a new cluster even if `ray start` left one that ray.init() would join.
-    ray.init(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
+    init_ray(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env=runtime_env, **kwargs)
 
 
