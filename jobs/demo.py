@@ -15,6 +15,7 @@ from typing import Any
 from vidray import stack
 from vidray.clips import clip_row_frames
 from vidray.config import dump_yaml, flatten
+from vidray.tracking import use_experiment
 
 def say(message: str) -> None:
     print(f"[vidray demo] {message}", flush=True)
@@ -358,8 +359,8 @@ def _sweep(workdir: str, configs_dir: str, corpus: dict, pretrain_corpus: dict, 
 
 def _print_retrieval(retrieval: dict) -> None:
     """The held-out numbers next to chance: does pre-training help, does anything learn?"""
-    rows = [("text->video R@1", "t2v_R1", "chance_R1"), ("text->video R@5", "t2v_R5", None),
-            ("video->text R@1", "v2t_R1", "chance_R1"), ("text->video MdR", "t2v_MdR", None),
+    rows = [("text->video R@1", "t2v_R1", "chance_R1"), ("text->video R@5", "t2v_R5", "chance_R5"),
+            ("video->text R@1", "v2t_R1", "chance_R1"), ("text->video MdR", "t2v_MdR", "chance_MdR"),
             ("MC-QA accuracy", "mc_accuracy", "mc_chance")]
     first = next(iter(retrieval.values()))
     say(f"retrieval on the held-out test split ({first['examples']} clips, {first['mc_questions']} MC questions):")
@@ -405,7 +406,7 @@ def _contact_sheet(clips_dir: str, count: int = 4):
 def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str, features: dict) -> dict:
     import mlflow
 
-    mlflow.set_experiment("vidray-demo")
+    use_experiment("vidray-demo")
     with mlflow.start_run(run_name="demo-data-path") as run:
         mlflow.set_tags({"job": "demo", "steps": "synth,clips,extract,pretrain,finetune,evaluate,sweep",
                          **{f"feature_set.{k}": v["uri"] for k, v in features.items()}})

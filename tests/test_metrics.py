@@ -25,6 +25,12 @@ def test_perfect_constant_and_reversed():
     constant = retrieval_metrics(np.zeros((20, 20)))  # all tied: pessimistic -> last place
     assert constant["t2v_R1"] == 0.0 and constant["t2v_MdR"] == 20.0
     assert constant["chance_R1"] == pytest.approx(0.05)
+    # Chance next to every figure: a random ranking's R@k and median rank.
+    assert constant["chance_R5"] == pytest.approx(0.25) and constant["chance_R10"] == pytest.approx(0.5)
+    assert constant["chance_MdR"] == 10.5
+    ranks = np.array([ranks_of_correct(np.random.default_rng(s).random((20, 20))) for s in range(400)])
+    assert np.mean(ranks <= 5) == pytest.approx(constant["chance_R5"], abs=0.02)
+    assert np.median(ranks) == pytest.approx(constant["chance_MdR"], abs=1)
 
 
 def test_directions_differ_when_the_matrix_is_asymmetric():

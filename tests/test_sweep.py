@@ -225,6 +225,9 @@ def test_mmm_sweep_killed_then_resumed_runs_every_trial_exactly_once(feature_set
     assert parent.data.tags["best_trial"] == report["best"]["trial"]
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "report")}
     assert {"report/trials.json", "report/trials.txt", "report/val_loss_vs_params.png"} <= artifacts
+    # The UI's table would show a dotted column blank: the swept key is written with a slash.
+    table = json.loads(open(client.download_artifacts(parent.info.run_id, "report/trials.json", str(tmp_path))).read())
+    assert "objective/mmm_ratio" in table["columns"] and not any("." in c for c in table["columns"])
     best = client.download_artifacts(parent.info.run_id, "best_config.yaml", str(tmp_path))
     best_cfg = load_config(PretrainConfig, best)
     assert best_cfg.objective.mmm_ratio == report["best"]["objective.mmm_ratio"]

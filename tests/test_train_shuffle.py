@@ -62,6 +62,8 @@ def _run(stack, tmp_path, name: str, shuffle_buffer: int) -> dict[str, list[floa
     finally:
         context.execution_options.preserve_order = before
     client = mlflow.MlflowClient()
+    # MLflow 3's UI opens the experiment as model training, not in its GenAI (Traces) view.
+    assert client.get_experiment_by_name("test-shuffle").tags["mlflow.experimentKind"] == "custom_model_development"
     return {key: [m.value for m in sorted(client.get_metric_history(report["mlflow_run_id"], key),
                                           key=lambda m: m.step)]
             for key in ("first_row", "in_dataset_order")}

@@ -10,6 +10,7 @@ to mean anything, and its tiny S3D is a random network."""
 from __future__ import annotations
 
 import json
+import os
 
 import mlflow
 import pytest
@@ -109,6 +110,8 @@ def test_retrieval_from_a_pretrained_checkpoint_beats_chance_and_is_tracked(down
     evaluation = client.get_run(report["mlflow_run_id"])
     assert evaluation.data.metrics["t2v_R1"] == pytest.approx(metrics["t2v_R1"])
     assert evaluation.data.tags["checkpoint_uri"] == tuned["checkpoint"]
+    # Named by the pre-training it starts from, so two evaluations of a split tell apart in the UI.
+    assert evaluation.info.run_name == f"evaluate-retrieval-test-from-{os.path.basename(os.path.dirname(pretrained))}"
     artifacts = {a.path for a in client.list_artifacts(report["mlflow_run_id"], "eval/test")}
     assert {"eval/test/retrieval.json", "eval/test/multiple_choice.json", "eval/test/recall_at_k.png"} <= artifacts
     table = _table(client, report, "retrieval", tmp_path)
@@ -138,6 +141,7 @@ def test_captioning_beats_the_best_constant_caption_on_held_out_clips(downstream
     report = _evaluate(tuned["checkpoint"], stack, beam_size=2)
     metrics = report["metrics"]
     client = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+    assert client.get_run(report["mlflow_run_id"]).info.run_name == "evaluate-captioning-test-no-pretrain"
     table = _table(client, report, "captions", tmp_path)
     assert table["columns"] == ["video_id", "clip_index", "reference", "greedy", "beam"]
     references = {f"{row[0]}#{row[1]}": [row[2]] for row in table["data"]}

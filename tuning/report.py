@@ -151,7 +151,8 @@ def finish_sweep(cfg, parent_run_id: str, results, say: Callable[[str], None] = 
     table = format_table(cfg, rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "stopped", "failed")}
     with mlflow.start_run(run_id=parent_run_id):
-        mlflow.log_table({k: [r[k] for r in public] for k in public[0]}, "report/trials.json")
+        # The UI's table reads a dotted column name as a nested path and shows it blank.
+        mlflow.log_table({k.replace(".", "/"): [r[k] for r in public] for k in public[0]}, "report/trials.json")
         mlflow.log_text(table + "\n", "report/trials.txt")
         mlflow.log_figure(metric_figure(cfg, rows), f"report/{cfg.metric}_vs_params.png")
         mlflow.log_metrics({f"trials_{s}": float(n) for s, n in counts.items()})

@@ -25,6 +25,7 @@ from vidray.config import ConfigError, dump_yaml, flatten, from_dict, merge, par
 from vidray.feature_store.store import digest
 from vidray.tuning.config import EXPERIMENT, SweepConfig
 from vidray.tuning.space import check, overrides_of, trial_configs, tune_space
+from vidray.tracking import use_experiment
 
 ERROR_TAG = "vidray.error"
 
@@ -192,10 +193,8 @@ def concurrency(cfg: SweepConfig, resources: dict) -> int:
 
 def _parent_run(cfg: SweepConfig, resume: bool) -> str:
     """The sweep's parent run: created with the space and scheduler as params, or found again."""
-    import mlflow
-
     client = _client(cfg)
-    experiment_id = mlflow.set_experiment(experiment_of(cfg)).experiment_id
+    experiment_id = use_experiment(experiment_of(cfg))
     found = client.search_runs([experiment_id], filter_string=f"tags.`vidray.sweep_parent` = '{cfg.name}'",
                                max_results=1)
     if found and not resume:

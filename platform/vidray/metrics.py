@@ -28,5 +28,8 @@ def retrieval_metrics(similarity: np.ndarray, ks: tuple[int, ...] = (1, 5, 10)) 
         for k in ks:
             out[f"{direction}_R{k}"] = float(np.mean(ranks <= k))
         out[f"{direction}_MdR"] = float(np.median(ranks))
-    out["chance_R1"] = 1.0 / len(similarity)
+    # What a random ranking scores on average, for each figure (the same both ways).
+    n = len(similarity)
+    out.update({f"chance_R{k}": min(k / n, 1.0) for k in ks})
+    out["chance_MdR"] = (n + 1) / 2
     return out

@@ -24,3 +24,18 @@ class MLflowConfig:
 
     def resolved_uri(self) -> str | None:
         return self.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+
+
+# MLflow 3's UI opens an experiment with no kind in its GenAI view (an empty Traces overview,
+# "Evaluations"); vidray's runs are model training.
+EXPERIMENT_KIND = "custom_model_development"
+
+
+def use_experiment(name: str) -> str:
+    """``mlflow.set_experiment(name)``, the experiment marked as model training; its id."""
+    import mlflow
+
+    experiment = mlflow.set_experiment(name)
+    if "mlflow.experimentKind" not in experiment.tags:
+        mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
+    return experiment.experiment_id

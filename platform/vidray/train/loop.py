@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from vidray.config import redact
+from vidray.tracking import use_experiment
 from vidray.train.parallel import compile_layers, full_state, load_full_state, local_value, parallelize
 
 CHECKPOINT_FILE = "state.pt"
@@ -129,7 +130,7 @@ class MLflowRun:
         self.mlflow = mlflow
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        experiment_id = mlflow.set_experiment(experiment).experiment_id
+        experiment_id = use_experiment(experiment)
         found = mlflow.search_runs([experiment_id], filter_string=f"tags.`vidray.run_name` = '{run_name}'",
                                    output_format="list", max_results=1)
         if found:

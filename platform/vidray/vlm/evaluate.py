@@ -28,6 +28,7 @@ from vidray.train.config import EvaluateConfig, FinetuneConfig
 from vidray.vlm.data import collate
 from vidray.manifest import split_videos
 from vidray.train.job import load_state
+from vidray.tracking import use_experiment
 from vidray.vlm.finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
                                  text_budget, video_rows)
 from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm
@@ -312,8 +313,11 @@ def _log(cfg: EvaluateConfig, ft: FinetuneConfig, metrics: dict, tables: dict[st
 
     if cfg.mlflow.resolved_uri():
         mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
-    mlflow.set_experiment(cfg.mlflow.experiment or EXPERIMENT)
-    run_name = f"evaluate-{ft.task}-{cfg.split}"
+    use_experiment(cfg.mlflow.experiment or EXPERIMENT)
+    # Named by what tells two evaluations apart in the runs list: the pre-training they start from.
+    init = ft.init_from.rstrip("/") if ft.init_from else ""
+    run_name = f"evaluate-{ft.task}-{cfg.split}-" + (f"from-{os.path.basename(os.path.dirname(init))}"
+                                                     if init else "no-pretrain")
     tags = {"job": "evaluate", "task": ft.task, "split": cfg.split, "checkpoint_uri": cfg.checkpoint,
             "finetune_run_name": ft.train.run_name or os.path.basename(os.path.dirname(cfg.checkpoint.rstrip("/"))),
             **extra_tags}
