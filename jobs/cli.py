@@ -15,6 +15,7 @@ import signal
 import sys
 import threading
 
+import vidray
 from vidray.archs import ARCH_JOBS, load
 from vidray.config import ConfigError
 
@@ -36,8 +37,17 @@ Unknown paths and malformed entries are rejected before anything starts; a value
 rejects fails its own trial only. --print-config shows the resolved sweep (with its name)."""
 
 
+# Each config-taking subcommand's example preset (configs/ in the repo; `vidray demo` writes its own).
+PRESET_EXAMPLES = {"clips": "configs/demo/clips.yaml", "pretrain": "configs/demo/pretrain.yaml",
+                   "finetune": "configs/demo/finetune_retrieval.yaml", "sweep": "configs/demo/sweep.yaml",
+                   "train-vq": "configs/demo/vq_semantic.yaml",
+                   "evaluate": "a demo's configs/evaluate_pretrained.yaml",
+                   "extract": "a demo's configs/extract_image2d.yaml"}
+
+
 def _add_config_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", help="YAML preset (e.g. configs/demo/pretrain.yaml); "
+    command = p.prog.split()[-1]
+    p.add_argument("config", nargs="?", help=f"YAML preset (e.g. {PRESET_EXAMPLES[command]}); "
                    "omit to start from the built-in defaults")
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--print-config", action="store_true",
@@ -301,6 +311,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="vidray", description="Ray-based data-and-training platform for video-language "
         "pre-training. Every path may be a local path or an s3:// URI.",
         formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--version", action="version", version=f"vidray {vidray.__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     fmt = argparse.RawDescriptionHelpFormatter
 

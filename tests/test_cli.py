@@ -31,6 +31,17 @@ def test_each_subcommand_has_help(name):
     proc = vidray(name, "--help")
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith(f"usage: vidray {name}")
+    if "YAML preset" in proc.stdout:   # config-taking subcommands give an example of their own kind
+        from vidray.jobs.cli import PRESET_EXAMPLES
+
+        assert PRESET_EXAMPLES[name].split("/")[-1] in " ".join(proc.stdout.split())
+
+
+def test_version():
+    import vidray as package
+
+    proc = vidray("--version")
+    assert proc.returncode == 0 and proc.stdout.strip() == f"vidray {package.__version__}"
 
 
 def test_sweep_without_a_search_space_says_what_to_add():
