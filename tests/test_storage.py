@@ -57,6 +57,30 @@ def test_unreachable_endpoint_is_one_clear_error(monkeypatch, capfd):
     assert warnings and all("storage unreachable" in w and "try " in w for w in warnings)
 
 
+def test_setup_mistakes_are_said_at_once_through_the_cli(tmp_path):
+    # Real processes with a real environment: no keys anywhere (no env, no ~/.aws, no instance
+    # metadata), then the local stack's keys without its endpoint. Neither waits out retries.
+    import os
+    import subprocess
+    import sys
+    import time
+
+    from conftest import REPO
+
+    base = {k: v for k, v in os.environ.items() if not k.startswith("AWS_")}
+    base |= {"HOME": str(tmp_path), "AWS_EC2_METADATA_DISABLED": "true", "VIDRAY_STORAGE_RETRY_S": "300"}
+    cases = [({}, "no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"),
+             ({"AWS_ACCESS_KEY_ID": "vidray-local", "AWS_SECRET_ACCESS_KEY": "vidray-local-secret"},
+              "the local stack's key but AWS_ENDPOINT_URL is not set")]
+    for env, said in cases:
+        started = time.monotonic()
+        out = subprocess.run([sys.executable, "-m", "vidray.jobs.cli", "features", "ls", "s3://bucket/sets"],
+                             cwd=REPO, env=base | env, capture_output=True, text=True, timeout=120)
+        assert out.returncode == 1 and said in out.stderr, out.stderr[-2000:]
+        assert 'eval "$(vidray stack env)"' in out.stderr and "Traceback" not in out.stderr
+        assert time.monotonic() - started < 60   # no retry loop (its budget here is 300 s)
+
+
 def test_only_an_endpoint_that_does_not_answer_is_retried(tmp_path):
     import botocore.exceptions
 

@@ -24,6 +24,8 @@ from typing import IO, Callable, Iterator, TypeVar
 import fsspec
 import pyarrow.fs as pafs
 
+from vidray.stack import LOCAL_KEY_ID   # the local stack's fixed key: it opens the local endpoint only
+
 
 T = TypeVar("T")
 
@@ -142,10 +144,34 @@ def _s3_options() -> dict:
     return options
 
 
+_CREDENTIALS_FOUND = False
+
+
+def check_s3_setup(uri: str) -> None:
+    """Missing credentials, or the local stack's keys without its endpoint, are setup mistakes:
+    said at once, naming what to set, instead of a raw botocore error or minutes of retries."""
+    global _CREDENTIALS_FOUND
+    stack_hint = 'for the local stack: eval "$(vidray stack env)"'
+    if os.environ.get("AWS_ACCESS_KEY_ID") == LOCAL_KEY_ID and not (
+            os.environ.get("AWS_ENDPOINT_URL") or os.environ.get("AWS_ENDPOINT_URL_S3")):
+        raise StorageError(f"{uri}: AWS_ACCESS_KEY_ID is the local stack's key but AWS_ENDPOINT_URL is not set, "
+                           f"so requests go to AWS itself; {stack_hint}")
+    if _CREDENTIALS_FOUND or os.environ.get("AWS_ACCESS_KEY_ID"):
+        return
+    import botocore.session
+
+    if botocore.session.get_session().get_credentials() is None:   # env, profile, instance role, ...
+        raise StorageError(f"{uri}: no AWS credentials: set AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY (or "
+                           f"AWS_PROFILE, or give the node an instance role); {stack_hint}")
+    _CREDENTIALS_FOUND = True
+
+
 def filesystem(uri: str) -> tuple[fsspec.AbstractFileSystem, str]:
     """The fsspec filesystem for ``uri`` and the path inside it."""
     uri = str(uri)
     protocol = uri.split("://", 1)[0] if "://" in uri else "file"
+    if protocol in ("s3", "s3a"):
+        check_s3_setup(uri)
     options = _s3_options() if protocol in ("s3", "s3a") else {}
     fs, path = fsspec.core.url_to_fs(uri, **options)
     return fs, path
