@@ -92,3 +92,16 @@ def test_shuffle_seeds_differ_per_worker_and_epoch_and_repeat_for_the_same_epoch
     assert shuffle_options(cfg, 0, 0)["local_shuffle_buffer_size"] == 128
     off = load_config(PretrainConfig, None, ["train.shuffle_buffer=0"]).train
     assert shuffle_options(off, 0, 0) == {}
+
+
+def test_the_loop_hands_ray_data_a_collate_class_not_a_deprecated_function(ray_cluster):
+    import warnings
+
+    from vidray.train.loop import batch_collate
+
+    system = _row_logging_system(None, "cpu")
+    with warnings.catch_warnings():
+        # Ray 2.60: "Passing a function to `iter_torch_batches(collate_fn)` is deprecated ..."
+        warnings.filterwarnings("error", message="Passing a function to `iter_torch_batches")
+        batches = list(ray.data.range(8).iter_torch_batches(batch_size=4, collate_fn=batch_collate(system)))
+    assert [b["id"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]

@@ -282,7 +282,7 @@ def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, ra
     epoch, done = position
     while step < cfg.train.steps:
         # Pinned host memory and two batches in flight: the copy to the GPU overlaps the step.
-        batches = shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate, drop_last=True,
+        batches = shard.iter_torch_batches(batch_size=per_worker, collate_fn=batch_collate(system), drop_last=True,
                                            pin_memory=device.type == "cuda", prefetch_batches=2,
                                            **shuffle_options(cfg.train, rank, epoch))
         in_epoch = 0
@@ -340,6 +340,18 @@ def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, ra
         epoch, done = epoch + 1, 0
 
 
+def batch_collate(system):
+    """The system's collate (numpy columns -> tensors) as the callable class Ray Data takes: a plain
+    function passed to ``iter_torch_batches`` is deprecated since Ray 2.47 and warns every epoch."""
+    from ray.data.collate_fn import NumpyBatchCollateFn
+
+    class SystemCollate(NumpyBatchCollateFn):
+        def __call__(self, batch):
+            return system.collate(batch)
+
+    return SystemCollate()
+
+
 def shuffle_options(train, rank: int, epoch: int) -> dict:
     """Ray Data's local shuffle for one epoch of one worker. Unshuffled, rows come in dataset order:
     a video's clips side by side, so in-batch negatives (contrastive, matching) would mostly be
@@ -372,7 +384,7 @@ def _validate(system, model, per_worker: int, world: int, seed: int, device) -> 
     was_training = model.training
     model.eval()
     with torch.no_grad():
-        for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=system.collate):
+        for batch in shard.iter_torch_batches(batch_size=per_worker, collate_fn=batch_collate(system)):
             batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
             n = len(next(v for v in batch.values() if torch.is_tensor(v)))
             for name, value in system.validation_step(batch, generator).items():
