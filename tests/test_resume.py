@@ -119,3 +119,19 @@ def test_allinone_resumed_after_a_crash_equals_the_uninterrupted_run(frames_corp
     straight, resumed, calls = straight_and_resumed(
         cfg, tmp_path, build_pretrain_system, lambda: examples_dataset(model, cfg.data, "train"))
     assert_same_training(straight, resumed, calls)
+
+
+def test_a_finished_run_is_found_by_its_newest_checkpoint(tmp_path, s3_uri):
+    from vidray import storage
+    from vidray.train.job import finished_checkpoint
+    from vidray.train.loop import CHECKPOINT_FILE
+
+    for root in (str(tmp_path / "runs"), f"{s3_uri}/runs"):
+        for step in (10, 20):
+            storage.makedirs(storage.join(root, "r", f"checkpoint_{step:08d}"))
+            storage.write_bytes(storage.join(root, "r", f"checkpoint_{step:08d}", CHECKPOINT_FILE), b"x")
+        assert finished_checkpoint(root, "r", 20) == storage.join(root, "r", "checkpoint_00000020")
+        assert finished_checkpoint(root, "r", 10) is None      # a newer checkpoint: not this command's end
+        assert finished_checkpoint(root, "r", 30) is None      # not finished: Ray Train resumes it
+        storage.makedirs(storage.join(root, "r", "checkpoint_00000030"))   # written half-way: no state file
+        assert finished_checkpoint(root, "r", 30) is None

@@ -51,6 +51,20 @@ def find_run(tracking_uri: str | None, experiment: str, run_name: str):
     return runs[0] if runs else None
 
 
+def finished_checkpoint(storage_path: str, run_name: str, steps: int) -> str | None:
+    """The run's final checkpoint (URI) when its newest checkpoint is the one at ``steps``, else None."""
+    from vidray import storage
+
+    root = storage.join(storage_path if storage.is_remote(storage_path) else os.path.abspath(storage_path), run_name)
+    final = storage.join(root, f"checkpoint_{steps:08d}")
+    if not storage.exists(storage.join(final, CHECKPOINT_FILE)):
+        return None
+    fs, path = storage.filesystem(root)
+    newest = max(os.path.basename(p.rstrip("/")) for p in storage.reach(root, lambda: fs.ls(path, detail=False))
+                 if os.path.basename(p.rstrip("/")).startswith("checkpoint_"))
+    return final if newest == f"checkpoint_{steps:08d}" else None
+
+
 def ensure_ray(num_train_workers: int) -> None:
     """Join the cluster in ``RAY_ADDRESS``, or start a local one with room for Ray Data's tasks
     beside the Train workers (on a 2-core machine the default of one CPU per core lets two
@@ -116,9 +130,18 @@ def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_sy
     import mlflow
     import ray
 
+    tracking_uri = cfg.mlflow.resolved_uri()
+    # The same command again after it finished: nothing to train, so no Ray Train start (tens of
+    # seconds). A sweep's trial (callbacks) reports to Tune, so it always goes through Ray Train.
+    finished = None if callbacks else finished_checkpoint(cfg.train.storage_path, run_name, cfg.train.steps)
+    run = finished and find_run(tracking_uri, experiment, run_name)
+    if run:
+        say(f"{job} '{run_name}' finished before at step {cfg.train.steps}: reusing {finished} and MLflow run "
+            f"{run.info.run_id}")
+        return {"run_name": run_name, "checkpoint": finished, "mlflow_run_id": run.info.run_id,
+                "metrics": {"step": cfg.train.steps}}
     ensure_ray(cfg.train.num_workers)
     tags = {"job": job, "ray_job_id": ray.get_runtime_context().get_job_id(), **tags}
-    tracking_uri = cfg.mlflow.resolved_uri()
     tracker = partial(MLflowRun, tracking_uri, experiment, run_name, {**flatten(cfg), **(params or {})}, tags)
     say(f"{job} run '{run_name}': checkpoints under {cfg.train.storage_path}/{run_name}")
     dataset = make_dataset().materialize()
