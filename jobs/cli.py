@@ -459,16 +459,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-class Terminated(KeyboardInterrupt):
-    """SIGTERM, raised where the main thread is, so it unwinds as Ctrl-C does."""
-
-
-_TERMINATED: list[int] = []   # set by the handler: a library may re-raise a plain KeyboardInterrupt
+# Set by the SIGTERM handler: the KeyboardInterrupt it raises may come back re-raised by a library
+# as a plain one, so the flag, not the exception, says which signal it was.
+_TERMINATED: list[int] = []
 
 
 def _raise_terminated(signum, frame) -> None:
+    """SIGTERM unwinds as Ctrl-C does, from wherever the main thread is."""
     _TERMINATED.append(signum)
-    raise Terminated()
+    raise KeyboardInterrupt()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -482,8 +481,8 @@ def main(argv: list[str] | None = None) -> int:
     except ConfigError as err:
         print(f"vidray {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE
-    except KeyboardInterrupt as err:
-        terminated = isinstance(err, Terminated) or bool(_TERMINATED)
+    except KeyboardInterrupt:
+        terminated = bool(_TERMINATED)
         print(f"vidray {args.command}: {'terminated' if terminated else 'interrupted'}; what it started "
               "is stopped", file=sys.stderr)
         return 128 + (signal.SIGTERM if terminated else signal.SIGINT)

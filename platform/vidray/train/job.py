@@ -8,6 +8,7 @@ from functools import partial
 from typing import Any, Callable
 
 from vidray.config import ConfigError, dump_yaml, flatten
+from vidray import storage
 from vidray.cluster import init_ray
 from vidray.train.loop import CHECKPOINT_FILE, MLflowRun, fit, load_checkpoint, read_checkpoint
 
@@ -15,8 +16,6 @@ from vidray.train.loop import CHECKPOINT_FILE, MLflowRun, fit, load_checkpoint, 
 def load_state(checkpoint: str) -> dict:
     """The training state saved in a checkpoint folder (local or s3://)."""
     import io
-
-    from vidray import storage
 
     uri = storage.join(checkpoint, CHECKPOINT_FILE)
     if not storage.exists(uri):
@@ -53,16 +52,13 @@ def find_run(tracking_uri: str | None, experiment: str, run_name: str):
 
 def finished_checkpoint(storage_path: str, run_name: str, steps: int) -> str | None:
     """The run's final checkpoint (URI) when its newest checkpoint is the one at ``steps``, else None."""
-    from vidray import storage
-
     root = storage.join(storage_path if storage.is_remote(storage_path) else os.path.abspath(storage_path), run_name)
     final = storage.join(root, f"checkpoint_{steps:08d}")
     if not storage.exists(storage.join(final, CHECKPOINT_FILE)):
         return None
     fs, path = storage.filesystem(root)
-    newest = max(os.path.basename(p.rstrip("/")) for p in storage.reach(root, lambda: fs.ls(path, detail=False))
-                 if os.path.basename(p.rstrip("/")).startswith("checkpoint_"))
-    return final if newest == f"checkpoint_{steps:08d}" else None
+    names = [os.path.basename(p.rstrip("/")) for p in storage.reach(root, lambda: fs.ls(path, detail=False))]
+    return final if max(n for n in names if n.startswith("checkpoint_")) == f"checkpoint_{steps:08d}" else None
 
 
 def ensure_ray(num_train_workers: int) -> None:
