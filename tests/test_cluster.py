@@ -144,6 +144,12 @@ def test_ray_job_submit_runs_pretrain_to_s3_and_mlflow(ray_head, feature_sets, s
     assert status == "SUCCEEDED", logs[-4000:]
     report = json.loads(logs[logs.rindex('{\n  "run_name"'):].split("\n}\n")[0] + "\n}")
     assert report["metrics"]["step"] == 10
+    # What the job printed (after Ray's own lines about starting it): its progress lines once each,
+    # no tqdm cursor codes, none of Ray's INFO lines.
+    printed = logs[logs.index("Running entrypoint for job"):]
+    progress = [line for line in printed.splitlines() if re.match(r"pretrain \S+: step \d+/10 ", line)]
+    assert progress and progress[-1].startswith(f"pretrain {report['run_name']}: step 10/10")
+    assert len(progress) == len(set(progress)) and "\x1b[A" not in printed and " INFO " not in printed, printed
     checkpoint = report["checkpoint"]
     assert checkpoint.startswith(storage_path) and storage.exists(storage.join(checkpoint, "state.pt"))
     client = mlflow.MlflowClient()

@@ -77,9 +77,16 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     swept = load_config(SweepConfig, str(tmp_path / "configs" / "sweep.yaml"))
     assert swept.space == {"objective.mmm_ratio": {"grid": [0.0, 0.5]}}
     assert swept.pretrain.model.text_backbone == swept.finetune.model.text_backbone == "minilm"
-    # Saved configs load back with their own schema (and are what the steps ran with).
+    # Saved configs load back with their own schema (and are what the steps ran with); the data
+    # they name is on the stack's S3 endpoint, as on a cluster.
     assert load_config(SynthConfig, str(tmp_path / "configs" / "synth.yaml")).videos == 6
-    assert load_config(ClipsConfig, str(tmp_path / "configs" / "clips.yaml")).num_frames == 4
+    clips_cfg = load_config(ClipsConfig, str(tmp_path / "configs" / "clips.yaml"))
+    assert clips_cfg.num_frames == 4
+    assert (clips_cfg.manifest, clips_cfg.output) == ("s3://vidray/corpus/manifest.parquet", "s3://vidray/clips")
+    assert features["image2d"]["uri"].startswith("s3://vidray/features/image2d/v-")
+    assert "data.features: s3://vidray/features/pretrain_image2d/v-" in (tmp_path / "configs" / "pretrain.yaml").read_text()
+    # The endpoint keeps objects in memory: its `down` saved them in the stack dir.
+    assert len(list((tmp_path / "stack" / "s3" / "vidray" / "corpus" / "videos").glob("*.mp4"))) == 6
     # MLflow's sqlite store and artifacts live under the work dir; the stack was stopped.
     assert (tmp_path / "mlflow" / "mlflow.db").exists()
     pngs = [f for _, _, files in os.walk(tmp_path / "mlflow") for f in files if f.endswith(".png")]
@@ -88,8 +95,12 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert sorted(pngs) == sorted(["contact_sheet.png", "t2v_R1_vs_params.png"] + ["recall_at_k.png"] * (2 + done))
     assert local_stack.status(str(tmp_path / "stack")) == {}
 
-    second = demo(tmp_path, 400, "--quick")
-    assert second.returncode == 0, second.stderr[-3000:]
+    second = demo(tmp_path, 400, "--quick", "--keep-stack")
+    try:
+        assert second.returncode == 0, second.stderr[-3000:]
+        _the_data_is_on_the_endpoint_and_its_configs_run_again(tmp_path, features)
+    finally:
+        local_stack.down(str(tmp_path / "stack"))
     assert "corpus: reusing" in second.stdout and "clips: reusing" in second.stdout
     assert second.stdout.count("nothing to do:") == 4
     assert json.loads((tmp_path / "demo.json").read_text())["done"]["features"]["image2d"]["extracted_videos"] == 0
@@ -102,4 +113,21 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert second.stdout.count("evaluate: reusing") == 2
     assert again["done"]["retrieval"] == retrieval   # the same runs, resumed, the same numbers
     assert "sweep: reusing" in second.stdout and again["done"]["sweep"] == sweep
+
+
+def _the_data_is_on_the_endpoint_and_its_configs_run_again(workdir, features):
+    """After a rerun with --keep-stack: the objects are back on the endpoint (put there by `up`
+    from the copy the first run's `down` saved), and a saved config runs again as it is."""
+    import s3fs
+
+    env = local_stack.load(str(workdir / "stack")).env
+    fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                           client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
+    assert len(fs.glob("vidray/corpus/videos/*.mp4")) == 6 and len(fs.glob("vidray/pretrain_corpus/videos/*.mp4")) == 12
+    assert fs.glob("vidray/clips/clips/*.parquet")
+    assert fs.exists(features["text"]["uri"].removeprefix("s3://") + "/_manifest.json")
+    rerun = subprocess.run([sys.executable, "-m", "vidray.jobs.cli", "extract", "configs/extract_text.yaml"],
+                           cwd=workdir, env={**os.environ, **env}, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    assert json.loads(rerun.stdout)["uri"] == features["text"]["uri"]
 

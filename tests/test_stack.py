@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import pathlib
 import subprocess
 import sys
 import urllib.request
@@ -49,6 +50,7 @@ def _up_status_down(directory, stack):
     fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
                            client_kwargs={"endpoint_url": env["AWS_ENDPOINT_URL"]})
     assert "bucket-one" in fs.ls("")
+    fs.pipe("bucket-one/corpus/videos/v0.mp4", b"not really a video")
 
     status = vidray("stack", "status", "--dir", directory)
     assert status.returncode == 0 and status.stdout.count("healthy") == 2
@@ -61,6 +63,16 @@ def _up_status_down(directory, stack):
     for pid in pids.values():
         assert not local_stack._alive(pid)
     assert vidray("stack", "status", "--dir", directory).returncode == 1
+    # moto keeps objects in memory: `down` saved them, the next `up` puts them back.
+    saved = pathlib.Path(directory) / "s3" / "bucket-one" / "corpus" / "videos" / "v0.mp4"
+    assert saved.read_bytes() == b"not really a video"
+    back = vidray("stack", "up", "--dir", directory, "--bucket", "bucket-one")
+    assert back.returncode == 0, back.stderr
+    url = local_stack.load(directory).services["s3"].url
+    fs = s3fs.S3FileSystem(key=env["AWS_ACCESS_KEY_ID"], secret=env["AWS_SECRET_ACCESS_KEY"],
+                           client_kwargs={"endpoint_url": url})
+    assert fs.cat("bucket-one/corpus/videos/v0.mp4") == b"not really a video"
+    assert vidray("stack", "down", "--dir", directory).returncode == 0
     # The session's own stack (another directory) is untouched.
     assert all(s["healthy"] for s in local_stack.status(stack.directory).values())
 

@@ -25,7 +25,7 @@ from vidray.config import ConfigError, dump_yaml, flatten, from_dict, merge, par
 from vidray.feature_store.store import digest
 from vidray.tuning.config import EXPERIMENT, SweepConfig
 from vidray.tuning.space import check, overrides_of, trial_configs, tune_space
-from vidray.tracking import use_experiment
+from vidray.tracking import alive_nodes, decide_tracking_uri, use_experiment
 
 ERROR_TAG = "vidray.error"
 
@@ -229,6 +229,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, say: Callable[[str], None]
     import ray
     from ray import tune
 
+    from vidray.cluster import verbose
     from vidray.train.job import ensure_ray
     from vidray.tuning.report import finish_sweep
 
@@ -248,7 +249,8 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, say: Callable[[str], None]
     os.environ.setdefault("TUNE_GLOBAL_CHECKPOINT_S", "1")
     ensure_ray(cfg.pretrain.train.num_workers)
     # Trials run on workers that may not share this process's environment: resolve MLflow here.
-    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=cfg.mlflow.resolved_uri()))
+    uri = decide_tracking_uri(cfg.mlflow.resolved_uri(), experiment_of(cfg), alive_nodes())
+    cfg = dataclasses.replace(cfg, mlflow=dataclasses.replace(cfg.mlflow, tracking_uri=uri))
     parent = _parent_run(cfg, resume)
     trainable = tune.with_resources(tune.with_parameters(run_trial, sweep=cfg, parent_run_id=parent),
                                     {"cpu": 1})
@@ -264,7 +266,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, say: Callable[[str], None]
                                         max_concurrent_trials=parallel,
                                         time_budget_s=cfg.time_budget_s or None),
             run_config=tune.RunConfig(name=cfg.name, storage_path=root, storage_filesystem=filesystem,
-                                      verbose=1))
+                                      verbose=2 if verbose() else 1))
         stopping = (f"ASHA on {cfg.scheduler_mode} {cfg.scheduler_metric}" if cfg.scheduler.name == "asha"
                     else "no early stopping")
         say(f"sweep {cfg.name}: {_trial_count(cfg)} trial(s), {parallel} at a time, {stopping}; "

@@ -41,7 +41,7 @@ import pyarrow.parquet as pq
 
 from vidray import storage, video
 from vidray.cluster import init_ray
-from vidray.config import ConfigError, option
+from vidray.config import ConfigError, missing_required, option
 from vidray.manifest import read_manifest
 from vidray.quarantine import (SKIPPED, gather_quarantine, overrun_counts, quarantine_record,
                                 write_quarantine)
@@ -64,8 +64,8 @@ def clip_row_frames(row: dict[str, Any]) -> np.ndarray:
 
 @dataclass
 class ClipsConfig:
-    manifest: str = option("", "manifest.parquet to read (local path or s3://)")
-    output: str = option("", "folder or prefix for clips/ and quarantine.parquet")
+    manifest: str = option("", "manifest.parquet to read (local path or s3://)", required=True)
+    output: str = option("", "folder or prefix for clips/ and quarantine.parquet", required=True)
     num_frames: int = option(4, "frames per clip (3 All-in-one, 4-5 LAVENDER / E-ViLM)", ge=1, le=256)
     strategy: Literal["uniform", "random"] = option(
         "uniform", "segment centres, or a random time per segment (seeded per clip)")
@@ -80,9 +80,9 @@ class ClipsConfig:
     ray_address: Optional[str] = option(None, "Ray cluster address; null = $RAY_ADDRESS or local")
 
     def validate(self) -> None:
-        for key in ("manifest", "output"):
-            if not getattr(self, key):
-                raise ConfigError(key, "is required (a local path or s3:// URI)")
+        missing = missing_required(self)
+        if missing:
+            raise ConfigError(missing[0][0], "is required (a local path or s3:// URI)")
 
 
 def clip_specs(captions: list[dict] | None, duration_s: float | None, mode: str) -> list[dict]:

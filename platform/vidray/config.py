@@ -37,12 +37,29 @@ class ConfigError(ValueError):
 
 
 def option(default: Any = dataclasses.MISSING, help: str = "", *, ge=None, gt=None, le=None, lt=None,
-           name: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
+           name: bool = False, required: bool = False, default_factory: Any = dataclasses.MISSING) -> Any:
     """A config field with its documentation and numeric bounds (checked on load); ``name``
-    marks a value that becomes one folder name in a storage path (checked by :func:`check_name`)."""
+    marks a value that becomes one folder name in a storage path (checked by :func:`check_name`);
+    ``required``, a value a job cannot run without although its default is empty (the command
+    line checks it before importing the job: :func:`missing_required`)."""
     bounds = {k: v for k, v in (("ge", ge), ("gt", gt), ("le", le), ("lt", lt)) if v is not None}
+    flags = {**({"name": True} if name else {}), **({"required": True} if required else {})}
     return dataclasses.field(default=default, default_factory=default_factory,
-                             metadata={"help": help, **bounds, **({"name": True} if name else {})})
+                             metadata={"help": help, **bounds, **flags})
+
+
+def missing_required(cfg: Any, prefix: str = "") -> list[tuple[str, str]]:
+    """(key, help) of every ``required`` field of ``cfg`` still empty, nested configs included
+    (not those typed ``Any``: a sweep's job configs are completed per trial)."""
+    hints = typing.get_type_hints(type(cfg))
+    missing = []
+    for f in dataclasses.fields(cfg):
+        value, key = getattr(cfg, f.name), prefix + f.name
+        if f.metadata.get("required") and value in ("", None):
+            missing.append((key, f.metadata["help"]))
+        elif dataclasses.is_dataclass(hints.get(f.name)) and dataclasses.is_dataclass(value):
+            missing += missing_required(value, key + ".")
+    return missing
 
 
 _NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._=-]{0,199}")
@@ -147,8 +164,10 @@ def _check_bounds(value: Any, meta: typing.Mapping, key: str) -> None:
             raise ConfigError(key, f"must be {sign} {meta[name]}, got {value!r}")
 
 
-def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
-    """Build ``cls`` from a nested dict, validating every key (see module docstring)."""
+def from_dict(cls: type[T], data: dict | None, prefix: str = "", validate: bool = True) -> T:
+    """Build ``cls`` from a nested dict, validating every key (see module docstring); not
+    ``validate``: without the top-level class's own ``validate()`` (`--print-config` shows a
+    config whose required values are still empty)."""
     data = dict(data or {})
     hints = typing.get_type_hints(cls)
     fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
@@ -168,10 +187,10 @@ def from_dict(cls: type[T], data: dict | None, prefix: str = "") -> T:
         _check_bounds(value, f.metadata, key)
         kwargs[name] = value
     obj = cls(**kwargs)
-    validate = getattr(obj, "validate", None)
-    if validate is not None:
+    check = getattr(obj, "validate", None) if validate else None
+    if check is not None:
         try:
-            validate()
+            check()
         except ConfigError as err:
             if prefix and not err.key.startswith(prefix):
                 raise ConfigError(f"{prefix}.{err.key}", str(err).split(": ", 1)[-1]) from None
@@ -241,10 +260,11 @@ def read_yaml(path: str) -> dict:
     return data
 
 
-def load_config(cls: type[T], path: str | None = None, overrides: list[str] | None = None) -> T:
-    """The preset at ``path`` (if any) with ``overrides`` applied, validated."""
+def load_config(cls: type[T], path: str | None = None, overrides: list[str] | None = None,
+                validate: bool = True) -> T:
+    """The preset at ``path`` (if any) with ``overrides`` applied, validated (see :func:`from_dict`)."""
     data = read_yaml(path) if path else {}
-    return from_dict(cls, merge(data, parse_overrides(overrides or [])))
+    return from_dict(cls, merge(data, parse_overrides(overrides or [])), validate=validate)
 
 
 def to_dict(cfg: Any) -> dict:

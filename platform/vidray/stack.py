@@ -48,6 +48,7 @@ class StackInfo:
     directory: str
     bucket: str
     services: dict[str, Service] = field(default_factory=dict)
+    persist: bool = False  # the bucket's objects saved to <directory>/s3/ by `down`, put back by `up`
 
     @property
     def env(self) -> dict[str, str]:
@@ -83,7 +84,8 @@ def load(directory: str = DEFAULT_DIR) -> StackInfo | None:
     except FileNotFoundError:
         return None
     services = {k: Service(**v) for k, v in raw["services"].items()}
-    return StackInfo(directory=raw["directory"], bucket=raw["bucket"], services=services)
+    return StackInfo(directory=raw["directory"], bucket=raw["bucket"], services=services,
+                     persist=raw.get("persist", False))
 
 
 def _save(info: StackInfo) -> None:
@@ -149,24 +151,71 @@ def _is_ours(service: Service) -> bool:
     return ("moto" if service.name == "s3" else "mlflow") in cmdline
 
 
-def _create_bucket(info: StackInfo) -> None:
+def _s3_client(info: StackInfo):
     import botocore.session
 
-    client = botocore.session.get_session().create_client(
+    return botocore.session.get_session().create_client(
         "s3", endpoint_url=info.services["s3"].url, region_name="us-east-1",
         aws_access_key_id=LOCAL_KEY_ID, aws_secret_access_key=LOCAL_SECRET)
+
+
+def _create_bucket(info: StackInfo) -> None:
+    client = _s3_client(info)
     existing = {b["Name"] for b in client.list_buckets().get("Buckets", [])}
     if info.bucket not in existing:
         client.create_bucket(Bucket=info.bucket)
 
 
+def saved_objects_dir(info: StackInfo) -> str:
+    return os.path.join(info.directory, "s3", info.bucket)
+
+
+def save_objects(info: StackInfo) -> int:
+    """Copy every object of the bucket to :func:`saved_objects_dir` (replacing the last copy);
+    returns how many. Why: moto keeps objects in memory, and a stopped stack would lose them."""
+    import shutil
+
+    client, target = _s3_client(info), saved_objects_dir(info)
+    partial = target + ".partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    os.makedirs(partial)
+    count = 0
+    for page in client.get_paginator("list_objects_v2").paginate(Bucket=info.bucket):
+        for item in page.get("Contents", []):
+            if item["Key"].endswith("/"):  # a folder marker: folders come back with their files
+                continue
+            path = os.path.join(partial, item["Key"])
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as out:
+                shutil.copyfileobj(client.get_object(Bucket=info.bucket, Key=item["Key"])["Body"], out)
+            count += 1
+    shutil.rmtree(target, ignore_errors=True)
+    os.rename(partial, target)  # the old copy is replaced only by a whole new one
+    return count
+
+
+def restore_objects(info: StackInfo) -> int:
+    """Put the objects :func:`save_objects` saved back into the bucket; returns how many."""
+    client, source = _s3_client(info), saved_objects_dir(info)
+    count = 0
+    for folder, _, files in os.walk(source):
+        for name in files:
+            path = os.path.join(folder, name)
+            with open(path, "rb") as body:
+                client.put_object(Bucket=info.bucket, Key=os.path.relpath(path, source).replace(os.sep, "/"),
+                                  Body=body)
+            count += 1
+    return count
+
+
 def up(directory: str = DEFAULT_DIR, bucket: str = "vidray", timeout_s: float = 90.0,
-       mlflow_dir: str | None = None) -> StackInfo:
+       mlflow_dir: str | None = None, persist: bool = False) -> StackInfo:
     """Start the S3 endpoint and the MLflow server (or return the healthy ones already running).
 
     State, pids and logs go to ``directory``; the MLflow sqlite database and artifacts to
     ``mlflow_dir`` (default: ``directory``), so they outlive the stack. The S3 endpoint keeps its
-    objects in memory: they are gone after `down`.
+    objects in memory: with ``persist``, `down` saves them under ``directory/s3/`` and `up` puts
+    them back (`vidray stack` and the demo; a test session's stack starts empty every time).
     """
     directory = os.path.abspath(directory)
     mlflow_dir = os.path.abspath(mlflow_dir or directory)
@@ -179,7 +228,7 @@ def up(directory: str = DEFAULT_DIR, bucket: str = "vidray", timeout_s: float = 
     s3_port, mlflow_port = free_port(), free_port()
     artifacts = os.path.join(mlflow_dir, "artifacts")
     os.makedirs(artifacts, exist_ok=True)
-    info = StackInfo(directory=directory, bucket=bucket)
+    info = StackInfo(directory=directory, bucket=bucket, persist=persist)
     info.services["s3"] = _spawn(
         "s3", [sys.executable, "-m", "moto.server", "-H", HOST, "-p", str(s3_port)],
         directory, s3_port, f"http://{HOST}:{s3_port}")
@@ -198,8 +247,10 @@ def up(directory: str = DEFAULT_DIR, bucket: str = "vidray", timeout_s: float = 
         for service in info.services.values():
             _wait_healthy(service, timeout_s)
         _create_bucket(info)
+        if persist:
+            restore_objects(info)
     except BaseException:  # Ctrl-C while waiting too: nothing started may outlive the call
-        down(directory)
+        down(directory, save=False)  # a half-restored bucket must not replace the saved copy
         raise
     return info
 
@@ -223,11 +274,14 @@ def _stop(service: Service, timeout_s: float = 15.0) -> bool:
     return True
 
 
-def down(directory: str = DEFAULT_DIR) -> list[str]:
-    """Stop the services recorded in ``directory``; returns the names of those stopped."""
+def down(directory: str = DEFAULT_DIR, save: bool = True) -> list[str]:
+    """Stop the services recorded in ``directory`` (a persisting stack's objects saved first,
+    unless not ``save``); returns the names of those stopped."""
     info = load(os.path.abspath(directory))
     if info is None:
         return []
+    if save and info.persist and _healthy(info.services["s3"]):
+        save_objects(info)
     stopped = [name for name, service in info.services.items() if _stop(service)]
     for name in info.services:
         pid_file = os.path.join(info.directory, f"{name}.pid")

@@ -633,7 +633,7 @@ def _checked(cfg: SynthConfig) -> SynthConfig:
 
 def _make_all(root: str, cfg: SynthConfig, workers: int, progress: bool) -> list[VideoPlan]:
     """Make every video, in a process pool when ``workers > 1``; plans come back in index order."""
-    bar = tqdm(total=cfg.videos, desc="synth", unit="video", disable=not progress)
+    bar = tqdm(total=cfg.videos, desc="synth", unit="video", disable=None if progress else True)  # None: on a terminal only
     plans: dict[int, VideoPlan] = {}
     try:
         if workers <= 1:

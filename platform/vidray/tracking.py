@@ -39,3 +39,44 @@ def use_experiment(name: str) -> str:
     if "mlflow.experimentKind" not in experiment.tags:
         mlflow.MlflowClient().set_experiment_tag(experiment.experiment_id, "mlflow.experimentKind", EXPERIMENT_KIND)
     return experiment.experiment_id
+
+
+def alive_nodes() -> int:
+    """Nodes of the Ray cluster this process is connected to (1 without Ray)."""
+    import ray
+
+    return sum(1 for node in ray.nodes() if node["Alive"]) if ray.is_initialized() else 1
+
+
+def decide_tracking_uri(uri: str | None, experiment: str, nodes: int = 1) -> str:
+    """The one tracking URI of a job whose runs are logged from Ray workers, decided in its driver
+    before any work and handed to every worker.
+
+    ``uri`` (``mlflow.tracking_uri``), else ``$MLFLOW_TRACKING_URI``, else MLflow's default (a
+    sqlite file in this directory), made absolute: workers run in Ray's session directory, where
+    a relative path names another store, and the driver would not find the run they logged.
+    A file store on a cluster of ``nodes`` > 1 is refused: rank 0 may run on another machine and
+    log to a store of its own there. The store is opened here once, so a URI that cannot work
+    (MLflow 3 refuses ``./mlruns`` folders) fails now, not after training, in every retry.
+    """
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    from vidray.config import ConfigError, redact
+
+    uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
+    if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):
+        uri = "sqlite:///" + os.path.abspath(uri[len("sqlite:///"):])
+    elif "://" not in uri:
+        uri = os.path.abspath(uri)
+    if uri.startswith(("sqlite:", "file:", "/")) and nodes > 1:
+        raise ConfigError("mlflow.tracking_uri", f"{uri} is a file on this machine, but the Ray cluster has "
+                          f"{nodes} nodes: each would log to a store of its own. Set MLFLOW_TRACKING_URI (or "
+                          "mlflow.tracking_uri=...) to an MLflow server every node reaches (infra/mlflow)")
+    mlflow.set_tracking_uri(uri)
+    try:
+        use_experiment(experiment)
+    except MlflowException as err:
+        raise ConfigError("mlflow.tracking_uri", f"MLflow cannot use {redact(uri)}: {err.message} "
+                          "(give a server URL or sqlite:////absolute/path/mlflow.db)") from None
+    return uri

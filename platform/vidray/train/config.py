@@ -93,9 +93,9 @@ TASKS = ("retrieval", "captioning", "action_segmentation")
 
 @dataclass
 class FinetuneDataConfig:
-    features: str = option("", "S3D feature-set version URI (<root>/s3d/<version>)")
+    features: str = option("", "video feature-set version URI (<root>/s3d/<version>, or image2d)", required=True)
     text: str = option("", "text feature-set version URI (<root>/text/<version>); its tokenizer "
-                       "also tokenizes MC options and decodes generated captions")
+                       "also tokenizes MC options and decodes generated captions", required=True)
     manifest: str = option("", "manifest of the corpus: selects the split (empty = every video)")
     split: str = option("train", "manifest split to fine-tune on")
     labels: str = option("", "action_segmentation: COIN-format annotations (database/annotation/"
@@ -124,7 +124,8 @@ class FinetuneConfig:
 class EvaluateConfig:
     """`vidray evaluate`: a fine-tuned checkpoint on a split; data URIs default to the checkpoint's."""
 
-    checkpoint: str = option("", "fine-tuning checkpoint folder (…/checkpoint_NNNNNNNN, local or s3://)")
+    checkpoint: str = option("", "fine-tuning checkpoint folder (…/checkpoint_NNNNNNNN, local or s3://)",
+                             required=True)
     split: str = option("test", "manifest split to evaluate on")
     features: str = option("", "S3D feature-set version; empty = the one the checkpoint was trained on")
     text: str = option("", "text feature-set version; empty = the checkpoint's")

@@ -3,13 +3,17 @@ the run, hand rank 0 its MLflow run, then record the final checkpoint and the co
 
 from __future__ import annotations
 
+import logging
 import os
+from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable
 
 from vidray.config import ConfigError, dump_yaml, flatten
 from vidray import storage
 from vidray.cluster import init_ray
+from vidray.tracking import alive_nodes, decide_tracking_uri
+from vidray.train.progress import live_progress
 from vidray.train.loop import CHECKPOINT_FILE, MLflowRun, fit, load_checkpoint, read_checkpoint
 
 
@@ -95,6 +99,8 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     """
     port = _free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    # Ray 2.60 warns at every local start that it enabled its default, token authentication.
+    logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
                                "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}
@@ -126,7 +132,8 @@ def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_sy
     import mlflow
     import ray
 
-    tracking_uri = cfg.mlflow.resolved_uri()
+    ensure_ray(cfg.train.num_workers)
+    tracking_uri = decide_tracking_uri(cfg.mlflow.resolved_uri(), experiment, alive_nodes())
     # The same command again after it finished: nothing to train, so no Ray Train start (tens of
     # seconds). A sweep's trial (callbacks) reports to Tune, so it always goes through Ray Train.
     finished = None if callbacks else finished_checkpoint(cfg.train.storage_path, run_name, cfg.train.steps)
@@ -136,7 +143,6 @@ def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_sy
             f"{run.info.run_id}")
         return {"run_name": run_name, "checkpoint": finished, "mlflow_run_id": run.info.run_id,
                 "metrics": {"step": cfg.train.steps}}
-    ensure_ray(cfg.train.num_workers)
     tags = {"job": job, "ray_job_id": ray.get_runtime_context().get_job_id(), **tags}
     tracker = partial(MLflowRun, tracking_uri, experiment, run_name, {**flatten(cfg), **(params or {})}, tags)
     say(f"{job} run '{run_name}': checkpoints under {cfg.train.storage_path}/{run_name}")
@@ -154,8 +160,10 @@ def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_sy
         if val_dataset.count() == 0:
             raise ConfigError("data.val_split", "the held-out split has no examples (videos with timed "
                               "captions); choose another split or set train.val_every=0")
-    result = fit(cfg, build_system, dataset, tracker, run_name, cfg.train.storage_path,
-                 val_dataset=val_dataset, callbacks=callbacks)
+    # One live line on this driver; a sweep's trials (callbacks) run inside Tune, whose table shows them.
+    with nullcontext() if callbacks else live_progress(f"{job} {run_name}", cfg.train.steps) as board:
+        result = fit(cfg, build_system, dataset, tracker, run_name, cfg.train.storage_path,
+                     val_dataset=val_dataset, callbacks=callbacks, progress=board)
     checkpoint = result.checkpoint.path if result.checkpoint else None
     if checkpoint and "://" not in checkpoint and cfg.train.storage_path.startswith("s3://"):
         checkpoint = "s3://" + checkpoint  # Ray reports paths inside its filesystem, scheme-less

@@ -34,10 +34,20 @@ from vidray.train.parallel import compile_layers, full_state, load_full_state, l
 CHECKPOINT_FILE = "state.pt"
 
 
+# Rank 0's progress board (vidray.train.progress.Board), when the driver shows a live line.
+_board = None
+
+
 def log(message: str) -> None:
-    """Progress from a worker: to stderr, which Ray forwards to the driver's stderr (stdout is
-    where the CLI prints its JSON report)."""
+    """A worker's note, in its log file (stderr; on the driver too with ``--verbose``)."""
     print(f"[vidray] {message}", file=sys.stderr, flush=True)
+
+
+def tell(message: str) -> None:
+    """A note the user should see: logged, and shown on the driver beside the progress line."""
+    log(message)
+    if _board is not None:
+        _board.say.remote(message)
 
 
 # Dense bf16 peak of one GPU, TFLOP/s (vendor datasheets, without sparsity): the denominator of
@@ -180,7 +190,7 @@ class MLflowRun:
             except Exception as err:  # noqa: BLE001 - the server being down must not stop training
                 if down_since is None:
                     down_since = time.monotonic()
-                    log(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} is not answering "
+                    tell(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} is not answering "
                         f"({type(err).__name__}); training goes on, metrics wait and are sent when it is back")
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -188,14 +198,14 @@ class MLflowRun:
             del unsent[:len(chunk)]
             self.unsent = len(unsent)
             if down_since is not None and not unsent:
-                log(f"MLflow answers again after {time.monotonic() - down_since:.0f} s; every waiting metric sent")
+                tell(f"MLflow answers again after {time.monotonic() - down_since:.0f} s; every waiting metric sent")
                 down_since, delay = None, 1.0
 
     def finish(self, status: str = "FINISHED") -> None:
         self.pending.put(None)
         self.sender.join(float(os.environ.get("VIDRAY_MLFLOW_FLUSH_S", "600")))
         if self.sender.is_alive():
-            log(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} did not come back: {self.unsent} "
+            tell(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} did not come back: {self.unsent} "
                 f"metric points of run {self.run_id} were not logged (the checkpoints are safe)")
             return
         self.mlflow.end_run(status=status)
@@ -203,12 +213,15 @@ class MLflowRun:
 
 def train_loop_per_worker(config: dict) -> None:
     """Runs on every Ray Train worker. ``config`` holds the typed config (``cfg_obj``), the
-    ``build_system(cfg, device)`` function and ``make_tracker()`` (rank 0's MLflow run)."""
+    ``build_system(cfg, device)`` function, ``make_tracker()`` (rank 0's MLflow run) and
+    ``progress`` (the driver's progress board, or None)."""
     import ray.train
 
+    global _board
     cfg, build_system = config["cfg_obj"], config["build_system"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
+    _board = config.get("progress") if rank == 0 else None
     torch.manual_seed(cfg.train.seed + rank)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     system = build_system(cfg, device)
@@ -221,7 +234,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.train.compile:
         compiled = compile_layers(model)
         if rank == 0:
-            log(f"torch.compile: {compiled} transformer layers, compiled during the first steps")
+            tell(f"torch.compile: {compiled} transformer layers, compiled during the first steps")
     # One fused CUDA kernel for the whole update on GPU (DDP replicas hold plain tensors; FSDP's
     # sharded parameters keep the default path). None, not False: False also turns off foreach.
     fused = device.type == "cuda" and cfg.train.strategy == "ddp"
@@ -275,7 +288,7 @@ def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, ra
     started, examples, micro = time.monotonic(), 0, 0
     flops_per_example = None  # counted on the first micro-batch (forward + backward), as it runs
     if rank == 0:
-        log(f"training from step {step} to {cfg.train.steps} on {world} worker(s)")
+        tell(f"training from step {step} to {cfg.train.steps} on {world} worker(s)")
     # A system's CPU-side randomness (masks, pairings) runs before the copy, so a batch crosses
     # to the GPU once and is never copied back.
     prepare = getattr(system, "prepare", lambda batch: batch)
@@ -314,6 +327,8 @@ def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, ra
                        "examples_per_s": rate, "tflops_per_worker": tflops,
                        **({"mfu": tflops / peak} if peak else {}),
                        **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            if _board is not None:  # fire and forget: the driver reads the latest once a second
+                _board.post.remote({"step": step, "loss": metrics["loss"], "examples_per_s": rate})
             if tracker:
                 tracker.log(metrics, step)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:
@@ -424,10 +439,10 @@ def _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoi
 
 
 def fit(cfg: Any, build_system: Callable, dataset, make_tracker: Callable, run_name: str,
-        storage_path: str, val_dataset=None, callbacks: tuple = ()) -> Any:
+        storage_path: str, val_dataset=None, callbacks: tuple = (), progress=None) -> Any:
     """Build the TorchTrainer and run it; returns Ray Train's Result. ``val_dataset`` is scored
     every ``train.val_every`` steps; ``callbacks`` are Ray Train callbacks (a sweep passes
-    Tune's ``TuneReportCallback``)."""
+    Tune's ``TuneReportCallback``); ``progress``: a progress board for rank 0 to post to."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -437,7 +452,8 @@ def fit(cfg: Any, build_system: Callable, dataset, make_tracker: Callable, run_n
                         else (None, os.path.abspath(storage_path)))
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config={"cfg_obj": cfg, "build_system": build_system, "make_tracker": make_tracker},
+        train_loop_config={"cfg_obj": cfg, "build_system": build_system, "make_tracker": make_tracker,
+                           "progress": progress},
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),

@@ -26,8 +26,8 @@ from vidray.config import option
 
 @dataclass
 class DataConfig:
-    features: str = option("", "S3D feature-set version URI (<root>/s3d/<version>)")
-    text: str = option("", "text feature-set version URI (<root>/text/<version>)")
+    features: str = option("", "video feature-set version URI (<root>/s3d/<version>, or image2d)", required=True)
+    text: str = option("", "text feature-set version URI (<root>/text/<version>)", required=True)
     clips_per_video: int = option(8, "examples drawn per video per epoch (paper: 32)", ge=1)
     min_text_tokens: int = option(8, "shortest text of an example, in WordPiece tokens", ge=1)
     max_text_tokens: int = option(61, "longest text of an example (96 - 32 video - 3 special)", ge=1)
