@@ -157,11 +157,25 @@ def open_version(uri: str) -> FeatureSet:
     """The committed feature set at ``uri`` (``<root>/<name>/<version>``)."""
     manifest_uri = storage.join(uri, MANIFEST_NAME)
     if not storage.exists(manifest_uri):
+        versions = committed_versions(uri)
+        if versions:  # the set's folder, one level up from a version
+            raise FeatureStoreError(f"{uri} is a feature set, not one of its versions: give a version, e.g. "
+                                    + ", ".join(versions[-3:]) + f" (`vidray features ls {os.path.dirname(uri.rstrip('/'))}` "
+                                    "lists them all)")
         raise FeatureStoreError(
             f"{uri}: no {MANIFEST_NAME}, so this is not a committed feature-set version (an "
             "extraction still running or killed?); rerun `vidray extract` to finish it, or "
             "`vidray features ls ROOT` to list committed versions")
     return FeatureSet(uri=uri.rstrip("/"), manifest=json.loads(storage.read_bytes(manifest_uri)))
+
+
+def committed_versions(set_uri: str) -> list[str]:
+    """The URIs of the committed versions in a feature set's folder (none if it is not one)."""
+    fs, path = storage.filesystem(set_uri)
+    if not fs.isdir(path):
+        return []
+    return [storage.with_scheme(set_uri, p) for p in sorted(fs.ls(path, detail=False))
+            if os.path.basename(p.rstrip("/")).startswith("v-") and is_committed(storage.with_scheme(set_uri, p))]
 
 
 def commit(version: str, manifest: dict) -> FeatureSet:

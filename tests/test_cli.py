@@ -74,6 +74,14 @@ def test_print_config_works_before_the_required_values_are_set(command, keys):
     assert [line.split(":")[0].strip("# ") for line in trailer.splitlines()] == keys
 
 
+def test_python_dash_m_vidray_is_the_same_command():
+    """For a node where the console script is not on PATH (a job's shell, a bare venv)."""
+    import vidray as package
+
+    proc = subprocess.run([sys.executable, "-m", "vidray", "--version"], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0 and proc.stdout.strip() == f"vidray {package.__version__}"
+
+
 def test_console_script_is_installed():
     script = os.path.join(os.path.dirname(sys.executable), "vidray")
     proc = subprocess.run([script, "--help"], capture_output=True, text=True, timeout=60)

@@ -155,7 +155,8 @@ def test_ray_job_submit_runs_pretrain_to_s3_and_mlflow(ray_head, feature_sets, s
     client = mlflow.MlflowClient()
     run = client.get_run(report["mlflow_run_id"])
     assert run.info.status == "FINISHED" and run.data.tags["checkpoint_uri"] == checkpoint
-    assert run.data.tags["ray_job_id"] and len(client.get_metric_history(run.info.run_id, "loss")) == 10
+    # Tagged with the id `ray job logs` and `ray job stop` take (the driver's own is 02000000-like).
+    assert run.data.tags["ray_job_id"] == job_id and len(client.get_metric_history(run.info.run_id, "loss")) == 10
     # Nothing secret is in the job's metadata (its runtime env among it).
     listed = _ray(["job", "list", "--address", ray_head["address"]], ray_head["env"]).stdout
     (details,) = [d for d in listed.split("JobDetails(") if f"submission_id='{job_id}'" in d]

@@ -84,7 +84,7 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert clips_cfg.num_frames == 4
     assert (clips_cfg.manifest, clips_cfg.output) == ("s3://vidray/corpus/manifest.parquet", "s3://vidray/clips")
     assert features["image2d"]["uri"].startswith("s3://vidray/features/image2d/v-")
-    assert "data.features: s3://vidray/features/pretrain_image2d/v-" in (tmp_path / "configs" / "pretrain.yaml").read_text()
+    assert "  features: s3://vidray/features/pretrain_image2d/v-" in (tmp_path / "configs" / "pretrain.yaml").read_text()
     # The endpoint keeps objects in memory: its `down` saved them in the stack dir.
     assert len(list((tmp_path / "stack" / "s3" / "vidray" / "corpus" / "videos").glob("*.mp4"))) == 6
     # MLflow's sqlite store and artifacts live under the work dir; the stack was stopped.

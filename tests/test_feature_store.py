@@ -274,6 +274,10 @@ def test_open_join_cli_and_validate_catches_damage(ray_cluster, corpus, tmp_path
 
     missing = vidray("features", "show", str(tmp_path / "text" / "v-000000000000"))
     assert missing.returncode == 1 and "not a committed feature-set version" in missing.stderr
+    # The set's folder instead of a version: the error names the versions to choose from.
+    folder = vidray("features", "show", str(tmp_path / "text"))
+    assert folder.returncode == 1 and "is a feature set, not one of its versions" in folder.stderr
+    assert uri in folder.stderr
 
 
 def pa_concat(*tables):

@@ -40,3 +40,15 @@ def test_directions_differ_when_the_matrix_is_asymmetric():
     assert metrics["v2t_R1"] == pytest.approx(2 / 3)  # video 0 prefers text 1 (0.95 > 0.9)
     with pytest.raises(ValueError, match="square"):
         retrieval_metrics(np.zeros((2, 3)))
+
+
+def test_an_mc_row_names_the_word_that_differs():
+    """Synthetic MC options differ in one word: the table shows it, not only two long sentences."""
+    from vidray.vlm.evaluate import mc_row, option_difference
+
+    options = ["a red circle moves left", "a red circle moves right", "a blue circle moves left"]
+    wrong = mc_row("v1", "what moves where?", options, np.array([0.1, 0.9, 0.3]), right=0)
+    assert wrong["picked"] == options[1] and wrong["differs"] == "left → right" and not wrong["correct"]
+    right = mc_row("v1", "what moves where?", options, np.array([0.8, 0.1, 0.3]), right=0)
+    assert right["differs"] == "" and right["correct"]
+    assert option_difference(options[0], options[2]) == "red → blue"

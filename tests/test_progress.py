@@ -64,7 +64,15 @@ def test_a_training_job_in_a_pipe_prints_progress_lines_and_no_ray_logs(ray_clus
     client = mlflow.MlflowClient(f"sqlite:///{tmp_path / 'runs.db'}")
     run = client.search_runs([client.get_experiment_by_name("test-progress").experiment_id])[0]
     assert run.data.tags["checkpoint_uri"].endswith("checkpoint_00000030")
+    # MLflow's Source column: the command, not the Ray worker's default_worker.py.
+    assert run.data.tags["mlflow.source.name"].startswith("vidray pretrain ") and "train.steps=30" in \
+        run.data.tags["mlflow.source.name"]
     assert len(client.get_metric_history(run.info.run_id, "loss")) == 30
+    # The gradient norm before clipping and the one the step used (optim.grad_clip: 2.0).
+    norms = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "grad_norm")}
+    clipped = {m.step: m.value for m in client.get_metric_history(run.info.run_id, "grad_norm_clipped")}
+    assert set(clipped) == set(norms) and all(clipped[s] == pytest.approx(min(norms[s], 2.0)) for s in norms)
+    assert "chance_acc_video" in run.data.metrics
 
 
 @pytest.fixture

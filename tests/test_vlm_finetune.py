@@ -121,6 +121,10 @@ def test_retrieval_from_a_pretrained_checkpoint_beats_chance_and_is_tracked(down
     mc = _table(client, report, "multiple_choice", tmp_path)
     correct = [row[mc["columns"].index("correct")] for row in mc["data"]]
     assert len(correct) == test_clips and sum(correct) / test_clips == pytest.approx(metrics["mc_accuracy"])
+    differs = [row[mc["columns"].index("differs")] for row in mc["data"]]
+    assert all((d == "") == bool(c) for d, c in zip(differs, correct))   # a wrong pick names the word
+    # The data it read, resolved from the checkpoint (evaluate's own keys were left empty).
+    assert evaluation.data.params["features"] == downstream["features"] and evaluation.data.params["text"]
 
 
 def _test_videos(sets) -> set[str]:

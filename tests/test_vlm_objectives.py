@@ -422,6 +422,8 @@ def test_end_to_end_both_objectives():
         grads = torch.autograd.grad(loss, [video_mlp.weight, word_emb.weight], retain_graph=True)
         assert torch.isfinite(loss) and all(g.abs().sum() > 0 for g in grads), name
         assert set(logs) >= {"loss_video", "loss_text", "acc_video", "acc_text", "n_video", "n_text"}
+        # acc_video's chance beside it: a guess among the positive and the batch's other video tokens
+        assert logs["chance_acc_video"] == pytest.approx(1 / (1 + cand.shape[0]))
 
 
 def test_registry_covers_config_names():

@@ -177,7 +177,8 @@ def finish_sweep(cfg, parent_run_id: str, results, say: Callable[[str], None] = 
 
 
 def _settle(client, row: dict, child, error_tag: str) -> None:
-    """The child run's final status: FINISHED (done or stopped early, tagged) or FAILED."""
+    """The child run's final status: FINISHED (done), KILLED (stopped early by the scheduler,
+    tagged so: a green "Finished" read as a trial that ran to its end) or FAILED."""
     if child is None:
         return
     if row["status"] == "failed":
@@ -187,7 +188,9 @@ def _settle(client, row: dict, child, error_tag: str) -> None:
             client.set_terminated(child.info.run_id, "FAILED")
         return
     client.set_tag(child.info.run_id, "vidray.trial_status", row["status"])
+    status = "FINISHED"
     if row["status"] == "stopped":
         client.set_tag(child.info.run_id, "vidray.stopped_early", "true")
-    if child.info.status != "FINISHED":
-        client.set_terminated(child.info.run_id, "FINISHED")
+        status = "KILLED"
+    if child.info.status != status:
+        client.set_terminated(child.info.run_id, status)

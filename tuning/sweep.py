@@ -109,26 +109,33 @@ def run_trial(params: dict, sweep: SweepConfig, parent_run_id: str) -> None:
     final = {"step": report["metrics"]["step"],
              **{k: v for k, v in report["metrics"].items() if k.startswith("val_")}}
     if finetune is not None:
-        final.update(_finetune_and_evaluate(sweep, finetune, report["checkpoint"], run_id))
+        final.update(_finetune_and_evaluate(sweep, finetune, report["checkpoint"], run_id, trial_label(params)))
         client.log_batch(run_id, metrics=[mlflow.entities.Metric(k, float(v), _now(), final["step"])
                                           for k, v in final.items()
                                           if k != "step" and isinstance(v, (int, float))])
     tune.report({**final, "trial_done": 1})
 
 
-def _finetune_and_evaluate(sweep: SweepConfig, finetune, checkpoint: str, parent: str) -> dict:
+def trial_label(params: dict) -> str:
+    """A trial's swept values as its runs are named in MLflow's runs list (``mmm_ratio=0.5``):
+    Tune's trial ids tell trials apart, not what they tried."""
+    return ", ".join(f"{path.rsplit('.', 1)[-1]}={value}" for key, sampled in params.items()
+                     for path, value in overrides_of(key, sampled))
+
+
+def _finetune_and_evaluate(sweep: SweepConfig, finetune, checkpoint: str, parent: str, label: str) -> dict:
     from vidray.archs import runner
     from vidray.vlm.evaluate import run_evaluate  # follows the checkpoint to VLM or a frames model
 
     run_finetune = runner("finetune", finetune.model.arch)
     finetune = dataclasses.replace(finetune, init_from=checkpoint)
     nested = {"mlflow.parentRunId": parent}
-    tuned = run_finetune(finetune, tags=nested, say=_to_stderr)
+    tuned = run_finetune(finetune, tags={**nested, "mlflow.runName": f"finetune {label}"}, say=_to_stderr)
     evaluate = dataclasses.replace(sweep.evaluate, checkpoint=tuned["checkpoint"],
                                    mlflow=dataclasses.replace(sweep.evaluate.mlflow,
                                                               tracking_uri=sweep.mlflow.resolved_uri(),
                                                               experiment=experiment_of(sweep)))
-    result = run_evaluate(evaluate, tags=nested, say=_to_stderr)
+    result = run_evaluate(evaluate, tags={**nested, "mlflow.runName": f"evaluate {label}"}, say=_to_stderr)
     return {k: v for k, v in result["metrics"].items() if isinstance(v, (int, float))}
 
 
@@ -160,7 +167,7 @@ def _child_run(client, sweep: SweepConfig, trial_id: str, params: dict, parent_r
     if found:
         return found.info.run_id
     experiment_id = client.get_experiment_by_name(experiment_of(sweep)).experiment_id
-    run = client.create_run(experiment_id, run_name=name, tags={
+    run = client.create_run(experiment_id, run_name=f"{trial_label(params)} ({trial_id})", tags={
         "vidray.run_name": name, "mlflow.parentRunId": parent_run_id, "job": "sweep-trial",
         "vidray.sweep": sweep.name, "vidray.trial_id": trial_id,
         "vidray.trial_params": json.dumps(params, default=str)[:5000]})

@@ -62,6 +62,28 @@ def init_ray(**kwargs) -> None:
         signal.signal(signal.SIGTERM, handler)
 
 
+def ray_job_id() -> str:
+    """The id `ray job logs` and `ray job stop` take: a submitted job's submission id (its
+    driver's own Ray job id, 02000000-like, is not one they accept), else the driver's job id."""
+    import json
+
+    import ray
+
+    config = json.loads(os.environ.get("RAY_JOB_CONFIG_JSON_ENV_VAR") or "{}")
+    return config.get("metadata", {}).get("job_submission_id") or ray.get_runtime_context().get_job_id()
+
+
+def command_line() -> str:
+    """This process's command as the user typed it (credentials masked): MLflow's Source."""
+    import sys
+
+    from vidray.config import redact
+
+    program = os.path.basename(sys.argv[0])
+    words = ["vidray", *sys.argv[1:]] if program in ("vidray", "cli.py", "__main__.py") else sys.argv
+    return redact(shlex.join(words))
+
+
 def job_runtime_env(working_dir: str | None, env: dict[str, str] | None = None) -> dict:
     """The runtime env of a submitted job: ``working_dir`` (uploaded; .gitignore'd files stay
     behind) and the :data:`FORWARDED_ENV` values set in ``env`` (default: this process's)."""

@@ -247,7 +247,7 @@ def option_scores(model, arch: str, tokenizer: str, examples: list[dict], batch_
 def evaluate_mc(scores: np.ndarray, examples: list[dict]) -> tuple[dict, list[dict]]:
     """Per MC question (its options' examples): the option scoring highest is picked; ties count
     against the model. ``mc_accuracy`` next to ``mc_chance`` (1 / options), as VLM's evaluation."""
-    from vidray.vlm.evaluate import mc_correct, mc_summary
+    from vidray.vlm.evaluate import mc_row, mc_summary
 
     questions: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
@@ -256,10 +256,8 @@ def evaluate_mc(scores: np.ndarray, examples: list[dict]) -> tuple[dict, list[di
     for rows in questions.values():
         options = [examples[i] for i in rows]
         right = [e["option_index"] for e in options].index(options[0]["mc_answer"])
-        picked = int(scores[rows].argmax())
-        table.append({"video_id": options[0]["video_id"], "question": options[0]["question"],
-                      "answer": options[right]["text"], "picked": options[picked]["text"],
-                      "correct": mc_correct(scores[rows], right)})
+        table.append(mc_row(options[0]["video_id"], options[0]["question"], [e["text"] for e in options],
+                            scores[rows], right))
         option_counts.append(len(rows))
     return mc_summary(table, option_counts), table
 
@@ -288,6 +286,8 @@ def run_frames_evaluate(cfg: EvaluateConfig, state: dict, say: Callable[[str], N
     metrics["examples"] = sum(counts.values())
     if len(tasks) > 1:
         metrics.update({f"{task}_examples": n for task, n in counts.items()})
+    # The data it read, resolved: the params of the run name it (empty meant "the checkpoint's").
+    cfg = dataclasses.replace(cfg, frames=data.frames, manifest=data.manifest, qa=data.qa, mc=data.mc)
     run_id = _log(cfg, ft, metrics, tables, figures, {}, {"arch": ft.model.arch, **(tags or {})})
     say(f"evaluate {ft.model.arch} {ft.task} on {cfg.split}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)) + f"; MLflow run {run_id}")

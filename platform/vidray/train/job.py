@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable
 
 from vidray.config import ConfigError, dump_yaml, flatten
 from vidray import storage
-from vidray.cluster import init_ray
+from vidray.cluster import command_line, init_ray, ray_job_id
 from vidray.tracking import alive_nodes, decide_tracking_uri
 from vidray.train.progress import live_progress
 from vidray.train.loop import CHECKPOINT_FILE, MLflowRun, fit, load_checkpoint, read_checkpoint
@@ -104,6 +105,11 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
                                "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}
+    # A temp dir of its own: Ray finds "the" cluster of a machine through <temp dir>/ray_current_cluster,
+    # which the latest local start on the machine overwrites. In the shared /tmp/ray, a job submitted
+    # here after another Ray started beside it had its driver resolve "auto" to that other cluster,
+    # whose nodes could not fetch the job's working dir ("Failed to download runtime_env file package").
+    kwargs.setdefault("_temp_dir", os.path.join(tempfile.gettempdir(), "ray", f"vidray-{port}"))
     # address="local": a new cluster even if `ray start` left one that ray.init() would join.
     init_ray(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env=runtime_env, **kwargs)
@@ -130,7 +136,6 @@ def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_sy
     checkpoint URI, MLflow run id and the final metrics (``step`` read from the checkpoint).
     ``params`` are logged beside the flattened config (e.g. the model's size figures)."""
     import mlflow
-    import ray
 
     ensure_ray(cfg.train.num_workers)
     tracking_uri = decide_tracking_uri(cfg.mlflow.resolved_uri(), experiment, alive_nodes())
@@ -143,7 +148,9 @@ def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_sy
             f"{run.info.run_id}")
         return {"run_name": run_name, "checkpoint": finished, "mlflow_run_id": run.info.run_id,
                 "metrics": {"step": cfg.train.steps}}
-    tags = {"job": job, "ray_job_id": ray.get_runtime_context().get_job_id(), **tags}
+    # The command as its Source (MLflow would name the Ray worker's default_worker.py).
+    tags = {"job": job, "ray_job_id": ray_job_id(), "mlflow.source.name": command_line(),
+            "mlflow.source.type": "JOB", **tags}
     tracker = partial(MLflowRun, tracking_uri, experiment, run_name, {**flatten(cfg), **(params or {})}, tags)
     say(f"{job} run '{run_name}': checkpoints under {cfg.train.storage_path}/{run_name}")
     dataset = make_dataset().materialize()

@@ -146,7 +146,9 @@ class MLflowRun:
         if found:
             self.run = mlflow.start_run(run_id=found[0].info.run_id)
         else:
-            self.run = mlflow.start_run(run_name=run_name, tags={"vidray.run_name": run_name, **tags})
+            # Shown as tags' mlflow.runName when given (a sweep's "finetune mmm_ratio=0.5"), found by run_name.
+            self.run = mlflow.start_run(run_name=tags.get("mlflow.runName", run_name),
+                                        tags={"vidray.run_name": run_name, **tags})
             mlflow.log_params(params)
         # Our sender retries on its own schedule; MLflow's default (7 retries, backoff factor 2)
         # would hold each attempt for minutes before we could say the server is down.
@@ -323,7 +325,9 @@ def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, ra
             rate = examples / elapsed if elapsed else 0.0
             # Model FLOPs per second per worker (training FLOPs of the model, not of recomputation).
             tflops = rate / world * flops_per_example / 1e12
-            metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": local_value(grad_norm),
+            grad_norm = local_value(grad_norm)  # before clipping; the step used at most optim.grad_clip
+            metrics = {"loss": loss.item(), "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                       "grad_norm_clipped": min(grad_norm, cfg.optim.grad_clip),
                        "examples_per_s": rate, "tflops_per_worker": tflops,
                        **({"mfu": tflops / peak} if peak else {}),
                        **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}

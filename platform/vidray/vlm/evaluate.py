@@ -14,6 +14,7 @@ view) and a plot (recall@K curve, caption scores, per-class accuracy).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from typing import Any, Callable
@@ -154,6 +155,21 @@ def mc_summary(table: list[dict], option_counts: list[int]) -> dict[str, float]:
     return {"mc_accuracy": accuracy, "mc_chance": chance, "mc_questions": len(table)}
 
 
+def option_difference(answer: str, picked: str) -> str:
+    """The words that tell the picked option from the answer (``left → right``; empty when it is
+    the answer): MC options that differ in one word read alike as whole sentences in a table."""
+    said, chosen = answer.split(), picked.split()
+    only_answer, only_picked = [w for w in said if w not in chosen], [w for w in chosen if w not in said]
+    return f"{' '.join(only_answer)} → {' '.join(only_picked)}" if only_answer or only_picked else ""
+
+
+def mc_row(video_id: str, question: str, options: list[str], scores: np.ndarray, right: int) -> dict:
+    """One row of an MC table: the answer, the option with the top score and what differs."""
+    picked = options[int(np.argmax(scores))]
+    return {"video_id": video_id, "question": question, "answer": options[right], "picked": picked,
+            "differs": option_difference(options[right], picked), "correct": mc_correct(scores, right)}
+
+
 def mc_questions(mc_uri: str, features: dict[str, np.ndarray], tokenizer,
                  max_video_tokens: int, max_text_tokens: int) -> list[dict]:
     """MC rows of the evaluated videos, with the clip's seconds and each option's ids."""
@@ -182,8 +198,7 @@ def evaluate_mc(model, questions: list[dict], max_video_tokens: int, max_text_to
                         max_text_tokens, SEP_ID)
         video = model.encode_video(batch["video"][:1], batch["video_mask"][:1])
         scores = (model.encode_text(batch["text_ids"], batch["text_mask"]) @ video[0]).numpy()
-        table.append({"video_id": q["video_id"], "question": q["question"], "answer": q["options"][q["answer"]],
-                      "picked": q["options"][int(scores.argmax())], "correct": mc_correct(scores, q["answer"])})
+        table.append(mc_row(q["video_id"], q["question"], q["options"], scores, q["answer"]))
     return mc_summary(table, [len(q["options"]) for q in questions]), table
 
 
@@ -316,8 +331,8 @@ def _log(cfg: EvaluateConfig, ft: FinetuneConfig, metrics: dict, tables: dict[st
     use_experiment(cfg.mlflow.experiment or EXPERIMENT)
     # Named by what tells two evaluations apart in the runs list: the pre-training they start from.
     init = ft.init_from.rstrip("/") if ft.init_from else ""
-    run_name = f"evaluate-{ft.task}-{cfg.split}-" + (f"from-{os.path.basename(os.path.dirname(init))}"
-                                                     if init else "no-pretrain")
+    run_name = extra_tags.get("mlflow.runName") or f"evaluate-{ft.task}-{cfg.split}-" + (
+        f"from-{os.path.basename(os.path.dirname(init))}" if init else "no-pretrain")
     tags = {"job": "evaluate", "task": ft.task, "split": cfg.split, "checkpoint_uri": cfg.checkpoint,
             "finetune_run_name": ft.train.run_name or os.path.basename(os.path.dirname(cfg.checkpoint.rstrip("/"))),
             **extra_tags}
@@ -348,7 +363,10 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print,
 
         return run_frames_evaluate(cfg, state, say, tags)
     ft, model = load_finetuned(cfg.checkpoint, state)
-    features_uri, manifest = cfg.features or ft.data.features, cfg.manifest or ft.data.manifest
+    # The data it read, resolved: the params of the run name it (empty meant "the checkpoint's").
+    cfg = dataclasses.replace(cfg, features=cfg.features or ft.data.features, text=cfg.text or ft.data.text,
+                              manifest=cfg.manifest or ft.data.manifest)
+    features_uri, manifest = cfg.features, cfg.manifest
     table = read_split(features_uri, manifest, cfg.split)
     lv, lt = ft.model.max_video_tokens, text_budget(ft.model)
     captions = None if ft.task == "action_segmentation" else captions_by_video(cfg.text or ft.data.text)

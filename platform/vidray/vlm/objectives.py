@@ -216,6 +216,12 @@ def _accuracy(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     return hits / max(target.numel(), 1)
 
 
+def _video_chance(candidates: int) -> float:
+    """``acc_video`` of a guess among the batch's video tokens: its own and the ``candidates``
+    (the masked token loss also offers every word, which a guess among video tokens skips)."""
+    return 1.0 / (1 + candidates)
+
+
 def _logs(device: torch.device, **values: torch.Tensor | float) -> dict[str, float]:
     # One device->host copy for all the numbers instead of one .item() each.
     numbers = torch.stack([torch.as_tensor(v, dtype=torch.float32, device=device).detach().reshape(())
@@ -263,7 +269,7 @@ def masked_token_loss(pred_video: torch.Tensor, pos_video: torch.Tensor, cand_vi
     logs = _logs(loss.device, loss=loss, loss_video=per_token[:Nv].sum() / max(Nv, 1),
                  loss_text=per_token[Nv:].sum() / max(Nt, 1),
                  acc_video=_accuracy(logits[:Nv], target[:Nv]), acc_text=_accuracy(logits[Nv:], target[Nv:]),
-                 n_video=float(Nv), n_text=float(Nt))
+                 chance_acc_video=_video_chance(Nc), n_video=float(Nv), n_text=float(Nt))
     return loss, logs
 
 
@@ -294,7 +300,7 @@ def mfm_mlm_loss(pred_video: torch.Tensor, pos_video: torch.Tensor, cand_video: 
     logs = _logs(loss.device, loss=loss, loss_video=loss_video, loss_text=loss_text,
                  acc_video=_accuracy(video_logits, video_target),
                  acc_text=_accuracy(text_logits[predicted], text_targets[predicted]),
-                 n_video=float(Nv), n_text=float(Nt))
+                 chance_acc_video=_video_chance(cand_video.shape[0]), n_video=float(Nv), n_text=float(Nt))
     return loss, logs
 
 
