@@ -288,7 +288,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _config_keys(command: str) -> str:
     """The config keys of a training command, with type, default and help, for its --help."""
+    from vidray.clips import ClipsConfig
     from vidray.config import describe
+    from vidray.feature_store.extract import ExtractConfig
     from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 
     from vidray.tuning.config import SweepConfig
@@ -296,7 +298,8 @@ def _config_keys(command: str) -> str:
     from vidray.frames.config import VQTokenizerConfig
 
     cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
-           "sweep": SweepConfig, "train-vq": VQTokenizerConfig}[command]
+           "sweep": SweepConfig, "train-vq": VQTokenizerConfig, "clips": ClipsConfig,
+           "extract": ExtractConfig}[command]
     if command == "sweep":  # the job configs inside have their own commands' --help
         lines = ["config keys of `vidray sweep` (pretrain.*, finetune.*, evaluate.*: see those commands):"]
         for key, type_name, default, help_text in describe(cls):
@@ -380,13 +383,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(run=cmd_adapt)
 
     p = sub.add_parser("clips", help="Ray Data clip pipeline: manifest -> sparsely sampled frames "
-                       "(Parquet) + quarantine of bad videos", epilog=CONFIG_EPILOG, formatter_class=fmt)
+                       "(Parquet) + quarantine of bad videos", epilog=CONFIG_EPILOG + "\n\n" + _config_keys("clips"),
+                       formatter_class=fmt)
     _add_config_args(p)
     p.set_defaults(run=cmd_clips)
 
     p = sub.add_parser("extract", help="one-time feature extraction (s3d, text, frames, vq) to a "
                        "versioned feature set, exactly once",
-                       epilog=CONFIG_EPILOG, formatter_class=fmt)
+                       epilog=CONFIG_EPILOG + "\n\n" + _config_keys("extract"), formatter_class=fmt)
     _add_config_args(p)
     p.set_defaults(run=cmd_extract)
 

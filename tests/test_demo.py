@@ -99,6 +99,7 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     try:
         assert second.returncode == 0, second.stderr[-3000:]
         _the_data_is_on_the_endpoint_and_its_configs_run_again(tmp_path, features)
+        _mlflow_reads_at_a_glance(tmp_path)
     finally:
         local_stack.down(str(tmp_path / "stack"))
     assert "corpus: reusing" in second.stdout and "clips: reusing" in second.stdout
@@ -131,3 +132,38 @@ def _the_data_is_on_the_endpoint_and_its_configs_run_again(workdir, features):
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert json.loads(rerun.stdout)["uri"] == features["text"]["uri"]
 
+
+
+def _mlflow_reads_at_a_glance(workdir):
+    """The demo's experiments through MLflow's REST API (the server of the kept stack), and the
+    runs list as the UI renders it when chromium is here: training experiments, runs named by what
+    differs, chance beside the scores, the command as Source."""
+    import mlflow
+
+    from test_sweep import _chromium
+
+    url = local_stack.load(str(workdir / "stack")).env["MLFLOW_TRACKING_URI"]
+    client = mlflow.MlflowClient(url)
+    demo, sweep = (client.get_experiment_by_name(name) for name in ("vidray-demo", "vidray-demo-sweep"))
+    assert demo.tags["mlflow.experimentKind"] == sweep.tags["mlflow.experimentKind"] == "custom_model_development"
+    runs = client.search_runs([demo.experiment_id])
+    evaluations = sorted(r.info.run_name for r in runs if r.data.tags.get("job") == "evaluate")
+    assert len(evaluations) == 2 and evaluations[1].endswith("-no-pretrain") and "-from-vlm-pretrain-" in evaluations[0]
+    pretrain = next(r for r in runs if r.data.tags.get("job") == "pretrain")
+    assert {"chance_acc_video", "grad_norm_clipped"} <= set(pretrain.data.metrics)
+    assert pretrain.data.tags["mlflow.source.name"].startswith("vidray demo ")
+    trials = client.search_runs([sweep.experiment_id], filter_string="tags.job = 'sweep-trial'")
+    assert sorted(r.info.run_name.split(" ")[0] for r in trials) == ["mmm_ratio=0.0", "mmm_ratio=0.5"]
+    chromium = _chromium()
+    if chromium is None:
+        return
+    # The no-pretrain evaluation's page, as the UI renders it: its name and its chance figures.
+    control = next(r for r in runs if r.info.run_name == evaluations[1])
+    page = f"{url.rstrip('/')}/#/experiments/{demo.experiment_id}/runs/{control.info.run_id}"
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+             "--disable-background-networking", "--window-size=1400,1200", "--virtual-time-budget=30000"]
+    dom = subprocess.run([chromium, *flags, "--dump-dom", page], capture_output=True, text=True, timeout=180).stdout
+    assert evaluations[1] in dom and "chance_R1" in dom, dom[-2000:]
+    shot = workdir / "vidray-demo.png"
+    subprocess.run([chromium, *flags, f"--screenshot={shot}", page], capture_output=True, timeout=180)
+    assert shot.exists() and shot.stat().st_size > 20_000

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shlex
 import signal
+import sys
 import threading
 import time
 from typing import Callable
@@ -40,9 +41,11 @@ def init_ray(**kwargs) -> None:
     Why the handler: ray.init installs a native one that aborts the driver on SIGTERM, so no
     ``finally`` runs and what the job started (the demo's local S3 and MLflow servers, a local
     Ray) outlives it. The `vidray` command turns SIGTERM into an exception that unwinds.
-    Why quiet: of a demo's 349 terminal lines, 37 were ours; the rest were Ray Data's INFO lines,
-    Ray Train's controller and workers, and Ray's start-up. Workers' logs stay in their files
-    (training's progress reaches the driver through :mod:`vidray.train.progress`); Ray Data's
+    Why quiet: of a demo's 349 terminal lines, 37 were ours; the rest were Ray Data's INFO lines
+    and progress bars, Ray Train's controller and workers, and Ray's start-up. Forwarding the
+    workers' logs at WARNING does not help: Ray Train and Ray Data print much of it. So workers'
+    logs stay in their files, and what a worker must tell the user reaches the driver as a
+    :func:`note`; training's progress comes through :mod:`vidray.train.progress`. Ray Data's
     progress bars show on a terminal only (in a pipe they are INFO lines).
     """
     import logging
@@ -55,11 +58,74 @@ def init_ray(**kwargs) -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its sqlite set-up, "creating experiment"
         kwargs.setdefault("log_to_driver", False)
         kwargs.setdefault("logging_level", logging.WARNING)
+    _DRIVER.append(True)
     keep = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if keep else None
     ray.init(**kwargs)
     if keep and handler is not None:
         signal.signal(signal.SIGTERM, handler)
+    if not kwargs.get("log_to_driver", True):
+        _start_notes()
+
+
+# Set in a process that started or joined Ray through init_ray: a driver, whose notes are printed here.
+_DRIVER: list[bool] = []
+
+
+class Notes:
+    """A job's notes for its driver (an actor): what its workers must tell the user (storage or
+    MLflow not answering, where training starts) while their logs stay off the driver."""
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+
+    def add(self, line: str) -> None:
+        self.lines.append(line)
+
+    def take(self) -> list[str]:
+        lines, self.lines = self.lines, []
+        return lines
+
+
+def _notes_name() -> str:
+    import ray
+
+    return f"vidray-notes-{ray.get_runtime_context().get_job_id()}"
+
+
+def _start_notes() -> None:
+    """The job's :class:`Notes` actor, and a thread printing what arrives on this driver's stderr."""
+    import ray
+
+    notes = ray.remote(num_cpus=0)(Notes).options(name=_notes_name()).remote()
+
+    def show() -> None:
+        while ray.is_initialized():
+            try:
+                lines = ray.get(notes.take.remote(), timeout=30)
+            except Exception:  # noqa: BLE001 - Ray shutting down, or slow: the next round tells
+                lines = []
+            for line in lines:
+                print(f"[vidray] {line}", file=sys.stderr, flush=True)
+            time.sleep(1.0)
+
+    threading.Thread(target=show, name="vidray-notes", daemon=True).start()
+
+
+def note(message: str) -> None:
+    """Tell the user ``message``: on this process's stderr (a worker's log file) and, from a
+    worker of a job whose driver keeps Ray's worker logs to itself, on the driver's too."""
+    print(f"[vidray] {message}", file=sys.stderr, flush=True)
+    if _DRIVER or "ray" not in sys.modules:
+        return
+    import ray
+
+    if not ray.is_initialized():
+        return
+    try:
+        ray.get_actor(_notes_name()).add.remote(message)
+    except ValueError:  # no notes: --verbose (the worker's stderr reaches the driver) or not a vidray job
+        pass
 
 
 def ray_job_id() -> str:

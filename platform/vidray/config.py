@@ -96,6 +96,10 @@ def redact(node: Any) -> Any:
 def _type_name(tp: Any) -> str:
     if typing.get_origin(tp) is Literal:
         return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if _is_optional(tp):  # "int or null", not the bare "Optional" of typing's name
+        return " or ".join(_type_name(a) for a in typing.get_args(tp) if a is not type(None)) + " or null"
+    if typing.get_origin(tp) in (list, tuple, dict):
+        return str(tp).replace("typing.", "")
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
@@ -304,7 +308,7 @@ def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
         if dataclasses.is_dataclass(tp):
             rows.extend(describe(tp, key))
             continue
-        default = f.default if f.default is not dataclasses.MISSING else (
+        default = "(required)" if f.metadata.get("required") else f.default if f.default is not dataclasses.MISSING else (
             f.default_factory() if f.default_factory is not dataclasses.MISSING else "(required)")
         rows.append((key, _type_name(tp), default, f.metadata.get("help", "")))
     return rows

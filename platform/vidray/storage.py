@@ -72,7 +72,9 @@ def endpoint() -> str:
 
 
 def _warn(message: str) -> None:
-    print(f"[vidray] {message}", file=sys.stderr, flush=True)
+    from vidray.cluster import note  # from an extraction actor too: the driver shows it
+
+    note(message)
 
 
 def call_with_retries(fn: Callable[[], T], uri: str, warn: Callable[[str], None] = _warn) -> T:

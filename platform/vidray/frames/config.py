@@ -87,7 +87,7 @@ class FramesPretrainConfig:
 
     model: FramesModelConfig = field(default_factory=FramesModelConfig)
     objective: FramesObjectiveConfig = field(default_factory=FramesObjectiveConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=1000))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-4, warmup_steps=100))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
     data: FramesDataConfig = field(default_factory=FramesDataConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)
@@ -178,7 +178,7 @@ class VQTokenizerConfig:
 
     model: VQModelConfig = field(default_factory=VQModelConfig)
     objective: VQObjectiveConfig = field(default_factory=VQObjectiveConfig)
-    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=500))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=2e-4, warmup_steps=100))
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64))
     data: FramesDataConfig = field(default_factory=FramesDataConfig)
     mlflow: MLflowConfig = field(default_factory=MLflowConfig)

@@ -41,7 +41,7 @@ class OptimConfig:
     lr: float = option(5e-5, "peak learning rate", gt=0.0)
     betas: list[float] = option(default_factory=lambda: [0.9, 0.98], help="Adam betas")
     weight_decay: float = option(0.0, "decoupled weight decay", ge=0.0)
-    warmup_steps: int = option(1000, "linear warm-up steps before polynomial decay", ge=0)
+    warmup_steps: int = option(100, "linear warm-up steps before polynomial decay (a tenth of the default train.steps)", ge=0)
     grad_clip: float = option(2.0, "max global gradient norm", gt=0.0)
 
     def validate(self) -> None:

@@ -27,6 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from vidray.cluster import note
 from vidray.config import redact
 from vidray.tracking import use_experiment
 from vidray.train.parallel import compile_layers, full_state, load_full_state, local_value, parallelize
@@ -34,20 +35,9 @@ from vidray.train.parallel import compile_layers, full_state, load_full_state, l
 CHECKPOINT_FILE = "state.pt"
 
 
-# Rank 0's progress board (vidray.train.progress.Board), when the driver shows a live line.
-_board = None
-
-
 def log(message: str) -> None:
     """A worker's note, in its log file (stderr; on the driver too with ``--verbose``)."""
     print(f"[vidray] {message}", file=sys.stderr, flush=True)
-
-
-def tell(message: str) -> None:
-    """A note the user should see: logged, and shown on the driver beside the progress line."""
-    log(message)
-    if _board is not None:
-        _board.say.remote(message)
 
 
 # Dense bf16 peak of one GPU, TFLOP/s (vendor datasheets, without sparsity): the denominator of
@@ -192,7 +182,7 @@ class MLflowRun:
             except Exception as err:  # noqa: BLE001 - the server being down must not stop training
                 if down_since is None:
                     down_since = time.monotonic()
-                    tell(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} is not answering "
+                    note(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} is not answering "
                         f"({type(err).__name__}); training goes on, metrics wait and are sent when it is back")
                 time.sleep(delay)
                 delay = min(delay * 2, 10.0)
@@ -200,14 +190,14 @@ class MLflowRun:
             del unsent[:len(chunk)]
             self.unsent = len(unsent)
             if down_since is not None and not unsent:
-                tell(f"MLflow answers again after {time.monotonic() - down_since:.0f} s; every waiting metric sent")
+                note(f"MLflow answers again after {time.monotonic() - down_since:.0f} s; every waiting metric sent")
                 down_since, delay = None, 1.0
 
     def finish(self, status: str = "FINISHED") -> None:
         self.pending.put(None)
         self.sender.join(float(os.environ.get("VIDRAY_MLFLOW_FLUSH_S", "600")))
         if self.sender.is_alive():
-            tell(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} did not come back: {self.unsent} "
+            note(f"WARNING: MLflow at {redact(self.mlflow.get_tracking_uri())} did not come back: {self.unsent} "
                 f"metric points of run {self.run_id} were not logged (the checkpoints are safe)")
             return
         self.mlflow.end_run(status=status)
@@ -219,11 +209,9 @@ def train_loop_per_worker(config: dict) -> None:
     ``progress`` (the driver's progress board, or None)."""
     import ray.train
 
-    global _board
     cfg, build_system = config["cfg_obj"], config["build_system"]
     context = ray.train.get_context()
     rank, world = context.get_world_rank(), context.get_world_size()
-    _board = config.get("progress") if rank == 0 else None
     torch.manual_seed(cfg.train.seed + rank)
     device = torch.device("cuda" if cfg.train.use_gpu and torch.cuda.is_available() else "cpu")
     system = build_system(cfg, device)
@@ -236,7 +224,7 @@ def train_loop_per_worker(config: dict) -> None:
     if cfg.train.compile:
         compiled = compile_layers(model)
         if rank == 0:
-            tell(f"torch.compile: {compiled} transformer layers, compiled during the first steps")
+            note(f"torch.compile: {compiled} transformer layers, compiled during the first steps")
     # One fused CUDA kernel for the whole update on GPU (DDP replicas hold plain tensors; FSDP's
     # sharded parameters keep the default path). None, not False: False also turns off foreach.
     fused = device.type == "cuda" and cfg.train.strategy == "ddp"
@@ -262,8 +250,9 @@ def train_loop_per_worker(config: dict) -> None:
             if generator is not None:
                 generator.manual_seed(_stream_seed(cfg.train.seed, rank, step, 1))
     tracker = config["make_tracker"]() if rank == 0 else None
+    board = config.get("progress") if rank == 0 else None
     try:
-        _train(cfg, system, model, optimizer, scheduler, step, position, tracker, rank, world, device)
+        _train(cfg, system, model, optimizer, scheduler, step, position, tracker, board, rank, world, device)
     except BaseException:
         if tracker:
             tracker.finish("FAILED")
@@ -276,9 +265,10 @@ def _stream_seed(*parts: int) -> int:
     return int(np.random.SeedSequence(list(parts)).generate_state(1)[0])
 
 
-def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, rank, world, device) -> None:
+def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, board, rank, world, device) -> None:
     """Train from ``step``; ``position`` is (epoch, micro-batches of it already trained on): a
-    resumed run skips those, so it sees the batches an uninterrupted run would have."""
+    resumed run skips those, so it sees the batches an uninterrupted run would have. Rank 0 logs
+    each step to ``tracker`` (MLflow) and posts it to ``board`` (the driver's progress line)."""
     import ray.train
 
     from torch.utils.flop_counter import FlopCounterMode
@@ -290,7 +280,7 @@ def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, ra
     started, examples, micro = time.monotonic(), 0, 0
     flops_per_example = None  # counted on the first micro-batch (forward + backward), as it runs
     if rank == 0:
-        tell(f"training from step {step} to {cfg.train.steps} on {world} worker(s)")
+        note(f"training from step {step} to {cfg.train.steps} on {world} worker(s)")
     # A system's CPU-side randomness (masks, pairings) runs before the copy, so a batch crosses
     # to the GPU once and is never copied back.
     prepare = getattr(system, "prepare", lambda batch: batch)
@@ -331,8 +321,8 @@ def _train(cfg, system, model, optimizer, scheduler, step, position, tracker, ra
                        "examples_per_s": rate, "tflops_per_worker": tflops,
                        **({"mfu": tflops / peak} if peak else {}),
                        **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
-            if _board is not None:  # fire and forget: the driver reads the latest once a second
-                _board.post.remote({"step": step, "loss": metrics["loss"], "examples_per_s": rate})
+            if board is not None:  # fire and forget: the driver reads the latest once a second
+                board.post.remote({"step": step, "loss": metrics["loss"], "examples_per_s": rate})
             if tracker:
                 tracker.log(metrics, step)
                 if step % cfg.train.log_every == 0 or step == cfg.train.steps:

@@ -1,12 +1,12 @@
 """One live progress line per training job, on the driver.
 
-Rank 0 posts each optimizer step (and its warnings) to a small actor; a thread in the driver
-reads it and shows a tqdm bar on a terminal, or a plain line every ``VIDRAY_PROGRESS_S`` seconds
+Rank 0 posts each optimizer step to a small actor; a thread in the driver reads it and shows a tqdm bar on a terminal, or a plain line every ``VIDRAY_PROGRESS_S`` seconds
 (default 15) in a pipe, a log file or a submitted job: no cursor codes, one line per update.
 
 Why an actor rather than the workers' own prints: Ray's worker logs stay off the driver by
 default (:func:`vidray.cluster.init_ray`; they are Ray Train's, Ray Data's and Ray's own
 chatter), and forwarded lines come prefixed, deduplicated at random and twice in a job's log.
+(What a worker must say besides its progress goes through :func:`vidray.cluster.note`.)
 """
 
 from __future__ import annotations
@@ -20,21 +20,16 @@ from typing import Iterator, TextIO
 
 
 class Board:
-    """The latest step of one run, and the messages its rank 0 wants the user to see."""
+    """The latest step of one run, posted by its rank 0."""
 
     def __init__(self) -> None:
         self.state: dict = {}
-        self.messages: list[str] = []
 
     def post(self, state: dict) -> None:
         self.state = state
 
-    def say(self, message: str) -> None:
-        self.messages.append(message)
-
-    def read(self) -> tuple[dict, list[str]]:
-        messages, self.messages = self.messages, []
-        return self.state, messages
+    def read(self) -> dict:
+        return self.state
 
 
 def progress_interval() -> float:
@@ -79,11 +74,9 @@ def _watch(board, label: str, total: int, stop: threading.Event, stream: TextIO)
     while True:
         stopping = stop.wait(1.0)
         try:
-            state, messages = ray.get(board.read.remote(), timeout=30)
+            state = ray.get(board.read.remote(), timeout=30)
         except Exception:  # noqa: BLE001 - a slow or gone actor must not end the job; try again
-            state, messages = {}, []
-        for message in messages:
-            (bar.write if bar else lambda m: print(m, file=stream, flush=True))(f"{label}: {message}")
+            state = {}
         if state and state["step"] != shown:
             now = time.monotonic()
             eta = rate.eta(state["step"], total, now)
