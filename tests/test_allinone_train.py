@@ -191,8 +191,8 @@ def test_lavender_multitask_finetuning_trains_every_task_with_the_one_head(laven
     # one of its rows (retrieval, 1 row in 9: about 85% of the steps).
     for task, accuracy in (("retrieval", "retrieval_match_accuracy"), ("qa", "qa_batch_accuracy"),
                            ("mc", "mc_match_accuracy")):
-        assert len(client.get_metric_history(run.info.run_id, f"{task}_loss")) >= 400, task
-        assert client.get_metric_history(run.info.run_id, accuracy), accuracy
+        assert len(client.get_metric_history(run.info.run_id, f"finetune/{task}_loss")) >= 400, task
+        assert client.get_metric_history(run.info.run_id, f"finetune/{accuracy}"), accuracy
     # Through the CLI: one `vidray evaluate` scores every task of the checkpoint in one MLflow run.
     out = subprocess.run([sys.executable, "-m", "vidray.jobs.cli", "evaluate", f"checkpoint={ft['checkpoint']}",
                           "split=test"], cwd=REPO, capture_output=True, text=True, timeout=300)

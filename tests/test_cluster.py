@@ -194,8 +194,20 @@ def test_a_stopped_job_submitted_again_resumes_from_its_last_checkpoint(ray_head
     assert _wait(ray_head, job_id) == "STOPPED"
     assert not _glob(f"{storage_path}/*/checkpoint_{steps:08d}"), "stopped too late to test a resume"
 
-    again = subprocess.run(submit + args, cwd=REPO, env=ray_head["env"], capture_output=True, text=True,
-                           timeout=600)
+    # Under load, as it failed once: another Ray started on the machine in Ray's shared temp dir
+    # rewrites /tmp/ray/ray_current_cluster, through which a job's driver resolved its cluster, so
+    # the resubmitted job's tasks went to the other cluster and could not fetch its working dir.
+    # Our cluster keeps a temp dir of its own (vidray.train.job.start_local_ray).
+    bystander = subprocess.Popen([sys.executable, "-c", "import sys, ray; ray.init(address=\"local\", num_cpus=1, include_dashboard=False); "
+                                  "print('up', flush=True); sys.stdin.read(); ray.shutdown()"],
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+                                 env={k: v for k, v in os.environ.items() if not k.startswith("RAY_")})
+    try:
+        assert bystander.stdout.readline().strip() == "up"
+        again = subprocess.run(submit + args, cwd=REPO, env=ray_head["env"], capture_output=True, text=True,
+                               timeout=600)
+    finally:
+        bystander.communicate(timeout=120)  # stdin closed: it shuts its cluster down and exits
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
     assert json.loads(again.stdout)["status"] == "SUCCEEDED"
     (run_dir,) = {os.path.dirname(p) for p in _glob(f"{storage_path}/*/checkpoint_*")}

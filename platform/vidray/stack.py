@@ -280,14 +280,16 @@ def down(directory: str = DEFAULT_DIR, save: bool = True) -> list[str]:
     info = load(os.path.abspath(directory))
     if info is None:
         return []
-    if save and info.persist and _healthy(info.services["s3"]):
-        save_objects(info)
-    stopped = [name for name, service in info.services.items() if _stop(service)]
-    for name in info.services:
-        pid_file = os.path.join(info.directory, f"{name}.pid")
-        if os.path.exists(pid_file):
-            os.remove(pid_file)
-    os.remove(_state_path(info.directory))
+    try:
+        if save and info.persist and _healthy(info.services["s3"]):
+            save_objects(info)  # a second Ctrl-C here leaves the last whole copy, and still stops
+    finally:
+        stopped = [name for name, service in info.services.items() if _stop(service)]
+        for name in info.services:
+            pid_file = os.path.join(info.directory, f"{name}.pid")
+            if os.path.exists(pid_file):
+                os.remove(pid_file)
+        os.remove(_state_path(info.directory))
     return stopped
 
 

@@ -127,6 +127,12 @@ def repeat_for_steps(dataset, rows: int, batch_size: int, min_steps: int = 50):
     return dataset if copies == 1 else dataset.union(*[dataset] * (copies - 1))
 
 
+# MLflow metric names by phase: a fine-tuning's contrastive loss (2-4) and a pre-training's MLM loss
+# (7-10) were both `loss`, so MLflow's compare charts overlaid them. Pre-training keeps the bare
+# names (the sweeps' and the papers'); what Tune's schedulers read is not prefixed.
+METRIC_PREFIX = {"finetune": "finetune/"}
+
+
 def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_system: Callable,
                  make_dataset: Callable, tags: dict, say: Callable[[str], None] = print,
                  make_val_dataset: Callable | None = None, callbacks: tuple = (),
@@ -151,7 +157,8 @@ def run_training(cfg: Any, *, job: str, experiment: str, run_name: str, build_sy
     # The command as its Source (MLflow would name the Ray worker's default_worker.py).
     tags = {"job": job, "ray_job_id": ray_job_id(), "mlflow.source.name": command_line(),
             "mlflow.source.type": "JOB", **tags}
-    tracker = partial(MLflowRun, tracking_uri, experiment, run_name, {**flatten(cfg), **(params or {})}, tags)
+    tracker = partial(MLflowRun, tracking_uri, experiment, run_name, {**flatten(cfg), **(params or {})}, tags,
+                      metric_prefix=METRIC_PREFIX.get(job, ""))
     say(f"{job} run '{run_name}': checkpoints under {cfg.train.storage_path}/{run_name}")
     dataset = make_dataset().materialize()
     rows = dataset.count()

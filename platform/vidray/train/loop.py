@@ -121,13 +121,13 @@ class MLflowRun:
     """
 
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str, params: dict,
-                 tags: dict):
+                 tags: dict, metric_prefix: str = ""):
         import queue
         import threading
 
         import mlflow
 
-        self.mlflow = mlflow
+        self.mlflow, self.metric_prefix = mlflow, metric_prefix
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
         experiment_id = use_experiment(experiment)
@@ -157,7 +157,7 @@ class MLflowRun:
         from mlflow.entities import Metric
 
         timestamp = int(time.time() * 1000)
-        self.pending.put([Metric(k, float(v), timestamp, step) for k, v in metrics.items()])
+        self.pending.put([Metric(self.metric_prefix + k, float(v), timestamp, step) for k, v in metrics.items()])
 
     def _send_until_closed(self) -> None:
         import queue
