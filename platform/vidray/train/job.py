@@ -105,14 +105,19 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     runtime_env = dict(kwargs.pop("runtime_env", None) or {})
     runtime_env["env_vars"] = {**runtime_env.get("env_vars", {}),
                                "RAY_API_SERVER_ADDRESS": os.environ["RAY_API_SERVER_ADDRESS"]}
-    # A temp dir of its own: Ray finds "the" cluster of a machine through <temp dir>/ray_current_cluster,
-    # which the latest local start on the machine overwrites. In the shared /tmp/ray, a job submitted
-    # here after another Ray started beside it had its driver resolve "auto" to that other cluster,
-    # whose nodes could not fetch the job's working dir ("Failed to download runtime_env file package").
-    kwargs.setdefault("_temp_dir", os.path.join(tempfile.gettempdir(), "ray", f"vidray-{port}"))
+    # A job submitted to this cluster has its driver find the cluster by "auto": Ray's job supervisor
+    # reads <temp dir>/ray_current_cluster (written by `ray start` only), else takes any GCS process
+    # of the machine. With another Ray beside ours (a test's, a user's) a resubmitted job's driver
+    # joined that one, whose nodes lack the job's working dir ("Failed to download runtime_env file
+    # package"). So: a temp dir of our own, holding our address.
+    temp_dir = kwargs.setdefault("_temp_dir", os.path.join(tempfile.gettempdir(), "ray", f"vidray-{port}"))
     # address="local": a new cluster even if `ray start` left one that ray.init() would join.
     init_ray(address="local", num_cpus=num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
              dashboard_port=port, runtime_env=runtime_env, **kwargs)
+    import ray
+
+    with open(os.path.join(temp_dir, "ray_current_cluster"), "w") as f:
+        f.write(ray.get_runtime_context().gcs_address)
 
 
 def repeat_for_steps(dataset, rows: int, batch_size: int, min_steps: int = 50):
