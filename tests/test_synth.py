@@ -274,8 +274,8 @@ def test_same_seed_gives_identical_bytes(corpus, tmp_path):
 def test_different_seed_gives_different_content(corpus, tmp_path, capfd):
     original, _ = corpus
     synthesize(str(tmp_path), dataclasses.replace(CFG, seed=CFG.seed + 1), progress=True)
-    bar = capfd.readouterr().err  # tqdm draws on stderr
-    assert "synth: 100%" in bar and f"{CFG.videos}/{CFG.videos}" in bar
+    # The bar draws on a terminal only: here stderr is captured, and its redraws would be noise.
+    assert "\r" not in capfd.readouterr().err
     ours, theirs = read_rows(tmp_path), read_rows(original)
     assert [r["captions"] for r in ours] != [r["captions"] for r in theirs]
     for a, b in zip(ours, theirs):

@@ -222,7 +222,8 @@ def test_cli_errors_name_the_key(capsys, feature_sets):
     assert "checkpoint" in capsys.readouterr().err
     assert cli(["finetune", "task=retrieval", "data.features=" + str(feature_sets["s3d"])]) == 2
     assert "data.text" in capsys.readouterr().err
-    assert cli(["finetune", "task=action_segmentation", "data.features=" + str(feature_sets["s3d"])]) == 2
+    assert cli(["finetune", "task=action_segmentation", "data.features=" + str(feature_sets["s3d"]),
+                "data.text=" + str(feature_sets["text"])]) == 2
     assert "data.labels" in capsys.readouterr().err
     assert cli(["evaluate", "checkpoint=/nonexistent/checkpoint_00000001"]) == 2
     assert "does not exist" in capsys.readouterr().err

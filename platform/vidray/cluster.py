@@ -22,7 +22,7 @@ from vidray.config import ConfigError
 
 # Where a job logs and stores: forwarded from the submitting shell into the job's runtime env.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
-                 "VIDRAY_STORAGE_RETRY_S", "VIDRAY_MLFLOW_FLUSH_S")
+                 "VIDRAY_STORAGE_RETRY_S", "VIDRAY_MLFLOW_FLUSH_S", "VIDRAY_PROGRESS_S")
 # Credentials: never in a runtime env, a working dir, MLflow params or a checkpoint.
 SECRET_ENV = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
               "MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
