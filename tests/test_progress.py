@@ -27,7 +27,9 @@ def test_the_driver_shows_each_posted_step_once(ray_cluster, monkeypatch):
     with live_progress("pretrain r", 30, stream=out) as board:
         for step in (1, 2, 30):
             board.post.remote({"step": step, "loss": 8.0 - step / 10, "examples_per_s": 12.5})
-            time.sleep(1.5)
+            deadline = time.monotonic() + 60  # the driver reads once a second; a loaded machine is slower
+            while f"step {step}/30 " not in out.getvalue() and time.monotonic() < deadline:
+                time.sleep(0.1)
     lines = out.getvalue().splitlines()
     assert [int(LINE.match(line)[2]) for line in lines] == [1, 2, 30]
     assert lines[0].endswith("ETA ?") and lines[-1].endswith("ETA 0:00:00")

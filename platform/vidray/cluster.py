@@ -58,7 +58,8 @@ def init_ray(**kwargs) -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its sqlite set-up, "creating experiment"
         kwargs.setdefault("log_to_driver", False)
         kwargs.setdefault("logging_level", logging.WARNING)
-    _DRIVER.append(True)
+    global _driver
+    _driver = True
     keep = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if keep else None
     ray.init(**kwargs)
@@ -68,8 +69,8 @@ def init_ray(**kwargs) -> None:
         _start_notes()
 
 
-# Set in a process that started or joined Ray through init_ray: a driver, whose notes are printed here.
-_DRIVER: list[bool] = []
+# True in a process that started or joined Ray through init_ray: a driver, which prints the notes.
+_driver = False
 
 
 class Notes:
@@ -116,7 +117,7 @@ def note(message: str) -> None:
     """Tell the user ``message``: on this process's stderr (a worker's log file) and, from a
     worker of a job whose driver keeps Ray's worker logs to itself, on the driver's too."""
     print(f"[vidray] {message}", file=sys.stderr, flush=True)
-    if _DRIVER or "ray" not in sys.modules:
+    if _driver or "ray" not in sys.modules:
         return
     import ray
 
@@ -141,8 +142,6 @@ def ray_job_id() -> str:
 
 def command_line() -> str:
     """This process's command as the user typed it (credentials masked): MLflow's Source."""
-    import sys
-
     from vidray.config import redact
 
     program = os.path.basename(sys.argv[0])

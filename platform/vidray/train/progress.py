@@ -1,7 +1,8 @@
 """One live progress line per training job, on the driver.
 
-Rank 0 posts each optimizer step to a small actor; a thread in the driver reads it and shows a tqdm bar on a terminal, or a plain line every ``VIDRAY_PROGRESS_S`` seconds
-(default 15) in a pipe, a log file or a submitted job: no cursor codes, one line per update.
+Rank 0 posts each optimizer step to a small actor; a thread in the driver reads it and shows a
+tqdm bar on a terminal, or a plain line every ``VIDRAY_PROGRESS_S`` seconds (default 15) in a
+pipe, a log file or a submitted job: no cursor codes, one line per update.
 
 Why an actor rather than the workers' own prints: Ray's worker logs stay off the driver by
 default (:func:`vidray.cluster.init_ray`; they are Ray Train's, Ray Data's and Ray's own
