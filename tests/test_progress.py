@@ -53,7 +53,7 @@ def test_a_training_job_in_a_pipe_prints_progress_lines_and_no_ray_logs(ray_clus
     steps = [int(m[2]) for m in progress]
     assert len(steps) >= 2 and steps[-1] == 30 and steps == sorted(set(steps)), out.stderr
     assert any(m[3] != "?" for m in progress)  # an ETA once the rate is known
-    # Rank 0's note, sent to the driver (vidray.cluster.note): the workers' own logs stay off it.
+    # Rank 0's note, sent to the driver (vidray.notes.note): the workers' own logs stay off it.
     assert "[vidray] training from step 0 to 30 on 2 worker(s)" in out.stderr
     # Nothing of Ray's own at INFO, nothing forwarded from its actors, no cursor codes.
     noise = [line for line in out.stderr.splitlines()

@@ -18,6 +18,7 @@ import threading
 import time
 from typing import Callable
 
+from vidray import notes
 from vidray.config import ConfigError
 
 # Where a job logs and stores: forwarded from the submitting shell into the job's runtime env.
@@ -45,7 +46,7 @@ def init_ray(**kwargs) -> None:
     and progress bars, Ray Train's controller and workers, and Ray's start-up. Forwarding the
     workers' logs at WARNING does not help: Ray Train and Ray Data print much of it. So workers'
     logs stay in their files, and what a worker must tell the user reaches the driver as a
-    :func:`note`; training's progress comes through :mod:`vidray.train.progress`. Ray Data's
+    :func:`vidray.notes.note`; training's progress comes through :mod:`vidray.train.progress`. Ray Data's
     progress bars show on a terminal only (in a pipe they are INFO lines).
     """
     import logging
@@ -58,75 +59,14 @@ def init_ray(**kwargs) -> None:
         logging.getLogger("mlflow").setLevel(logging.WARNING)  # its sqlite set-up, "creating experiment"
         kwargs.setdefault("log_to_driver", False)
         kwargs.setdefault("logging_level", logging.WARNING)
-    global _driver
-    _driver = True
+    notes.in_driver()
     keep = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if keep else None
     ray.init(**kwargs)
     if keep and handler is not None:
         signal.signal(signal.SIGTERM, handler)
     if not kwargs.get("log_to_driver", True):
-        _start_notes()
-
-
-# True in a process that started or joined Ray through init_ray: a driver, which prints the notes.
-_driver = False
-
-
-class Notes:
-    """A job's notes for its driver (an actor): what its workers must tell the user (storage or
-    MLflow not answering, where training starts) while their logs stay off the driver."""
-
-    def __init__(self) -> None:
-        self.lines: list[str] = []
-
-    def add(self, line: str) -> None:
-        self.lines.append(line)
-
-    def take(self) -> list[str]:
-        lines, self.lines = self.lines, []
-        return lines
-
-
-def _notes_name() -> str:
-    import ray
-
-    return f"vidray-notes-{ray.get_runtime_context().get_job_id()}"
-
-
-def _start_notes() -> None:
-    """The job's :class:`Notes` actor, and a thread printing what arrives on this driver's stderr."""
-    import ray
-
-    notes = ray.remote(num_cpus=0)(Notes).options(name=_notes_name()).remote()
-
-    def show() -> None:
-        while ray.is_initialized():
-            try:
-                lines = ray.get(notes.take.remote(), timeout=30)
-            except Exception:  # noqa: BLE001 - Ray shutting down, or slow: the next round tells
-                lines = []
-            for line in lines:
-                print(f"[vidray] {line}", file=sys.stderr, flush=True)
-            time.sleep(1.0)
-
-    threading.Thread(target=show, name="vidray-notes", daemon=True).start()
-
-
-def note(message: str) -> None:
-    """Tell the user ``message``: on this process's stderr (a worker's log file) and, from a
-    worker of a job whose driver keeps Ray's worker logs to itself, on the driver's too."""
-    print(f"[vidray] {message}", file=sys.stderr, flush=True)
-    if _driver or "ray" not in sys.modules:
-        return
-    import ray
-
-    if not ray.is_initialized():
-        return
-    try:
-        ray.get_actor(_notes_name()).add.remote(message)
-    except ValueError:  # no notes: --verbose (the worker's stderr reaches the driver) or not a vidray job
-        pass
+        notes.start()
 
 
 def ray_job_id() -> str:

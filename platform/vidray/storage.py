@@ -72,7 +72,7 @@ def endpoint() -> str:
 
 
 def _warn(message: str) -> None:
-    from vidray.cluster import note  # from an extraction actor too: the driver shows it
+    from vidray.notes import note  # from an extraction actor too: the driver shows it
 
     note(message)
 

@@ -27,7 +27,7 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from vidray.cluster import note
+from vidray.notes import note
 from vidray.config import redact
 from vidray.tracking import use_experiment
 from vidray.train.parallel import compile_layers, full_state, load_full_state, local_value, parallelize

@@ -7,7 +7,7 @@ pipe, a log file or a submitted job: no cursor codes, one line per update.
 Why an actor rather than the workers' own prints: Ray's worker logs stay off the driver by
 default (:func:`vidray.cluster.init_ray`; they are Ray Train's, Ray Data's and Ray's own
 chatter), and forwarded lines come prefixed, deduplicated at random and twice in a job's log.
-(What a worker must say besides its progress goes through :func:`vidray.cluster.note`.)
+(What a worker must say besides its progress goes through :func:`vidray.notes.note`.)
 """
 
 from __future__ import annotations
