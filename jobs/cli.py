@@ -281,7 +281,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from vidray.jobs.demo import run_demo
 
     return run_demo(args.workdir, videos=args.videos, keep_stack=args.keep_stack, model=args.model,
-                    quick=args.quick)
+                    quick=args.quick, sweep=not args.no_sweep)
 
 
 # --- parser ----------------------------------------------------------------------------------
@@ -481,6 +481,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quick", action="store_true",
                    help="a tenth of every training run's steps (at least 10): checks the whole path in a few "
                    "minutes; the scores it prints stay near chance")
+    p.add_argument("--no-sweep", action="store_true",
+                   help="leave out VLM's closing MMM-ratio sweep (its longest step after pre-training: "
+                   "two trials of three Ray Train runs each)")
     p.add_argument("--keep-stack", action="store_true",
                    help="leave the S3 endpoint and MLflow server running afterwards (to browse the UI)")
     _add_verbose(p)

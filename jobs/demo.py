@@ -315,20 +315,14 @@ def _print_frames_model(arch: str, result: dict) -> None:
         + temporal)
 
 
-def _sweep(workdir: str, configs_dir: str, corpus: dict, pretrain_corpus: dict, features: dict,
-           quick: bool) -> dict | None:
+def sweep_config(runs: str, corpus: dict, pretrain_corpus: dict, features: dict, quick: bool):
     """configs/demo/sweep.yaml, spelled out: MMM ratio 0 against VLM's 0.5, each pre-trained on the
     pre-training corpus, fine-tuned for retrieval on the downstream train split and scored by R@1 on its val
     split. Every trial runs to the end: a pre-training loss cannot rank MMM ratios fairly (a
     validation with MMM off favours the trial trained with MMM off; one with MMM on, the others),
     so the choice waits for the downstream score."""
-    from vidray.tuning.config import SweepConfig
-    from vidray.tuning.sweep import load_sweep, run_sweep
+    from vidray.tuning.sweep import load_sweep
 
-    if not corpus["splits"].get("val"):
-        say("sweep: skipped: the corpus has no val videos to score trials on (use --videos 6 or more)")
-        return None
-    runs = os.path.join(workdir, "runs")
     data = [f"pretrain.data.features={features['pretrain_image2d']['uri']}",
             f"pretrain.data.text={features['pretrain_text']['uri']}",
             f"pretrain.data.manifest={pretrain_corpus['manifest']}", "pretrain.data.split=train",
@@ -343,7 +337,19 @@ def _sweep(workdir: str, configs_dir: str, corpus: dict, pretrain_corpus: dict, 
     sweep = ["name=demo-mmm-ratio", f"storage_path={os.path.join(runs, 'sweeps')}",
              "space.objective.mmm_ratio={grid: [0.0, 0.5]}", "metric=t2v_R1", "mode=max",
              "scheduler.name=none", "mlflow.experiment=vidray-demo-sweep"]
-    cfg: SweepConfig = load_sweep(None, data + trial + sweep)
+    return load_sweep(None, data + trial + sweep)
+
+
+def _sweep(workdir: str, configs_dir: str, corpus: dict, pretrain_corpus: dict, features: dict,
+           quick: bool) -> dict | None:
+    """Runs :func:`sweep_config`'s sweep, or reuses its report."""
+    from vidray.tuning.sweep import run_sweep
+
+    if not corpus["splits"].get("val"):
+        say("sweep: skipped: the corpus has no val videos to score trials on (use --videos 6 or more)")
+        return None
+    cfg = sweep_config(os.path.join(workdir, "runs"), corpus, pretrain_corpus, features, quick)
+    pt, ft = cfg.pretrain.train.steps, cfg.finetune.train.steps
     saved = os.path.join(workdir, "eval", "sweep.json")
     if _step_is_done(configs_dir, "sweep", cfg, saved):
         say(f"sweep: reusing {saved}")
@@ -406,12 +412,13 @@ def _contact_sheet(clips_dir: str, count: int = 4):
     return fig
 
 
-def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str, features: dict) -> dict:
+def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str, features: dict,
+                   steps: str) -> dict:
     import mlflow
 
     use_experiment("vidray-demo")
     with mlflow.start_run(run_name="demo-data-path") as run:
-        mlflow.set_tags({"job": "demo", "steps": "synth,clips,extract,pretrain,finetune,evaluate,sweep",
+        mlflow.set_tags({"job": "demo", "steps": steps,
                          **{f"feature_set.{k}": v["uri"] for k, v in features.items()}})
         params = {f"synth.{k}": v for k, v in flatten(corpus["config"]).items()}
         params.update({f"clips.{k}": v for k, v in flatten(clips["config"]).items()})
@@ -428,10 +435,10 @@ def _log_to_mlflow(configs_dir: str, corpus: dict, clips: dict, clips_dir: str, 
 
 
 def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: str = "vlm",
-             quick: bool = False) -> int:
+             quick: bool = False, sweep: bool = True) -> int:
     """Run the demo for ``model`` (vlm, or a frames model: allinone, lavender, evilm); returns the
     exit code. ``quick``: a tenth of every training run's steps (at least 10), to check the path
-    end to end; its scores stay near chance."""
+    end to end; its scores stay near chance. ``sweep=False`` leaves out VLM's closing MMM sweep."""
     import ray
 
     from vidray.train.job import start_local_ray
@@ -463,17 +470,21 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: st
         if not ray.is_initialized():
             start_local_ray(num_cpus=max(4, 2 * (os.cpu_count() or 1)))
         clips = _clips(data, configs_dir, corpus["manifest"])
-        pretrain = retrieval = sweep = frames_model = None
+        pretrain = retrieval = swept = frames_model = None
         if model == "vlm":
             features = _features(data, configs_dir, corpus["manifest"])
             features |= _features(data, configs_dir, pretrain_corpus["manifest"], prefix="pretrain_")
             pretrain = _pretrain(workdir, configs_dir, pretrain_corpus, features, quick)
             retrieval = _finetune_and_evaluate(workdir, configs_dir, corpus, features, pretrain, quick)
-            sweep = _sweep(workdir, configs_dir, corpus, pretrain_corpus, features, quick)
+            if sweep:
+                swept = _sweep(workdir, configs_dir, corpus, pretrain_corpus, features, quick)
+            else:
+                say("sweep: left out (--no-sweep)")
         else:  # frames models read the frames feature set only
             features = _features(data, configs_dir, corpus["manifest"], names=("frames",))
             frames_model = _frames_model(workdir, data, configs_dir, corpus, features, model, quick)
-        tracked = _log_to_mlflow(configs_dir, corpus, clips, storage.join(data, "clips", "clips"), features)
+        steps = "synth,clips,extract,pretrain,finetune,evaluate" + (",sweep" if swept else "")
+        tracked = _log_to_mlflow(configs_dir, corpus, clips, storage.join(data, "clips", "clips"), features, steps)
     finally:
         if ray.is_initialized():
             ray.shutdown()
@@ -487,7 +498,7 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: st
             "features": features}
     if model == "vlm":
         done |= {"pretrain": pretrain, "retrieval": retrieval,
-                 "sweep": sweep and {k: sweep[k] for k in ("name", "parent_run_id", "counts", "best", "trials")}}
+                 "sweep": swept and {k: swept[k] for k in ("name", "parent_run_id", "counts", "best", "trials")}}
     else:
         done[model] = frames_model
     result = {"model": model, "quick": quick, "done": {**done, "mlflow": tracked}, "seconds": round(time.monotonic() - started, 1)}
@@ -499,10 +510,10 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: st
         _print_retrieval(retrieval)
     if frames_model:
         _print_frames_model(model, frames_model)
-    if sweep and sweep["best"]:
-        best = sweep["best"]
-        say(f"sweep {sweep['name']}: best MMM ratio {best['objective.mmm_ratio']} with val R@1 "
-            f"{best['t2v_R1']:.3f} (trials: {sweep['counts']}); MLflow experiment vidray-demo-sweep")
+    if swept and swept["best"]:
+        best = swept["best"]
+        say(f"sweep {swept['name']}: best MMM ratio {best['objective.mmm_ratio']} with val R@1 "
+            f"{best['t2v_R1']:.3f} (trials: {swept['counts']}); MLflow experiment vidray-demo-sweep")
     say(f"summary: {os.path.join(workdir, 'demo.json')}")
     ui = ("the MLflow server is still running: " + info.services["mlflow"].url) if keep_stack else (
         f"browse the runs:  vidray stack up --dir {stack_dir} --mlflow-dir {mlflow_dir}")
