@@ -135,31 +135,10 @@ def lavender_pretrained(frames_data, tmp_path_factory):
 
 
 @pytest.mark.heavy
-def test_lavender_pretrains_and_answers_questions_as_mlm(lavender_pretrained, frames_data, tmp_path):
-    pre = lavender_pretrained
-    client = mlflow.MlflowClient()
-    run = client.get_run(pre["mlflow_run_id"])
-    assert run.data.params["model.arch"] == "lavender" and int(run.data.params["model.parameters"]) > 1e6
-    mlm = [m.value for m in client.get_metric_history(run.info.run_id, "mlm_loss")]
-    assert len(mlm) == LAVENDER_PRETRAIN_STEPS and np.mean(mlm[-15:]) < 0.8 * np.mean(mlm[:15])
-    # 1 positive + 3 negatives: "false" is right 3 times in 4 before anything is learned.
-    assert client.get_metric_history(run.info.run_id, "vtm_accuracy")
-
-    qa = FramesFinetuneConfig(task="qa", init_from=pre["checkpoint"], model=LAVENDER,
-                              optim=OptimConfig(lr=5e-4, warmup_steps=10),
-                              train=_train(400, storage_path=str(tmp_path)), data=frames_data)
-    ft = run_frames_finetune(qa, say=lambda m: None)
-    metrics = run_frames_evaluate(EvaluateConfig(checkpoint=ft["checkpoint"], split="test"),
-                                  load_state(ft["checkpoint"]), say=lambda m: None)["metrics"]
-    # The answer is read from the whole vocabulary at the [MASK], not from a list of answers.
-    assert metrics["qa_questions"] >= 150 and metrics["qa_accuracy"] >= metrics["qa_majority"] + 0.05
-
-
-@pytest.mark.heavy
 def test_lavender_retrieval_as_matching_beats_chance(lavender_pretrained, frames_data, tmp_path):
     cfg = FramesFinetuneConfig(task="retrieval", init_from=lavender_pretrained["checkpoint"], model=LAVENDER,
                                optim=OptimConfig(lr=1e-3, warmup_steps=10),
-                               train=_train(300, batch_size=32, storage_path=str(tmp_path)), data=frames_data)
+                               train=_train(400, storage_path=str(tmp_path)), data=frames_data)
     ft = run_frames_finetune(cfg, say=lambda m: None)
     metrics = run_frames_evaluate(EvaluateConfig(checkpoint=ft["checkpoint"], split="test"),
                                   load_state(ft["checkpoint"]), say=lambda m: None)["metrics"]
@@ -170,8 +149,11 @@ def test_lavender_retrieval_as_matching_beats_chance(lavender_pretrained, frames
     # (pre-training and fine-tuning) gave median ranks 14-17 at 300 steps and 12-17 at 600, R@10
     # 0.26-0.46. With the official rules (all 16 x 16 pairs of a worker's batch, the [MASK] after
     # the padding, pre-training matched on masked text with random texts): median rank 14.5, R@10
-    # 0.41 at 600 steps, seed 0. R@1 is one or two hits of 74 at any of these: noise. 300 steps
-    # (CI's time) keep the bars: MdR <= N/3 and R@10 at 1.5x chance.
+    # 0.41 at 600 steps, seed 0. R@1 is one or two hits of 74 at any of these: noise. A step fuses
+    # all pairs of a worker's batch (16 x 16 at batch 32: 0.93 s a step here), so batch 16 (8 x 8)
+    # is 4 times cheaper a step: 400 steps of it took 92 s against 278 s for 300 at batch 32, with
+    # median ranks 10, 18 and 12.5 and R@10 0.51, 0.27 and 0.46 (fine-tuning seeds 0-2, one
+    # pre-training). The bars: MdR <= N/3 and R@10 at 1.5x chance.
     n = metrics["examples"]
     assert n >= 50
     assert metrics["t2v_MdR"] <= n / 3 and metrics["t2v_R10"] >= 1.5 * 10 / n, metrics
@@ -183,8 +165,16 @@ def test_lavender_multitask_finetuning_trains_every_task_with_the_one_head(laven
     cfg = FramesFinetuneConfig(task="multi", tasks=["retrieval", "qa", "mc"], init_from=lavender_pretrained["checkpoint"],
                                model=LAVENDER, optim=OptimConfig(lr=5e-4, warmup_steps=10),
                                train=_train(800, batch_size=32, storage_path=str(tmp_path)), data=frames_data)
-    ft = run_frames_finetune(cfg, say=lambda m: None)
+    # The pre-training it starts from: MLM falls, matching is logged (1 positive + 3 negatives:
+    # "false" is right 3 times in 4 before anything is learned).
     client = mlflow.MlflowClient()
+    pre = client.get_run(lavender_pretrained["mlflow_run_id"])
+    assert pre.data.params["model.arch"] == "lavender" and int(pre.data.params["model.parameters"]) > 1e6
+    mlm = [m.value for m in client.get_metric_history(pre.info.run_id, "mlm_loss")]
+    assert len(mlm) == LAVENDER_PRETRAIN_STEPS and np.mean(mlm[-15:]) < 0.8 * np.mean(mlm[:15])
+    assert client.get_metric_history(pre.info.run_id, "vtm_accuracy")
+
+    ft = run_frames_finetune(cfg, say=lambda m: None)
     run = client.get_run(ft["mlflow_run_id"])
     assert run.data.tags["task"] == "multi" and run.data.tags["tasks"] == "retrieval,qa,mc"
     # Every task in the batches, logged on its own; a step logs a task when rank 0's 16 rows hold
@@ -201,7 +191,9 @@ def test_lavender_multitask_finetuning_trains_every_task_with_the_one_head(laven
     metrics = result["metrics"]
     assert metrics["retrieval_examples"] >= 50 and {"t2v_R1", "t2v_MdR", "v2t_R1"} <= set(metrics)
     assert metrics["mc_questions"] == metrics["mc_examples"] >= 50 and metrics["mc_chance"] == pytest.approx(0.2)
-    # QA sees about a third of the rows: 800 steps give it more questions than the single-task run's 400 x 16.
+    # The QA answer is read from the whole vocabulary at the [MASK], not from a list of answers. QA
+    # sees about a third of the rows: 800 steps at 32 give it about as many as 400 single-task steps
+    # at 16 (that test was dropped for CI's time: this one covers its bar through the same head).
     assert metrics["qa_questions"] >= 150 and metrics["qa_accuracy"] >= metrics["qa_majority"] + 0.05, metrics
     logged = client.get_run(result["mlflow_run_id"])
     assert {"t2v_R1", "qa_accuracy", "mc_accuracy", "mc_chance"} <= set(logged.data.metrics)

@@ -28,13 +28,22 @@ def _descendants(pid: int) -> list[psutil.Process]:
     return psutil.Process(pid).children(recursive=True)
 
 
+def _cmdline(p: psutil.Process) -> str:
+    """A process's command line, or "" once it has exited (a child not yet reaped by its parent is
+    a zombie: it has no command line left to read; a full run here failed on one)."""
+    try:
+        return " ".join(p.cmdline())
+    except (psutil.ZombieProcess, psutil.NoSuchProcess):
+        return ""
+
+
 def _survivors(processes: list[psutil.Process], within_s: float) -> list[str]:
     deadline = time.monotonic() + within_s
     alive = processes
     while alive and time.monotonic() < deadline:
         alive = [p for p in alive if p.is_running() and p.status() != psutil.STATUS_ZOMBIE]
         time.sleep(0.5)
-    return [" ".join(p.cmdline()[:4]) for p in alive if p.is_running()]
+    return [_cmdline(p)[:200] for p in alive if p.is_running()]
 
 
 def _kill_all(processes: list[psutil.Process]) -> None:
@@ -60,7 +69,7 @@ def test_an_interrupted_demo_leaves_no_process_behind(tmp_path, signum):
             pytest.fail(f"the demo ended before its clips step: {demo.wait()} {err.read_text()[-3000:]}")
         time.sleep(3)
         processes = _descendants(demo.pid)
-        names = " ".join(" ".join(p.cmdline()) for p in processes)
+        names = " ".join(_cmdline(p) for p in processes)
         assert "moto" in names and "mlflow" in names and "raylet" in names, names
         if signum == signal.SIGINT:
             os.killpg(demo.pid, signal.SIGINT)   # what a terminal's Ctrl-C does
