@@ -89,6 +89,17 @@ def own_tracking_uri(monkeypatch):
     mlflow.set_tracking_uri(saved)
 
 
+def test_quiet_logs_hold_for_mlflow_imported_after_ray_started():
+    """MLflow sets its logger to INFO when first imported: a demo imports it after `init_ray` and
+    printed "INFO mlflow.tracking.fluent: Experiment ... Creating a new experiment"."""
+    code = ("import logging; from vidray.cluster import quiet_libraries; quiet_libraries(); import mlflow; "
+            "print(logging.getLogger('mlflow.tracking.fluent').getEffectiveLevel())")
+    env = {k: v for k, v in os.environ.items() if k not in ("MLFLOW_LOGGING_LEVEL", "VIDRAY_VERBOSE")}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert int(out.stdout.split()[-1]) == 30  # logging.WARNING
+
+
 def test_the_tracking_uri_is_made_absolute_and_opened_once(tmp_path, monkeypatch, own_tracking_uri):
     from vidray.tracking import decide_tracking_uri
 

@@ -35,6 +35,19 @@ def verbose() -> bool:
     return os.environ.get("VIDRAY_VERBOSE") == "1"
 
 
+def quiet_libraries() -> None:
+    """Ray Data's and MLflow's loggers at WARNING, in this process and (through the environment)
+    in the workers, whether or not they are imported yet."""
+    import logging
+
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data is imported
+    logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])  # if it already was
+    # Its sqlite set-up, "creating experiment": MLflow sets its logger's level when it is first
+    # imported (INFO unless MLFLOW_LOGGING_LEVEL says otherwise); a demo imports it after Ray is up.
+    os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "WARNING")
+    logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # if it already was
+
+
 def init_ray(**kwargs) -> None:
     """``ray.init(**kwargs)``, keeping the process's SIGTERM handler and, unless :func:`verbose`,
     Ray's own output to warnings.
@@ -54,9 +67,7 @@ def init_ray(**kwargs) -> None:
     import ray
 
     if not verbose():
-        os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data is imported, here and in workers
-        logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])  # if it already was
-        logging.getLogger("mlflow").setLevel(logging.WARNING)  # its sqlite set-up, "creating experiment"
+        quiet_libraries()
         kwargs.setdefault("log_to_driver", False)
         kwargs.setdefault("logging_level", logging.WARNING)
     notes.in_driver()
