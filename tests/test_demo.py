@@ -30,12 +30,13 @@ def demo(workdir, timeout_s: float, *flags: str):
 
 
 # The VLM demo runs --quick (a tenth of every training run's steps, at least 10): this checks the path
-# and the reuse; the learning is measured by `python -m benchmarks ablations`. It runs --no-sweep: the
-# closing sweep is 4 of its 9 minutes here, and its pieces run in test_sweep.py (Tune, resume, MLflow),
-# test_frames_sweep.py (trials that fine-tune and evaluate) and test_the_demo_sweep_config_is_valid below. `--model evilm`
-# (or allinone, lavender) adds four Ray Train runs (about 4 min here): its pieces are the frames
-# tests' (test_allinone_train.py, test_frames_sweep.py), so CI's time goes to them instead. The per-run limits leave
-# room for a slower CI machine and fire before pytest-timeout, so the output is kept.
+# and the reuse; the learning is measured by `python -m benchmarks ablations`. It runs --no-sweep:
+# the closing sweep was 4 of its 9 minutes here, and its pieces run in test_sweep.py (Tune, resume,
+# MLflow), test_frames_sweep.py (trials that fine-tune and evaluate) and the sweep-config test
+# below. `--model evilm` (or allinone, lavender) adds four Ray Train runs (about 4 min here): its
+# pieces are the frames tests' (test_allinone_train.py, test_frames_sweep.py), so CI's time goes
+# to them instead. The per-run limits leave room for a slower CI machine and fire before
+# pytest-timeout, so the output is kept.
 @pytest.mark.heavy
 @pytest.mark.timeout(1500)
 def test_demo_runs_what_exists_and_reuses_it(tmp_path):
