@@ -284,8 +284,8 @@ def _frames_model(workdir: str, data: str, configs_dir: str, corpus: dict, featu
     # in-batch negatives (32); QA has 3 questions a clip. LAVENDER's retrieval step fuses every
     # pair of a worker's batch: at 16 a step costs a quarter of 32's, and 400 of them ranked better
     # than 300 at 32 (configs/demo/lavender_finetune_retrieval.yaml).
-    retrieval = (400, 16) if arch == "lavender" else (200, 32)
-    for task, steps, batch in (("retrieval", _steps(retrieval[0], quick), retrieval[1]),
+    retrieval_steps, retrieval_batch = (400, 16) if arch == "lavender" else (200, 32)
+    for task, steps, batch in (("retrieval", _steps(retrieval_steps, quick), retrieval_batch),
                                ("qa", _steps(400, quick), 16)):
         cfg = load_config(FramesFinetuneConfig, None, common + FINETUNE_OVERRIDES.get((arch, task), []) + [
             f"task={task}", f"init_from={pretrain['checkpoint']}", f"train.steps={steps}",

@@ -150,10 +150,9 @@ def test_lavender_retrieval_as_matching_beats_chance(lavender_pretrained, frames
     # 0.26-0.46. With the official rules (all 16 x 16 pairs of a worker's batch, the [MASK] after
     # the padding, pre-training matched on masked text with random texts): median rank 14.5, R@10
     # 0.41 at 600 steps, seed 0. R@1 is one or two hits of 74 at any of these: noise. A step fuses
-    # all pairs of a worker's batch (16 x 16 at batch 32: 0.93 s a step here), so batch 16 (8 x 8)
-    # is 4 times cheaper a step: 400 steps of it took 92 s against 278 s for 300 at batch 32, with
-    # median ranks 10, 18 and 12.5 and R@10 0.51, 0.27 and 0.46 (fine-tuning seeds 0-2, one
-    # pre-training). The bars: MdR <= N/3 and R@10 at 1.5x chance.
+    # all pairs of a worker's batch, so batch 16 (8 x 8 pairs) is a quarter of batch 32's work a
+    # step: 400 steps of it gave median ranks 10, 18 and 12.5 and R@10 0.51, 0.27 and 0.46
+    # (fine-tuning seeds 0-2, one pre-training). The bars: MdR <= N/3 and R@10 at 1.5x chance.
     n = metrics["examples"]
     assert n >= 50
     assert metrics["t2v_MdR"] <= n / 3 and metrics["t2v_R10"] >= 1.5 * 10 / n, metrics

@@ -74,11 +74,11 @@ def test_print_config_works_before_the_required_values_are_set(command, keys):
     assert [line.split(":")[0].strip("# ") for line in trailer.splitlines()] == keys
 
 
-def test_python_dash_m_vidray_is_the_same_command():
+def test_python_dash_m_vidray_jobs_is_the_same_command():
     """For a node where the console script is not on PATH (a job's shell, a bare venv)."""
     import vidray as package
 
-    proc = subprocess.run([sys.executable, "-m", "vidray", "--version"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run([sys.executable, "-m", "vidray.jobs", "--version"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0 and proc.stdout.strip() == f"vidray {package.__version__}"
 
 
