@@ -13,6 +13,7 @@ of ``pretrain`` and ``finetune`` when the sweep is loaded: a frames-model sweep 
 from __future__ import annotations
 
 import dataclasses
+import os
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
 
@@ -162,3 +163,37 @@ def pretrain_metrics(arch: str) -> tuple[str, ...]:
         raise ConfigError("pretrain.model.arch", f"sweeps do not know what {arch!r} pre-training reports: "
                           "add its metrics to vidray.tuning.config.PRETRAIN_METRICS")
     return PRETRAIN_METRICS[arch]
+
+
+# --- what a sweep derives from its config (the sweep and its report both read it) ------------
+
+ERROR_TAG = "vidray.error"
+
+
+def experiment_of(cfg: SweepConfig) -> str:
+    return cfg.mlflow.experiment or EXPERIMENT
+
+
+def stage_storage(cfg: SweepConfig) -> str:
+    """Where the trials' TorchTrainers checkpoint (inside the sweep's folder)."""
+    root = cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
+    return f"{root.rstrip('/')}/{cfg.name}/train"
+
+
+def forced_settings(cfg: SweepConfig, trial_id: str) -> dict[str, dict]:
+    """What the sweep sets on every trial's jobs: stable run names, storage, MLflow."""
+    mlflow = {"tracking_uri": cfg.mlflow.resolved_uri(), "experiment": experiment_of(cfg)}
+    storage = stage_storage(cfg)
+    return {"pretrain": {"train": {"run_name": f"{cfg.name}-{trial_id}", "storage_path": storage},
+                         "mlflow": mlflow},
+            "finetune": {"train": {"run_name": f"{cfg.name}-{trial_id}-ft", "storage_path": storage},
+                         "mlflow": mlflow}}
+
+
+def mlflow_client(sweep: SweepConfig):
+    """An MLflow client on the sweep's tracking server (MLflow imported on use: `--help` stays fast)."""
+    import mlflow
+
+    if sweep.mlflow.resolved_uri():
+        mlflow.set_tracking_uri(sweep.mlflow.resolved_uri())
+    return mlflow.MlflowClient()

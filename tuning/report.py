@@ -13,6 +13,7 @@ import os
 from typing import Any, Callable
 
 from vidray.config import dump_yaml
+from vidray.tuning.config import ERROR_TAG, experiment_of, forced_settings, mlflow_client
 from vidray.tuning.space import overrides_of, trial_configs
 
 
@@ -137,9 +138,7 @@ def finish_sweep(cfg, parent_run_id: str, results, say: Callable[[str], None] = 
     """Settle every trial's MLflow run, log the report on the parent, print the table."""
     import mlflow
 
-    from vidray.tuning.sweep import ERROR_TAG, _client, experiment_of, forced_settings
-
-    client = _client(cfg)
+    client = mlflow_client(cfg)
     experiment_id = client.get_experiment_by_name(experiment_of(cfg)).experiment_id
     children = {run.data.tags.get("vidray.trial_id"): run for run in client.search_runs(
         [experiment_id], filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}'")}

@@ -23,12 +23,10 @@ from typing import Any, Callable
 
 from vidray.config import ConfigError, dump_yaml, flatten, from_dict, merge, parse_overrides, read_yaml
 from vidray.feature_store.store import digest
-from vidray.tuning.config import EXPERIMENT, SweepConfig
+from vidray.tuning.config import SweepConfig, experiment_of, forced_settings, mlflow_client
+from vidray.tuning.report import finish_sweep
 from vidray.tuning.space import check, overrides_of, trial_configs, tune_space
 from vidray.tracking import alive_nodes, decide_tracking_uri, use_experiment
-
-ERROR_TAG = "vidray.error"
-
 
 def load_sweep(path: str | None, overrides: list[str]) -> SweepConfig:
     """The sweep config at ``path`` with ``overrides``; ``space.<dotted path>=SPEC`` keeps the
@@ -46,10 +44,6 @@ def load_sweep(path: str | None, overrides: list[str]) -> SweepConfig:
     return cfg
 
 
-def experiment_of(cfg: SweepConfig) -> str:
-    return cfg.mlflow.experiment or EXPERIMENT
-
-
 def _storage(cfg: SweepConfig):
     """(pyarrow filesystem or None, path) of the sweep's folder root."""
     from vidray import storage
@@ -57,22 +51,6 @@ def _storage(cfg: SweepConfig):
     if storage.is_remote(cfg.storage_path):
         return storage.arrow_filesystem(cfg.storage_path)
     return None, os.path.abspath(cfg.storage_path)
-
-
-def _stage_storage(cfg: SweepConfig) -> str:
-    """Where the trials' TorchTrainers checkpoint (inside the sweep's folder)."""
-    root = cfg.storage_path if "://" in cfg.storage_path else os.path.abspath(cfg.storage_path)
-    return f"{root.rstrip('/')}/{cfg.name}/train"
-
-
-def forced_settings(cfg: SweepConfig, trial_id: str) -> dict[str, dict]:
-    """What the sweep sets on every trial's jobs: stable run names, storage, MLflow."""
-    mlflow = {"tracking_uri": cfg.mlflow.resolved_uri(), "experiment": experiment_of(cfg)}
-    storage = _stage_storage(cfg)
-    return {"pretrain": {"train": {"run_name": f"{cfg.name}-{trial_id}", "storage_path": storage},
-                         "mlflow": mlflow},
-            "finetune": {"train": {"run_name": f"{cfg.name}-{trial_id}-ft", "storage_path": storage},
-                         "mlflow": mlflow}}
 
 
 # --- the trial -------------------------------------------------------------------------------
@@ -89,7 +67,7 @@ def run_trial(params: dict, sweep: SweepConfig, parent_run_id: str) -> None:
 
     trial_id = tune.get_context().get_trial_id()
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress
-    client = _client(sweep)
+    client = mlflow_client(sweep)
     run_id = _child_run(client, sweep, trial_id, params, parent_run_id)
     try:
         pretrain, finetune = trial_configs(sweep, params, forced_settings(sweep, trial_id))
@@ -149,14 +127,6 @@ def _now() -> int:
     return int(time.time() * 1000)
 
 
-def _client(sweep: SweepConfig):
-    import mlflow
-
-    if sweep.mlflow.resolved_uri():
-        mlflow.set_tracking_uri(sweep.mlflow.resolved_uri())
-    return mlflow.MlflowClient()
-
-
 def _child_run(client, sweep: SweepConfig, trial_id: str, params: dict, parent_run_id: str) -> str:
     """The trial's MLflow run, found by its stable name (a restarted trial continues it). The
     pre-training job finds the same run by the same ``vidray.run_name`` tag and logs into it."""
@@ -200,7 +170,7 @@ def concurrency(cfg: SweepConfig, resources: dict) -> int:
 
 def _parent_run(cfg: SweepConfig, resume: bool) -> str:
     """The sweep's parent run: created with the space and scheduler as params, or found again."""
-    client = _client(cfg)
+    client = mlflow_client(cfg)
     experiment_id = use_experiment(experiment_of(cfg))
     found = client.search_runs([experiment_id], filter_string=f"tags.`vidray.sweep_parent` = '{cfg.name}'",
                                max_results=1)
@@ -238,7 +208,6 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, say: Callable[[str], None]
 
     from vidray.cluster import verbose
     from vidray.train.job import ensure_ray
-    from vidray.tuning.report import finish_sweep
 
     problems = check(cfg)  # unknown paths and malformed entries raise before anything starts
     for problem in problems:
