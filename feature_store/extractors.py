@@ -240,12 +240,10 @@ class TextExtractor:
     schema = pa.schema([("video_id", pa.string()), ("captions", pa.list_(CAPTION_IDS_TYPE))])
 
     def __init__(self, cfg: TextExtractConfig, device: str = "cpu"):
-        from transformers import AutoTokenizer
-
-        from vidray.models.weights import resolve_text_model  # torch with it: loaded when used
+        from vidray.models.weights import text_tokenizer  # torch with it: loaded when used
 
         self.cfg = cfg
-        self.tokenizer = AutoTokenizer.from_pretrained(resolve_text_model(cfg.tokenizer))
+        self.tokenizer = text_tokenizer(cfg.tokenizer, key="text.tokenizer")
 
     @staticmethod
     def weights_digest(cfg: TextExtractConfig) -> str:

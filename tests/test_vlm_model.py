@@ -251,3 +251,13 @@ def test_unusable_backbone_is_a_config_error(offline, tmp_path):
         build_vlm(ModelConfig(text_backbone=str(tmp_path)))
     with pytest.raises(ConfigError, match="model.text_backbone"):
         build_vlm(ModelConfig(text_backbone="nobody/no-such-bert"))
+
+
+def test_one_tokenizer_loader_caches_and_names_the_config_key(offline, tmp_path):
+    from vidray.models.weights import text_tokenizer
+
+    tok = text_tokenizer("minilm")
+    assert text_tokenizer("minilm") is tok  # loaded once per process (every Ray Data batch asks)
+    assert tok.convert_tokens_to_ids("[MASK]") == 103 and len(tok) == 30522
+    with pytest.raises(ConfigError, match=r"text\.tokenizer.*cannot load tokenizer"):
+        text_tokenizer(str(tmp_path), key="text.tokenizer")

@@ -17,7 +17,6 @@ import contextlib
 import errno
 import os
 import posixpath
-import sys
 import time
 from typing import IO, Callable, Iterator, TypeVar
 

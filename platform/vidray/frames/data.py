@@ -20,7 +20,6 @@ cannot be decoded is skipped, recorded as the clip pipeline records it and named
 
 from __future__ import annotations
 
-import functools
 import io
 import json
 from typing import Callable, Iterator
@@ -30,23 +29,10 @@ import pyarrow as pa
 
 from vidray.config import ConfigError
 from vidray.manifest import read_manifest, split_videos
+from vidray.models.weights import text_tokenizer
 
 IGNORE_INDEX = -100
 CLIP_COLUMNS = ["video_id", "clip_index", "start_s", "texts", "jpeg"]
-
-
-@functools.lru_cache(maxsize=4)
-def tokenizer_for(name: str):
-    """The tokenizer of ``model.tokenizer`` (loaded once per process)."""
-    from transformers import AutoTokenizer
-
-    from vidray.models.weights import resolve_text_model
-
-    try:
-        return AutoTokenizer.from_pretrained(resolve_text_model(name))
-    except OSError as err:
-        raise ConfigError("model.tokenizer", f"cannot load tokenizer {name!r} ({err}); use 'minilm' "
-                          "or a local tokenizer folder") from None
 
 
 def pick_frames(available: int, wanted: int) -> np.ndarray:
@@ -167,7 +153,7 @@ def clip_examples(batch: pa.Table | list[dict], *, keep: set[str] | None, num_fr
     ``with_meta`` keeps ids, texts and question types. ``vq`` (a :class:`VQCodes` or its Ray object
     ref) adds each clip's ``vq_codes``; clips it lacks are left out (the driver reports how many,
     see :func:`vq_codes_for`)."""
-    tok = tokenizer_for(tokenizer)
+    tok = text_tokenizer(tokenizer)
     answer_index = {a: i for i, a in enumerate(answers or [])}
     codes = VQCodes.resolve(vq)
     out = []

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidray.frames.config import FINETUNE_TASKS
-from vidray.frames.data import IGNORE_INDEX, collate, tokenizer_for
+from vidray.frames.data import IGNORE_INDEX, collate
+from vidray.models.weights import text_tokenizer
 
 
 def insert_mask_slot(text_ids: torch.Tensor, text_mask: torch.Tensor, prefix: list[int], mask_id: int,
@@ -86,7 +87,7 @@ class Words:
     """The token ids LAVENDER's tasks use, from the tokenizer."""
 
     def __init__(self, tokenizer_name: str):
-        tok = self.tokenizer = tokenizer_for(tokenizer_name)
+        tok = self.tokenizer = text_tokenizer(tokenizer_name)
         self.mask, self.pad, self.sep = tok.mask_token_id, tok.pad_token_id, tok.sep_token_id
         self.true, self.false = tok.convert_tokens_to_ids("true"), tok.convert_tokens_to_ids("false")
         self.answer_prefix = tok("answer:", add_special_tokens=False)["input_ids"]

@@ -17,9 +17,10 @@ from vidray.config import ConfigError, from_dict
 from vidray.feature_store.store import digest
 from vidray.frames.config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPretrainConfig
 from vidray.frames.data import (VQCodes, answer_vocabulary, clip_keys, collate, examples_dataset, read_examples,
-                                read_clip_rows, read_mc, read_qa, skipped_videos_uri, source_tags, tokenizer_for,
+                                read_clip_rows, read_mc, read_qa, skipped_videos_uri, source_tags,
                                 with_task_columns)
 from vidray.manifest import split_videos
+from vidray.models.weights import text_tokenizer
 from vidray.frames.system import (QAModel, RetrievalModel, build_finetune_system, build_net,
                                   build_pretrain_system, mvm_settings, size_figures)
 from vidray.metrics import ranks_of_correct, retrieval_metrics
@@ -310,7 +311,7 @@ def evaluate_task(task: str, model, ft: FramesFinetuneConfig, data, cfg: Evaluat
         raise ConfigError("split", f"split {cfg.split!r} has no {task} examples in {where}"
                           + (f" (questions from {data.qa})" if qa else "") + (f" (questions from {data.mc})" if mc else ""))
     say(f"evaluate {ft.model.arch} {task} on {cfg.split}: {len(examples)} examples")
-    pad_id = tokenizer_for(ft.model.tokenizer).pad_token_id
+    pad_id = text_tokenizer(ft.model.tokenizer).pad_token_id
     arch, tokenizer, width = ft.model.arch, ft.model.tokenizer, ft.model.max_text_tokens
     if task == "retrieval":
         similarity = similarity_matrix(model, arch, tokenizer, examples, cfg.batch_size, width, pad_id)

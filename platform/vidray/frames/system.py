@@ -21,7 +21,8 @@ from torch import nn
 
 from vidray.config import ConfigError
 from vidray.frames.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads
-from vidray.frames.data import IGNORE_INDEX, collate, tokenizer_for
+from vidray.frames.data import IGNORE_INDEX, collate
+from vidray.models.weights import text_tokenizer
 from vidray.masking import corrupt, random_token_ids
 
 RETRIEVAL_TEMPERATURE = 0.05
@@ -30,7 +31,7 @@ RETRIEVAL_TEMPERATURE = 0.05
 def build_net(model_cfg, num_answers: int = 0) -> nn.Module:
     """The model of ``model.arch`` with its heads (All-in-one: ``num_answers`` > 0 adds the QA
     classifier; LAVENDER has the one MLM head whatever the task)."""
-    vocab = len(tokenizer_for(model_cfg.tokenizer))
+    vocab = len(text_tokenizer(model_cfg.tokenizer))
     if model_cfg.image_size % 16:
         raise ConfigError("model.image_size", f"{model_cfg.image_size} is not a multiple of the 16-px patches")
     if model_cfg.arch == "lavender":
@@ -202,7 +203,7 @@ class FramesPretrainSystem:
 
     def __init__(self, cfg, device: torch.device):
         self.cfg = cfg
-        tok = tokenizer_for(cfg.model.tokenizer)
+        tok = text_tokenizer(cfg.model.tokenizer)
         self.mask_id, self.vocab = tok.mask_token_id, len(tok)
         self.special = tuple(tok.all_special_ids)
         self.mvm = mvm_settings(cfg)
@@ -244,7 +245,7 @@ class FramesPretrainSystem:
 
 class FramesFinetuneSystem:
     def __init__(self, cfg, device: torch.device):
-        tok = tokenizer_for(cfg.model.tokenizer)
+        tok = text_tokenizer(cfg.model.tokenizer)
         net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
         if cfg.init_from:
             init_from(net, cfg.init_from, cfg.model)

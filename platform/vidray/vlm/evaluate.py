@@ -28,6 +28,7 @@ from vidray.metrics import ranks_of_correct, retrieval_metrics
 from vidray.train.config import EvaluateConfig, FinetuneConfig
 from vidray.vlm.data import collate
 from vidray.manifest import split_videos
+from vidray.models.weights import text_tokenizer
 from vidray.train.job import load_state
 from vidray.tracking import use_experiment
 from vidray.vlm.finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
@@ -73,13 +74,9 @@ def read_split(features_uri: str, manifest: str, split: str) -> pa.Table:
 
 def tokenizer_of(text_uri: str):
     """The tokenizer the text feature set was made with (for MC options and decoding)."""
-    from transformers import AutoTokenizer
-
-    from vidray.models.weights import resolve_text_model
     from vidray.feature_store.store import open_version
 
-    name = open_version(text_uri).manifest["config"]["tokenizer"]
-    return AutoTokenizer.from_pretrained(resolve_text_model(name))
+    return text_tokenizer(open_version(text_uri).manifest["config"]["tokenizer"], key="text")
 
 
 def _chunks(items: list, size: int):
