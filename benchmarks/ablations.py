@@ -133,7 +133,7 @@ def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     """Pre-train (unless no_pretrain), fine-tune, evaluate; the metrics, saved so a rerun reuses them."""
     from vidray.config import load_config
     from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
-    from vidray.vlm.evaluate import run_evaluate
+    from vidray.evaluate import run_evaluate
     from vidray.vlm.finetune import run_finetune
     from vidray.vlm.pretrain import run_pretrain
 

@@ -134,7 +134,7 @@ def one_run(workdir: str, data: dict, arch: str, variant: str, seed: int) -> dic
     from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
     from vidray.frames.run import run_frames_finetune, run_frames_pretrain
     from vidray.train.config import EvaluateConfig
-    from vidray.vlm.evaluate import run_evaluate
+    from vidray.evaluate import run_evaluate
 
     saved = os.path.join(workdir, "results", f"{arch}-{variant}-seed{seed}.json")
     if os.path.exists(saved):

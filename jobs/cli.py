@@ -208,7 +208,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vidray.train.config import EvaluateConfig
 
     cfg = _resolve(args, EvaluateConfig)
-    from vidray.vlm.evaluate import run_evaluate
+    from vidray.evaluate import run_evaluate
 
     report = run_evaluate(cfg, say=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report, indent=2, default=str))

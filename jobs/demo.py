@@ -190,7 +190,7 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
 
 def _evaluate_once(workdir: str, configs_dir: str, label: str, evaluation) -> dict:
     """Evaluate a checkpoint, or reuse the saved report of the same evaluation."""
-    from vidray.vlm.evaluate import run_evaluate
+    from vidray.evaluate import run_evaluate
 
     saved = os.path.join(workdir, "eval", f"{label}.json")
     if _step_is_done(configs_dir, f"evaluate_{label}", evaluation, saved):

@@ -115,6 +115,10 @@ def test_every_registered_arch_has_its_configs_runners_and_sweep_metrics():
         for job in ("pretrain", "finetune"):  # what a sweep reads and sets on every job config
             assert {"model", "train", "data", "mlflow"} <= {f.name for f in dataclasses.fields(archs.config_class(job, arch))}
             assert callable(archs.runner(job, arch))
+        assert callable(archs.evaluator(arch)), f"add {arch}'s evaluator to vidray.archs.EVALUATORS"
+    assert set(archs.EVALUATORS) == set(archs.ARCH_JOBS["finetune"])
+    with pytest.raises(ConfigError, match=r"'checkpoint'.*'x' model, which no evaluator knows"):
+        archs.evaluator("x")
     assert archs.arch_of_dict({}) == "vlm" and archs.arch_of_dict({"model": {"arch": "lavender"}}) == "lavender"
     with pytest.raises(ConfigError, match=r"'model.arch'.*unknown architecture 'x'.*vlm, allinone"):
         archs.config_class("pretrain", "x")

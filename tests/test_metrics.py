@@ -44,7 +44,7 @@ def test_directions_differ_when_the_matrix_is_asymmetric():
 
 def test_an_mc_row_names_the_word_that_differs():
     """Synthetic MC options differ in one word: the table shows it, not only two long sentences."""
-    from vidray.vlm.evaluate import mc_row, option_difference
+    from vidray.eval.multiple_choice import mc_row, option_difference
 
     options = ["a red circle moves left", "a red circle moves right", "a blue circle moves left"]
     wrong = mc_row("v1", "what moves where?", options, np.array([0.1, 0.9, 0.3]), right=0)

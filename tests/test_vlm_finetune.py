@@ -18,7 +18,7 @@ import pytest
 from vidray.config import ConfigError, load_config
 from vidray.jobs.cli import main as cli
 from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
-from vidray.vlm.evaluate import run_evaluate
+from vidray.evaluate import run_evaluate
 from vidray.vlm.finetune import run_finetune
 from vidray.vlm.pretrain import run_pretrain
 

@@ -3,7 +3,7 @@
 `vidray pretrain|finetune` and `vidray sweep` read a config's ``model.arch`` (``vlm`` when unset)
 and look its classes up here. Entries are dotted ``module:name`` strings imported on use, so
 reading the registry stays instant (no torch) and `--help` does not wait. A new architecture is one
-entry per job below; `vidray evaluate` follows the checkpoint and needs none.
+entry per job below and one evaluator (`vidray evaluate` follows the checkpoint's ``model.arch``).
 """
 
 from __future__ import annotations
@@ -29,6 +29,15 @@ ARCH_JOBS: dict[str, dict[str, tuple[str, str]]] = {
         "lavender": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
         "evilm": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
     },
+}
+
+# model.arch of a fine-tuning checkpoint -> "module:evaluator" of `vidray evaluate`; an evaluator
+# takes ``(cfg: EvaluateConfig, state, say=print, tags=None)`` with the checkpoint's state loaded.
+EVALUATORS: dict[str, str] = {
+    "vlm": "vidray.vlm.evaluate:run_vlm_evaluate",
+    "allinone": "vidray.frames.run:run_frames_evaluate",
+    "lavender": "vidray.frames.run:run_frames_evaluate",
+    "evilm": "vidray.frames.run:run_frames_evaluate",
 }
 
 DEFAULT_ARCH = "vlm"
@@ -62,3 +71,12 @@ def config_class(job: str, arch: str) -> type:
 def runner(job: str, arch: str) -> Callable[..., dict]:
     """The function that runs ``job`` for ``arch`` (returns the job's report)."""
     return load(_entry(job, arch)[1])
+
+
+def evaluator(arch: str) -> Callable[..., dict]:
+    """The evaluation of fine-tuning checkpoints of ``arch``; ConfigError naming ``checkpoint`` when
+    no evaluator knows it."""
+    if arch not in EVALUATORS:
+        raise ConfigError("checkpoint", f"holds a {arch!r} model, which no evaluator knows; known: "
+                          f"{', '.join(EVALUATORS)}")
+    return load(EVALUATORS[arch])

@@ -28,6 +28,7 @@ import numpy as np
 import pyarrow as pa
 
 from vidray.config import ConfigError
+from vidray.eval.multiple_choice import read_mc_rows
 from vidray.manifest import read_manifest, split_videos
 from vidray.models.weights import text_tokenizer
 
@@ -106,8 +107,6 @@ def answer_vocabulary(qa: dict, keep: set[str] | None) -> list[str]:
 def read_mc(uri: str, key: str = "data.mc") -> dict[tuple[str, int], list[dict]]:
     """Multiple-choice questions of an MC jsonl per (video, start in ms), read and checked as VLM's
     evaluation reads them (``key``: the config key named in errors)."""
-    from vidray.vlm.evaluate import read_mc_rows
-
     out: dict[tuple[str, int], list[dict]] = {}
     for row in read_mc_rows(uri, key):
         out.setdefault((row["video"], _start_key(row["start"])), []).append(row)

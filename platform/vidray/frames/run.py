@@ -14,6 +14,8 @@ import numpy as np
 import torch
 
 from vidray.config import ConfigError, from_dict
+from vidray.eval.multiple_choice import mc_row, mc_summary
+from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
 from vidray.feature_store.store import digest
 from vidray.frames.config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPretrainConfig
 from vidray.frames.data import (VQCodes, answer_vocabulary, clip_keys, collate, examples_dataset, read_examples,
@@ -248,8 +250,6 @@ def option_scores(model, arch: str, tokenizer: str, examples: list[dict], batch_
 def evaluate_mc(scores: np.ndarray, examples: list[dict]) -> tuple[dict, list[dict]]:
     """Per MC question (its options' examples): the option scoring highest is picked; ties count
     against the model. ``mc_accuracy`` next to ``mc_chance`` (1 / options), as VLM's evaluation."""
-    from vidray.vlm.evaluate import mc_row, mc_summary
-
     questions: dict[str, list[int]] = {}
     for i, e in enumerate(examples):
         questions.setdefault(e["mc_key"], []).append(i)
@@ -268,8 +268,6 @@ def run_frames_evaluate(cfg: EvaluateConfig, state: dict, say: Callable[[str], N
     """Evaluate a frames model's fine-tuning checkpoint (``state`` already loaded): every task it
     was trained on (task=multi: each of ``tasks``) in one MLflow run; a retrieval checkpoint with
     ``mc=FILE`` also scores multiple choice through retrieval, as VLM's evaluation does."""
-    from vidray.vlm.evaluate import _log
-
     ft, model = load_frames_finetuned(state)
     # frames= names a frames set to score on, even for a checkpoint trained with data.source=videos.
     data = dataclasses.replace(ft.data, source="frames" if cfg.frames else ft.data.source,
@@ -289,7 +287,7 @@ def run_frames_evaluate(cfg: EvaluateConfig, state: dict, say: Callable[[str], N
         metrics.update({f"{task}_examples": n for task, n in counts.items()})
     # The data it read, resolved: the params of the run name it (empty meant "the checkpoint's").
     cfg = dataclasses.replace(cfg, frames=data.frames, manifest=data.manifest, qa=data.qa, mc=data.mc)
-    run_id = _log(cfg, ft, metrics, tables, figures, {}, {"arch": ft.model.arch, **(tags or {})})
+    run_id = log_evaluation(cfg, ft, metrics, tables, figures, {}, {"arch": ft.model.arch, **(tags or {})})
     say(f"evaluate {ft.model.arch} {ft.task} on {cfg.split}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)) + f"; MLflow run {run_id}")
     return {"task": ft.task, "split": cfg.split, "metrics": metrics, "mlflow_run_id": run_id,
@@ -300,8 +298,6 @@ def evaluate_task(task: str, model, ft: FramesFinetuneConfig, data, cfg: Evaluat
                   figures: dict, say: Callable[[str], None], mc_question: bool = True) -> tuple[dict, int]:
     """One task's metrics on ``cfg.split`` (``rows``: its :func:`read_clip_rows`) and how many clips
     (retrieval) or questions it scored; its per-item table and plot go into ``tables`` / ``figures``."""
-    from vidray.vlm.evaluate import bar_figure, recall_curve_figure
-
     qa = read_qa(data.qa) if task == "qa" else None
     mc = read_mc(data.mc, "mc" if cfg.mc else "data.mc") if task == "mc" else None
     examples = read_examples(ft.model, data, cfg.split, qa, ft.answers or None, mc=mc, mc_question=mc_question,

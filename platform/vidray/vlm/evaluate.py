@@ -7,7 +7,7 @@
   (:mod:`vidray.caption_metrics`, pycocoevalcap's scorers).
 - action_segmentation: sliding windows, logits averaged over overlapping windows, frame accuracy.
 
-Each evaluation is an MLflow run (experiment ``vidray-evaluate`` unless ``mlflow.experiment``)
+Each evaluation is an MLflow run (:mod:`vidray.eval.report`; experiment ``vidray-evaluate`` unless ``mlflow.experiment``)
 with the metrics, chance levels, a per-item table (``eval/<split>/<task>.json``, MLflow's table
 view) and a plot (recall@K curve, caption scores, per-class accuracy).
 """
@@ -15,30 +15,26 @@ view) and a plot (recall@K curve, caption scores, per-class accuracy).
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 from typing import Any, Callable
 
 import numpy as np
 import pyarrow as pa
 import torch
 
-from vidray.config import ConfigError, dump_yaml, flatten, from_dict
+from vidray.config import ConfigError, from_dict
+from vidray.eval.multiple_choice import mc_row, mc_summary, read_mc_rows
+from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
 from vidray.metrics import ranks_of_correct, retrieval_metrics
 from vidray.train.config import EvaluateConfig, FinetuneConfig
 from vidray.vlm.data import collate
 from vidray.manifest import split_videos
 from vidray.models.weights import text_tokenizer
 from vidray.train.job import load_state
-from vidray.tracking import use_experiment
 from vidray.vlm.finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
                                  text_budget, video_rows)
 from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm
 from vidray.vlm.objectives import IGNORE_INDEX
 from vidray.vlm.tasks import build_task_model
-
-EXPERIMENT = "vidray-evaluate"
-
 
 # --- loading -----------------------------------------------------------------------------------
 
@@ -111,62 +107,6 @@ def evaluate_retrieval(model, clips: list[dict], batch_size: int, max_video_toke
     return metrics, table, similarity
 
 
-MC_KEYS = ("video", "question", "options", "answer", "start", "end")
-
-
-def read_mc_rows(uri: str, key: str = "mc") -> list[dict]:
-    """The rows of a multiple-choice jsonl (``{video, question, options, answer, start, end}``,
-    the synthetic corpus's mc.jsonl), checked; ``key`` is the config key named in errors."""
-    from vidray import storage
-
-    if not uri:
-        raise ConfigError(key, "is required: a multiple-choice jsonl of {video, question, options, answer, "
-                          "start, end} (the synthetic corpus writes mc.jsonl)")
-    if not storage.exists(uri):
-        raise ConfigError(key, f"{uri} does not exist")
-    rows = []
-    for number, line in enumerate(storage.read_bytes(uri).decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        missing = set(MC_KEYS) - set(row)
-        if missing:
-            raise ConfigError(key, f"{uri} line {number} lacks {sorted(missing)}")
-        if not 0 <= int(row["answer"]) < len(row["options"]):
-            raise ConfigError(key, f"{uri} line {number}: answer {row['answer']} is not an index of its "
-                              f"{len(row['options'])} options")
-        rows.append(row)
-    return rows
-
-
-def mc_correct(scores: np.ndarray, answer: int) -> bool:
-    """Whether the right option scores strictly highest: ties count against the model, as in retrieval."""
-    others = np.delete(scores, answer)
-    return bool(others.size == 0 or scores[answer] > others.max())
-
-
-def mc_summary(table: list[dict], option_counts: list[int]) -> dict[str, float]:
-    """``mc_accuracy`` over the table's questions next to ``mc_chance`` (1 / options, averaged)."""
-    accuracy = float(np.mean([r["correct"] for r in table])) if table else float("nan")
-    chance = float(np.mean([1 / n for n in option_counts])) if option_counts else float("nan")
-    return {"mc_accuracy": accuracy, "mc_chance": chance, "mc_questions": len(table)}
-
-
-def option_difference(answer: str, picked: str) -> str:
-    """The words that tell the picked option from the answer (``left → right``; empty when it is
-    the answer): MC options that differ in one word read alike as whole sentences in a table."""
-    said, chosen = answer.split(), picked.split()
-    only_answer, only_picked = [w for w in said if w not in chosen], [w for w in chosen if w not in said]
-    return f"{' '.join(only_answer)} → {' '.join(only_picked)}" if only_answer or only_picked else ""
-
-
-def mc_row(video_id: str, question: str, options: list[str], scores: np.ndarray, right: int) -> dict:
-    """One row of an MC table: the answer, the option with the top score and what differs."""
-    picked = options[int(np.argmax(scores))]
-    return {"video_id": video_id, "question": question, "answer": options[right], "picked": picked,
-            "differs": option_difference(options[right], picked), "correct": mc_correct(scores, right)}
-
-
 def mc_questions(mc_uri: str, features: dict[str, np.ndarray], tokenizer,
                  max_video_tokens: int, max_text_tokens: int) -> list[dict]:
     """MC rows of the evaluated videos, with the clip's seconds and each option's ids."""
@@ -197,26 +137,6 @@ def evaluate_mc(model, questions: list[dict], max_video_tokens: int, max_text_to
         scores = (model.encode_text(batch["text_ids"], batch["text_mask"]) @ video[0]).numpy()
         table.append(mc_row(q["video_id"], q["question"], q["options"], scores, q["answer"]))
     return mc_summary(table, [len(q["options"]) for q in questions]), table
-
-
-def recall_curve_figure(similarity: np.ndarray, title: str):
-    """Recall@K for K = 1..N in both directions, next to chance (K / N)."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    n = len(similarity)
-    ks = np.arange(1, n + 1)
-    fig, ax = plt.subplots(figsize=(5, 3.6))
-    for label, matrix in (("text → video", similarity), ("video → text", similarity.T)):
-        ranks = ranks_of_correct(matrix)
-        ax.plot(ks, [(ranks <= k).mean() for k in ks], label=label)
-    ax.plot(ks, ks / n, "k--", label="chance")
-    ax.set(xlabel="K", ylabel="recall@K", title=title, xscale="log" if n > 50 else "linear", ylim=(0, 1.02))
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    return fig
 
 
 # --- captioning -----------------------------------------------------------------------------------
@@ -264,20 +184,6 @@ def evaluate_captioning(model, clips: list[dict], tokenizer, cfg: EvaluateConfig
     return metrics, table, skipped
 
 
-def bar_figure(values: dict[str, float], title: str, ylabel: str):
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(4, 0.7 * len(values)), 3.6))
-    ax.bar(list(values), list(values.values()))
-    ax.set(title=title, ylabel=ylabel)
-    ax.tick_params(axis="x", rotation=45)
-    fig.tight_layout()
-    return fig
-
-
 # --- action segmentation ------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -319,46 +225,10 @@ def evaluate_segmentation(model, windows: list[dict], classes: dict[str, int], b
 
 # --- the job ------------------------------------------------------------------------------------
 
-def _log(cfg: EvaluateConfig, ft: FinetuneConfig, metrics: dict, tables: dict[str, list[dict]],
-         figures: dict[str, Any], notes: dict, extra_tags: dict) -> str:
-    import mlflow
-
-    if cfg.mlflow.resolved_uri():
-        mlflow.set_tracking_uri(cfg.mlflow.resolved_uri())
-    use_experiment(cfg.mlflow.experiment or EXPERIMENT)
-    # Named by what tells two evaluations apart in the runs list: the pre-training they start from.
-    init = ft.init_from.rstrip("/") if ft.init_from else ""
-    run_name = extra_tags.get("mlflow.runName") or f"evaluate-{ft.task}-{cfg.split}-" + (
-        f"from-{os.path.basename(os.path.dirname(init))}" if init else "no-pretrain")
-    tags = {"job": "evaluate", "task": ft.task, "split": cfg.split, "checkpoint_uri": cfg.checkpoint,
-            "finetune_run_name": ft.train.run_name or os.path.basename(os.path.dirname(cfg.checkpoint.rstrip("/"))),
-            **extra_tags}
-    with mlflow.start_run(run_name=run_name, tags=tags) as run:
-        mlflow.log_params({**flatten(cfg), **{f"finetune.{k}": v for k, v in flatten(ft).items()}})
-        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if isinstance(v, (int, float))})
-        for name, rows in tables.items():
-            if rows:
-                mlflow.log_table(data={k: [r[k] for r in rows] for k in rows[0]},
-                                 artifact_file=f"eval/{cfg.split}/{name}.json")
-        for name, fig in figures.items():
-            mlflow.log_figure(fig, f"eval/{cfg.split}/{name}.png")
-        mlflow.log_text(dump_yaml(cfg), "evaluate_config.yaml")
-        if notes:
-            mlflow.log_dict(notes, f"eval/{cfg.split}/notes.json")
-        return run.info.run_id
-
-
-def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print,
-                 tags: dict | None = None) -> dict[str, Any]:
-    """Evaluate; ``tags`` go on the MLflow run (a sweep's trial nests it under its own run)."""
-    if not cfg.checkpoint:
-        raise ConfigError("checkpoint", "is required: a fine-tuning checkpoint folder "
-                          "(printed by `vidray finetune`)")
-    state = load_state(cfg.checkpoint)
-    if state["config"].get("model", {}).get("arch", "vlm") != "vlm":  # a frames model's checkpoint
-        from vidray.frames.run import run_frames_evaluate
-
-        return run_frames_evaluate(cfg, state, say, tags)
+def run_vlm_evaluate(cfg: EvaluateConfig, state: dict, say: Callable[[str], None] = print,
+                     tags: dict | None = None) -> dict[str, Any]:
+    """Evaluate a VLM fine-tuning checkpoint (``state`` already loaded, see
+    :func:`vidray.evaluate.run_evaluate`); ``tags`` go on the MLflow run."""
     ft, model = load_finetuned(cfg.checkpoint, state)
     # The data it read, resolved: the params of the run name it (empty meant "the checkpoint's").
     cfg = dataclasses.replace(cfg, features=cfg.features or ft.data.features, text=cfg.text or ft.data.text,
@@ -393,7 +263,7 @@ def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print,
         figures["per_class_accuracy"] = bar_figure(per_class, f"frame accuracy per class on {cfg.split}",
                                                    "accuracy")
     metrics["examples"] = len(examples)
-    run_id = _log(cfg, ft, metrics, tables, figures, notes, tags or {})
+    run_id = log_evaluation(cfg, ft, metrics, tables, figures, notes, tags or {})
     say(f"evaluate {ft.task} on {cfg.split}: " + ", ".join(
         f"{k} {v:.3f}" for k, v in metrics.items() if isinstance(v, float)) + f"; MLflow run {run_id}")
     return {"task": ft.task, "split": cfg.split, "metrics": metrics, "mlflow_run_id": run_id,
