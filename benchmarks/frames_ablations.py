@@ -106,7 +106,7 @@ def vq_codes(workdir: str, data: dict, kind: str) -> str:
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import VQExtractConfig
     from vidray.frames.config import VQTokenizerConfig
-    from vidray.frames.vq import run_train_vq
+    from vidray.frames.run import run_train_vq
 
     cfg = load_config(VQTokenizerConfig, None, [
         f"model.kind={kind}", "model.flavour=tiny", "model.image_size=64", "model.num_frames=4", "model.patch=16",

@@ -31,7 +31,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _model(arch: str, args):
     from vidray.frames.config import FramesModelConfig
-    from vidray.frames.system import RetrievalModel, build_net, size_figures
+    from vidray.frames.nets import build_net, size_figures
+    from vidray.frames.system import RetrievalModel
 
     cfg = FramesModelConfig(arch=arch, flavour="tiny", image_size=args.image_size, num_frames=args.num_frames,
                             max_text_tokens=args.text_tokens)

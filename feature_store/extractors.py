@@ -397,7 +397,7 @@ class VQExtractor:
     def extract(self, row: dict, overruns: list | None = None) -> list[dict]:
         import torch
 
-        from vidray.frames.data import decode_clip
+        from vidray.frames.pixels import decode_clip
 
         m = self.tokenizer_cfg.model
         clips = self.frames.extract(row, overruns)

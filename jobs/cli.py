@@ -197,7 +197,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 def cmd_train_vq(args: argparse.Namespace) -> int:
     from vidray.frames.config import VQTokenizerConfig
-    from vidray.frames.vq import run_train_vq
+    from vidray.frames.run import run_train_vq
 
     report = run_train_vq(_resolve(args, VQTokenizerConfig), say=lambda m: print(m, file=sys.stderr))
     print(json.dumps(report, indent=2, default=str))

@@ -219,7 +219,7 @@ def _vq_codes(workdir: str, data: str, configs_dir: str, corpus: dict, features:
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import VQExtractConfig
     from vidray.frames.config import VQTokenizerConfig
-    from vidray.frames.vq import run_train_vq
+    from vidray.frames.run import run_train_vq
 
     cfg = load_config(VQTokenizerConfig, None, [
         "model.kind=semantic", "model.flavour=tiny", "model.image_size=64", "model.num_frames=4",

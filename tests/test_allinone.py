@@ -9,7 +9,8 @@ from vidray.frames import allinone
 from vidray.frames.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads, temporal_roll
 from vidray.config import ConfigError, load_config
 from vidray.frames.config import FramesModelConfig, FramesPretrainConfig
-from vidray.frames.system import mask_text, size_figures
+from vidray.frames.nets import size_figures
+from vidray.masking import mask_text
 
 
 def official_roll(visual: torch.Tensor) -> torch.Tensor:

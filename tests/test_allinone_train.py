@@ -212,7 +212,7 @@ def test_evilm_tokenizer_codes_and_masked_video_modelling(frames_data, tmp_path)
     from vidray.feature_store.extractors import VQExtractConfig
     from vidray.feature_store.store import open_version, read_parquet
     from vidray.frames.config import VQModelConfig, VQTokenizerConfig
-    from vidray.frames.vq import run_train_vq
+    from vidray.frames.run import run_train_vq
 
     client = mlflow.MlflowClient()
     vq_cfg = VQTokenizerConfig(model=VQModelConfig(kind="semantic", flavour="tiny", image_size=64, num_frames=4,

@@ -14,7 +14,8 @@ from vidray.config import ConfigError
 from vidray.frames.config import (FramesDataConfig, FramesModelConfig, FramesObjectiveConfig,
                                   FramesPretrainConfig, VQModelConfig, VQObjectiveConfig)
 from vidray.frames.evilm import EVILM_FLAVOURS, block_mask, clip_masks, mvm_loss, zero_regions
-from vidray.frames.system import PretrainModel, build_net, mvm_settings, size_figures
+from vidray.frames.nets import build_net, size_figures
+from vidray.frames.system import PretrainModel, mvm_settings
 from vidray.frames.vq import (VQ_FLAVOURS, VQTokenizer, VQTrainModel, caption_words, focal_loss, patches_of,
                               quantize)
 

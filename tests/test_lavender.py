@@ -18,7 +18,8 @@ from vidray.frames.lavender_tasks import (LavenderFinetuneSystem, LavenderPretra
                                           Words, append_mask_slot, insert_mask_slot, matching_batch, pair_scores,
                                           sampled_pairs, true_score)
 from vidray.frames.run import evaluate_mc, option_scores, run_frames_finetune
-from vidray.frames.system import build_net, mask_text, size_figures
+from vidray.frames.nets import build_net, size_figures
+from vidray.masking import mask_text
 
 CLS, SEP, MASK, PAD = 101, 102, 103, 0
 

@@ -6,7 +6,8 @@ Random replacements are drawn uniformly from the WHOLE vocabulary, special token
 [PAD], [MASK], ...) included, as both official codes do: MMPT's ``TextMaskingProcessor`` (fairseq
 ``examples/MMPT/mmpt/processors/how2processor.py``) and HuggingFace's
 ``DataCollatorForLanguageModeling`` (All-in-one's MLM collator, ViLT's too) call
-``torch.randint(len(tokenizer), shape)``. Which tokens may be *chosen* is each caller's business.
+``torch.randint(len(tokenizer), shape)``. Which tokens may be *chosen* is each caller's business;
+:func:`mask_text` is the frames models' choice (real tokens, not special ones).
 
     roll = torch.rand(ids.shape, generator=g)
     inputs = corrupt(ids, chosen, roll, random_token_ids(ids.shape, vocab, g), mask_id)
@@ -17,6 +18,9 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+
+IGNORE_INDEX = -100
+"""The target of a position with nothing to predict (PyTorch's cross-entropy default)."""
 
 MASK_BELOW, RANDOM_BELOW = 0.8, 0.9
 """A chosen token whose roll is below 0.8 becomes [MASK] (80%), below 0.9 a random id (10%); the
@@ -51,3 +55,19 @@ def corrupt(ids: torch.Tensor, chosen: torch.Tensor, roll: torch.Tensor, random_
     to_random = chosen & (roll >= MASK_BELOW) & (roll < RANDOM_BELOW)
     out = torch.where(to_mask, torch.full_like(ids, mask_id), ids)
     return torch.where(to_random, random_ids.to(ids.device), out)
+
+
+def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, prob: float, mask_id: int, vocab: int,
+              generator: torch.Generator, special: tuple[int, ...],
+              always_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
+    """BERT masking: ``prob`` of the real tokens chosen; of those 80% [MASK], 10% random (from the
+    whole vocabulary, the rule above, shared with VLM), 10% kept (``always_mask``:
+    all [MASK], LAVENDER's). Returns (inputs, targets with IGNORE_INDEX where nothing is predicted)."""
+    candidates = text_mask & ~torch.isin(text_ids, torch.tensor(special))
+    chosen = candidates & (torch.rand(text_ids.shape, generator=generator) < prob)
+    targets = text_ids.masked_fill(~chosen, IGNORE_INDEX)
+    roll = torch.rand(text_ids.shape, generator=generator)
+    if always_mask:
+        roll.zero_()
+    random_ids = random_token_ids(text_ids.shape, vocab, generator, text_ids.device)
+    return corrupt(text_ids, chosen, roll, random_ids, mask_id), targets

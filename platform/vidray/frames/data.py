@@ -20,7 +20,6 @@ cannot be decoded is skipped, recorded as the clip pipeline records it and named
 
 from __future__ import annotations
 
-import io
 import json
 from typing import Callable, Iterator
 
@@ -29,35 +28,12 @@ import pyarrow as pa
 
 from vidray.config import ConfigError
 from vidray.eval.multiple_choice import read_mc_rows
+from vidray.frames.pixels import decode_clip, pick_frames, square
 from vidray.manifest import read_manifest, split_videos
+from vidray.masking import IGNORE_INDEX
 from vidray.models.weights import text_tokenizer
 
-IGNORE_INDEX = -100
 CLIP_COLUMNS = ["video_id", "clip_index", "start_s", "texts", "jpeg"]
-
-
-def pick_frames(available: int, wanted: int) -> np.ndarray:
-    """Indices of ``wanted`` frames spread evenly over ``available`` (repeats when there are fewer)."""
-    return np.linspace(0, available - 1, wanted).round().astype(int)
-
-
-def _square(image, image_size: int) -> np.ndarray:
-    """A PIL image as ``uint8 [image_size, image_size, 3]`` (resized only when it differs)."""
-    from PIL import Image
-
-    if image.size != (image_size, image_size):
-        image = image.resize((image_size, image_size), Image.BILINEAR)
-    return np.asarray(image)
-
-
-def decode_clip(jpegs: list[bytes], num_frames: int, image_size: int) -> np.ndarray:
-    """``uint8 [num_frames, image_size, image_size, 3]`` from a clip's JPEG frames."""
-    from PIL import Image
-
-    out = np.empty((num_frames, image_size, image_size, 3), np.uint8)
-    for slot, index in enumerate(pick_frames(len(jpegs), num_frames)):
-        out[slot] = _square(Image.open(io.BytesIO(jpegs[index])).convert("RGB"), image_size)
-    return out
 
 
 def clip_frames(row: dict, num_frames: int, image_size: int) -> np.ndarray:
@@ -70,7 +46,7 @@ def clip_frames(row: dict, num_frames: int, image_size: int) -> np.ndarray:
     picked = row["frames"][pick_frames(len(row["frames"]), num_frames)]
     if picked.shape[1:3] == (image_size, image_size):
         return picked  # the sampler already cut them at model.image_size: nothing to redo
-    return np.stack([_square(Image.fromarray(frame), image_size) for frame in picked])
+    return np.stack([square(Image.fromarray(frame), image_size) for frame in picked])
 
 
 def _start_key(seconds: float) -> int:

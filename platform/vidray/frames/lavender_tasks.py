@@ -28,7 +28,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidray.frames.config import FINETUNE_TASKS
-from vidray.frames.data import IGNORE_INDEX, collate
+from vidray.frames.data import collate
+from vidray.frames.nets import build_net
+from vidray.masking import IGNORE_INDEX, mask_text
 from vidray.models.weights import text_tokenizer
 
 
@@ -242,16 +244,12 @@ class LavenderMultiTaskModel(nn.Module):
 
 class LavenderPretrainSystem:
     def __init__(self, cfg, device: torch.device):
-        from vidray.frames.system import build_net
-
         self.cfg, self.words = cfg, Words(cfg.model.tokenizer)
         self.model = LavenderPretrainModel(build_net(cfg.model), cfg.objective.vtm_weight).to(device)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)
         self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=self.words.pad)
 
     def _step(self, batch: dict, generator: torch.Generator):
-        from vidray.frames.system import mask_text
-
         w, device = self.words, batch["frames"].device
         ids, mask = batch["text_ids"].cpu(), batch["text_mask"].cpu()
         inputs, targets = mask_text(ids, mask, self.cfg.objective.mlm_prob, w.mask, w.vocab, generator,

@@ -21,11 +21,15 @@ from vidray.frames.config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPre
 from vidray.frames.data import (VQCodes, answer_vocabulary, clip_keys, collate, examples_dataset, read_examples,
                                 read_clip_rows, read_mc, read_qa, skipped_videos_uri, source_tags,
                                 with_task_columns)
+from vidray.frames.lavender_tasks import (Words, append_mask_slot, finetune_model, insert_mask_slot, pair_scores,
+                                         true_score)
+from vidray.frames.nets import build_net, measure_size, size_figures
+from vidray.frames.system import (QAModel, RetrievalModel, VQTrainSystem, build_finetune_system, build_pretrain_system,
+                                  mvm_settings)
+from vidray.frames.vq import VQ_FLAVOURS, VQTokenizer
 from vidray.manifest import split_videos
-from vidray.models.weights import text_tokenizer
-from vidray.frames.system import (QAModel, RetrievalModel, build_finetune_system, build_net,
-                                  build_pretrain_system, mvm_settings, size_figures)
 from vidray.metrics import ranks_of_correct, retrieval_metrics
+from vidray.models.weights import text_tokenizer
 from vidray.train.config import EvaluateConfig
 from vidray.train.job import run_training
 
@@ -133,8 +137,6 @@ def finetune_dataset(cfg: FramesFinetuneConfig, qa: dict | None, mc: dict | None
 def load_frames_finetuned(state: dict) -> tuple[FramesFinetuneConfig, torch.nn.Module]:
     cfg = from_dict(FramesFinetuneConfig, state["config"])
     if cfg.model.arch == "lavender":
-        from vidray.frames.lavender_tasks import finetune_model
-
         model = finetune_model(build_net(cfg.model), cfg.task, cfg.tasks)
     else:
         net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
@@ -154,8 +156,6 @@ def similarity_matrix(model, arch: str, tokenizer: str, examples: list[dict], ba
     """Text-by-clip scores: All-in-one's separate passes and a dot product; LAVENDER's
     p(true) / (p(true) + p(false)) of a joint pass per pair."""
     if arch == "lavender":
-        from vidray.frames.lavender_tasks import Words, pair_scores
-
         batch = collate(examples, max_text_tokens, pad_id)
         return pair_scores(model.net, Words(tokenizer), batch["frames"], batch["text_ids"], batch["text_mask"],
                            batch_size, max_text_tokens).numpy()
@@ -186,8 +186,6 @@ def predicted_answers(model, arch: str, tokenizer: str, examples: list[dict], an
     [MASK] after "answer:" (any word of the vocabulary)."""
     words = None
     if arch == "lavender":
-        from vidray.frames.lavender_tasks import Words, insert_mask_slot
-
         words = Words(tokenizer)
     predicted: list[str] = []
     for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
@@ -231,8 +229,6 @@ def option_scores(model, arch: str, tokenizer: str, examples: list[dict], batch_
     """Each MC example's score (one option against its clip): LAVENDER's p(true) / (p(true) +
     p(false)) at a [MASK] appended to the text, as its matching is trained; All-in-one / E-ViLM:
     the dot product of the text and clip embeddings, their retrieval score."""
-    from vidray.frames.lavender_tasks import Words, append_mask_slot, true_score
-
     words = Words(tokenizer) if arch == "lavender" else None
     scores = []
     for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
@@ -323,3 +319,42 @@ def evaluate_task(task: str, model, ft: FramesFinetuneConfig, data, cfg: Evaluat
     figures["qa_accuracy_per_type"] = bar_figure(per_type or {"all": metrics["qa_accuracy"]},
                                                  f"QA accuracy per question type on {cfg.split}", "accuracy")
     return metrics, len(examples)
+
+
+# --- the VQ video tokenizer (E-ViLM) ---------------------------------------------------------
+
+VQ_EXPERIMENT = "vidray-vq-tokenizer"
+
+
+def vq_size_figures(model_cfg) -> dict[str, float]:
+    """Parameter count and the GFLOPs of coding one clip."""
+    vocab = len(text_tokenizer(model_cfg.tokenizer))
+    net = VQTokenizer(VQ_FLAVOURS[model_cfg.flavour], model_cfg, vocab)
+    frames = torch.zeros(1, model_cfg.num_frames, 3, model_cfg.image_size, model_cfg.image_size)
+    return measure_size(net, lambda: net.codes(frames))
+
+
+def run_train_vq(cfg, say=print, tags: dict | None = None) -> dict[str, Any]:
+    """Train a VQ video tokenizer (Ray Train, checkpoints, MLflow run) on the frames feature set, or
+    on the manifest's videos decoded on the fly (``data.source=videos``)."""
+    if cfg.model.flavour not in VQ_FLAVOURS:
+        raise ConfigError("model.flavour", f"unknown flavour {cfg.model.flavour!r}; choose one of {sorted(VQ_FLAVOURS)}")
+    tags = {**source_tags(cfg.data), "vq.kind": cfg.model.kind, **(tags or {})}
+    if cfg.train.val_every and not cfg.data.manifest:
+        raise ConfigError("data.manifest", "is required with train.val_every > 0")
+    figures = vq_size_figures(cfg.model)
+    say(f"VQ tokenizer ({cfg.model.kind}, {cfg.model.flavour}): {figures['model.parameters']:,} parameters, "
+        f"{cfg.model.codebook_size} codes x {cfg.model.code_dim}, {figures['model.gflops_per_clip']} GFLOPs per clip")
+    run_name = cfg.train.run_name or f"vq-{cfg.model.kind}-" + digest(dataclasses.asdict(cfg))[:10]
+
+    def dataset(split: str):
+        return examples_dataset(cfg.model, cfg.data, split, say=say,
+                                skipped_to=skipped_videos_uri(cfg.train.storage_path, run_name, split))
+
+    report = run_training(cfg, job="train-vq", experiment=cfg.mlflow.experiment or VQ_EXPERIMENT, run_name=run_name,
+                          build_system=VQTrainSystem, make_dataset=lambda: dataset(cfg.data.split),
+                          make_val_dataset=lambda: dataset(cfg.data.val_split),
+                          tags=tags, params=figures, say=say)
+    say(f"tokenizer checkpoint: {report['checkpoint']}  (cache its codes: `vidray extract` with "
+        f"extractor: vq, vq.checkpoint: {report['checkpoint']})")
+    return report

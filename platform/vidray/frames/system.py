@@ -20,64 +20,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidray.config import ConfigError
-from vidray.frames.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads
-from vidray.frames.data import IGNORE_INDEX, collate
+from vidray.frames.allinone import AllInOneHeads
+from vidray.frames.data import collate
+from vidray.frames.evilm import EVILM_FLAVOURS, clip_masks, mvm_loss, zero_regions
+from vidray.frames.lavender_tasks import LavenderFinetuneSystem, LavenderPretrainSystem
+from vidray.frames.nets import build_net
+from vidray.frames.vq import VQ_FLAVOURS, VQTokenizer, VQTrainModel, caption_words
+from vidray.masking import IGNORE_INDEX, mask_text
 from vidray.models.weights import text_tokenizer
-from vidray.masking import corrupt, random_token_ids
 
 RETRIEVAL_TEMPERATURE = 0.05
-
-
-def build_net(model_cfg, num_answers: int = 0) -> nn.Module:
-    """The model of ``model.arch`` with its heads (All-in-one: ``num_answers`` > 0 adds the QA
-    classifier; LAVENDER has the one MLM head whatever the task)."""
-    vocab = len(text_tokenizer(model_cfg.tokenizer))
-    if model_cfg.image_size % 16:
-        raise ConfigError("model.image_size", f"{model_cfg.image_size} is not a multiple of the 16-px patches")
-    if model_cfg.arch == "lavender":
-        from vidray.frames.lavender import LAVENDER_FLAVOURS, Lavender
-
-        # Room for the "answer: [MASK]" a task appends to the text.
-        return Lavender(LAVENDER_FLAVOURS[model_cfg.flavour], vocab, model_cfg.image_size, model_cfg.num_frames,
-                        model_cfg.max_text_tokens + 8)
-    if model_cfg.arch == "evilm":
-        from vidray.frames.evilm import EVILM_FLAVOURS, EViLM
-
-        dims = EVILM_FLAVOURS[model_cfg.flavour]
-        if model_cfg.image_size % dims.stride:
-            raise ConfigError("model.image_size", f"{model_cfg.image_size} is not a multiple of E-ViLM "
-                              f"{model_cfg.flavour}'s stride {dims.stride}")
-        backbone = EViLM(dims, vocab, model_cfg.image_size, model_cfg.num_frames, model_cfg.max_text_tokens)
-        return AllInOneHeads(backbone, num_answers, model_cfg.embed_dim)
-    if model_cfg.flavour not in ALLINONE_FLAVOURS:
-        raise ConfigError("model.flavour", f"unknown flavour {model_cfg.flavour!r}; choose one of "
-                          f"{sorted(ALLINONE_FLAVOURS)}")
-    dims = ALLINONE_FLAVOURS[model_cfg.flavour]
-    backbone = AllInOne(dims, vocab, model_cfg.image_size, model_cfg.num_frames, model_cfg.max_text_tokens,
-                        temporal_roll=model_cfg.temporal_roll)
-    return AllInOneHeads(backbone, num_answers, model_cfg.embed_dim)
-
-
-def size_figures(model_cfg, num_answers: int = 0) -> dict[str, float]:
-    """Parameter count and forward GFLOPs of one clip (joint pass, full-length text)."""
-    # Train mode (no dropout anywhere): in eval mode nn.MultiheadAttention takes a fused kernel
-    # the FLOP counter cannot see into.
-    net = build_net(model_cfg, num_answers)
-    frames = torch.zeros(1, model_cfg.num_frames, 3, model_cfg.image_size, model_cfg.image_size)
-    ids = torch.ones(1, model_cfg.max_text_tokens, dtype=torch.long)
-    joint = net if model_cfg.arch == "lavender" else net.backbone  # one pass over text + frames
-    return measure_size(net, lambda: joint(frames, ids, torch.ones_like(ids, dtype=torch.bool)))
-
-
-def measure_size(net: nn.Module, forward) -> dict[str, float]:
-    """``net``'s parameter count and the GFLOPs of one call of ``forward()`` (no gradients)."""
-    from torch.utils.flop_counter import FlopCounterMode
-
-    counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
-        forward()
-    return {"model.parameters": sum(p.numel() for p in net.parameters()),
-            "model.gflops_per_clip": round(counter.get_total_flops() / 1e9, 4)}
 
 
 def freeze(*modules: nn.Module | nn.Parameter | None) -> None:
@@ -86,22 +38,6 @@ def freeze(*modules: nn.Module | nn.Parameter | None) -> None:
             continue
         for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()):
             p.requires_grad_(False)
-
-
-def mask_text(text_ids: torch.Tensor, text_mask: torch.Tensor, prob: float, mask_id: int, vocab: int,
-              generator: torch.Generator, special: tuple[int, ...],
-              always_mask: bool = False) -> tuple[torch.Tensor, torch.Tensor]:
-    """BERT masking: ``prob`` of the real tokens chosen; of those 80% [MASK], 10% random (from the
-    whole vocabulary, :mod:`vidray.masking`'s rule, shared with VLM), 10% kept (``always_mask``:
-    all [MASK], LAVENDER's). Returns (inputs, targets with IGNORE_INDEX where nothing is predicted)."""
-    candidates = text_mask & ~torch.isin(text_ids, torch.tensor(special))
-    chosen = candidates & (torch.rand(text_ids.shape, generator=generator) < prob)
-    targets = text_ids.masked_fill(~chosen, IGNORE_INDEX)
-    roll = torch.rand(text_ids.shape, generator=generator)
-    if always_mask:
-        roll.zero_()
-    random_ids = random_token_ids(text_ids.shape, vocab, generator, text_ids.device)
-    return corrupt(text_ids, chosen, roll, random_ids, mask_id), targets
 
 
 class PretrainModel(nn.Module):
@@ -119,8 +55,6 @@ class PretrainModel(nn.Module):
         freeze(net.text_proj, net.video_proj)
 
     def forward(self, frames, text_ids, masked_ids, text_mask, mlm_targets, matched, mvm_masks=None, vq_codes=None):
-        from vidray.frames.evilm import mvm_loss, zero_regions
-
         inputs = frames if self.mvm is None else zero_regions(frames, mvm_masks)
         states = self.net.backbone(inputs, masked_ids, text_mask)
         lt = masked_ids.shape[1]
@@ -224,8 +158,6 @@ class FramesPretrainSystem:
             matched[:] = True
         out = {**batch, "masked_ids": inputs, "mlm_targets": targets, "matched": matched}
         if self.mvm:
-            from vidray.frames.evilm import clip_masks
-
             b, t = batch["frames"].shape[:2]
             out["mvm_masks"] = clip_masks(b, t, self.mvm["grid"], self.cfg.objective.mvm_mask_ratio, generator)
         return out
@@ -285,7 +217,6 @@ def mvm_settings(cfg) -> dict | None:
                           f"data.vq.{choice}=URI of a vq feature set (`vidray extract` with extractor vq), "
                           "or set objective.mvm_tokenizer=none")
     from vidray.feature_store.store import open_version
-    from vidray.frames.evilm import EVILM_FLAVOURS
 
     version = open_version(cfg.data.vq[choice])
     info = version.manifest.get("info") or {}
@@ -302,18 +233,33 @@ def mvm_settings(cfg) -> dict | None:
 
 def build_pretrain_system(cfg, device):
     if cfg.model.arch == "lavender":
-        from vidray.frames.lavender_tasks import LavenderPretrainSystem
-
         return LavenderPretrainSystem(cfg, device)
     return FramesPretrainSystem(cfg, device)
 
 
 def build_finetune_system(cfg, device):
     if cfg.model.arch == "lavender":
-        from vidray.frames.lavender_tasks import LavenderFinetuneSystem
-
         net = build_net(cfg.model)
         if cfg.init_from:
             init_from(net, cfg.init_from, cfg.model)
         return LavenderFinetuneSystem(cfg, net, device)
     return FramesFinetuneSystem(cfg, device)
+
+
+class VQTrainSystem:
+    """What the training loop needs: ``model``, ``collate``, ``training_step``, ``validation_step``."""
+
+    def __init__(self, cfg, device: torch.device):
+        tok = text_tokenizer(cfg.model.tokenizer)
+        self.vocab, self.special = len(tok), tuple(tok.all_special_ids)
+        tokenizer = VQTokenizer(VQ_FLAVOURS[cfg.model.flavour], cfg.model, self.vocab)
+        self.model = VQTrainModel(tokenizer, cfg.objective).to(device)
+        self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=tok.pad_token_id)
+
+    def training_step(self, batch: dict):
+        words = caption_words(batch["text_ids"], batch["text_mask"], self.vocab, self.special)
+        return self.model(batch["frames"], words)
+
+    def validation_step(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
+        loss, logs = self.training_step(batch)
+        return {"loss": loss.item(), **logs}

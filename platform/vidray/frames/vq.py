@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from functools import partial
 from typing import Any
 
 import torch
@@ -30,11 +29,9 @@ from torch import nn
 
 from vidray.config import ConfigError
 from vidray.frames.allinone import Block, Dims
-from vidray.frames.data import collate
 from vidray.models.weights import text_tokenizer
 from vidray.frames.lavender import VideoEncoder
 
-EXPERIMENT = "vidray-vq-tokenizer"
 
 
 @dataclass(frozen=True)
@@ -184,65 +181,6 @@ class VQTrainModel(nn.Module):
         return loss, {name: reconstruction.item(), "commitment_loss": commitment.item(),
                       "codes_used": int((counts > 0).sum()), "code_perplexity": perplexity.item(),
                       "codes_restarted": restarted}
-
-
-class VQTrainSystem:
-    """What the training loop needs: ``model``, ``collate``, ``training_step``, ``validation_step``."""
-
-    def __init__(self, cfg, device: torch.device):
-        tok = text_tokenizer(cfg.model.tokenizer)
-        self.vocab, self.special = len(tok), tuple(tok.all_special_ids)
-        tokenizer = VQTokenizer(VQ_FLAVOURS[cfg.model.flavour], cfg.model, self.vocab)
-        self.model = VQTrainModel(tokenizer, cfg.objective).to(device)
-        self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=tok.pad_token_id)
-
-    def training_step(self, batch: dict):
-        words = caption_words(batch["text_ids"], batch["text_mask"], self.vocab, self.special)
-        return self.model(batch["frames"], words)
-
-    def validation_step(self, batch: dict, generator: torch.Generator) -> dict[str, float]:
-        loss, logs = self.training_step(batch)
-        return {"loss": loss.item(), **logs}
-
-
-def size_figures(model_cfg) -> dict[str, float]:
-    """Parameter count and the GFLOPs of coding one clip."""
-    from vidray.frames.system import measure_size
-
-    vocab = len(text_tokenizer(model_cfg.tokenizer))
-    net = VQTokenizer(VQ_FLAVOURS[model_cfg.flavour], model_cfg, vocab)
-    frames = torch.zeros(1, model_cfg.num_frames, 3, model_cfg.image_size, model_cfg.image_size)
-    return measure_size(net, lambda: net.codes(frames))
-
-
-def run_train_vq(cfg, say=print, tags: dict | None = None) -> dict[str, Any]:
-    """Train a VQ video tokenizer (Ray Train, checkpoints, MLflow run) on the frames feature set, or
-    on the manifest's videos decoded on the fly (``data.source=videos``)."""
-    from vidray.feature_store.store import digest
-    from vidray.frames.data import examples_dataset, skipped_videos_uri, source_tags
-    from vidray.train.job import run_training
-
-    if cfg.model.flavour not in VQ_FLAVOURS:
-        raise ConfigError("model.flavour", f"unknown flavour {cfg.model.flavour!r}; choose one of {sorted(VQ_FLAVOURS)}")
-    tags = {**source_tags(cfg.data), "vq.kind": cfg.model.kind, **(tags or {})}
-    if cfg.train.val_every and not cfg.data.manifest:
-        raise ConfigError("data.manifest", "is required with train.val_every > 0")
-    figures = size_figures(cfg.model)
-    say(f"VQ tokenizer ({cfg.model.kind}, {cfg.model.flavour}): {figures['model.parameters']:,} parameters, "
-        f"{cfg.model.codebook_size} codes x {cfg.model.code_dim}, {figures['model.gflops_per_clip']} GFLOPs per clip")
-    run_name = cfg.train.run_name or f"vq-{cfg.model.kind}-" + digest(dataclasses.asdict(cfg))[:10]
-
-    def dataset(split: str):
-        return examples_dataset(cfg.model, cfg.data, split, say=say,
-                                skipped_to=skipped_videos_uri(cfg.train.storage_path, run_name, split))
-
-    report = run_training(cfg, job="train-vq", experiment=cfg.mlflow.experiment or EXPERIMENT, run_name=run_name,
-                          build_system=VQTrainSystem, make_dataset=lambda: dataset(cfg.data.split),
-                          make_val_dataset=lambda: dataset(cfg.data.val_split),
-                          tags=tags, params=figures, say=say)
-    say(f"tokenizer checkpoint: {report['checkpoint']}  (cache its codes: `vidray extract` with "
-        f"extractor: vq, vq.checkpoint: {report['checkpoint']})")
-    return report
 
 
 def load_tokenizer(checkpoint: str) -> tuple[Any, VQTokenizer]:
