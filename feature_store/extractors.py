@@ -33,7 +33,7 @@ from typing import Any, Iterator, Literal, Optional
 import numpy as np
 import pyarrow as pa
 
-from vidray.config import option
+from vidray.config import ConfigError, from_dict, option
 
 CAPTION_IDS_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
                               ("input_ids", pa.list_(pa.int32()))])
@@ -351,6 +351,22 @@ class VQExtractConfig:
                              "settings are reused, so (video_id, clip_index) name the same frames")
 
 
+def load_vq_tokenizer(checkpoint: str):
+    """(config, tokenizer in eval mode) of a `vidray train-vq` checkpoint folder (local or s3://)."""
+    from vidray.checkpoint import load_state
+    from vidray.frames.config import VQTokenizerConfig
+    from vidray.frames.vq import VQ_FLAVOURS, VQTokenizer  # torch with it: loaded when used
+    from vidray.models.weights import text_tokenizer
+
+    state = load_state(checkpoint)
+    if state.get("config", {}).get("model", {}).get("kind") not in ("semantic", "pixel"):
+        raise ConfigError("vq.checkpoint", f"{checkpoint} is not a `vidray train-vq` checkpoint")
+    cfg = from_dict(VQTokenizerConfig, state["config"])
+    tokenizer = VQTokenizer(VQ_FLAVOURS[cfg.model.flavour], cfg.model, len(text_tokenizer(cfg.model.tokenizer)))
+    tokenizer.load_state_dict({k[len("tokenizer."):]: v for k, v in state["model"].items()})
+    return cfg, tokenizer.eval()
+
+
 class VQExtractor:
     """One row per clip: the VQ tokenizer's code of every region of its frames (E-ViLM's MVM targets).
 
@@ -366,19 +382,18 @@ class VQExtractor:
         import torch
 
         from vidray.feature_store.store import open_version
-        from vidray.frames.vq import load_tokenizer
 
         _require_vq_settings(cfg)
         # The frames set's own clip sampling (and JPEG round trip), set up once per actor.
         self.frames = FramesExtractor(FramesExtractConfig(**open_version(cfg.frames).manifest["config"]))
-        self.tokenizer_cfg, self.tokenizer = load_tokenizer(cfg.checkpoint)
+        self.tokenizer_cfg, self.tokenizer = load_vq_tokenizer(cfg.checkpoint)
         self.device = torch.device(device)
         self.tokenizer.to(self.device)
 
     @staticmethod
     def info(cfg: VQExtractConfig) -> dict:
         """Recorded in the set's manifest: what a trainer checks before reading the codes."""
-        from vidray.train.job import load_state
+        from vidray.checkpoint import load_state
 
         m = load_state(cfg.checkpoint)["config"]["model"]
         return {"kind": m["kind"], "codebook_size": m["codebook_size"], "grid": m["image_size"] // m["patch"],
@@ -388,7 +403,7 @@ class VQExtractor:
     def weights_digest(cfg: VQExtractConfig) -> str:
         from vidray import storage
         from vidray.feature_store.store import digest, open_version
-        from vidray.train.job import CHECKPOINT_FILE
+        from vidray.checkpoint import CHECKPOINT_FILE
 
         _require_vq_settings(cfg)
         weights = storage.read_bytes(storage.join(cfg.checkpoint, CHECKPOINT_FILE))

@@ -17,7 +17,7 @@ from vidray.frames.config import (FramesDataConfig, FramesFinetuneConfig, Frames
                                   FramesObjectiveConfig, FramesPretrainConfig)
 from vidray.frames.run import run_frames_evaluate, run_frames_finetune, run_frames_pretrain
 from vidray.train.config import EvaluateConfig, OptimConfig, TrainConfig
-from vidray.train.job import load_state
+from vidray.checkpoint import load_state
 
 MODEL = FramesModelConfig(arch="allinone", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)
 

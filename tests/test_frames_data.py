@@ -139,7 +139,7 @@ def test_every_frames_model_pretrains_under_fsdp_and_checkpoints_whole_states(ar
     from vidray.frames.run import run_frames_pretrain
     from vidray.frames.allinone import Block
     from vidray.frames.system import build_pretrain_system
-    from vidray.train.job import load_state
+    from vidray.checkpoint import load_state
     from vidray.train.parallel import transformer_layers
 
     cfg = FramesPretrainConfig(model=dataclasses.replace(MODEL, arch=arch), optim=OptimConfig(lr=1e-3, warmup_steps=1),

@@ -19,7 +19,8 @@ from vidray.manifest import read_manifest
 from vidray.models.efficientnet import build_efficientnet, default_weights, load_weights, preprocess
 from vidray.models.weights import file_digest as weights_digest
 from vidray.synth import SynthConfig, synthesize
-from vidray.train.config import ModelConfig, PretrainConfig
+from vidray.train.config import PretrainConfig
+from vidray.vlm.config import ModelConfig
 from vidray.video import iter_windows
 from vidray.vlm.data import with_video_dim
 

@@ -75,3 +75,155 @@ def test_every_subpackage_is_packaged():
                 rel = os.path.relpath(dirpath, os.path.join(REPO, folder))
                 found.add(package if rel == "." else package + "." + rel.replace(os.sep, "."))
     assert found <= listed, f"not in pyproject's packages: {sorted(found - listed)}"
+
+
+# --- the import rules of the library (DESIGN.md: layers; issue 20) ----------------------------------
+# Every `import` counts, those inside functions too: an import moved into a function to dodge a
+# cycle is still the cycle. Modules are named as installed (feature_store/ is vidray.feature_store).
+
+def library_modules() -> dict[str, str]:
+    """module name -> file, for every module of the packages pyproject maps (presets excluded)."""
+    import tomllib
+
+    folders = tomllib.load(open(os.path.join(REPO, "pyproject.toml"), "rb"))["tool"]["setuptools"]["package-dir"]
+    mapped = {os.path.join(REPO, folder) for package, folder in folders.items() if package != "vidray"}
+    modules = {}
+    for package, folder in folders.items():
+        root = os.path.join(REPO, folder)
+        for dirpath, subdirs, files in os.walk(root):
+            subdirs[:] = [d for d in subdirs if d != "__pycache__" and os.path.join(dirpath, d) not in mapped]
+            rel = os.path.relpath(dirpath, root)
+            base = package if rel == "." else package + "." + rel.replace(os.sep, ".")
+            for name in files:
+                if name.endswith(".py"):
+                    modules[base if name == "__init__.py" else f"{base}.{name[:-3]}"] = os.path.join(dirpath, name)
+    return modules
+
+
+def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
+    """module -> the library modules it imports (``from pkg import mod`` counts as importing ``pkg.mod``)."""
+    import ast
+
+    graph = {}
+    for module, path in modules.items():
+        package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+        targets = set()
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+            elif isinstance(node, ast.ImportFrom):
+                base = node.module or ""
+                if node.level:
+                    parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+                    base = ".".join(parent + ([node.module] if node.module else []))
+                targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
+                            for alias in node.names}
+        found = set()
+        for target in targets:
+            while target not in modules and "." in target:  # vidray.x.y.name -> vidray.x.y
+                target = target.rpartition(".")[0]
+            if target in modules and target != module:
+                found.add(target)
+        graph[module] = found
+    return graph
+
+
+def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The import cycles: strongly connected components of more than one module (Tarjan)."""
+    index, low, stack, on_stack, found = {}, {}, [], set(), []
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = len(index)
+        stack.append(v)
+        on_stack.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on_stack:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            component = []
+            while True:
+                w = stack.pop()
+                on_stack.discard(w)
+                component.append(w)
+                if w == v:
+                    break
+            if len(component) > 1:
+                found.append(sorted(component))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return found
+
+
+# Model and objective code: one device, pure tensors. It may read config sections and weight files
+# (vidray.models.weights, through vidray.storage), nothing of training, Ray, MLflow or the jobs.
+MODEL_MODULES = ("vidray.models", "vidray.masking", "vidray.frames.allinone", "vidray.frames.lavender",
+                 "vidray.frames.evilm", "vidray.frames.vq", "vidray.frames.nets", "vidray.frames.pixels",
+                 "vidray.vlm.model", "vidray.vlm.masks", "vidray.vlm.decoding", "vidray.vlm.objectives",
+                 "vidray.vlm.tasks")
+MODEL_MAY_IMPORT = ("vidray.config", "vidray.vlm.config")
+
+
+def is_model_module(module: str) -> bool:
+    return any(module == m or module.startswith(m + ".") for m in MODEL_MODULES)
+
+
+def rule_breaks(graph: dict[str, set[str]], externals: dict[str, set[str]]) -> list[str]:
+    """Every import that breaks a rule of the layout, as ``importer -> imported: rule``."""
+    breaks = []
+    for module, imported in sorted(graph.items()):
+        for target in sorted(imported):
+            if target.startswith("vidray.jobs") and not module.startswith("vidray.jobs"):
+                breaks.append(f"{module} -> {target}: the library never imports the jobs")
+            if is_model_module(module) and not (is_model_module(target) or target in MODEL_MAY_IMPORT
+                                                or (module, target) == ("vidray.models.weights", "vidray.storage")):
+                breaks.append(f"{module} -> {target}: model code imports only models, objectives and config")
+        if is_model_module(module):
+            breaks += [f"{module} -> {name}: model code knows nothing of Ray or MLflow"
+                       for name in sorted(externals[module] & {"ray", "mlflow"})]
+    breaks += [" -> ".join(cycle) + ": an import cycle" for cycle in cycles(graph)]
+    return breaks
+
+
+def external_imports(modules: dict[str, str]) -> dict[str, set[str]]:
+    """module -> the top-level names of what it imports from outside (``ray``, ``mlflow`` ...)."""
+    import ast
+
+    out = {}
+    for module, path in modules.items():
+        names = set()
+        for node in ast.walk(ast.parse(open(path).read(), path)):
+            if isinstance(node, ast.Import):
+                names |= {alias.name.split(".")[0] for alias in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+                names.add(node.module.split(".")[0])
+        out[module] = names
+    return out
+
+
+def test_the_library_keeps_its_import_rules():
+    modules = library_modules()
+    assert {"vidray.frames.nets", "vidray.feature_store.extractors", "vidray.jobs.cli", "vidray.tuning.sweep"} <= set(modules)
+    graph = import_graph(modules)
+    # The graph sees what it must: an import inside a function, a relative import, `from pkg import mod`.
+    assert "vidray.frames.vq" in graph["vidray.feature_store.extractors"]
+    assert "vidray.eval.report" in graph["vidray.frames.run"]
+    assert rule_breaks(graph, external_imports(modules)) == []
+
+
+def test_the_import_rules_catch_a_deliberate_violation():
+    modules = library_modules()
+    graph, externals = import_graph(modules), external_imports(modules)
+    broken = {**graph, "vidray.eval.report": graph["vidray.eval.report"] | {"vidray.jobs.demo"},
+              "vidray.frames.allinone": graph["vidray.frames.allinone"] | {"vidray.frames.nets", "vidray.train.loop"}}
+    found = rule_breaks(broken, {**externals, "vidray.vlm.model": externals["vidray.vlm.model"] | {"ray"}})
+    assert "vidray.eval.report -> vidray.jobs.demo: the library never imports the jobs" in found
+    assert ("vidray.frames.allinone -> vidray.train.loop: model code imports only models, objectives and config"
+            in found)
+    assert "vidray.vlm.model -> ray: model code knows nothing of Ray or MLflow" in found
+    assert any(b.endswith(": an import cycle") and "vidray.frames.allinone" in b and "vidray.frames.nets" in b
+               for b in found), found

@@ -12,7 +12,7 @@ import vidray.frames.system as frames_system
 import vidray.masking as masking
 import vidray.vlm.objectives as vlm_objectives
 from vidray.masking import mask_text
-from vidray.train.config import ObjectiveConfig
+from vidray.vlm.config import ObjectiveConfig
 from vidray.vlm.objectives import IGNORE_INDEX, SpecialIds, mask_batch
 
 PAD, CLS, SEP, MASK, VOCAB = 0, 1, 2, 3, 6

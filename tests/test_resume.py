@@ -20,7 +20,8 @@ import torch
 
 from vidray.config import load_config
 from vidray.train.config import PretrainConfig
-from vidray.train.job import load_state, run_training
+from vidray.checkpoint import load_state
+from vidray.train.job import run_training
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrapper travels to the workers
 
@@ -124,7 +125,7 @@ def test_allinone_resumed_after_a_crash_equals_the_uninterrupted_run(frames_corp
 def test_a_finished_run_is_found_by_its_newest_checkpoint(tmp_path, s3_uri):
     from vidray import storage
     from vidray.train.job import finished_checkpoint
-    from vidray.train.loop import CHECKPOINT_FILE
+    from vidray.checkpoint import CHECKPOINT_FILE
 
     for root in (str(tmp_path / "runs"), f"{s3_uri}/runs"):
         for step in (10, 20):

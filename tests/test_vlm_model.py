@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vidray.config import ConfigError
-from vidray.train.config import ModelConfig
+from vidray.vlm.config import ModelConfig
 from vidray.vlm.masks import ATTENTION_MASKS, full_mask
 from vidray.vlm.model import (
     CLS_ID,

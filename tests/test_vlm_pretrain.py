@@ -87,7 +87,7 @@ def test_fsdp_pretraining_checkpoints_whole_states_and_resumes(feature_sets, tmp
     import mlflow
     import torch
 
-    from vidray.train.job import load_state
+    from vidray.checkpoint import load_state
     from vidray.vlm.system import Pretrainer
     from vidray.vlm.model import build_vlm
 
@@ -128,7 +128,7 @@ def test_compiled_training_on_two_workers_logs_flops_and_checkpoints_plain_names
     import mlflow
     import torch
 
-    from vidray.train.job import load_state
+    from vidray.checkpoint import load_state
     from vidray.vlm.model import build_vlm
     from vidray.vlm.system import Pretrainer
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from vidray.train.config import ModelConfig
+from vidray.vlm.config import ModelConfig
 from vidray.vlm.data import clip_examples_of_video, collate, segment_windows, seconds_of_span
 from vidray.vlm.finetune import collate_windows
 from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm, pool

@@ -10,9 +10,9 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from vidray import archs
+from vidray.checkpoint import load_state
 from vidray.config import ConfigError
 from vidray.train.config import EvaluateConfig
-from vidray.train.job import load_state
 
 
 def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print,

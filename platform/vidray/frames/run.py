@@ -16,7 +16,6 @@ import torch
 from vidray.config import ConfigError, from_dict
 from vidray.eval.multiple_choice import mc_row, mc_summary
 from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
-from vidray.feature_store.store import digest
 from vidray.frames.config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPretrainConfig
 from vidray.frames.data import (VQCodes, answer_vocabulary, clip_keys, collate, examples_dataset, read_examples,
                                 read_clip_rows, read_mc, read_qa, skipped_videos_uri, source_tags,
@@ -31,16 +30,12 @@ from vidray.manifest import split_videos
 from vidray.metrics import ranks_of_correct, retrieval_metrics
 from vidray.models.weights import text_tokenizer
 from vidray.train.config import EvaluateConfig
-from vidray.train.job import run_training
+from vidray.train.job import run_name, run_training
 
 PRETRAIN_EXPERIMENT, FINETUNE_EXPERIMENT, EVALUATE_EXPERIMENT = (
     "vidray-pretrain", "vidray-finetune", "vidray-evaluate")
 # The synthetic corpus's question types; "direction" needs two frames (temporal modelling).
 TEMPORAL_TYPES = ("direction",)
-
-
-def _run_name(cfg, kind: str) -> str:
-    return cfg.train.run_name or f"{cfg.model.arch}-{kind}-" + digest(dataclasses.asdict(cfg))[:10]
 
 
 def run_frames_pretrain(cfg: FramesPretrainConfig, say=print, tags: dict | None = None,
@@ -57,16 +52,16 @@ def run_frames_pretrain(cfg: FramesPretrainConfig, say=print, tags: dict | None 
         f"{figures['model.gflops_per_clip']} GFLOPs per clip"
         + (f"; MVM on {mvm['kind']} VQ codes ({mvm['codebook_size']} codes)" if mvm else ""))
     codes = []  # the codes go to the object store once Ray is up, shared by both datasets
-    run_name = _run_name(cfg, "pretrain")
+    name = run_name(cfg, cfg.model.arch, "pretrain")
 
     def dataset(split: str):
         if mvm and not codes:
             codes.append(shared_vq_codes(mvm["uri"], cfg.model, cfg.data, say))
         return examples_dataset(cfg.model, cfg.data, split, vq=codes[0] if codes else None, say=say,
-                                skipped_to=skipped_videos_uri(cfg.train.storage_path, run_name, split))
+                                skipped_to=skipped_videos_uri(cfg.train.storage_path, name, split))
 
     return run_training(cfg, job="pretrain", experiment=cfg.mlflow.experiment or PRETRAIN_EXPERIMENT,
-                        run_name=run_name, build_system=build_pretrain_system,
+                        run_name=name, build_system=build_pretrain_system,
                         make_dataset=lambda: dataset(cfg.data.split),
                         make_val_dataset=lambda: dataset(cfg.data.val_split),
                         tags=tags, params=figures, callbacks=callbacks, say=say)
@@ -109,10 +104,10 @@ def run_frames_finetune(cfg: FramesFinetuneConfig, say=print, tags: dict | None 
             **({"tasks": ",".join(tasks)} if cfg.task == "multi" else {}),
             "init_from": str(cfg.init_from), **(tags or {})}
     figures = size_figures(cfg.model, len(cfg.answers))
-    run_name = _run_name(cfg, cfg.task)
-    skipped_to = skipped_videos_uri(cfg.train.storage_path, run_name, cfg.data.split)
+    name = run_name(cfg, cfg.model.arch, cfg.task)
+    skipped_to = skipped_videos_uri(cfg.train.storage_path, name, cfg.data.split)
     report = run_training(cfg, job="finetune", experiment=cfg.mlflow.experiment or FINETUNE_EXPERIMENT,
-                          run_name=run_name, build_system=build_finetune_system,
+                          run_name=name, build_system=build_finetune_system,
                           make_dataset=lambda: finetune_dataset(cfg, qa, mc, skipped_to=skipped_to, say=say),
                           tags=tags, params=figures, say=say)
     return {**report, "task": cfg.task}
@@ -345,13 +340,13 @@ def run_train_vq(cfg, say=print, tags: dict | None = None) -> dict[str, Any]:
     figures = vq_size_figures(cfg.model)
     say(f"VQ tokenizer ({cfg.model.kind}, {cfg.model.flavour}): {figures['model.parameters']:,} parameters, "
         f"{cfg.model.codebook_size} codes x {cfg.model.code_dim}, {figures['model.gflops_per_clip']} GFLOPs per clip")
-    run_name = cfg.train.run_name or f"vq-{cfg.model.kind}-" + digest(dataclasses.asdict(cfg))[:10]
+    name = run_name(cfg, "vq", cfg.model.kind)
 
     def dataset(split: str):
         return examples_dataset(cfg.model, cfg.data, split, say=say,
-                                skipped_to=skipped_videos_uri(cfg.train.storage_path, run_name, split))
+                                skipped_to=skipped_videos_uri(cfg.train.storage_path, name, split))
 
-    report = run_training(cfg, job="train-vq", experiment=cfg.mlflow.experiment or VQ_EXPERIMENT, run_name=run_name,
+    report = run_training(cfg, job="train-vq", experiment=cfg.mlflow.experiment or VQ_EXPERIMENT, run_name=name,
                           build_system=VQTrainSystem, make_dataset=lambda: dataset(cfg.data.split),
                           make_val_dataset=lambda: dataset(cfg.data.val_split),
                           tags=tags, params=figures, say=say)

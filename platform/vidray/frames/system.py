@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidray.checkpoint import load_state, require_same_model
 from vidray.config import ConfigError
 from vidray.frames.allinone import AllInOneHeads
 from vidray.frames.data import collate
@@ -191,8 +192,6 @@ class FramesFinetuneSystem:
 def init_from(net: nn.Module, checkpoint: str, model_cfg) -> None:
     """Copy the weights of a pre-training (or fine-tuning) checkpoint into ``net``; a task head the
     checkpoint lacks (the QA classifier) keeps its fresh initialisation."""
-    from vidray.train.job import load_state, require_same_model
-
     state = load_state(checkpoint)
     require_same_model(state, model_cfg)
     weights = {k[len("net."):]: v for k, v in state["model"].items()

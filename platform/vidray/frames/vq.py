@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -29,7 +28,6 @@ from torch import nn
 
 from vidray.config import ConfigError
 from vidray.frames.allinone import Block, Dims
-from vidray.models.weights import text_tokenizer
 from vidray.frames.lavender import VideoEncoder
 
 
@@ -181,18 +179,3 @@ class VQTrainModel(nn.Module):
         return loss, {name: reconstruction.item(), "commitment_loss": commitment.item(),
                       "codes_used": int((counts > 0).sum()), "code_perplexity": perplexity.item(),
                       "codes_restarted": restarted}
-
-
-def load_tokenizer(checkpoint: str) -> tuple[Any, VQTokenizer]:
-    """(config, tokenizer in eval mode) of a `vidray train-vq` checkpoint folder (local or s3://)."""
-    from vidray.config import from_dict
-    from vidray.frames.config import VQTokenizerConfig
-    from vidray.train.job import load_state
-
-    state = load_state(checkpoint)
-    if state.get("config", {}).get("model", {}).get("kind") not in ("semantic", "pixel"):
-        raise ConfigError("vq.checkpoint", f"{checkpoint} is not a `vidray train-vq` checkpoint")
-    cfg = from_dict(VQTokenizerConfig, state["config"])
-    tokenizer = VQTokenizer(VQ_FLAVOURS[cfg.model.flavour], cfg.model, len(text_tokenizer(cfg.model.tokenizer)))
-    tokenizer.load_state_dict({k[len("tokenizer."):]: v for k, v in state["model"].items()})
-    return cfg, tokenizer.eval()

@@ -3,6 +3,7 @@ the run, hand rank 0 its MLflow run, then record the final checkpoint and the co
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import tempfile
@@ -13,32 +14,17 @@ from typing import Any, Callable
 from vidray.config import ConfigError, dump_yaml, flatten
 from vidray import storage
 from vidray.cluster import command_line, init_ray, ray_job_id
+from vidray.feature_store.store import digest
 from vidray.tracking import alive_nodes, decide_tracking_uri
 from vidray.train.progress import live_progress
-from vidray.train.loop import CHECKPOINT_FILE, MLflowRun, fit, load_checkpoint, read_checkpoint
+from vidray.checkpoint import CHECKPOINT_FILE
+from vidray.train.loop import MLflowRun, fit, load_checkpoint
 
 
-def load_state(checkpoint: str) -> dict:
-    """The training state saved in a checkpoint folder (local or s3://)."""
-    import io
-
-    uri = storage.join(checkpoint, CHECKPOINT_FILE)
-    if not storage.exists(uri):
-        raise ConfigError("checkpoint", f"{uri} does not exist; give a checkpoint folder "
-                          "(…/<run name>/checkpoint_NNNNNNNN) written by `vidray pretrain` or `vidray finetune`")
-    return read_checkpoint(io.BytesIO(storage.read_bytes(uri)), uri)
-
-
-def require_same_model(state: dict, model_cfg: Any) -> None:
-    """Refuse ``init_from`` a checkpoint whose ``model.*`` differs, naming every differing key."""
-    import dataclasses
-
-    saved = state["config"]["model"]
-    differ = [k for k, v in dataclasses.asdict(model_cfg).items() if saved.get(k) != v]
-    if differ:
-        raise ConfigError("model." + differ[0], "differs from the checkpoint in init_from ("
-                          + ", ".join(f"{k}: {saved.get(k)!r} there" for k in differ)
-                          + "); set the same model.* values")
+def run_name(cfg: Any, prefix: str, kind: str) -> str:
+    """``train.run_name``, or ``<prefix>-<kind>-<digest of the whole config>``: stable for the same
+    config, so rerunning the same command resumes the same run (and names its checkpoints)."""
+    return cfg.train.run_name or f"{prefix}-{kind}-" + digest(dataclasses.asdict(cfg))[:10]
 
 
 def find_run(tracking_uri: str | None, experiment: str, run_name: str):

@@ -27,13 +27,11 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
+from vidray.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from vidray.notes import note
 from vidray.config import redact
 from vidray.tracking import use_experiment
 from vidray.train.parallel import compile_layers, full_state, load_full_state, local_value, parallelize
-
-CHECKPOINT_FILE = "state.pt"
-
 
 def log(message: str) -> None:
     """A worker's note, in its log file (stderr; on the driver too with ``--verbose``)."""
@@ -91,19 +89,6 @@ def save_checkpoint(directory: str, model_state: dict, optimizer_state: dict, sc
                 "scheduler": scheduler.state_dict(), "step": step, "rng": rng or rng_state(),
                 "config": redact(config), **(extra or {})}, path)
     return path
-
-
-def read_checkpoint(data, name: str) -> dict:
-    """A saved training state from a path or file object. ``weights_only=True``: a checkpoint holds
-    tensors and plain values, never objects, so loading one cannot run code."""
-    import pickle
-
-    try:
-        return torch.load(data, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:
-        raise ValueError(f"{name}: holds Python objects besides tensors and plain values, so it is not "
-                         "loaded (a checkpoint from an older vidray, or not ours); train it again with "
-                         f"this version ({str(err).splitlines()[0]})") from None
 
 
 def load_checkpoint(directory: str) -> dict:

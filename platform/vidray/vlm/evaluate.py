@@ -21,6 +21,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from vidray.checkpoint import load_state
 from vidray.config import ConfigError, from_dict
 from vidray.eval.multiple_choice import mc_row, mc_summary, read_mc_rows
 from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
@@ -29,7 +30,6 @@ from vidray.train.config import EvaluateConfig, FinetuneConfig
 from vidray.vlm.data import collate
 from vidray.manifest import split_videos
 from vidray.models.weights import text_tokenizer
-from vidray.train.job import load_state
 from vidray.vlm.finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
                                  text_budget, video_rows)
 from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm

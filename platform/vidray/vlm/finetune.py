@@ -10,7 +10,6 @@ checkpoint; its model config must match ``model`` (a mismatch is named key by ke
 
 from __future__ import annotations
 
-import dataclasses
 from functools import partial
 from typing import Any, Iterator
 
@@ -19,10 +18,12 @@ import pyarrow as pa
 import torch
 
 from vidray.config import ConfigError
-from vidray.feature_store.store import digest, open_version
+from vidray.feature_store.store import open_version
 from vidray.manifest import split_videos
-from vidray.train.config import FinetuneConfig, ModelConfig
-from vidray.train.job import load_state, require_same_model, run_training
+from vidray.train.config import FinetuneConfig
+from vidray.vlm.config import ModelConfig
+from vidray.checkpoint import load_state, require_same_model
+from vidray.train.job import run_name, run_training
 from vidray.vlm.data import (_ragged, clip_examples_of_video, collate, with_video_dim, segment_windows,
                              text_table)
 from vidray.vlm.model import SEP_ID, VLM, build_vlm
@@ -157,11 +158,6 @@ def finetune_dataset(cfg: FinetuneConfig):
                                      "kwargs": example_kwargs(cfg)})
 
 
-def run_name(cfg: FinetuneConfig) -> str:
-    """Stable for the same config, so rerunning the same command resumes the same run."""
-    return cfg.train.run_name or f"vlm-{cfg.task}-" + digest(dataclasses.asdict(cfg))[:10]
-
-
 def check_data(cfg: FinetuneConfig) -> dict[str, str]:
     """Fail early, naming the key, when a feature set or label file is missing."""
     needed = ["features"] + ([] if cfg.task == "action_segmentation" else ["text"])
@@ -183,6 +179,6 @@ def run_finetune(cfg: FinetuneConfig, say=print, tags: dict | None = None) -> di
     cfg = with_video_dim(cfg, cfg.data.features)
     tags = {**data_tags, "task": cfg.task, "init_from": str(cfg.init_from), **(tags or {})}
     report = run_training(cfg, job="finetune", experiment=cfg.mlflow.experiment or EXPERIMENT,
-                          run_name=run_name(cfg), build_system=build_system,
+                          run_name=run_name(cfg, "vlm", cfg.task), build_system=build_system,
                           make_dataset=lambda: finetune_dataset(cfg), tags=tags, say=say)
     return {**report, "task": cfg.task}

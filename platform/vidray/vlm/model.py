@@ -33,7 +33,7 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from vidray.config import ConfigError
 from vidray.models.weights import resolve_text_model
-from vidray.train.config import ModelConfig
+from vidray.vlm.config import ModelConfig
 from vidray.vlm.masks import ATTENTION_MASKS, restrict_to_valid, valid_slots
 
 logger = logging.getLogger(__name__)

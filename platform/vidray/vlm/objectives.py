@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 
 from vidray.masking import corrupt, random_token_ids, uniform
-from vidray.train.config import ObjectiveConfig
+from vidray.vlm.config import ObjectiveConfig
 
 IGNORE_INDEX = -100
 """``text_targets`` value at positions that are not predicted (``F.cross_entropy``'s default)."""

@@ -6,18 +6,13 @@ import dataclasses
 from typing import Any
 
 from vidray.config import ConfigError
-from vidray.feature_store.store import digest, open_version
+from vidray.feature_store.store import open_version
 from vidray.train.config import PretrainConfig
-from vidray.train.job import run_training
+from vidray.train.job import run_name, run_training
 from vidray.vlm.data import examples_dataset, with_video_dim
 from vidray.vlm.system import build_system
 
 EXPERIMENT = "vidray-pretrain"
-
-
-def run_name(cfg: PretrainConfig) -> str:
-    """Stable for the same config, so rerunning the same command resumes the same run."""
-    return cfg.train.run_name or "vlm-pretrain-" + digest(dataclasses.asdict(cfg))[:10]
 
 
 def run_pretrain(cfg: PretrainConfig, say=print, tags: dict | None = None, callbacks: tuple = ()) -> dict[str, Any]:
@@ -34,7 +29,7 @@ def run_pretrain(cfg: PretrainConfig, say=print, tags: dict | None = None, callb
     cfg = with_video_dim(cfg, features.uri)
     held_out = dataclasses.replace(cfg.data, split=cfg.data.val_split)
     return run_training(cfg, job="pretrain", experiment=cfg.mlflow.experiment or EXPERIMENT,
-                        run_name=run_name(cfg), build_system=build_system,
+                        run_name=run_name(cfg, "vlm", "pretrain"), build_system=build_system,
                         make_dataset=lambda: examples_dataset(cfg.data, cfg.model.max_video_tokens,
                                                               seed=cfg.train.seed),
                         make_val_dataset=lambda: examples_dataset(held_out, cfg.model.max_video_tokens,

@@ -11,7 +11,7 @@ from functools import partial
 import torch
 from torch import nn
 
-from vidray.train.config import ObjectiveConfig
+from vidray.vlm.config import ObjectiveConfig
 from vidray.vlm.data import collate
 from vidray.vlm.model import build_vlm
 from vidray.vlm.objectives import (OBJECTIVES, SpecialIds, gather_predictions, mask_batch,
