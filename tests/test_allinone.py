@@ -187,11 +187,12 @@ def _worker_loss(rank, text, video, results):
 
     import torch.distributed as dist
 
-    from vidray.frames.system import contrastive_loss
+    from vidray.losses import contrastive_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     dist.init_process_group("gloo", rank=rank, world_size=2)
     try:
-        results[rank] = contrastive_loss(text[rank], video[rank])[0].item()
+        results[rank] = contrastive_loss(text[rank], video[rank], temperature=0.05, both_ways=True,
+                                         across_workers=True)[0].item()
     finally:
         dist.destroy_process_group()

@@ -161,7 +161,7 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # Model and objective code: one device, pure tensors. It may read config sections and weight files
 # (vidray.models.weights, through vidray.storage), nothing of training, Ray, MLflow or the jobs.
-MODEL_MODULES = ("vidray.models", "vidray.masking", "vidray.frames.allinone", "vidray.frames.lavender",
+MODEL_MODULES = ("vidray.models", "vidray.masking", "vidray.losses", "vidray.frames.allinone", "vidray.frames.lavender",
                  "vidray.frames.evilm", "vidray.frames.vq", "vidray.frames.nets", "vidray.frames.pixels",
                  "vidray.vlm.model", "vidray.vlm.masks", "vidray.vlm.decoding", "vidray.vlm.objectives",
                  "vidray.vlm.tasks")

@@ -27,6 +27,7 @@ from vidray.frames.evilm import EVILM_FLAVOURS, clip_masks, mvm_loss, zero_regio
 from vidray.frames.lavender_tasks import LavenderFinetuneSystem, LavenderPretrainSystem
 from vidray.frames.nets import build_net
 from vidray.frames.vq import VQ_FLAVOURS, VQTokenizer, VQTrainModel, caption_words
+from vidray.losses import contrastive_loss
 from vidray.masking import IGNORE_INDEX, mask_text
 from vidray.models.weights import text_tokenizer
 
@@ -76,19 +77,6 @@ class PretrainModel(nn.Module):
         return loss, logs
 
 
-def gather_across_workers(x: torch.Tensor) -> tuple[torch.Tensor, int]:
-    """Every worker's ``x`` stacked in rank order, gradients flowing back to the worker that made
-    each row, and where this worker's rows start. Without a process group: ``x`` and 0. (The
-    training loop drops incomplete batches, so every worker holds the same number of rows.)"""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return x, 0
-    from torch.distributed.nn.functional import all_gather
-
-    return torch.cat(all_gather(x)), dist.get_rank() * len(x)
-
-
 class RetrievalModel(nn.Module):
     """Contrastive loss both ways against the clips and texts of *every* worker's batch (as CLIP
     trains): with 2 workers each text meets twice the negatives a per-worker loss would give it."""
@@ -100,20 +88,11 @@ class RetrievalModel(nn.Module):
 
     def forward(self, frames, text_ids, text_mask):
         text, video = self.net.encode_text(text_ids, text_mask), self.net.encode_video(frames)
-        loss, t2v, target = contrastive_loss(text, video)
+        loss, t2v, target = contrastive_loss(text, video, temperature=RETRIEVAL_TEMPERATURE, both_ways=True,
+                                             across_workers=True)
         with torch.no_grad():
             accuracy = (t2v.argmax(1) == target).float().mean()
         return loss, {"t2v_batch_accuracy": accuracy.item()}
-
-
-def contrastive_loss(text: torch.Tensor, video: torch.Tensor):
-    """This worker's rows against every worker's, both ways: (loss, text->video logits, targets)."""
-    all_text, offset = gather_across_workers(text)
-    all_video, _ = gather_across_workers(video)
-    t2v = (text @ all_video.T).float() / RETRIEVAL_TEMPERATURE
-    v2t = (video @ all_text.T).float() / RETRIEVAL_TEMPERATURE
-    target = torch.arange(len(text), device=text.device) + offset
-    return (F.cross_entropy(t2v, target) + F.cross_entropy(v2t, target)) / 2, t2v, target
 
 
 class QAModel(nn.Module):

@@ -15,6 +15,7 @@ from vidray.config import ConfigError, dump_yaml, flatten
 from vidray import storage
 from vidray.cluster import command_line, init_ray, ray_job_id
 from vidray.feature_store.store import digest
+from vidray.stack import free_port
 from vidray.tracking import alive_nodes, decide_tracking_uri
 from vidray.train.progress import live_progress
 from vidray.checkpoint import CHECKPOINT_FILE
@@ -66,14 +67,6 @@ def ensure_ray(num_train_workers: int) -> None:
         start_local_ray(num_cpus=max(os.cpu_count() or 1, num_train_workers + 2))
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 def start_local_ray(num_cpus: int, **kwargs) -> None:
     """``ray.init`` of a new local cluster whose State API clients know their own dashboard.
 
@@ -84,7 +77,7 @@ def start_local_ray(num_cpus: int, **kwargs) -> None:
     reserved and a sweep's next trial waits forever for CPUs. ``RAY_API_SERVER_ADDRESS``, set
     before the workers start, removes the guess.
     """
-    port = _free_port()
+    port = free_port()
     os.environ["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
     # Ray 2.60 warns at every local start that it enabled its default, token authentication.
     logging.getLogger("ray._private.authentication.authentication_token_setup").setLevel(logging.ERROR)

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidray.losses import contrastive_loss
 from vidray.vlm.model import CLS_ID, SEP_ID, VLM, pool, sequence_slices
 from vidray.vlm.objectives import IGNORE_INDEX
 
@@ -37,12 +38,6 @@ def freeze_lm_head(vlm: VLM) -> None:
         parameter.requires_grad_(False)
 
 
-def contrastive_loss(text_vec: torch.Tensor, video_vec: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy of each text against every video of the batch; its own video is the target."""
-    logits = text_vec @ video_vec.T
-    return F.cross_entropy(logits.float(), torch.arange(len(logits), device=logits.device))
-
-
 class RetrievalModel(nn.Module):
     def __init__(self, vlm: VLM):
         super().__init__()
@@ -52,10 +47,11 @@ class RetrievalModel(nn.Module):
     def forward(self, video, video_mask, text_ids, text_mask):
         hidden = self.vlm(video, video_mask, text_ids, text_mask, attention="isolated")
         video_vec, text_vec = pool(hidden, video_mask, text_mask)
-        loss = contrastive_loss(text_vec, video_vec)
+        # MMPT's: text -> video over this worker's batch, no temperature (vidray.losses).
+        loss, t2v, target = contrastive_loss(text_vec, video_vec)
         with torch.no_grad():
-            accuracy = ((text_vec @ video_vec.T).argmax(1) == torch.arange(len(text_vec), device=loss.device))
-        return loss, {"t2v_batch_accuracy": accuracy.float().mean().item()}
+            accuracy = (t2v.argmax(1) == target).float().mean()
+        return loss, {"t2v_batch_accuracy": accuracy.item()}
 
     def encode_video(self, video: torch.Tensor, video_mask: torch.Tensor) -> torch.Tensor:
         """``[B, H]`` pooled video states, from a pass that carries no text."""
