@@ -220,10 +220,10 @@ def markdown(args, table: list[dict], comparisons: list[dict], first: dict, seed
     if args.arch == "lavender":
         batch = batches_of(args.arch)
         rows = steps["retrieval"] * batch["retrieval"] + steps["qa"] * batch["qa"]
-        lines[-1:-1] = [f"Batches: retrieval {batch['retrieval']}, QA {batch['qa']}; `multi` fine-tunes once on both "
+        lines[-1:-1] = ["", f"Batches: retrieval {batch['retrieval']}, QA {batch['qa']}; `multi` fine-tunes once on both "
                         f"tasks through the MLM head for {rows // batch['retrieval']} steps of "
                         f"{batch['retrieval']} (as many rows as the two single-task runs together) at the retrieval run's "
-                        "rate.", ""]
+                        "rate."]
     return "\n".join(lines + result_tables(table, comparisons, COLUMNS))
 
 
