@@ -52,3 +52,17 @@ def test_an_mc_row_names_the_word_that_differs():
     right = mc_row("v1", "what moves where?", options, np.array([0.8, 0.1, 0.3]), right=0)
     assert right["differs"] == "" and right["correct"]
     assert option_difference(options[0], options[2]) == "red → blue"
+
+
+def test_score_retrieval_tables_each_text_with_its_rank_and_the_clip_ranked_first():
+    from vidray.eval.retrieval import score_retrieval
+
+    clips = [{"video_id": v, "clip_index": i, "text": f"caption {v}{i}"} for v, i in (("a", 0), ("a", 1), ("b", 0))]
+    similarity = np.array([[0.9, 0.1, 0.0],
+                           [0.5, 0.5, 0.2],   # a tie with another clip counts against the text
+                           [0.8, 0.1, 0.3]])
+    metrics, table = score_retrieval(similarity, clips, caption_key="text")
+    assert [row["t2v_rank"] for row in table] == [1, 2, 2]
+    assert [(row["top1_video_id"], row["top1_clip_index"]) for row in table] == [("a", 0), ("a", 0), ("a", 0)]
+    assert table[2]["caption"] == "caption b0"
+    assert metrics["t2v_R1"] == pytest.approx(1 / 3) and metrics["t2v_MdR"] == 2

@@ -16,6 +16,7 @@ import torch
 from vidray.config import ConfigError, from_dict
 from vidray.eval.multiple_choice import mc_row, mc_summary
 from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
+from vidray.eval.retrieval import score_retrieval
 from vidray.frames.config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPretrainConfig
 from vidray.frames.data import (VQCodes, answer_vocabulary, clip_keys, collate, examples_dataset, read_examples,
                                 read_clip_rows, read_mc, read_qa, skipped_videos_uri, source_tags,
@@ -27,7 +28,6 @@ from vidray.frames.system import (QAModel, RetrievalModel, VQTrainSystem, build_
                                   mvm_settings)
 from vidray.frames.vq import VQ_FLAVOURS, VQTokenizer
 from vidray.manifest import split_videos
-from vidray.metrics import ranks_of_correct, retrieval_metrics
 from vidray.models.weights import text_tokenizer
 from vidray.train.config import EvaluateConfig
 from vidray.train.job import run_name, run_training
@@ -159,14 +159,6 @@ def similarity_matrix(model, arch: str, tokenizer: str, examples: list[dict], ba
         texts.append(model.net.encode_text(batch["text_ids"], batch["text_mask"]))
         videos.append(model.net.encode_video(batch["frames"]))
     return (torch.cat(texts) @ torch.cat(videos).T).numpy()
-
-
-def evaluate_retrieval(similarity: np.ndarray, examples: list[dict]) -> tuple[dict, list[dict], np.ndarray]:
-    ranks, best = ranks_of_correct(similarity), similarity.argmax(1)
-    table = [{"video_id": e["video_id"], "clip_index": e["clip_index"], "caption": e["text"],
-              "t2v_rank": int(r), "top1_video_id": examples[b]["video_id"],
-              "top1_clip_index": examples[b]["clip_index"]} for e, r, b in zip(examples, ranks, best)]
-    return retrieval_metrics(similarity), table, similarity
 
 
 def _majority(answers: list[str]) -> float:
@@ -302,7 +294,7 @@ def evaluate_task(task: str, model, ft: FramesFinetuneConfig, data, cfg: Evaluat
     arch, tokenizer, width = ft.model.arch, ft.model.tokenizer, ft.model.max_text_tokens
     if task == "retrieval":
         similarity = similarity_matrix(model, arch, tokenizer, examples, cfg.batch_size, width, pad_id)
-        metrics, tables["retrieval"], similarity = evaluate_retrieval(similarity, examples)
+        metrics, tables["retrieval"] = score_retrieval(similarity, examples, caption_key="text")
         figures["recall_at_k"] = recall_curve_figure(similarity, f"retrieval on {cfg.split} ({len(examples)} clips)")
         return metrics, len(examples)
     if task == "mc":

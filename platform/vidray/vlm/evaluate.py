@@ -25,7 +25,7 @@ from vidray.checkpoint import load_state
 from vidray.config import ConfigError, from_dict
 from vidray.eval.multiple_choice import mc_row, mc_summary, read_mc_rows
 from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
-from vidray.metrics import ranks_of_correct, retrieval_metrics
+from vidray.eval.retrieval import score_retrieval
 from vidray.train.config import EvaluateConfig, FinetuneConfig
 from vidray.vlm.data import collate
 from vidray.manifest import split_videos
@@ -99,11 +99,7 @@ def evaluate_retrieval(model, clips: list[dict], batch_size: int, max_video_toke
                        max_text_tokens: int) -> tuple[dict, list[dict], np.ndarray]:
     text_vec, video_vec = encode_clips(model, clips, batch_size, max_video_tokens, max_text_tokens)
     similarity = (text_vec @ video_vec.T).numpy()
-    metrics = retrieval_metrics(similarity)
-    ranks, best = ranks_of_correct(similarity), similarity.argmax(1)
-    table = [{"video_id": c["video_id"], "clip_index": c["clip_index"], "caption": c["caption"],
-              "t2v_rank": int(r), "top1_video_id": clips[b]["video_id"], "top1_clip_index": clips[b]["clip_index"]}
-             for c, r, b in zip(clips, ranks, best)]
+    metrics, table = score_retrieval(similarity, clips)
     return metrics, table, similarity
 
 
