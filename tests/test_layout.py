@@ -100,22 +100,26 @@ def library_modules() -> dict[str, str]:
     return modules
 
 
-def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
-    """module -> the library modules it imports (``from pkg import mod`` counts as importing ``pkg.mod``)."""
+def read_imports(modules: dict[str, str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    """(module -> the library modules it imports, module -> the top-level names of what it imports
+    from outside: ``ray``, ``mlflow`` ...). ``from pkg import mod`` counts as importing ``pkg.mod``."""
     import ast
 
-    graph = {}
+    graph, externals = {}, {}
     for module, path in modules.items():
         package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
-        targets = set()
+        targets, outside = set(), set()
         for node in ast.walk(ast.parse(open(path).read(), path)):
             if isinstance(node, ast.Import):
                 targets |= {alias.name for alias in node.names}
+                outside |= {alias.name.split(".")[0] for alias in node.names}
             elif isinstance(node, ast.ImportFrom):
                 base = node.module or ""
                 if node.level:
                     parent = package.split(".")[:len(package.split(".")) - node.level + 1]
                     base = ".".join(parent + ([node.module] if node.module else []))
+                else:
+                    outside.add(base.split(".")[0])
                 targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
                             for alias in node.names}
         found = set()
@@ -124,8 +128,8 @@ def import_graph(modules: dict[str, str]) -> dict[str, set[str]]:
                 target = target.rpartition(".")[0]
             if target in modules and target != module:
                 found.add(target)
-        graph[module] = found
-    return graph
+        graph[module], externals[module] = found, outside
+    return graph, externals
 
 
 def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
@@ -189,35 +193,19 @@ def rule_breaks(graph: dict[str, set[str]], externals: dict[str, set[str]]) -> l
     return breaks
 
 
-def external_imports(modules: dict[str, str]) -> dict[str, set[str]]:
-    """module -> the top-level names of what it imports from outside (``ray``, ``mlflow`` ...)."""
-    import ast
-
-    out = {}
-    for module, path in modules.items():
-        names = set()
-        for node in ast.walk(ast.parse(open(path).read(), path)):
-            if isinstance(node, ast.Import):
-                names |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
-                names.add(node.module.split(".")[0])
-        out[module] = names
-    return out
-
-
 def test_the_library_keeps_its_import_rules():
     modules = library_modules()
     assert {"vidray.frames.nets", "vidray.feature_store.extractors", "vidray.jobs.cli", "vidray.tuning.sweep"} <= set(modules)
-    graph = import_graph(modules)
+    graph, externals = read_imports(modules)
     # The graph sees what it must: an import inside a function, a relative import, `from pkg import mod`.
     assert "vidray.frames.vq" in graph["vidray.feature_store.extractors"]
     assert "vidray.eval.report" in graph["vidray.frames.run"]
-    assert rule_breaks(graph, external_imports(modules)) == []
+    assert rule_breaks(graph, externals) == []
 
 
 def test_the_import_rules_catch_a_deliberate_violation():
     modules = library_modules()
-    graph, externals = import_graph(modules), external_imports(modules)
+    graph, externals = read_imports(modules)
     broken = {**graph, "vidray.eval.report": graph["vidray.eval.report"] | {"vidray.jobs.demo"},
               "vidray.frames.allinone": graph["vidray.frames.allinone"] | {"vidray.frames.nets", "vidray.train.loop"}}
     found = rule_breaks(broken, {**externals, "vidray.vlm.model": externals["vidray.vlm.model"] | {"ray"}})

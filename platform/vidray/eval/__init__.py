@@ -1,1 +1,1 @@
-"""Evaluation shared by every model: multiple-choice scoring and the MLflow report of an evaluation."""
+"""Evaluation shared by every model: retrieval and multiple-choice scoring, and the MLflow report of an evaluation."""

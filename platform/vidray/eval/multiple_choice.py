@@ -11,6 +11,7 @@ import json
 
 import numpy as np
 
+from vidray import storage
 from vidray.config import ConfigError
 
 MC_KEYS = ("video", "question", "options", "answer", "start", "end")
@@ -19,8 +20,6 @@ MC_KEYS = ("video", "question", "options", "answer", "start", "end")
 def read_mc_rows(uri: str, key: str = "mc") -> list[dict]:
     """The rows of a multiple-choice jsonl (``{video, question, options, answer, start, end}``,
     the synthetic corpus's mc.jsonl), checked; ``key`` is the config key named in errors."""
-    from vidray import storage
-
     if not uri:
         raise ConfigError(key, "is required: a multiple-choice jsonl of {video, question, options, answer, "
                           "start, end} (the synthetic corpus writes mc.jsonl)")

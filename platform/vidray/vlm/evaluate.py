@@ -33,7 +33,7 @@ from vidray.models.weights import text_tokenizer
 from vidray.vlm.finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
                                  text_budget, video_rows)
 from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm
-from vidray.vlm.objectives import IGNORE_INDEX
+from vidray.masking import IGNORE_INDEX
 from vidray.vlm.tasks import build_task_model
 
 # --- loading -----------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ from vidray.train.job import run_name, run_training
 from vidray.vlm.data import (_ragged, clip_examples_of_video, collate, with_video_dim, segment_windows,
                              text_table)
 from vidray.vlm.model import SEP_ID, VLM, build_vlm
-from vidray.vlm.objectives import IGNORE_INDEX
+from vidray.masking import IGNORE_INDEX
 from vidray.vlm.tasks import build_task_model
 
 EXPERIMENT = "vidray-finetune"

@@ -34,11 +34,8 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from vidray.masking import corrupt, random_token_ids, uniform
+from vidray.masking import IGNORE_INDEX, corrupt, random_token_ids, uniform
 from vidray.vlm.config import ObjectiveConfig
-
-IGNORE_INDEX = -100
-"""``text_targets`` value at positions that are not predicted (``F.cross_entropy``'s default)."""
 
 MMM_NONE, MMM_TEXT, MMM_VIDEO = 0, 1, 2
 """Values of :attr:`MaskedBatch.mmm`: MFM-MLM example, whole text masked, whole video masked."""

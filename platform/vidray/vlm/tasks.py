@@ -22,7 +22,7 @@ from torch import nn
 
 from vidray.losses import contrastive_loss
 from vidray.vlm.model import CLS_ID, SEP_ID, VLM, pool, sequence_slices
-from vidray.vlm.objectives import IGNORE_INDEX
+from vidray.masking import IGNORE_INDEX
 
 
 def _lone_sep(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
