@@ -4,7 +4,7 @@ Separate encoding (All-in-one's fast retrieval, VLM's too) passes each text and 
 the model once and scores all pairs with one matrix product: N + N passes. All-pairs fusion
 (LAVENDER: p(true) / (p(true) + p(false)) at an appended [MASK]) runs the fusion encoder on every
 (text, clip) pair: N x N passes. Both sides are the platform's own scoring code
-(:func:`vidray.frames.run.similarity_matrix`) on the tiny demo models, with random weights and
+(:meth:`vidray.frames.scoring.TowerScorer.similarity`) on the tiny demo models, with random weights and
 random inputs: the cost of a forward pass does not depend on either. The fusion side is timed on
 the first ``--fusion-texts`` texts against all N clips and scaled to N texts (every text costs
 the same: one fusion pass per clip); the scaled figure is marked as such. A third row times the
@@ -85,7 +85,7 @@ def run(args) -> dict:
     from benchmarks.report import publish, versions
     from vidray.frames.data import collate
     from vidray.frames.lavender_tasks import Words, pair_scores
-    from vidray.frames.run import similarity_matrix
+    from vidray.frames.scoring import TowerScorer
 
     if not 0 < args.fusion_texts <= args.n:
         raise SystemExit(f"--fusion-texts must be in 1..--n ({args.n})")
@@ -93,8 +93,7 @@ def run(args) -> dict:
     torch.manual_seed(0)
     examples = _examples(args)
     cfg, allinone, allinone_size = _model("allinone", args)
-    separate_s, scores = _timed(lambda: similarity_matrix(allinone, "allinone", cfg.tokenizer, examples, args.batch,
-                                                          args.text_tokens, 0))
+    separate_s, scores = _timed(lambda: TowerScorer(allinone, cfg, args.batch).similarity(examples))
     assert scores.shape == (args.n, args.n)
 
     cfg, lavender, lavender_size = _model("lavender", args)
@@ -145,7 +144,7 @@ def _markdown(r: dict, args) -> str:
         "",
         "| scoring | forward passes | time for the full matrix | vs separate |",
         "|---|---:|---:|---:|",
-        f"| separate text / video encoding + one matrix product (All-in-one, `similarity_matrix`) | "
+        f"| separate text / video encoding + one matrix product (All-in-one, `TowerScorer.similarity`) | "
         f"{2 * n:,} | {r['separate_s']:.1f} s | 1.00x |",
         f"| all-pairs fusion, clips encoded once (LAVENDER, `pair_scores`) | {n * n:,} fusion | "
         f"{r['fusion_s']:.0f} s (scaled from {r['fusion_texts']} texts: {r['fusion_measured_s']:.1f} s) | "

@@ -18,7 +18,7 @@ from vidray import archs
 from vidray.config import ConfigError
 from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
 from vidray.train.config import FinetuneConfig, PretrainConfig
-from vidray.tuning.config import PRETRAIN_METRICS
+from vidray.tuning.config import pretrain_metrics
 from vidray.tuning.space import check, trial_configs
 from vidray.tuning.sweep import concurrency, load_sweep
 
@@ -108,10 +108,14 @@ def test_an_unknown_or_mismatched_arch_is_a_config_error_naming_the_key():
 
 
 def test_every_registered_arch_has_its_configs_runners_and_sweep_metrics():
-    """An architecture added to vidray.archs.ARCH_JOBS needs its pre-training metrics here too."""
-    assert set(archs.ARCH_JOBS["pretrain"]) == set(archs.ARCH_JOBS["finetune"])
+    """Every architecture of vidray.archs has its job configs, runners, evaluator, sweep metrics
+    and (a frames model) its build function and recipe: one registry line is all it takes."""
+    assert set(archs.ARCH_JOBS["pretrain"]) == set(archs.ARCH_JOBS["finetune"]) == {"vlm", *archs.FRAMES_ARCHS}
     for arch in archs.ARCH_JOBS["pretrain"]:
-        assert arch in PRETRAIN_METRICS, f"add {arch}'s metrics to vidray.tuning.config.PRETRAIN_METRICS"
+        assert "loss" in pretrain_metrics(arch) and "val_loss" in pretrain_metrics(arch)
+        if arch != "vlm":
+            assert callable(archs.load(archs.FRAMES_ARCHS[arch].build))
+            assert archs.FRAMES_ARCHS[arch].recipe in archs.RECIPE_TASKS
         for job in ("pretrain", "finetune"):  # what a sweep reads and sets on every job config
             assert {"model", "train", "data", "mlflow"} <= {f.name for f in dataclasses.fields(archs.config_class(job, arch))}
             assert callable(archs.runner(job, arch))

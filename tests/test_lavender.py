@@ -17,11 +17,13 @@ from vidray.frames.lavender import LAVENDER_FLAVOURS, Lavender
 from vidray.frames.lavender_tasks import (LavenderFinetuneSystem, LavenderPretrainSystem, LavenderRetrievalModel,
                                           Words, append_mask_slot, insert_mask_slot, matching_batch, pair_scores,
                                           sampled_pairs, true_score)
-from vidray.frames.run import evaluate_mc, option_scores, run_frames_finetune
+from vidray.frames.run import evaluate_mc, run_frames_finetune
+from vidray.frames.scoring import MatchingScorer, TowerScorer
 from vidray.frames.nets import build_net, size_figures
 from vidray.masking import mask_text
 
 CLS, SEP, MASK, PAD = 101, 102, 103, 0
+MODEL_24 = FramesModelConfig(arch="lavender", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)
 
 
 def tiny(frames: int = 3) -> Lavender:
@@ -107,9 +109,9 @@ def test_retrieval_finetuning_loss_is_the_official_all_pairs_loss():
     cfg = finetune_cfg("retrieval")
     assert cfg.match_negatives is None  # the official rule is the default
     torch.manual_seed(0)
-    net = build_net(cfg.model).eval()
+    system = LavenderFinetuneSystem(cfg, torch.device("cpu"))
+    net = system.model.net.eval()
     words = Words("minilm")
-    system = LavenderFinetuneSystem(cfg, net, torch.device("cpu"))
     batch = system.collate(batch_of(words, CAPTIONS))
     loss, _ = system.training_step(batch)
     texts = [words.tokenizer(c)["input_ids"] for c in CAPTIONS]
@@ -315,8 +317,7 @@ def test_a_pair_too_long_is_cut_in_the_question_keeping_every_option_whole():
 def test_mc_option_scores_equal_one_forward_per_question_and_option():
     net, words = tiny(), Words("minilm")
     examples = mc_examples()
-    scores = option_scores(LavenderRetrievalModel(net), "lavender", "minilm", examples, batch_size=2,
-                           max_text_tokens=24, pad_id=PAD)
+    scores = MatchingScorer(LavenderRetrievalModel(net), MODEL_24, batch_size=2).option_scores(examples)
     assert scores.shape == (5,)
     for e, score in zip(examples, scores):  # naive: each pair alone, the official layout (main_retmc_mlm.py)
         frames = torch.from_numpy(e["frames"]).permute(0, 3, 1, 2)[None].float() / 127.5 - 1.0
@@ -333,7 +334,7 @@ def test_all_in_one_scores_mc_options_through_retrieval():
     torch.manual_seed(0)
     model = RetrievalModel(build_net(cfg)).eval()
     examples = mc_examples(mc_question=False)
-    scores = option_scores(model, "allinone", "minilm", examples, batch_size=2, max_text_tokens=24, pad_id=PAD)
+    scores = TowerScorer(model, cfg, batch_size=2).option_scores(examples)
     for e, score in zip(examples, scores):  # the retrieval score: text vector . clip vector, one pair at a time
         frames = torch.from_numpy(e["frames"]).permute(0, 3, 1, 2)[None].float() / 127.5 - 1.0
         ids = torch.from_numpy(e["text_ids"])[None]
@@ -376,13 +377,15 @@ def mixed_examples() -> list[dict]:
 def test_multitask_step_is_the_sum_of_the_single_task_losses_on_the_same_rows():
     cfg = finetune_cfg("multi", ["retrieval", "qa", "mc"])
     torch.manual_seed(0)
-    net = build_net(cfg.model).eval()  # no dropout: the same rows must give the same losses
-    multi = LavenderFinetuneSystem(cfg, net, torch.device("cpu"))
+    multi = LavenderFinetuneSystem(cfg, torch.device("cpu"))
+    multi.model.eval()  # no dropout: the same rows must give the same losses
     examples = mixed_examples()
     loss, logs = multi.training_step(multi.collate(examples))
     expected = 0.0
     for task in ("retrieval", "qa", "mc"):  # each single-task model on its own rows, collated alone
-        single = LavenderFinetuneSystem(dataclasses.replace(cfg, task=task, tasks=[]), net, torch.device("cpu"))
+        single = LavenderFinetuneSystem(dataclasses.replace(cfg, task=task, tasks=[]), torch.device("cpu"))
+        single.model.load_state_dict(multi.model.state_dict())  # the same net (each model holds only net.*)
+        single.model.eval()
         rows = [e for e in examples if e["task"] == FINETUNE_TASKS.index(task)]
         task_loss, task_logs = single.training_step(single.collate(rows))
         assert logs[f"{task}_loss"] == pytest.approx(task_loss.item(), rel=1e-5)

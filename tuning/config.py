@@ -149,20 +149,14 @@ FRAMES_PRETRAIN_METRICS = ("val_loss", "val_mlm_loss", "val_vtm_loss", "val_vtm_
                            "loss", "mlm_loss", "vtm_loss", "vtm_accuracy")
 # E-ViLM adds masked video modelling when objective.mvm_tokenizer is not none.
 EVILM_PRETRAIN_METRICS = FRAMES_PRETRAIN_METRICS + ("val_mvm_loss", "val_mvm_accuracy", "mvm_loss", "mvm_accuracy")
-PRETRAIN_METRICS: dict[str, tuple[str, ...]] = {
-    "vlm": VLM_PRETRAIN_METRICS,
-    "allinone": FRAMES_PRETRAIN_METRICS,
-    "lavender": FRAMES_PRETRAIN_METRICS,
-    "evilm": EVILM_PRETRAIN_METRICS,
-}
 
 
 def pretrain_metrics(arch: str) -> tuple[str, ...]:
-    """The metrics ``arch``'s pre-training reports (a sweep's metric and ASHA's pick from them)."""
-    if arch not in PRETRAIN_METRICS:  # an arch added to vidray.archs.ARCH_JOBS without its metrics
-        raise ConfigError("pretrain.model.arch", f"sweeps do not know what {arch!r} pre-training reports: "
-                          "add its metrics to vidray.tuning.config.PRETRAIN_METRICS")
-    return PRETRAIN_METRICS[arch]
+    """The metrics ``arch``'s pre-training reports (a sweep's metric and ASHA's pick from them):
+    VLM's, or a frames model's (with MVM's where it can pre-train with masked video modelling)."""
+    if arch == archs.DEFAULT_ARCH:
+        return VLM_PRETRAIN_METRICS
+    return EVILM_PRETRAIN_METRICS if archs.frames_arch(arch).masked_video else FRAMES_PRETRAIN_METRICS
 
 
 # --- what a sweep derives from its config (the sweep and its report both read it) ------------

@@ -1,46 +1,85 @@
-"""The model architectures and the job config class + runner of each, picked by ``model.arch``.
+"""The model architectures, picked by ``model.arch``: plain dicts, nothing imported until used.
 
 `vidray pretrain|finetune` and `vidray sweep` read a config's ``model.arch`` (``vlm`` when unset)
-and look its classes up here. Entries are dotted ``module:name`` strings imported on use, so
-reading the registry stays instant (no torch) and `--help` does not wait. A new architecture is one
-entry per job below and one evaluator (`vidray evaluate` follows the checkpoint's ``model.arch``).
+and look its job config class and runner up here; `vidray evaluate` follows the checkpoint's
+``model.arch`` to its evaluator. Entries are dotted ``module:name`` strings imported on use, so
+reading the registry stays instant (no torch) and `--help` does not wait.
+
+**Adding a frames model** (one that trains on clips of frames, as All-in-one does) is one file and
+one line in :data:`FRAMES_ARCHS`: the file defines ``build(model_cfg, vocab_size, num_answers) ->
+nn.Module`` and its network follows the contract of its recipe (``allinone``: a backbone with
+``hidden_size`` and ``forward(frames, text_ids, text_mask) -> [CLS, text..., video...] states``,
+wrapped in ``AllInOneHeads``); pre-training, fine-tuning, evaluation, sweeps and the CLI then take
+it as they take All-in-one. ``vidray.models.example`` is such a model (docs/layout.md).
 """
 
 from __future__ import annotations
 
 import importlib
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from vidray.config import ConfigError
+
+
+@dataclass(frozen=True)
+class FramesArch:
+    """What the frames path needs to know of one architecture."""
+
+    build: str                   # "module:function": (FramesModelConfig, vocab_size, num_answers) -> nn.Module
+    recipe: str = "allinone"     # how it pre-trains, fine-tunes and is scored: a key of RECIPE_TASKS
+    masked_video: bool = False   # pre-training may add masked video modelling (objective.mvm_tokenizer)
+    token_rolling: bool = False  # model.temporal_roll=false is its ablation
+
+
+# model.arch -> the frames model. The recipes are the frames path's systems and scorers
+# (vidray.frames.system.RECIPES): "allinone" trains MLM + video-text matching, then contrastive
+# retrieval on separate passes or a QA classifier on a joint one; "lavender" does every task as MLM
+# through the one MLM head.
+FRAMES_ARCHS: dict[str, FramesArch] = {
+    "allinone": FramesArch("vidray.frames.allinone:build", token_rolling=True),
+    "lavender": FramesArch("vidray.frames.lavender:build", recipe="lavender"),
+    "evilm": FramesArch("vidray.frames.evilm:build", masked_video=True),
+    "example": FramesArch("vidray.models.example:build"),
+}
+
+# recipe -> the fine-tuning tasks it trains (FramesFinetuneConfig.task).
+RECIPE_TASKS: dict[str, tuple[str, ...]] = {
+    "allinone": ("retrieval", "qa"),
+    "lavender": ("retrieval", "qa", "mc", "multi"),
+}
+
+_FRAMES_JOBS = {
+    "pretrain": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
+    "finetune": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
+}
 
 # job -> model.arch -> ("module:ConfigClass", "module:runner"). A runner takes
 # ``(cfg, say=print, tags=None)``; pre-training runners also take ``callbacks`` (Ray Train's,
 # e.g. a sweep's TuneReportCallback).
 ARCH_JOBS: dict[str, dict[str, tuple[str, str]]] = {
-    "pretrain": {
-        "vlm": ("vidray.train.config:PretrainConfig", "vidray.vlm.pretrain:run_pretrain"),
-        "allinone": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
-        "lavender": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
-        "evilm": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
-    },
-    "finetune": {
-        "vlm": ("vidray.train.config:FinetuneConfig", "vidray.vlm.finetune:run_finetune"),
-        "allinone": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
-        "lavender": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
-        "evilm": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
-    },
+    "pretrain": {"vlm": ("vidray.train.config:PretrainConfig", "vidray.vlm.pretrain:run_pretrain"),
+                 **{arch: _FRAMES_JOBS["pretrain"] for arch in FRAMES_ARCHS}},
+    "finetune": {"vlm": ("vidray.train.config:FinetuneConfig", "vidray.vlm.finetune:run_finetune"),
+                 **{arch: _FRAMES_JOBS["finetune"] for arch in FRAMES_ARCHS}},
 }
 
 # model.arch of a fine-tuning checkpoint -> "module:evaluator" of `vidray evaluate`; an evaluator
 # takes ``(cfg: EvaluateConfig, state, say=print, tags=None)`` with the checkpoint's state loaded.
 EVALUATORS: dict[str, str] = {
     "vlm": "vidray.vlm.evaluate:run_vlm_evaluate",
-    "allinone": "vidray.frames.run:run_frames_evaluate",
-    "lavender": "vidray.frames.run:run_frames_evaluate",
-    "evilm": "vidray.frames.run:run_frames_evaluate",
+    **{arch: "vidray.frames.run:run_frames_evaluate" for arch in FRAMES_ARCHS},
 }
 
 DEFAULT_ARCH = "vlm"
+
+
+def frames_arch(arch: str) -> FramesArch:
+    """The registry entry of a frames model; ConfigError naming ``model.arch`` when unknown."""
+    if arch not in FRAMES_ARCHS:
+        raise ConfigError("model.arch", f"unknown frames architecture {arch!r}; choose one of "
+                          f"{', '.join(FRAMES_ARCHS)}")
+    return FRAMES_ARCHS[arch]
 
 
 def load(dotted: str) -> Any:

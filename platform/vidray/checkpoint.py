@@ -47,3 +47,20 @@ def require_same_model(state: dict, model_cfg: Any) -> None:
         raise ConfigError("model." + differ[0], "differs from the checkpoint in init_from ("
                           + ", ".join(f"{k}: {saved.get(k)!r} there" for k in differ)
                           + "); set the same model.* values")
+
+
+def init_from(module: torch.nn.Module, checkpoint: str, model_cfg: Any, prefix: str,
+              fresh: tuple[str, ...] = ()) -> None:
+    """Start ``module`` from the weights under ``prefix`` of a pre-training (or fine-tuning)
+    checkpoint (``init_from``), after checking that its ``model.*`` is this run's. Submodules named
+    in ``fresh`` (a task head: All-in-one's QA classifier) keep their new initialisation whether the
+    checkpoint has them or not; anything else that does not match is refused, naming ``init_from``."""
+    state = load_state(checkpoint)
+    require_same_model(state, model_cfg)
+    weights = {k[len(prefix):]: v for k, v in state["model"].items()
+               if k.startswith(prefix) and not k[len(prefix):].startswith(fresh)}
+    missing, unexpected = module.load_state_dict(weights, strict=False)
+    missing = [k for k in missing if not k.startswith(fresh)]
+    if missing or unexpected:
+        raise ConfigError("init_from", f"{checkpoint} does not hold this model's weights "
+                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -22,6 +22,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidray.config import ConfigError
+
 
 @dataclass(frozen=True)
 class Dims:
@@ -161,6 +163,11 @@ class AllInOneHeads(nn.Module):
         self.qa = (nn.Sequential(nn.Linear(h, 2 * h), nn.GELU(), nn.LayerNorm(2 * h), nn.Linear(2 * h, num_answers))
                    if num_answers else None)
 
+    def forward(self, frames: torch.Tensor | None, text_ids: torch.Tensor | None,
+                text_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The backbone's pass (joint, text only or video only); the heads read its states."""
+        return self.backbone(frames, text_ids, text_mask)
+
     def mlm_logits(self, text_states: torch.Tensor) -> torch.Tensor:
         return self.mlm_transform(text_states) @ self.backbone.word_embed.weight.T + self.mlm_bias
 
@@ -171,3 +178,18 @@ class AllInOneHeads(nn.Module):
     def encode_video(self, frames: torch.Tensor) -> torch.Tensor:
         """``[B, D]`` unit vectors from a video-only pass (the visual [CLS], averaged over frames)."""
         return F.normalize(self.video_proj(self.backbone(frames, None)[:, 0]), dim=-1)
+
+
+def flavour_of(flavours: dict, name: str):
+    """``flavours[name]``; ConfigError naming ``model.flavour`` when this model has no such size."""
+    if name not in flavours:
+        raise ConfigError("model.flavour", f"unknown flavour {name!r}; choose one of {sorted(flavours)}")
+    return flavours[name]
+
+
+def build(cfg, vocab_size: int, num_answers: int = 0) -> AllInOneHeads:
+    """All-in-one of ``cfg`` (a FramesModelConfig) with its heads; ``num_answers`` > 0 adds the QA
+    classifier (vidray.archs.FRAMES_ARCHS["allinone"])."""
+    backbone = AllInOne(flavour_of(ALLINONE_FLAVOURS, cfg.flavour), vocab_size, cfg.image_size, cfg.num_frames,
+                        cfg.max_text_tokens, temporal_roll=cfg.temporal_roll)
+    return AllInOneHeads(backbone, num_answers, cfg.embed_dim)

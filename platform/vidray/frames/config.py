@@ -9,11 +9,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal, Optional
 
+from vidray.archs import RECIPE_TASKS, frames_arch
 from vidray.config import ConfigError, option
 from vidray.tracking import MLflowConfig
 from vidray.train.config import OptimConfig, TrainConfig
 
-FRAMES_ARCHS = ("allinone", "lavender", "evilm")
 MVM_TOKENIZERS = ("semantic", "pixel", "none")
 # The tasks a fine-tuning run trains; a row of a multi-task dataset carries its task's index here.
 FINETUNE_TASKS = ("retrieval", "qa", "mc")
@@ -21,10 +21,11 @@ FINETUNE_TASKS = ("retrieval", "qa", "mc")
 
 @dataclass
 class FramesModelConfig:
-    arch: Literal["allinone", "lavender", "evilm"] = option(
-        "allinone", "allinone: one transformer over text + per-frame ViT patches, temporal token rolling; "
-        "lavender: video encoder + BERT fusion, every task as MLM through the one MLM head; "
-        "evilm: small conv encoder + tiny BERT + narrow decoder, masked video modelling on VQ codes")
+    arch: str = option(
+        "allinone", "a model of vidray.archs.FRAMES_ARCHS. allinone: one transformer over text + per-frame ViT "
+        "patches, temporal token rolling; lavender: video encoder + BERT fusion, every task as MLM through "
+        "the one MLM head; evilm: small conv encoder + tiny BERT + narrow decoder, masked video modelling "
+        "on VQ codes; example: the smallest model, how to add one (docs/layout.md)")
     flavour: Literal["tiny", "base"] = option("tiny", "model size; tiny is for CPU tests and the demo")
     image_size: int = option(224, "frames are resized to image_size x image_size (a multiple of the "
                              "16-px patches; evilm: of its stride, 16 tiny / 32 base)", ge=16)
@@ -39,7 +40,8 @@ class FramesModelConfig:
                                  "frames meet only in the final mean")
 
     def validate(self) -> None:
-        if not self.temporal_roll and self.arch != "allinone":
+        spec = frames_arch(self.arch)
+        if not self.temporal_roll and not spec.token_rolling:
             raise ConfigError("temporal_roll", f"false is All-in-one's ablation; {self.arch} has no token "
                               "rolling: drop it or set model.arch=allinone")
 
@@ -136,7 +138,7 @@ class FramesFinetuneConfig:
         elif self.tasks:
             raise ConfigError("tasks", f"is for task=multi; task={self.task} trains one task: drop tasks "
                               "or set task=multi")
-        if self.task in ("mc", "multi") and self.model.arch != "lavender":
+        if self.task not in RECIPE_TASKS[frames_arch(self.model.arch).recipe]:
             what = "mc fine-tuning" if self.task == "mc" else "multi-task fine-tuning with one head"
             name = {"allinone": "All-in-one", "evilm": "E-ViLM"}.get(self.model.arch, self.model.arch)
             raise ConfigError("task", f"{what} is LAVENDER's; {name} scores MC through retrieval "

@@ -31,7 +31,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidray.frames.allinone import Block, Dims
+from vidray.config import ConfigError
+from vidray.frames.allinone import AllInOneHeads, Block, Dims, flavour_of
 from vidray.frames.lavender import bert_init
 
 
@@ -233,3 +234,14 @@ def mvm_loss(logits: torch.Tensor, codes: torch.Tensor, masks: torch.Tensor) -> 
         return zero, zero.detach()
     picked, targets = logits.flatten(0, 1)[chosen].float(), codes.flatten()[chosen]
     return F.cross_entropy(picked, targets), (picked.argmax(-1) == targets).float().mean()
+
+
+def build(cfg, vocab_size: int, num_answers: int = 0) -> AllInOneHeads:
+    """E-ViLM of ``cfg`` (a FramesModelConfig) wearing All-in-one's heads (the same layout);
+    ``num_answers`` > 0 adds the QA classifier (vidray.archs.FRAMES_ARCHS["evilm"])."""
+    dims = flavour_of(EVILM_FLAVOURS, cfg.flavour)
+    if cfg.image_size % dims.stride:
+        raise ConfigError("model.image_size", f"{cfg.image_size} is not a multiple of E-ViLM "
+                          f"{cfg.flavour}'s stride {dims.stride}")
+    backbone = EViLM(dims, vocab_size, cfg.image_size, cfg.num_frames, cfg.max_text_tokens)
+    return AllInOneHeads(backbone, num_answers, cfg.embed_dim)

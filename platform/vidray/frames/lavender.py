@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vidray.frames.allinone import Block, Dims
+from vidray.frames.allinone import Block, Dims, flavour_of
 
 
 def bert_init(module: nn.Module) -> None:
@@ -138,3 +138,11 @@ class Lavender(nn.Module):
         if slots is not None:
             hidden = hidden[torch.arange(len(slots), device=hidden.device), slots]
         return self.mlm(hidden)
+
+
+def build(cfg, vocab_size: int, num_answers: int = 0) -> Lavender:
+    """LAVENDER of ``cfg`` (a FramesModelConfig): the one MLM head serves every task, so
+    ``num_answers`` is unused (vidray.archs.FRAMES_ARCHS["lavender"])."""
+    # Room for the "answer: [MASK]" a task appends to the text.
+    return Lavender(flavour_of(LAVENDER_FLAVOURS, cfg.flavour), vocab_size, cfg.image_size, cfg.num_frames,
+                    cfg.max_text_tokens + 8)

@@ -27,6 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vidray.checkpoint import init_from
 from vidray.frames.config import FINETUNE_TASKS
 from vidray.frames.data import collate
 from vidray.frames.nets import build_net
@@ -290,14 +291,22 @@ class LavenderFinetuneSystem:
     """One task, or (task=multi) several: each batch row carries its task's index (``task``, in
     FINETUNE_TASKS) and each task's rows make that task's inputs."""
 
-    def __init__(self, cfg, net: nn.Module, device: torch.device):
+    def __init__(self, cfg, device: torch.device):
         self.cfg, self.words = cfg, Words(cfg.model.tokenizer)
         self.task = cfg.task
-        self.model = finetune_model(net, cfg.task, cfg.tasks).to(device)
+        model = self.task_model(cfg)
+        if cfg.init_from:
+            init_from(model.net, cfg.init_from, cfg.model, prefix="net.")
+        self.model = model.to(device)
         self.generator = torch.Generator().manual_seed(cfg.train.seed)  # match_negatives' draws
         self.answer_tokens = torch.tensor([self.words.answer_token(a) for a in cfg.answers] or [IGNORE_INDEX])
         self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=self.words.pad)
         self.inputs = {"retrieval": self.retrieval_inputs, "qa": self.qa_step_inputs, "mc": self.mc_inputs}
+
+    @staticmethod
+    def task_model(cfg) -> nn.Module:
+        """The untrained module of ``cfg.task`` (evaluation loads a checkpoint's weights into it)."""
+        return finetune_model(build_net(cfg.model), cfg.task, cfg.tasks)
 
     def qa_inputs(self, batch: dict):
         """Question ids with "answer: [MASK]" and, if the batch has answers, their token ids."""

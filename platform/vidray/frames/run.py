@@ -18,13 +18,12 @@ from vidray.eval.multiple_choice import mc_row, mc_summary
 from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
 from vidray.eval.retrieval import score_retrieval
 from vidray.frames.config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPretrainConfig
-from vidray.frames.data import (VQCodes, answer_vocabulary, clip_keys, collate, examples_dataset, read_examples,
+from vidray.frames.data import (VQCodes, answer_vocabulary, clip_keys, examples_dataset, read_examples,
                                 read_clip_rows, read_mc, read_qa, skipped_videos_uri, source_tags,
                                 with_task_columns)
-from vidray.frames.lavender_tasks import (Words, append_mask_slot, finetune_model, insert_mask_slot, pair_scores,
-                                         true_score)
-from vidray.frames.nets import build_net, measure_size, size_figures
-from vidray.frames.system import (QAModel, RetrievalModel, VQTrainSystem, build_finetune_system, build_pretrain_system,
+from vidray.frames.nets import measure_size, size_figures
+from vidray.frames.scoring import scorer_of
+from vidray.frames.system import (VQTrainSystem, build_finetune_system, build_pretrain_system, finetuned_model,
                                   mvm_settings)
 from vidray.frames.vq import VQ_FLAVOURS, VQTokenizer
 from vidray.manifest import split_videos
@@ -131,60 +130,14 @@ def finetune_dataset(cfg: FramesFinetuneConfig, qa: dict | None, mc: dict | None
 
 def load_frames_finetuned(state: dict) -> tuple[FramesFinetuneConfig, torch.nn.Module]:
     cfg = from_dict(FramesFinetuneConfig, state["config"])
-    if cfg.model.arch == "lavender":
-        model = finetune_model(build_net(cfg.model), cfg.task, cfg.tasks)
-    else:
-        net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
-        model = QAModel(net) if cfg.task == "qa" else RetrievalModel(net)
+    model = finetuned_model(cfg)
     model.load_state_dict(state["model"])
     return cfg, model.eval()
-
-
-def _batches(examples: list[dict], size: int, max_text_tokens: int, pad_id: int):
-    for i in range(0, len(examples), size):
-        yield collate(examples[i:i + size], max_text_tokens, pad_id)
-
-
-@torch.no_grad()
-def similarity_matrix(model, arch: str, tokenizer: str, examples: list[dict], batch_size: int,
-                      max_text_tokens: int, pad_id: int) -> np.ndarray:
-    """Text-by-clip scores: All-in-one's separate passes and a dot product; LAVENDER's
-    p(true) / (p(true) + p(false)) of a joint pass per pair."""
-    if arch == "lavender":
-        batch = collate(examples, max_text_tokens, pad_id)
-        return pair_scores(model.net, Words(tokenizer), batch["frames"], batch["text_ids"], batch["text_mask"],
-                           batch_size, max_text_tokens).numpy()
-    texts, videos = [], []
-    for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
-        texts.append(model.net.encode_text(batch["text_ids"], batch["text_mask"]))
-        videos.append(model.net.encode_video(batch["frames"]))
-    return (torch.cat(texts) @ torch.cat(videos).T).numpy()
 
 
 def _majority(answers: list[str]) -> float:
     """Accuracy of the best constant answer on these questions (a baseline above 1 / answers)."""
     return max(answers.count(a) for a in set(answers)) / len(answers) if answers else float("nan")
-
-
-@torch.no_grad()
-def predicted_answers(model, arch: str, tokenizer: str, examples: list[dict], answers: list[str],
-                      batch_size: int, max_text_tokens: int, pad_id: int) -> list[str]:
-    """All-in-one: the best of its answer classes; LAVENDER: the word its MLM head puts at the
-    [MASK] after "answer:" (any word of the vocabulary)."""
-    words = None
-    if arch == "lavender":
-        words = Words(tokenizer)
-    predicted: list[str] = []
-    for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
-        if words is None:
-            best = model.logits(batch["frames"], batch["text_ids"], batch["text_mask"]).argmax(-1).tolist()
-            predicted += [answers[i] for i in best]
-        else:
-            ids, mask, slots = insert_mask_slot(batch["text_ids"], batch["text_mask"], words.answer_prefix,
-                                                words.mask, words.pad)
-            best = model.net(batch["frames"], ids, mask, slots=slots).argmax(-1).tolist()
-            predicted += words.tokenizer.convert_ids_to_tokens(best)
-    return predicted
 
 
 def evaluate_qa(predicted: list[str], examples: list[dict],
@@ -208,26 +161,6 @@ def evaluate_qa(predicted: list[str], examples: list[dict],
         metrics["qa_temporal_accuracy"] = float(np.mean([r["correct"] for r in temporal]))
         metrics["qa_temporal_majority"] = _majority([r["answer"] for r in temporal])
     return metrics, table, per_type
-
-
-@torch.no_grad()
-def option_scores(model, arch: str, tokenizer: str, examples: list[dict], batch_size: int,
-                  max_text_tokens: int, pad_id: int) -> np.ndarray:
-    """Each MC example's score (one option against its clip): LAVENDER's p(true) / (p(true) +
-    p(false)) at a [MASK] appended to the text, as its matching is trained; All-in-one / E-ViLM:
-    the dot product of the text and clip embeddings, their retrieval score."""
-    words = Words(tokenizer) if arch == "lavender" else None
-    scores = []
-    for batch in _batches(examples, batch_size, max_text_tokens, pad_id):
-        if words is None:
-            text = model.net.encode_text(batch["text_ids"], batch["text_mask"])
-            scores.append((text * model.net.encode_video(batch["frames"])).sum(-1))
-        else:
-            ids, mask, positions, slots = append_mask_slot(batch["text_ids"], batch["text_mask"], max_text_tokens,
-                                                           words.mask)
-            logits = model.net(batch["frames"], ids, mask, slots=slots, positions=positions)
-            scores.append(true_score(logits, words.true, words.false))
-    return torch.cat(scores).float().numpy() if scores else np.zeros(0, np.float32)
 
 
 def evaluate_mc(scores: np.ndarray, examples: list[dict]) -> tuple[dict, list[dict]]:
@@ -290,18 +223,16 @@ def evaluate_task(task: str, model, ft: FramesFinetuneConfig, data, cfg: Evaluat
         raise ConfigError("split", f"split {cfg.split!r} has no {task} examples in {where}"
                           + (f" (questions from {data.qa})" if qa else "") + (f" (questions from {data.mc})" if mc else ""))
     say(f"evaluate {ft.model.arch} {task} on {cfg.split}: {len(examples)} examples")
-    pad_id = text_tokenizer(ft.model.tokenizer).pad_token_id
-    arch, tokenizer, width = ft.model.arch, ft.model.tokenizer, ft.model.max_text_tokens
+    scorer = scorer_of(model, ft.model, cfg.batch_size)
     if task == "retrieval":
-        similarity = similarity_matrix(model, arch, tokenizer, examples, cfg.batch_size, width, pad_id)
+        similarity = scorer.similarity(examples)
         metrics, tables["retrieval"] = score_retrieval(similarity, examples, caption_key="text")
         figures["recall_at_k"] = recall_curve_figure(similarity, f"retrieval on {cfg.split} ({len(examples)} clips)")
         return metrics, len(examples)
     if task == "mc":
-        scores = option_scores(model, arch, tokenizer, examples, cfg.batch_size, width, pad_id)
-        metrics, tables["multiple_choice"] = evaluate_mc(scores, examples)
+        metrics, tables["multiple_choice"] = evaluate_mc(scorer.option_scores(examples), examples)
         return metrics, metrics["mc_questions"]
-    predicted = predicted_answers(model, arch, tokenizer, examples, ft.answers, cfg.batch_size, width, pad_id)
+    predicted = scorer.answers(examples, ft.answers)
     metrics, tables["qa"], per_type = evaluate_qa(predicted, examples, ft.answers)
     figures["qa_accuracy_per_type"] = bar_figure(per_type or {"all": metrics["qa_accuracy"]},
                                                  f"QA accuracy per question type on {cfg.split}", "accuracy")

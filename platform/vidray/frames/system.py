@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidray.checkpoint import load_state, require_same_model
+from vidray.archs import frames_arch
+from vidray.checkpoint import init_from
 from vidray.config import ConfigError
 from vidray.frames.allinone import AllInOneHeads
 from vidray.frames.data import collate
@@ -158,27 +159,20 @@ class FramesPretrainSystem:
 class FramesFinetuneSystem:
     def __init__(self, cfg, device: torch.device):
         tok = text_tokenizer(cfg.model.tokenizer)
-        net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
+        model = self.task_model(cfg)
         if cfg.init_from:
-            init_from(net, cfg.init_from, cfg.model)
-        self.model = (QAModel(net) if cfg.task == "qa" else RetrievalModel(net)).to(device)
+            init_from(model.net, cfg.init_from, cfg.model, prefix="net.", fresh=("qa.",))
+        self.model = model.to(device)
         self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=tok.pad_token_id)
+
+    @staticmethod
+    def task_model(cfg) -> nn.Module:
+        """The untrained module of ``cfg.task`` (evaluation loads a checkpoint's weights into it)."""
+        net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
+        return QAModel(net) if cfg.task == "qa" else RetrievalModel(net)
 
     def training_step(self, batch: dict):
         return self.model(**batch)
-
-
-def init_from(net: nn.Module, checkpoint: str, model_cfg) -> None:
-    """Copy the weights of a pre-training (or fine-tuning) checkpoint into ``net``; a task head the
-    checkpoint lacks (the QA classifier) keeps its fresh initialisation."""
-    state = load_state(checkpoint)
-    require_same_model(state, model_cfg)
-    weights = {k[len("net."):]: v for k, v in state["model"].items()
-               if k.startswith("net.") and not k.startswith("net.qa.")}
-    missing, unexpected = net.load_state_dict(weights, strict=False)
-    if unexpected or any(not k.startswith("qa.") for k in missing):
-        raise ConfigError("init_from", f"{checkpoint} does not hold this model's weights "
-                          f"(missing {missing[:3]}, unexpected {unexpected[:3]})")
 
 
 def mvm_settings(cfg) -> dict | None:
@@ -187,7 +181,7 @@ def mvm_settings(cfg) -> dict | None:
     choice = cfg.objective.mvm_tokenizer
     if choice == "none":
         return None
-    if cfg.model.arch != "evilm":
+    if not frames_arch(cfg.model.arch).masked_video:
         raise ConfigError("objective.mvm_tokenizer", f"masked video modelling is E-ViLM's; {cfg.model.arch} "
                           "pre-trains with MLM + VTM: set it to none")
     if choice not in cfg.data.vq:
@@ -209,19 +203,25 @@ def mvm_settings(cfg) -> dict | None:
     return {**info, "uri": version.uri}
 
 
+# recipe (vidray.archs.FramesArch.recipe) -> job -> its System: (cfg, device) -> what the training
+# loop needs (vidray.train.loop.System).
+RECIPES: dict[str, dict[str, type]] = {
+    "allinone": {"pretrain": FramesPretrainSystem, "finetune": FramesFinetuneSystem},
+    "lavender": {"pretrain": LavenderPretrainSystem, "finetune": LavenderFinetuneSystem},
+}
+
+
 def build_pretrain_system(cfg, device):
-    if cfg.model.arch == "lavender":
-        return LavenderPretrainSystem(cfg, device)
-    return FramesPretrainSystem(cfg, device)
+    return RECIPES[frames_arch(cfg.model.arch).recipe]["pretrain"](cfg, device)
 
 
 def build_finetune_system(cfg, device):
-    if cfg.model.arch == "lavender":
-        net = build_net(cfg.model)
-        if cfg.init_from:
-            init_from(net, cfg.init_from, cfg.model)
-        return LavenderFinetuneSystem(cfg, net, device)
-    return FramesFinetuneSystem(cfg, device)
+    return RECIPES[frames_arch(cfg.model.arch).recipe]["finetune"](cfg, device)
+
+
+def finetuned_model(cfg) -> nn.Module:
+    """The untrained module a fine-tuning run of ``cfg`` trains, for its checkpoint's weights."""
+    return RECIPES[frames_arch(cfg.model.arch).recipe]["finetune"].task_model(cfg)
 
 
 class VQTrainSystem:

@@ -22,23 +22,15 @@ from vidray.feature_store.store import open_version
 from vidray.manifest import split_videos
 from vidray.train.config import FinetuneConfig
 from vidray.vlm.config import ModelConfig
-from vidray.checkpoint import load_state, require_same_model
+from vidray.checkpoint import init_from
 from vidray.train.job import run_name, run_training
 from vidray.vlm.data import (_ragged, clip_examples_of_video, collate, with_video_dim, segment_windows,
                              text_table)
-from vidray.vlm.model import SEP_ID, VLM, build_vlm
+from vidray.vlm.model import SEP_ID, build_vlm
 from vidray.masking import IGNORE_INDEX
 from vidray.vlm.tasks import build_task_model
 
 EXPERIMENT = "vidray-finetune"
-
-
-def init_vlm_from(vlm: VLM, checkpoint: str, model_cfg: ModelConfig) -> None:
-    """Copy the VLM weights of a pre-training (or fine-tuning) checkpoint into ``vlm``."""
-    state = load_state(checkpoint)
-    require_same_model(state, model_cfg)
-    weights = {k[len("vlm."):]: v for k, v in state["model"].items() if k.startswith("vlm.")}
-    vlm.load_state_dict(weights)
 
 
 def segment_classes(labels_uri: str) -> tuple[dict[str, list[dict]], dict[str, int]]:
@@ -58,7 +50,7 @@ class FinetuneSystem:
     def __init__(self, cfg: FinetuneConfig, device: torch.device):
         vlm = build_vlm(cfg.model, load_backbone=not cfg.init_from)
         if cfg.init_from:
-            init_vlm_from(vlm, cfg.init_from, cfg.model)
+            init_from(vlm, cfg.init_from, cfg.model, prefix="vlm.")
         classes = segment_classes(cfg.data.labels)[1] if cfg.task == "action_segmentation" else {}
         self.model = build_task_model(cfg.task, vlm, len(classes)).to(device)
         self.collate = (partial(collate_windows, window=cfg.model.max_video_tokens)
