@@ -8,6 +8,7 @@ SIGTERM (after stopping what the command started).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import shlex
@@ -76,14 +77,15 @@ def _resolve(args: argparse.Namespace, cls: type):
     path, overrides = _split_config_and_overrides(args)
     if args.print_config:
         cfg = load_config(cls, path, overrides, validate=False)
-        print(dump_yaml(cfg), end="")
+        print(dump_yaml(cfg), end="", file=getattr(args, "out", sys.stdout))
         todo = [f"{key}: required ({help_text})" for key, help_text in missing_required(cfg)]
         try:
             load_config(cls, path, overrides)
         except ConfigError as err:
             todo += [] if any(line.startswith(err.key + ":") for line in todo) else [f"{err.key}: {err.message}"]
         if todo:
-            print("# still to set before it runs:\n" + "\n".join(f"#   {line}" for line in todo))
+            print("# still to set before it runs:\n" + "\n".join(f"#   {line}" for line in todo),
+                  file=getattr(args, "out", sys.stdout))
         raise SystemExit(0)
     cfg = load_config(cls, path, overrides)
     missing = missing_required(cfg)
@@ -100,6 +102,12 @@ def arch_of(path: str | None, overrides: list[str]) -> str:
     return arch_of_dict(merge(read_yaml(path) if path else {}, parse_overrides(overrides)))
 
 
+def _print_report(args: argparse.Namespace, report: dict) -> None:
+    """A job's JSON report: alone on stdout (`vidray extract ... | jq .uri`), as :func:`main` sends
+    everything else a Ray job prints to stderr."""
+    print(json.dumps(report, indent=2, default=str), file=getattr(args, "out", sys.stdout), flush=True)
+
+
 def _run_training_command(args: argparse.Namespace) -> int:
     path, overrides = _split_config_and_overrides(args)
     from vidray.archs import config_class, runner
@@ -108,7 +116,7 @@ def _run_training_command(args: argparse.Namespace) -> int:
     cfg = _resolve(args, config_class(args.command, arch))
     job = runner(args.command, arch)
     report = job(cfg, say=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(report, indent=2, default=str))
+    _print_report(args, report)
     return 0
 
 
@@ -146,7 +154,7 @@ def cmd_clips(args: argparse.Namespace) -> int:
 
     cfg = _resolve(args, ClipsConfig)
     report = run_clips(cfg)
-    print(json.dumps(report, indent=2))
+    _print_report(args, report)
     return 0
 
 
@@ -155,7 +163,7 @@ def cmd_extract(args: argparse.Namespace) -> int:
 
     cfg = _resolve(args, ExtractConfig)
     report = run_extract(cfg, progress=True, say=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(report, indent=2))
+    _print_report(args, report)
     return 0
 
 
@@ -200,7 +208,7 @@ def cmd_train_vq(args: argparse.Namespace) -> int:
     from vidray.frames.run import run_train_vq
 
     report = run_train_vq(_resolve(args, VQTokenizerConfig), say=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(report, indent=2, default=str))
+    _print_report(args, report)
     return 0
 
 
@@ -211,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vidray.evaluate import run_evaluate
 
     report = run_evaluate(cfg, say=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(report, indent=2, default=str))
+    _print_report(args, report)
     return 0
 
 
@@ -223,12 +231,12 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.print_config:
         from vidray.config import dump_yaml
 
-        print(dump_yaml(cfg), end="")
+        print(dump_yaml(cfg), end="", file=getattr(args, "out", sys.stdout))
         return 0
     from vidray.tuning.sweep import run_sweep
 
     report = run_sweep(cfg, resume=args.resume, say=lambda m: print(m, file=sys.stderr))
-    print(json.dumps(report, indent=2, default=str))
+    _print_report(args, report)
     return 0
 
 
@@ -502,6 +510,11 @@ def _raise_terminated(signum, frame) -> None:
     raise KeyboardInterrupt()
 
 
+# The commands that run Ray jobs and end with a JSON report on stdout (`vidray demo` prints its
+# steps there for a person to read).
+RAY_JOBS = (cmd_clips, cmd_extract, cmd_pretrain, cmd_finetune, cmd_train_vq, cmd_evaluate, cmd_sweep)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if getattr(args, "verbose", False):
@@ -511,7 +524,14 @@ def main(argv: list[str] | None = None) -> int:
     main_thread = threading.current_thread() is threading.main_thread()   # where signals can be set
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
     try:
-        return args.run(args) or 0
+        if args.run not in RAY_JOBS:
+            return args.run(args) or 0
+        # Ray prints to the driver's sys.stdout from its own threads (a raylet's "worker processes
+        # have been started" warning landed inside `vidray finetune`'s JSON): in a job, all of that
+        # goes to stderr and stdout carries the report alone.
+        args.out = sys.stdout
+        with contextlib.redirect_stdout(sys.stderr):
+            return args.run(args) or 0
     except ConfigError as err:
         print(f"vidray {args.command}: {err}", file=sys.stderr)
         return EXIT_USAGE

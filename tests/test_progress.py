@@ -120,3 +120,35 @@ def test_a_local_store_on_a_multi_node_cluster_is_refused(tmp_path, stack, own_t
         decide_tracking_uri(f"sqlite:///{tmp_path / 'x.db'}", "test-decide", nodes=3)
     server = stack.env["MLFLOW_TRACKING_URI"]  # a server every node reaches: fine on any cluster
     assert decide_tracking_uri(server, "test-decide", nodes=3) == server
+
+
+def test_a_jobs_stdout_holds_its_json_report_alone(ray_cluster, feature_sets, tmp_path, capsys):
+    """Ray prints to the driver's sys.stdout, looked up at each print, from its own threads (a
+    raylet's "worker processes have been started" warning once landed inside `vidray finetune`'s
+    JSON, under load). A thread that prints the same way while the job runs stands in for Ray: its
+    lines must reach stderr and stdout must parse as the report."""
+    import json
+    import threading
+
+    from vidray.jobs.cli import main
+
+    stop, terminal = threading.Event(), sys.stdout
+
+    def chatter():
+        while not stop.is_set():
+            target = sys.stdout   # what Ray's print would write to now
+            if target is not terminal:  # from inside main() only: before and after it, stdout is stdout
+                print("(raylet) WARNING: 8 PYTHON worker processes have been started", file=target)
+            stop.wait(0.01)
+
+    thread = threading.Thread(target=chatter, daemon=True)
+    thread.start()
+    try:
+        rc = main(["extract", f"manifest={feature_sets['manifest']}", f"root={tmp_path}", "extractor=text"])
+    finally:
+        stop.set()
+        thread.join()
+    captured = capsys.readouterr()
+    assert rc == 0, captured.err[-3000:]
+    assert json.loads(captured.out)["uri"].startswith(str(tmp_path))
+    assert "(raylet) WARNING" in captured.err
