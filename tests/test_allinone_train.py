@@ -64,7 +64,7 @@ def test_pretraining_loss_falls_and_the_run_carries_size_figures(pretrained):
     assert run.data.tags["arch"] == "allinone" and run.data.tags["feature_set.frames"] == cfg.data.frames
     assert int(run.data.params["model.parameters"]) > 1e6 and float(run.data.params["model.gflops_per_clip"]) > 0
     assert run.data.params["model.arch"] == "allinone"
-    # MLM starts near log(vocabulary) ~ 10.3 and falls fast; matching needs far longer (README).
+    # MLM starts near log(vocabulary) ~ 10.3 and falls fast; matching needs far longer (docs/demo.md).
     mlm = [m.value for m in client.get_metric_history(run.info.run_id, "mlm_loss")]
     assert len(mlm) == 120 and np.mean(mlm[-15:]) < 0.8 * np.mean(mlm[:15])
     for name in ("val_loss", "val_mlm_loss", "val_vtm_loss", "mlm_loss", "vtm_accuracy"):

@@ -136,7 +136,7 @@ def test_ray_job_submit_runs_pretrain_to_s3_and_mlflow(ray_head, feature_sets, s
 
     storage_path = f"s3://{stack.bucket}/jobs-{uuid.uuid4().hex[:8]}"
     job_id = f"vidray-test-{uuid.uuid4().hex[:8]}"
-    # As README "Run on a cluster" has it: the repository as working dir, vidray as the entrypoint.
+    # As docs/cluster.md "Run on a cluster" has it: the repository as working dir, vidray as the entrypoint.
     _ray(["job", "submit", "--address", ray_head["address"], "--working-dir", ".", "--submission-id", job_id,
           "--no-wait", "--", "vidray", *_pretrain_args(feature_sets, storage_path, steps=10)], ray_head["env"])
     status = _wait(ray_head, job_id)

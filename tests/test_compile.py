@@ -58,3 +58,28 @@ def test_compiled_layers_give_the_eager_loss_and_gradients_under_the_same_names(
         torch.testing.assert_close(q.grad, p.grad, rtol=1e-4, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
     assert counters["stats"]["calls_captured"] > 0  # the layers really went through Dynamo
     assert not counters["graph_break"], dict(counters["graph_break"])
+
+
+def test_every_network_names_its_transformer_layers_as_its_shard_units():
+    """The units FSDP and compile take come from the networks (`shard_units()`), not from a list of
+    layer classes in the loop: for every model they are its BERT layers and pre-LN blocks, all of
+    them and in module order, wrapped in the task modules as training builds them."""
+    from transformers.models.bert.modeling_bert import BertLayer
+
+    from vidray.frames.allinone import Block
+    from vidray.frames.config import FramesModelConfig, VQModelConfig
+    from vidray.frames.nets import build_net
+    from vidray.frames.system import PretrainModel
+    from vidray.frames.vq import VQ_FLAVOURS, VQTokenizer
+
+    def frames(arch):
+        return build_net(FramesModelConfig(arch=arch, flavour="tiny", image_size=64, num_frames=3, max_text_tokens=12))
+
+    models = {"vlm": vlm(), "allinone": PretrainModel(frames("allinone"), 1.0), "lavender": frames("lavender"),
+              "evilm": frames("evilm"),
+              "vq": VQTokenizer(VQ_FLAVOURS["tiny"], VQModelConfig(image_size=64, patch=16), vocab_size=100)}
+    for name, model in models.items():
+        layers = [m for m in model.modules() if isinstance(m, (BertLayer, Block))]
+        assert len(layers) >= 2 and transformer_layers(model) == layers, name
+    example = frames("example")  # its layers are torch's own: named by the model, found the same way
+    assert transformer_layers(example) == list(example.backbone.fusion.layers)

@@ -100,6 +100,10 @@ class AllInOne(nn.Module):
                   self.word_embed.weight, self.token_type.weight):
             nn.init.trunc_normal_(p, std=0.02)
 
+    def shard_units(self) -> list[nn.Module]:
+        """Its own transformer layers: FSDP's shard units and compile's (vidray.train.parallel)."""
+        return list(self.blocks)
+
     @property
     def hidden_size(self) -> int:
         return self.dims.hidden

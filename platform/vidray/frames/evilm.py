@@ -128,6 +128,10 @@ class EViLM(nn.Module):
         for module in (self.text_embeddings, self.text_encoder):
             module.apply(bert_init)
 
+    def shard_units(self) -> list[nn.Module]:
+        """Its own transformer layers: FSDP's shard units and compile's (vidray.train.parallel)."""
+        return [*self.text_encoder.layer, *self.blocks]
+
     @property
     def hidden_size(self) -> int:
         return self.dims.fusion.hidden

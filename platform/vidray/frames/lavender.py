@@ -73,6 +73,10 @@ class VideoEncoder(nn.Module):
         nn.init.trunc_normal_(self.spatial_pos, std=0.02)
         nn.init.trunc_normal_(self.temporal_pos, std=0.02)
 
+    def shard_units(self) -> list[nn.Module]:
+        """Its own transformer layers: FSDP's shard units and compile's (vidray.train.parallel)."""
+        return list(self.blocks)
+
     def forward(self, frames: torch.Tensor) -> torch.Tensor:
         b, t = frames.shape[:2]
         x = self.patch_embed(frames.flatten(0, 1)).flatten(2).transpose(1, 2)        # [B*T, P, D]
@@ -108,6 +112,10 @@ class Lavender(nn.Module):
         # ties these when it builds a whole model; built piece by piece, we tie them here).
         self.mlm.predictions.decoder.weight = self.embeddings.word_embeddings.weight
         self.mlm.predictions.decoder.bias = self.mlm.predictions.bias
+
+    def shard_units(self) -> list[nn.Module]:
+        """Its own transformer layers: FSDP's shard units and compile's (vidray.train.parallel)."""
+        return list(self.encoder.layer)
 
     @property
     def hidden_size(self) -> int:

@@ -92,6 +92,10 @@ class VQTokenizer(nn.Module):
             # open the focal loss in the thousands and swamp the first steps.
             nn.init.constant_(self.head.bias, -math.log(vocab_size))
 
+    def shard_units(self) -> list[nn.Module]:
+        """Its own transformer layers: FSDP's shard units and compile's (vidray.train.parallel)."""
+        return list(self.decoder)
+
     def encode(self, frames: torch.Tensor) -> torch.Tensor:
         """``[B, T * G * G, code_dim]`` unit vectors, frame-major then row-major regions."""
         return F.normalize(self.to_code(self.encoder(frames).flatten(1, 2)), dim=-1)

@@ -57,6 +57,10 @@ class MeanPoolFusion(nn.Module):
         for p in (self.word_embed.weight, self.text_pos, self.frame_pos, self.token_type.weight):
             nn.init.trunc_normal_(p, std=0.02)
 
+    def shard_units(self) -> list[nn.Module]:
+        """Its own transformer layers: FSDP's shard units and compile's (vidray.train.parallel)."""
+        return list(self.fusion.layers)
+
     @property
     def hidden_size(self) -> int:
         return self.word_embed.embedding_dim

@@ -4,10 +4,8 @@
     accumulation, clipping and a warm-up + polynomial-decay schedule -> checkpoint every N steps
     (model, optimizer, scheduler, step, RNG, config) -> rank 0 logs every step to MLflow.
 
-A *system* (see :mod:`vidray.vlm.system`) bundles a model for one device with its objective and
-exposes ``model``, ``collate`` and ``training_step(batch) -> (loss, logs)``, and may expose
-``prepare(batch)``: its CPU-side randomness, run on the collated batch before the copy to the
-device (VLM's masking). This file applies distribution
+A *system* (:class:`System`) bundles a model for one device with its objective; this file applies
+distribution
 (DDP or FSDP, :mod:`vidray.train.parallel`), precision and the optimizer in one place.
 
 Resumption: the run's name is stable (given, or derived from the config), so both Ray Train's
@@ -22,7 +20,7 @@ import sys
 import tempfile
 import time
 from contextlib import nullcontext
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 import numpy as np
 import torch
@@ -186,6 +184,29 @@ class MLflowRun:
                 f"metric points of run {self.run_id} were not logged (the checkpoints are safe)")
             return
         self.mlflow.end_run(status=status)
+
+
+class System(Protocol):
+    """What the loop needs of a model and its objective; ``build_system(cfg, device)`` makes one per
+    worker (VLM's: :mod:`vidray.vlm.system`, :mod:`vidray.vlm.finetune`; the frames recipes':
+    ``vidray.frames.system.RECIPES``).
+
+    - ``model``: an ``nn.Module`` whose forward returns ``(loss, logs)``, so DDP and FSDP wrap all
+      that touches parameters; the networks in it name their transformer layers
+      (``shard_units()``), FSDP's and compile's units (:mod:`vidray.train.parallel`).
+    - ``collate(rows) -> batch``: CPU tensors from the dataset's rows.
+    - ``training_step(batch) -> (loss, logs)``, the batch on the model's device.
+    - optional ``prepare(batch) -> batch``: CPU-side randomness (masks, pairings) on the collated
+      batch before the copy to the device, drawn from the system's ``generator`` (checkpointed), so
+      the same seed gives the same run on any device.
+    - ``validation_step(batch, generator) -> logs``: when ``train.val_every`` > 0.
+    """
+
+    model: torch.nn.Module
+
+    def collate(self, rows: list[dict]) -> dict: ...
+
+    def training_step(self, batch: dict) -> tuple[torch.Tensor, dict[str, float]]: ...
 
 
 def train_loop_per_worker(config: dict) -> None:
@@ -417,7 +438,7 @@ def _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoi
                          checkpoint_dir_name=f"checkpoint_{step:08d}")
 
 
-def fit(cfg: Any, build_system: Callable, dataset, make_tracker: Callable, run_name: str,
+def fit(cfg: Any, build_system: Callable[[Any, torch.device], System], dataset, make_tracker: Callable, run_name: str,
         storage_path: str, val_dataset=None, callbacks: tuple = (), progress=None) -> Any:
     """Build the TorchTrainer and run it; returns Ray Train's Result. ``val_dataset`` is scored
     every ``train.val_every`` steps; ``callbacks`` are Ray Train callbacks (a sweep passes

@@ -19,13 +19,13 @@ STRATEGIES = ("ddp", "fsdp")
 
 
 def transformer_layers(model: nn.Module) -> list[nn.Module]:
-    """The transformer layers (BERT's, and the pre-LN blocks of the frames models): FSDP's units of
-    sharding (one all-gather each in forward/backward) and ``torch.compile``'s units."""
-    from transformers.models.bert.modeling_bert import BertLayer
-
-    from vidray.frames.allinone import Block
-
-    return [m for m in model.modules() if isinstance(m, (BertLayer, Block))]
+    """The transformer layers that the networks inside ``model`` name as theirs (each network's
+    ``shard_units()``), in module order: FSDP's units of sharding (one all-gather each in
+    forward/backward) and ``torch.compile``'s units. The loop knows no model: a network without
+    ``shard_units`` is sharded whole, with the model."""
+    named = {id(unit) for module in model.modules() if callable(getattr(module, "shard_units", None))
+             for unit in module.shard_units()}
+    return [m for m in model.modules() if id(m) in named]
 
 
 def compile_layers(model: nn.Module) -> int:

@@ -147,6 +147,10 @@ class VLM(nn.Module):
                 nn.init.normal_(module.weight, std=config.initializer_range)
                 nn.init.zeros_(module.bias)
 
+    def shard_units(self) -> list[nn.Module]:
+        """Its own transformer layers: FSDP's shard units and compile's (vidray.train.parallel)."""
+        return list(self.bert.encoder.layer)
+
     @property
     def hidden_size(self) -> int:
         return self.config.hidden_size
