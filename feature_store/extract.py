@@ -4,6 +4,12 @@
     model loaded once per actor; GPU actors when the cluster has GPUs) -> per shard: quarantine
     file (_quarantine/), then part file -> _manifest.json last (the commit; see store.py)
 
+**Incremental versions.** Shards are cut where the videos' ids say (:func:`shards_of`), not by
+position, and each part is keyed by its content (:func:`part_key`: the shard's source rows and
+the extractor's config, weights and schema). A new version (more videos, a changed caption)
+copies every part whose key an earlier committed version of the set holds, and extracts only the
+shards that are new or changed.
+
 The quarantine holds the videos that could not be read and, for the clip extractors (frames,
 vq), each caption past its video's end (clipped to the end, or skipped if it starts there or
 later); the manifest and the report count them as ``quarantined`` (videos), ``clips_clipped``
@@ -16,10 +22,11 @@ object store; only a small summary per shard comes back to the driver, which sho
 
 from __future__ import annotations
 
+import hashlib
 import json
-import math
 import os
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from typing import Any, Literal, Optional
 
@@ -48,7 +55,8 @@ class ExtractConfig:
     text: TextExtractConfig = field(default_factory=TextExtractConfig)
     frames: FramesExtractConfig = field(default_factory=FramesExtractConfig)
     vq: VQExtractConfig = field(default_factory=VQExtractConfig)
-    videos_per_part: int = option(16, "videos per Parquet part (the unit of exactly-once)", ge=1)
+    videos_per_part: int = option(16, "videos per Parquet part on average, at most twice that (a part is the "
+                                  "unit of exactly-once and of reuse by later versions)", ge=1)
     split: Optional[str] = option(None, "only videos of this split; null = all")
     limit: Optional[int] = option(None, "only the first N videos by id (smoke runs)", ge=1)
     num_workers: Optional[int] = option(None, "extractor actors; null = one per GPU, else per CPU", ge=1)
@@ -88,6 +96,13 @@ def source_videos(cfg: ExtractConfig) -> pa.Table:
     return table
 
 
+# The manifest columns an extractor reads: what a set's (and a part's) content depends on.
+SOURCE_COLUMNS = ("video_id", "uri", "captions", "duration_s")
+# How videos are cut into parts (:func:`shards_of`); part of the version, so that an unfinished
+# version of another cut is never resumed with this one.
+SHARDING = "by-id-hash/v1"
+
+
 def identity(cfg: ExtractConfig, videos: pa.Table) -> dict:
     """What determines the content of the set, and so its version."""
     _, extractor_cls = EXTRACTORS[cfg.extractor]
@@ -95,10 +110,18 @@ def identity(cfg: ExtractConfig, videos: pa.Table) -> dict:
         "extractor": cfg.extractor,
         "config": asdict(cfg.extractor_config),
         "weights_digest": extractor_cls.weights_digest(cfg.extractor_config),
-        "source_digest": store.digest(videos.select(["video_id", "uri", "captions", "duration_s"]).to_pylist()),
+        "source_digest": store.digest(videos.select(list(SOURCE_COLUMNS)).to_pylist()),
         "schema_version": extractor_cls.schema_version,
         "videos_per_part": cfg.videos_per_part,
+        "sharding": SHARDING,
     }
+
+
+def part_key(ident: dict, videos: list[dict]) -> str:
+    """The content of one part: its videos' source rows and what the extractor makes of them. Two
+    versions' parts with the same key hold the same rows."""
+    extractor = {k: ident[k] for k in ("extractor", "config", "weights_digest", "schema_version")}
+    return store.digest({**extractor, "videos": [{k: v.get(k) for k in SOURCE_COLUMNS} for v in videos]})
 
 
 class ShardWorker:
@@ -154,9 +177,53 @@ class ShardWorker:
         return self.extractor.extract(video, overruns=overruns), overruns
 
 
-def _shards(videos: pa.Table, per_part: int) -> list[tuple[int, list[dict]]]:
-    rows = videos.to_pylist()
-    return [(i, rows[i * per_part:(i + 1) * per_part]) for i in range(math.ceil(len(rows) / per_part))]
+def _ends_shard(video_id: str, per_part: int) -> bool:
+    return int(hashlib.sha256(video_id.encode()).hexdigest()[:12], 16) % per_part == 0
+
+
+def shards_of(videos: pa.Table, per_part: int) -> list[tuple[int, list[dict]]]:
+    """The videos (sorted by id) cut into shards, numbered in order: a shard ends after a video
+    whose id hashes to 0 modulo ``per_part`` (one video in ``per_part``), or once it holds
+    ``2 * per_part`` videos. The cuts depend on the ids around them, not on positions, so adding
+    videos changes only the shards they fall into (a cut forced by the cap can move to the next
+    id-chosen one) and every other shard keeps its content, and with it its part."""
+    shards, current = [], []
+    for row in videos.to_pylist():
+        current.append(row)
+        if per_part == 1 or _ends_shard(row["video_id"], per_part) or len(current) >= 2 * per_part:
+            shards.append(current)
+            current = []
+    if current:
+        shards.append(current)
+    return list(enumerate(shards))
+
+
+def _earlier_parts(cfg: ExtractConfig, version: str) -> dict[str, tuple[str, dict]]:
+    """The parts of the set's other committed versions by content key: (version URI, part entry).
+    Versions written before parts were keyed have none to give."""
+    found: dict[str, tuple[str, dict]] = {}
+    for uri in store.committed_versions(storage.join(cfg.root, cfg.set_name)):
+        if uri.rstrip("/") != version.rstrip("/"):
+            for part in store.open_version(uri).manifest["parts"]:
+                if "content" in part:
+                    found.setdefault(part["content"], (uri, part))
+    return found
+
+
+def _reuse_parts(version: str, wanted: dict[int, str], earlier: dict[str, tuple[str, dict]]) -> dict[int, str]:
+    """Copy into ``version`` every wanted shard (shard -> content key) that an earlier version
+    holds, quarantine file first and part last (the part marks the shard done, as when it is
+    extracted); returns shard -> the version it came from."""
+    sources = {shard: earlier[key] for shard, key in wanted.items() if key in earlier}
+
+    def copy(shard: int, source: tuple[str, dict]) -> None:
+        uri, part = source
+        storage.copy(storage.join(uri, part["quarantine"]), storage.join(version, store.quarantine_name(shard)))
+        storage.copy(storage.join(uri, part["file"]), storage.join(version, store.part_name(shard)))
+
+    with ThreadPoolExecutor(max_workers=8) as pool:  # server-side copies: waiting, not work
+        list(pool.map(lambda item: copy(*item), sources.items()))
+    return {shard: os.path.basename(uri.rstrip("/")) for shard, (uri, _) in sources.items()}
 
 
 def _resources(cfg: ExtractConfig) -> tuple[bool, int]:
@@ -203,12 +270,15 @@ def _quarantine_counts(version: str, shards: list) -> dict[str, int]:
     return overrun_counts(pa.concat_tables(tables))
 
 
-def _manifest(cfg: ExtractConfig, ident: dict, version: str, shards: list, extractor_cls) -> dict:
+def _manifest(cfg: ExtractConfig, ident: dict, version: str, shards: list, extractor_cls,
+              reused: dict[int, str]) -> dict:
     parts = []
     for shard, videos in shards:
         fs, path = storage.arrow_filesystem(storage.join(version, store.part_name(shard)))
-        parts.append({"file": store.part_name(shard), "videos": len(videos),
-                      "rows": pq.read_metadata(path, filesystem=fs).num_rows})
+        parts.append({"file": store.part_name(shard), "quarantine": store.quarantine_name(shard),
+                      "videos": len(videos), "rows": pq.read_metadata(path, filesystem=fs).num_rows,
+                      "content": part_key(ident, videos),
+                      **({"reused_from": reused[shard]} if shard in reused else {})})
     fs, path = storage.arrow_filesystem(storage.join(version, parts[0]["file"]))
     schema = pq.read_schema(path, filesystem=fs)
     dims = {c: schema.field(c).type.value_type.list_size for c in schema.names
@@ -227,6 +297,7 @@ def _manifest(cfg: ExtractConfig, ident: dict, version: str, shards: list, extra
         "schema_ipc": schema.serialize().to_pybytes().hex(),
         "parts": parts, "quarantine_files": [store.quarantine_name(s) for s, _ in shards],
         "rows": sum(p["rows"] for p in parts), "videos": sum(p["videos"] for p in parts),
+        "reused_parts": len(reused), "reused_videos": sum(p["videos"] for p in parts if "reused_from" in p),
         **_quarantine_counts(version, shards), "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
 
@@ -256,13 +327,18 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
         say(f"nothing to do: {version} is already committed ({manifest['rows']} rows, "
             f"{manifest['quarantined']} quarantined)")
         return {**report, "extracted_videos": 0, "rows": manifest["rows"], **_counts(manifest),
-                "skipped_parts": len(manifest["parts"])}
+                "skipped_parts": len(manifest["parts"]), "reused_parts": 0, "reused_videos": 0}
 
-    shards = _shards(videos, cfg.videos_per_part)
+    shards = shards_of(videos, cfg.videos_per_part)
     done = store.done_shards(version)
-    pending = [(s, v) for s, v in shards if s not in done]
     if done:
-        say(f"resuming {version}: {len(shards) - len(pending)} of {len(shards)} parts already written")
+        say(f"resuming {version}: {len(done)} of {len(shards)} parts already written")
+    wanted = {shard: part_key(ident, rows) for shard, rows in shards if shard not in done}
+    reused = _reuse_parts(version, wanted, _earlier_parts(cfg, version)) if wanted else {}
+    if reused:
+        say(f"{version}: reusing {len(reused)} of {len(shards)} parts from "
+            f"{', '.join(sorted(set(reused.values())))}, whose videos and extractor are the same")
+    pending = [(s, v) for s, v in shards if s not in done and s not in reused]
     if pending:
         if not ray.is_initialized():
             init_ray(address=cfg.ray_address)
@@ -270,7 +346,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
     missing = {s for s, _ in shards} - store.done_shards(version)
     if missing:
         raise RuntimeError(f"{version}: parts {sorted(missing)[:10]} were not written; rerun to finish")
-    manifest = storage.call_with_retries(lambda: _manifest(cfg, ident, version, shards, extractor_cls), version)
+    manifest = storage.call_with_retries(lambda: _manifest(cfg, ident, version, shards, extractor_cls, reused),
+                                         version)
     feature_set = store.commit(version, manifest)
     seconds = time.monotonic() - started
     extracted = sum(len(v) for _, v in pending)
@@ -279,6 +356,7 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
         f"({manifest['quarantined']} quarantined; captions past the end: {manifest['clips_clipped']} "
         f"clipped, {manifest['clips_skipped']} skipped) in {seconds:.1f} s")
     return {**report, "extracted_videos": extracted, "rows": manifest["rows"], **_counts(manifest),
-            "skipped_parts": len(shards) - len(pending),
+            "skipped_parts": len(done), "reused_parts": len(reused),
+            "reused_videos": sum(len(v) for s, v in shards if s in reused),
             "seconds": round(seconds, 2),
             "videos_per_s": round(extracted / seconds, 2) if seconds and extracted else None}

@@ -4,6 +4,7 @@ versioned by content, readable with plain pyarrow, rows equal to a direct comput
 from __future__ import annotations
 
 import collections
+import dataclasses
 import json
 import os
 import signal
@@ -13,6 +14,7 @@ import time
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.dataset as pads
 import pyarrow.parquet as pq
 import pytest
@@ -262,7 +264,8 @@ def test_open_join_cli_and_validate_catches_damage(ray_cluster, corpus, tmp_path
 
     # Damage: a part duplicated under its own name's rows -> counts and duplicate keys are caught.
     feature_set = store.open_version(uri)
-    first, second = feature_set.part_uris[:2]
+    # Two parts with rows (a part whose videos were all quarantined has none).
+    first, second = [u for p, u in zip(feature_set.manifest["parts"], feature_set.part_uris) if p["rows"]][:2]
     table = pq.read_table(first)
     pq.write_table(pq.read_table(second).slice(0, 1).cast(table.schema), second)
     pq.write_table(pa_concat(table, table.slice(0, 1)), first)
@@ -321,3 +324,56 @@ def test_s3d_features_equal_a_direct_computation(ray_cluster, corpus, tmp_path):
         raw += sum(part.read(columns=["num_seconds"])["num_seconds"].to_pylist()) * 512 * 2
         on_disk += os.path.getsize(uri)
     assert on_disk < raw + 4096 * len(feature_set.part_uris), (on_disk, raw)
+
+
+def test_shards_are_cut_by_id_so_added_videos_change_only_the_shards_they_fall_into():
+    """Cut by the ids, not by position: 40 new ids among 1,000 change the shards they fall into
+    (and a shard after one, where a cut forced by the size cap moves), every other shard stays as
+    it was, so its part is reused; sizes keep to ``videos_per_part`` on average, twice at most."""
+    from vidray.feature_store.extract import shards_of
+
+    rng = np.random.default_rng(0)
+    ids = sorted({f"{rng.integers(16 ** 11):011x}" for _ in range(1040)})
+    new = set(rng.choice(ids, 40, replace=False).tolist())
+    table = lambda chosen: pa.table({"video_id": sorted(chosen)})
+    before = {tuple(r["video_id"] for r in rows) for _, rows in shards_of(table(set(ids) - new), 16)}
+    after = [tuple(r["video_id"] for r in rows) for _, rows in shards_of(table(ids), 16)]
+    changed = [shard not in before for shard in after]
+    assert all(new & set(shard) or (i > 0 and changed[i - 1]) for i, shard in enumerate(after) if changed[i])
+    assert 0 < sum(changed) < len(after)
+    assert sum(len(s) for s, c in zip(after, changed) if not c) > 0.3 * len(ids)  # reused: 385 of 1,040 here
+    sizes = [len(s) for s in after]
+    assert max(sizes) <= 32 and 10 <= np.mean(sizes) <= 16
+    assert [len(rows) for _, rows in shards_of(table(ids[:5]), 1)] == [1] * 5  # one video a part
+
+
+def test_adding_videos_extracts_only_their_shards_and_reuses_the_other_parts(ray_cluster, feature_sets, s3_uri,
+                                                                               tmp_path):
+    """Extract 12 of 16 videos, then all 16 (the 4 added spread among the others), on S3: the new
+    version copies every part whose videos did not change, extracts only the shards the new videos
+    fall into, validates, holds each video once and the rows of an extraction from scratch (the
+    session's text set of the same 16); the old version is untouched, byte for byte."""
+    full = read_manifest(feature_sets["manifest"])
+    ids = sorted(full["video_id"].to_pylist())
+    added = set(ids[1::4])
+    first = str(tmp_path / "first.parquet")
+    write_manifest(full.filter(pc.invert(pc.is_in(full["video_id"], pa.array(sorted(added))))), first)
+    cfg = ExtractConfig(manifest=first, root=s3_uri, extractor="text", videos_per_part=2)
+    old = run_extract(cfg, progress=False)
+    fs, path = storage.filesystem(old["uri"])
+    before = {p: fs.cat(p) for p in fs.find(path)}
+
+    said: list[str] = []
+    report = run_extract(dataclasses.replace(cfg, manifest=feature_sets["manifest"]), progress=False, say=said.append)
+    assert report["uri"] != old["uri"] and report["videos"] == 16
+    assert report["reused_parts"] >= 1 and report["extracted_videos"] == 16 - report["reused_videos"] < 16
+    assert any(f"reusing {report['reused_parts']} of " in line and os.path.basename(old["uri"]) in line for line in said)
+    new = store.open_version(report["uri"])
+    assert store.validate(report["uri"])["ok"] and new.manifest["reused_parts"] == report["reused_parts"]
+    for part, uri in zip(new.manifest["parts"], new.part_uris):  # reused exactly where no video was added
+        videos = set(store.read_parquet(uri, ["video_id"])["video_id"].to_pylist())
+        assert part.get("reused_from") == (None if videos & added else os.path.basename(old["uri"])), part
+    rows = sorted(read_rows(new), key=lambda r: r["video_id"])
+    assert [r["video_id"] for r in rows] == ids
+    assert rows == sorted(read_rows(store.open_version(feature_sets["text"])), key=lambda r: r["video_id"])
+    assert {p: fs.cat(p) for p in fs.find(path)} == before

@@ -299,7 +299,7 @@ def flatten(cfg: Any) -> dict[str, str]:
 
 
 def describe(cls: type, prefix: str = "") -> list[tuple[str, str, Any, str]]:
-    """(dotted key, type, default, help) for every field, for `--help` and the README."""
+    """(dotted key, type, default, help) for every field, for `--help` and the docs."""
     rows = []
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):

@@ -17,6 +17,7 @@ import contextlib
 import errno
 import os
 import posixpath
+import shutil
 import time
 from typing import IO, Callable, Iterator, TypeVar
 
@@ -242,6 +243,24 @@ def write_bytes(uri: str, data: bytes) -> None:
         with open_uri(uri, "wb") as f:
             f.write(data)
     reach(uri, write)
+
+
+def copy(src: str, dst: str) -> None:
+    """Copy one file or object to ``dst`` on the same storage; the copy appears whole or not at
+    all (one server-side request on an object store; locally a temporary file, renamed)."""
+    fs, src_path = filesystem(src)
+    _, dst_path = filesystem(dst)
+    if is_remote(dst):
+        reach(dst, lambda: fs.copy(src_path, dst_path))
+        return
+
+    def local_copy() -> None:
+        os.makedirs(os.path.dirname(dst_path), exist_ok=True)
+        # Dot-prefixed: a killed copy's leftover is skipped by Parquet readers of the folder.
+        tmp = os.path.join(os.path.dirname(dst_path), f".{os.path.basename(dst_path)}.tmp-{os.getpid()}")
+        shutil.copyfile(src_path, tmp)
+        os.replace(tmp, dst_path)
+    reach(dst, local_copy)
 
 
 def parent(uri: str) -> str:

@@ -15,7 +15,7 @@ from vidray.config import option
 @dataclass
 class ModelConfig:
     arch: Literal["vlm"] = option("vlm", "vlm: BERT over cached S3D features + text; frames models "
-                                  "(allinone) have their own model.* keys, see the README")
+                                  "(allinone) have their own model.* keys, see docs/frames-models.md")
     flavour: Literal["tiny", "small", "base"] = option("tiny", "model size; tiny is for CPU tests")
     text_backbone: Optional[str] = option(
         None, "BERT checkpoint to initialise from: a local dir, a hub name, or 'minilm' (all-MiniLM-L6-v2, "
