@@ -112,20 +112,9 @@ def _features(data: str, configs_dir: str, manifest_uri: str,
     return out
 
 
-PRETRAIN_STEPS, FINETUNE_STEPS = 300, 60
-# Retrieval fine-tuning at a global batch of 32: VLM's contrastive loss sees one worker's 16 clips.
-# At 8 a worker the gain from pre-training was within noise; at 16 it showed on every seed
-# (BENCHMARKS.md, "ablations").
-FINETUNE_BATCH = 32
-# Pre-training and fine-tuning steps of each sweep trial: enough to show the sweep in Tune and
-# MLflow, far too few to rank MMM ratios (the ablations benchmark measures that, with seeds).
-SWEEP_STEPS = (20, 30)
-# VLM starts from a pre-trained text model, as the papers' BERT does: all-MiniLM-L6-v2 (shipped
-# by a PyPI package, 384 wide, 6 layers) at the papers' small learning rate. From the random tiny
-# BERT, 300 pre-training steps learn only the word prior and leave the pooled vectors collapsed
-# (BENCHMARKS.md, "ablations"). Batch 16 keeps a step near 1.5 s on 2 cores.
-VLM_SETTINGS = ["model.text_backbone=minilm", "optim.lr=1e-4", "optim.warmup_steps=10", "train.batch_size=16",
-                "train.num_workers=2"]
+# Its settings are the presets' (configs/demo/: steps, batch, learning rate, the text model);
+# the demo adds its data, run folder and experiment. Why those values: the presets' comments.
+RUN = ["mlflow.experiment=vidray-demo"]
 
 
 def _steps(steps: int, quick: bool) -> int:
@@ -134,19 +123,29 @@ def _steps(steps: int, quick: bool) -> int:
     return max(10, steps // 10) if quick else steps
 
 
+def _from_preset(cls: type, name: str, quick: bool, overrides: list[str]):
+    """The job config of the packaged preset ``name`` (``configs/<name>``: the demo runs exactly
+    the presets a user runs) with the demo's data, run folder and experiment; ``--quick`` runs a
+    tenth of its steps and checkpoints (:func:`_steps`)."""
+    from vidray.config import load_config, preset
+
+    cfg = load_config(cls, preset(name), overrides)
+    if not quick:
+        return cfg
+    return load_config(cls, preset(name), [*overrides, f"train.steps={_steps(cfg.train.steps, True)}",
+                                           f"train.checkpoint_every={_steps(cfg.train.checkpoint_every, True)}"])
+
+
 def _pretrain(workdir: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
     """A short VLM pre-training (BERT from MiniLM) on the pre-training corpus, 2 Ray Train
     workers: its curves land in MLflow. The downstream corpus stays unseen until fine-tuning."""
-    from vidray.config import load_config
     from vidray.train.config import PretrainConfig
     from vidray.vlm.pretrain import run_pretrain
 
-    cfg = load_config(PretrainConfig, None, [
+    cfg = _from_preset(PretrainConfig, "demo/pretrain.yaml", quick, [
         f"data.features={features['pretrain_image2d']['uri']}", f"data.text={features['pretrain_text']['uri']}",
-        f"data.manifest={corpus['manifest']}", "data.split=train", "data.clips_per_video=16",
-        *VLM_SETTINGS, f"train.steps={_steps(PRETRAIN_STEPS, quick)}",
-        f"train.checkpoint_every={_steps(100, quick)}", "train.log_every=50",
-        f"train.storage_path={os.path.join(workdir, 'runs')}", "mlflow.experiment=vidray-demo"])
+        f"data.manifest={corpus['manifest']}", "data.split=train",
+        f"train.storage_path={os.path.join(workdir, 'runs')}", *RUN])
     _save_config(configs_dir, "pretrain", cfg)
     say(f"pretrain: VLM (BERT from all-MiniLM-L6-v2) on the pre-training corpus, Ray Train, 2 workers, "
         f"{cfg.train.steps} steps, MMM 50% + masked token loss")
@@ -160,25 +159,20 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
     """Retrieval fine-tuning from the pre-trained checkpoint and, as the control, from the text
     model alone (no video-text pre-training); both evaluated on the held-out test split (R@K both
     ways + multiple-choice QA)."""
-    from vidray.config import load_config
     from vidray.train.config import EvaluateConfig, FinetuneConfig
     from vidray.vlm.finetune import run_finetune
 
     mc = storage.join(corpus["uri"], "mc.jsonl")
-    out, steps = {}, _steps(FINETUNE_STEPS, quick)
+    out = {}
     for label, init in (("pretrained", pretrain["checkpoint"]), ("no_pretrain", None)):
-        # configs/demo/finetune_retrieval.yaml, spelled out: the installed package has no configs/.
-        cfg = load_config(FinetuneConfig, None, [
-            "task=retrieval", f"init_from={init or 'null'}", *VLM_SETTINGS,
-            f"data.features={features['image2d']['uri']}", f"data.text={features['text']['uri']}",
-            f"data.manifest={corpus['manifest']}", "data.split=train",
-            f"train.steps={steps}", f"train.checkpoint_every={steps}", f"train.batch_size={FINETUNE_BATCH}",
-            "train.log_every=20",
-            f"train.storage_path={os.path.join(workdir, 'runs')}", "mlflow.experiment=vidray-demo"])
+        cfg = _from_preset(FinetuneConfig, "demo/finetune_retrieval.yaml", quick, [
+            f"init_from={init or 'null'}", f"data.features={features['image2d']['uri']}",
+            f"data.text={features['text']['uri']}", f"data.manifest={corpus['manifest']}", "data.split=train",
+            f"train.storage_path={os.path.join(workdir, 'runs')}", *RUN])
         _save_config(configs_dir, f"finetune_{label}", cfg)
         start = "the pre-trained checkpoint" if init else "the text model alone (no pre-training)"
-        say(f"finetune retrieval from {start}: {steps} steps of batch {FINETUNE_BATCH} on 2 workers, "
-            "isolated masks + contrastive loss")
+        say(f"finetune retrieval from {start}: {cfg.train.steps} steps of batch {cfg.train.batch_size} on "
+            f"{cfg.train.num_workers} workers, isolated masks + contrastive loss")
         tuned = run_finetune(cfg, say=say)
         evaluation = EvaluateConfig(checkpoint=tuned["checkpoint"], split="test", mc=mc)
         evaluation.mlflow.experiment = "vidray-demo"
@@ -204,31 +198,17 @@ def _evaluate_once(workdir: str, configs_dir: str, label: str, evaluation) -> di
     return report
 
 
-# Frames per clip of each frames model in the demo (the frames set holds 4): All-in-one's 3, the
-# 4 of LAVENDER and E-ViLM.
-DEMO_NUM_FRAMES = {"allinone": 3, "lavender": 4, "evilm": 4}
-# Per-arch settings over the common ones (later overrides win).
-PRETRAIN_OVERRIDES = {"lavender": ["objective.mlm_prob=0.3", "optim.lr=1e-3"]}
-FINETUNE_OVERRIDES = {("lavender", "retrieval"): ["optim.lr=1e-3"]}
-
-
 def _vq_codes(workdir: str, data: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
-    """E-ViLM's MVM targets: train the semantic VQ tokenizer on the frames set (configs/demo/
-    vq_semantic.yaml, spelled out), then cache its codes as the vq feature set."""
-    from vidray.config import load_config
+    """E-ViLM's MVM targets: train the semantic VQ tokenizer on the frames set (the preset
+    configs/demo/vq_semantic.yaml), then cache its codes as the vq feature set."""
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import VQExtractConfig
     from vidray.frames.config import VQTokenizerConfig
     from vidray.frames.run import run_train_vq
 
-    cfg = load_config(VQTokenizerConfig, None, [
-        "model.kind=semantic", "model.flavour=tiny", "model.image_size=64", "model.num_frames=4",
-        "model.patch=16", "model.codebook_size=256", "model.code_dim=16", "model.max_text_tokens=32",
+    cfg = _from_preset(VQTokenizerConfig, "demo/vq_semantic.yaml", quick, [
         f"data.frames={features['frames']['uri']}", f"data.manifest={corpus['manifest']}", "data.split=train",
-        f"train.steps={_steps(150, quick)}", "train.batch_size=32", "train.num_workers=2",
-        f"train.checkpoint_every={_steps(150, quick)}",
-        "train.log_every=50", f"train.storage_path={os.path.join(workdir, 'runs')}", "optim.lr=1e-3",
-        "optim.warmup_steps=10", "mlflow.experiment=vidray-demo"])
+        f"train.storage_path={os.path.join(workdir, 'runs')}", *RUN])
     _save_config(configs_dir, "vq_semantic", cfg)
     say(f"train the semantic VQ video tokenizer (tiny, {cfg.model.codebook_size} codes) on Ray Train, "
         f"{cfg.train.steps} steps: codes that predict the caption's words")
@@ -247,49 +227,31 @@ def _frames_model(workdir: str, data: str, configs_dir: str, corpus: dict, featu
                   quick: bool) -> dict:
     """A frames model end to end: pre-training (MLM + VTM; E-ViLM: + MVM on the codes of a VQ
     tokenizer trained first), then retrieval and open-ended QA fine-tuning from its checkpoint,
-    both evaluated on the held-out test split next to chance. The settings are
-    configs/demo/<arch>_*.yaml, spelled out (the installed package has no configs/)."""
-    from vidray.config import load_config
+    both evaluated on the held-out test split next to chance. The settings are the presets
+    configs/demo/<arch>_*.yaml (why each: their comments)."""
     from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
     from vidray.frames.run import run_frames_finetune, run_frames_pretrain
     from vidray.train.config import EvaluateConfig
 
     out: dict = {}
-    objective = []
+    vq = []
     if arch == "evilm":
         out["vq"] = _vq_codes(workdir, data, configs_dir, corpus, features, quick)
-        objective = ["objective.mvm_tokenizer=semantic", f"data.vq.semantic={out['vq']['uri']}"]
-    common = [f"model.arch={arch}", "model.flavour=tiny", "model.image_size=64",
-              f"model.num_frames={DEMO_NUM_FRAMES[arch]}",
-              "model.max_text_tokens=32", f"data.frames={features['frames']['uri']}",
-              f"data.manifest={corpus['manifest']}", "data.split=train",
-              f"data.qa={storage.join(corpus['uri'], 'qa.jsonl')}", "train.batch_size=16",
-              "train.num_workers=2", "train.log_every=50", f"train.storage_path={os.path.join(workdir, 'runs')}",
-              "optim.lr=5e-4", "optim.warmup_steps=10", "mlflow.experiment=vidray-demo"]
-    # MLM learns within these steps; video-text matching needs more (about 400 steps of batch 32
-    # at a constant learning rate before it leaves chance): the demo shows the path, not the limit.
-    # LAVENDER's matching (its retrieval) learns only after MLM has tied words to frames: longer,
-    # with 30% of the words masked (tests/test_allinone_train.py's LAVENDER settings).
-    steps = _steps(500 if arch == "lavender" else 300, quick)
-    cfg = load_config(FramesPretrainConfig, None, common + objective + PRETRAIN_OVERRIDES.get(arch, []) + [
-        f"train.steps={steps}", "train.batch_size=32", f"train.checkpoint_every={steps}"])
+        vq = [f"data.vq.semantic={out['vq']['uri']}"]
+    data_settings = [f"data.frames={features['frames']['uri']}", f"data.manifest={corpus['manifest']}",
+                     "data.split=train", f"data.qa={storage.join(corpus['uri'], 'qa.jsonl')}",
+                     f"train.storage_path={os.path.join(workdir, 'runs')}", *RUN]
+    cfg = _from_preset(FramesPretrainConfig, f"demo/{arch}_pretrain.yaml", quick, data_settings + vq)
     _save_config(configs_dir, f"{arch}_pretrain", cfg)
     say(f"pretrain {arch} (tiny) on Ray Train, 2 workers, {cfg.train.steps} steps, MLM + video-text matching"
-        + (" + masked video modelling" if objective else "") + f" on {cfg.model.num_frames} frames per clip")
+        + (" + masked video modelling" if vq else "") + f" on {cfg.model.num_frames} frames per clip")
     pretrain = run_frames_pretrain(cfg, say=say)
     out["pretrain"] = ({k: pretrain[k] for k in ("run_name", "checkpoint", "mlflow_run_id")}
                        | {k: pretrain["metrics"].get(k) for k in ("step", "loss", "mlm_loss", "vtm_loss", "mvm_loss")
                           if k in pretrain["metrics"]})
-    # Retrieval overfits the demo's ~110 training clips after about 200 steps and gains from more
-    # in-batch negatives (32); QA has 3 questions a clip. LAVENDER's retrieval step fuses every
-    # pair of a worker's batch: at 16 a step costs a quarter of 32's, and 400 of them ranked better
-    # than 300 at 32 (configs/demo/lavender_finetune_retrieval.yaml).
-    retrieval_steps, retrieval_batch = (400, 16) if arch == "lavender" else (200, 32)
-    for task, steps, batch in (("retrieval", _steps(retrieval_steps, quick), retrieval_batch),
-                               ("qa", _steps(400, quick), 16)):
-        cfg = load_config(FramesFinetuneConfig, None, common + FINETUNE_OVERRIDES.get((arch, task), []) + [
-            f"task={task}", f"init_from={pretrain['checkpoint']}", f"train.steps={steps}",
-            f"train.checkpoint_every={steps}", f"train.batch_size={batch}"])
+    for task in ("retrieval", "qa"):
+        cfg = _from_preset(FramesFinetuneConfig, f"demo/{arch}_finetune_{task}.yaml", quick,
+                           data_settings + [f"init_from={pretrain['checkpoint']}"])
         _save_config(configs_dir, f"{arch}_finetune_{task}", cfg)
         say(f"finetune {arch} for {task} from the pre-trained checkpoint: {cfg.train.steps} steps on 2 workers")
         tuned = run_frames_finetune(cfg, say=say)
@@ -319,29 +281,25 @@ def _print_frames_model(arch: str, result: dict) -> None:
 
 
 def sweep_config(runs: str, corpus: dict, pretrain_corpus: dict, features: dict, quick: bool):
-    """configs/demo/sweep.yaml, spelled out: MMM ratio 0 against VLM's 0.5, each pre-trained on the
-    pre-training corpus, fine-tuned for retrieval on the downstream train split and scored by R@1 on its val
-    split. Every trial runs to the end: a pre-training loss cannot rank MMM ratios fairly (a
-    validation with MMM off favours the trial trained with MMM off; one with MMM on, the others),
-    so the choice waits for the downstream score."""
+    """The preset configs/demo/sweep.yaml with the demo's data: MMM ratio 0 against VLM's 0.5, each
+    pre-trained on the pre-training corpus, fine-tuned for retrieval on the downstream train split
+    and scored by R@1 on its val split (why no early stop: the preset's comment)."""
+    from vidray.config import preset
     from vidray.tuning.sweep import load_sweep
 
-    data = [f"pretrain.data.features={features['pretrain_image2d']['uri']}",
-            f"pretrain.data.text={features['pretrain_text']['uri']}",
-            f"pretrain.data.manifest={pretrain_corpus['manifest']}", "pretrain.data.split=train",
-            "pretrain.data.clips_per_video=16",
-            f"finetune.data.features={features['image2d']['uri']}", f"finetune.data.text={features['text']['uri']}",
-            f"finetune.data.manifest={corpus['manifest']}", "finetune.data.split=train"]
-    pt, ft = (_steps(steps, quick) for steps in SWEEP_STEPS)
-    trial = [*(f"{job}.{setting}" for job in ("pretrain", "finetune") for setting in VLM_SETTINGS),
-             f"pretrain.train.steps={pt}", f"pretrain.train.checkpoint_every={pt}", "pretrain.train.log_every=20",
-             "finetune.task=retrieval", f"finetune.train.steps={ft}", f"finetune.train.checkpoint_every={ft}",
-             "finetune.train.log_every=20", "evaluate.split=val"]
-    sweep = ["name=demo-mmm-ratio", f"storage_path={os.path.join(runs, 'sweeps')}",
-             "space.objective.mmm_ratio={grid: [0.0, 0.5]}", "metric=t2v_R1", "mode=max",
-             "scheduler.name=none", "mlflow.experiment=vidray-demo-sweep"]
-    return load_sweep(None, data + trial + sweep)
-
+    settings = [f"pretrain.data.features={features['pretrain_image2d']['uri']}",
+                f"pretrain.data.text={features['pretrain_text']['uri']}",
+                f"pretrain.data.manifest={pretrain_corpus['manifest']}",
+                f"finetune.data.features={features['image2d']['uri']}", f"finetune.data.text={features['text']['uri']}",
+                f"finetune.data.manifest={corpus['manifest']}",
+                "name=demo-mmm-ratio", f"storage_path={os.path.join(runs, 'sweeps')}",
+                "mlflow.experiment=vidray-demo-sweep"]
+    cfg = load_sweep(preset("demo/sweep.yaml"), settings)
+    if quick:  # a tenth of each trial's steps (:func:`_steps`)
+        settings += [f"{job}.train.{key}={_steps(getattr(getattr(cfg, job).train, key), True)}"
+                     for job in ("pretrain", "finetune") for key in ("steps", "checkpoint_every")]
+        cfg = load_sweep(preset("demo/sweep.yaml"), settings)
+    return cfg
 
 def _sweep(workdir: str, configs_dir: str, corpus: dict, pretrain_corpus: dict, features: dict,
            quick: bool) -> dict | None:

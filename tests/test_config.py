@@ -110,6 +110,24 @@ def test_cli_print_config_is_loadable(tmp_path):
     assert load_config(PretrainConfig, str(saved)).objective.mmm_ratio == 0.3
 
 
+def test_the_presets_ship_inside_the_package_and_resolve_by_name_from_any_directory(tmp_path):
+    """configs/ is a link to the package's presets (what `vidray demo` runs): a user of the
+    installed package names one, with or without configs/ and .yaml, from wherever they are."""
+    from vidray.config import PRESETS_DIR, preset, preset_names
+
+    assert os.path.realpath(os.path.join(REPO, "configs")) == os.path.realpath(PRESETS_DIR)
+    on_disk = sorted(os.path.relpath(p, os.path.join(REPO, "configs")) for p in glob.glob(os.path.join(REPO, "configs", "*", "*.yaml")))
+    assert preset_names() == on_disk and "demo/pretrain.yaml" in on_disk
+    assert preset("configs/demo/pretrain") == preset("demo/pretrain.yaml") == os.path.join(PRESETS_DIR, "demo",
+                                                                                            "pretrain.yaml")
+    for name in ("demo/allinone_pretrain", "configs/demo/allinone_pretrain.yaml"):
+        proc = run_cli("pretrain", name, "--print-config", cwd=tmp_path)  # no configs/ here
+        assert proc.returncode == 0, proc.stderr
+        assert "arch: allinone" in proc.stdout and "steps: 300" in proc.stdout
+    with pytest.raises(ConfigError, match=r"no preset 'demo/nope'; the presets are: demo/allinone_finetune_qa.yaml"):
+        preset("demo/nope")
+
+
 def test_cli_missing_config_file_is_one_clear_line():
     proc = run_cli("pretrain", "configs/nope.yaml")
     assert proc.returncode == 2

