@@ -48,6 +48,32 @@ def quiet_libraries() -> None:
     logging.getLogger("mlflow").setLevel(os.environ["MLFLOW_LOGGING_LEVEL"])  # if it already was
 
 
+class WithoutRayNoise:
+    """A text stream passing on all but Ray's known-benign driver warnings. Ray prints the
+    messages its raylets address to the driver on ``sys.stdout`` whatever ``log_to_driver`` says;
+    on a small machine running Ray Data and Ray Train side by side, "N PYTHON worker processes have
+    been started ... the maximum expected startup concurrency" is one of them, every job, with
+    nothing for the user to do. Other raylet messages (a worker killed for memory, ...) still show."""
+
+    NOISE = ("PYTHON worker processes have been started on node",)
+
+    def __init__(self, stream):
+        self.stream, self._dropped = stream, False
+
+    def write(self, text: str) -> int:
+        if any(noise in text for noise in self.NOISE):
+            self._dropped = True
+            return len(text)
+        if self._dropped and text == "\n":  # print() writes the line's end apart
+            self._dropped = False
+            return len(text)
+        self._dropped = False
+        return self.stream.write(text)
+
+    def __getattr__(self, name: str):  # flush, isatty, fileno, encoding: the stream's own
+        return getattr(self.stream, name)
+
+
 def init_ray(**kwargs) -> None:
     """``ray.init(**kwargs)``, keeping the process's SIGTERM handler and, unless :func:`verbose`,
     Ray's own output to warnings.
@@ -70,6 +96,8 @@ def init_ray(**kwargs) -> None:
         quiet_libraries()
         kwargs.setdefault("log_to_driver", False)
         kwargs.setdefault("logging_level", logging.WARNING)
+        if not isinstance(sys.stdout, WithoutRayNoise):
+            sys.stdout = WithoutRayNoise(sys.stdout)
     notes.in_driver()
     keep = threading.current_thread() is threading.main_thread()
     handler = signal.getsignal(signal.SIGTERM) if keep else None
