@@ -36,12 +36,12 @@ import pyarrow.parquet as pq
 
 from vidray import storage
 from vidray.cluster import init_ray
-from vidray.quarantine import QUARANTINE_SCHEMA, conform, overrun_counts, quarantine_record
-from vidray.config import ConfigError, missing_required, option
+from vidray.config import ConfigError, from_dict, missing_required, option
 from vidray.feature_store import store
 from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, Image2DExtractConfig,
                                              S3DExtractConfig, TextExtractConfig, VQExtractConfig)
 from vidray.manifest import read_manifest
+from vidray.quarantine import QUARANTINE_SCHEMA, conform, overrun_counts, quarantine_record
 
 
 @dataclass
@@ -130,7 +130,6 @@ class ShardWorker:
     def __init__(self, cfg_dict: dict, version: str, use_gpu: bool, cpus: int):
         import torch
 
-        from vidray.config import from_dict
 
         torch.set_num_threads(max(1, cpus))
         self.cfg = from_dict(ExtractConfig, cfg_dict)

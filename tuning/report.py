@@ -12,6 +12,7 @@ import math
 import os
 from typing import Any, Callable
 
+from vidray import storage
 from vidray.config import dump_yaml
 from vidray.tuning.config import ERROR_TAG, experiment_of, forced_settings, mlflow_client
 from vidray.tuning.space import overrides_of, trial_configs
@@ -48,9 +49,7 @@ def trial_params(result) -> dict:
     was resumed, comes back from Tune with ``config=None``; its ``params.json`` still holds them."""
     if result.config is not None:
         return result.config
-    import json
 
-    from vidray import storage
 
     uri = storage.join(str(result.path), "params.json")
     return json.loads(storage.read_bytes(uri)) if result.path and storage.exists(uri) else {}

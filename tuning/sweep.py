@@ -19,14 +19,19 @@ import json
 import math
 import os
 import sys
+import time
 from typing import Any, Callable
 
+from vidray import storage
+from vidray.archs import runner
+from vidray.cluster import verbose
 from vidray.config import ConfigError, dump_yaml, flatten, from_dict, merge, parse_overrides, read_yaml
 from vidray.feature_store.store import digest
+from vidray.tracking import alive_nodes, decide_tracking_uri, use_experiment
 from vidray.tuning.config import SweepConfig, experiment_of, forced_settings, mlflow_client
 from vidray.tuning.report import finish_sweep
 from vidray.tuning.space import check, overrides_of, trial_configs, tune_space
-from vidray.tracking import alive_nodes, decide_tracking_uri, use_experiment
+
 
 def load_sweep(path: str | None, overrides: list[str]) -> SweepConfig:
     """The sweep config at ``path`` with ``overrides``; ``space.<dotted path>=SPEC`` keeps the
@@ -46,7 +51,6 @@ def load_sweep(path: str | None, overrides: list[str]) -> SweepConfig:
 
 def _storage(cfg: SweepConfig):
     """(pyarrow filesystem or None, path) of the sweep's folder root."""
-    from vidray import storage
 
     if storage.is_remote(cfg.storage_path):
         return storage.arrow_filesystem(cfg.storage_path)
@@ -78,7 +82,6 @@ def run_trial(params: dict, sweep: SweepConfig, parent_run_id: str) -> None:
     _log_params(client, run_id, {**flatten(pretrain),
                                  **({f"finetune.{k}": v for k, v in flatten(finetune).items()}
                                     if finetune else {})})
-    from vidray.archs import runner
 
     # The trial's own arch (a space may sweep allinone vs lavender), as `vidray pretrain` picks it.
     run_pretrain = runner("pretrain", pretrain.model.arch)
@@ -102,7 +105,6 @@ def trial_label(params: dict) -> str:
 
 
 def _finetune_and_evaluate(sweep: SweepConfig, finetune, checkpoint: str, parent: str, label: str) -> dict:
-    from vidray.archs import runner
     from vidray.evaluate import run_evaluate  # follows the checkpoint to VLM or a frames model
 
     run_finetune = runner("finetune", finetune.model.arch)
@@ -122,8 +124,6 @@ def _to_stderr(message: str) -> None:
 
 
 def _now() -> int:
-    import time
-
     return int(time.time() * 1000)
 
 
@@ -206,7 +206,6 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, say: Callable[[str], None]
     import ray
     from ray import tune
 
-    from vidray.cluster import verbose
     from vidray.train.job import ensure_ray
 
     problems = check(cfg)  # unknown paths and malformed entries raise before anything starts

@@ -10,6 +10,8 @@ same two lists (tests/test_infra.py).
 
 from __future__ import annotations
 
+import json
+import logging
 import os
 import shlex
 import signal
@@ -19,7 +21,7 @@ import time
 from typing import Callable
 
 from vidray import notes
-from vidray.config import ConfigError
+from vidray.config import ConfigError, redact
 
 # Where a job logs and stores: forwarded from the submitting shell into the job's runtime env.
 FORWARDED_ENV = ("MLFLOW_TRACKING_URI", "AWS_ENDPOINT_URL", "AWS_DEFAULT_REGION", "AWS_REGION",
@@ -38,7 +40,6 @@ def verbose() -> bool:
 def quiet_libraries() -> None:
     """Ray Data's and MLflow's loggers at WARNING, in this process and (through the environment)
     in the workers, whether or not they are imported yet."""
-    import logging
 
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "WARNING")  # read when ray.data is imported
     logging.getLogger("ray.data").setLevel(os.environ["RAY_DATA_LOG_LEVEL"])  # if it already was
@@ -88,7 +89,6 @@ def init_ray(**kwargs) -> None:
     :func:`vidray.notes.note`; training's progress comes through :mod:`vidray.train.progress`. Ray Data's
     progress bars show on a terminal only (in a pipe they are INFO lines).
     """
-    import logging
 
     import ray
 
@@ -111,7 +111,6 @@ def init_ray(**kwargs) -> None:
 def ray_job_id() -> str:
     """The id `ray job logs` and `ray job stop` take: a submitted job's submission id (its
     driver's own Ray job id, 02000000-like, is not one they accept), else the driver's job id."""
-    import json
 
     import ray
 
@@ -121,7 +120,6 @@ def ray_job_id() -> str:
 
 def command_line() -> str:
     """This process's command as the user typed it (credentials masked): MLflow's Source."""
-    from vidray.config import redact
 
     program = os.path.basename(sys.argv[0])
     words = ["vidray", *sys.argv[1:]] if program in ("vidray", "cli.py", "__main__.py") else sys.argv

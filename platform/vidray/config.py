@@ -23,6 +23,9 @@ from typing import Any, Literal, TypeVar, Union
 
 import yaml
 
+from vidray import storage
+
+
 T = TypeVar("T")
 
 
@@ -280,7 +283,6 @@ def config_path(path: str) -> str:
 
 def read_yaml(path: str) -> dict:
     """Read a YAML mapping from a local path or URI, or a packaged preset (:func:`config_path`)."""
-    from vidray import storage
 
     path = config_path(path)
     try:

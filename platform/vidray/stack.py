@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -22,6 +23,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import asdict, dataclass, field
+
 
 HOST = "127.0.0.1"
 # moto accepts any credentials; these are not secrets, just what the local endpoint is told.
@@ -173,7 +175,6 @@ def saved_objects_dir(info: StackInfo) -> str:
 def save_objects(info: StackInfo) -> int:
     """Copy every object of the bucket to :func:`saved_objects_dir` (replacing the last copy);
     returns how many. Why: moto keeps objects in memory, and a stopped stack would lose them."""
-    import shutil
 
     client, target = _s3_client(info), saved_objects_dir(info)
     partial = target + ".partial"

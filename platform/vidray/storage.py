@@ -24,6 +24,7 @@ from typing import IO, Callable, Iterator, TypeVar
 import fsspec
 import pyarrow.fs as pafs
 
+from vidray.notes import note
 from vidray.stack import LOCAL_KEY_ID   # the local stack's fixed key: it opens the local endpoint only
 
 
@@ -72,9 +73,7 @@ def endpoint() -> str:
 
 
 def _warn(message: str) -> None:
-    from vidray.notes import note  # from an extraction actor too: the driver shows it
-
-    note(message)
+    note(message)  # from an extraction actor too: the driver shows it
 
 
 def call_with_retries(fn: Callable[[], T], uri: str, warn: Callable[[str], None] = _warn) -> T:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 from typing import Optional
 
-from vidray.config import option
+from vidray.config import ConfigError, option, redact
 
 # MLflow writes "View run ... at URL" to stdout when a run ends on a tracking server; from Ray
 # workers that lands in the driver's stdout, where `vidray` prints its JSON report. Our jobs say
@@ -62,7 +62,6 @@ def decide_tracking_uri(uri: str | None, experiment: str, nodes: int = 1) -> str
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from vidray.config import ConfigError, redact
 
     uri = uri or os.environ.get("MLFLOW_TRACKING_URI") or mlflow.get_tracking_uri()
     if uri.startswith("sqlite:///") and not uri.startswith("sqlite:////"):

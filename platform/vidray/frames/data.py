@@ -26,12 +26,15 @@ from typing import Callable, Iterator
 import numpy as np
 import pyarrow as pa
 
+from vidray import storage
 from vidray.config import ConfigError
 from vidray.eval.multiple_choice import read_mc_rows
+from vidray.feature_store.extractors import FramesExtractConfig, FramesExtractor
 from vidray.frames.pixels import decode_clip, pick_frames, square
 from vidray.manifest import read_manifest, split_videos
 from vidray.masking import IGNORE_INDEX
 from vidray.models.weights import text_tokenizer
+
 
 CLIP_COLUMNS = ["video_id", "clip_index", "start_s", "texts", "jpeg"]
 
@@ -55,7 +58,6 @@ def _start_key(seconds: float) -> int:
 
 def read_qa(uri: str) -> dict[tuple[str, int], list[dict]]:
     """Questions of a QA jsonl per (video, start in ms)."""
-    from vidray import storage
 
     if not uri:
         raise ConfigError("data.qa", "is required for the qa task: a jsonl of {video, question, answer, "
@@ -289,7 +291,6 @@ def clip_keys(model, data) -> list[tuple[str, int]]:
 def skipped_videos_uri(storage_path: str, run_name: str, split: str) -> str:
     """Where a training run records the videos of ``split`` it could not decode (beside its
     checkpoints: on storage every node reaches)."""
-    from vidray import storage
 
     return storage.join(storage_path, run_name, "skipped_videos", split)
 
@@ -302,7 +303,6 @@ def video_sampler(model):
     """The frames extractor's settings that cut exactly what ``model`` reads: a frames set extracted
     with them (``frames.num_frames=<model.num_frames> frames.size=<model.image_size>``, uniform,
     one clip per timed caption) holds the same clips and, up to JPEG error, the same pixels."""
-    from vidray.feature_store.extractors import FramesExtractConfig
 
     return FramesExtractConfig(num_frames=model.num_frames, size=model.image_size)
 
@@ -312,8 +312,6 @@ def decode_video(row: dict, sampler, overruns: list[dict] | None = None) -> list
     captions past the video's end are clipped or skipped and recorded in ``overruns``. Raises
     :class:`vidray.video.VideoDecodeError` on an unreadable video; storage that does not answer is
     waited for (never a reason to skip a video)."""
-    from vidray import storage
-    from vidray.feature_store.extractors import FramesExtractor
 
     def attempt() -> list[dict]:
         if overruns is not None:
@@ -359,7 +357,6 @@ def video_examples_dataset(model, data, split: str, kwargs: dict, skipped_to: st
     their records are gathered into ``skipped_to/quarantine.parquet`` and named through ``say``."""
     import ray
 
-    from vidray import storage
     from vidray.clips import video_blocks
     from vidray.quarantine import gather_quarantine
 

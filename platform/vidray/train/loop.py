@@ -15,9 +15,13 @@ command start from the latest checkpoint, and the step counter continues where i
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import queue
+import random
 import sys
 import tempfile
+import threading
 import time
 from contextlib import nullcontext
 from typing import Any, Callable, Protocol
@@ -25,11 +29,13 @@ from typing import Any, Callable, Protocol
 import numpy as np
 import torch
 
+from vidray import storage
 from vidray.checkpoint import CHECKPOINT_FILE, read_checkpoint
-from vidray.notes import note
 from vidray.config import redact
+from vidray.notes import note
 from vidray.tracking import use_experiment
 from vidray.train.parallel import compile_layers, full_state, load_full_state, local_value, parallelize
+
 
 def log(message: str) -> None:
     """A worker's note, in its log file (stderr; on the driver too with ``--verbose``)."""
@@ -58,7 +64,6 @@ def warmup_poly_decay(warmup_steps: int, total_steps: int, power: float = 1.0) -
 def rng_state(generator: torch.Generator | None = None) -> dict:
     """Every RNG's state as tensors and plain values (what ``weights_only`` loading accepts),
     with ``generator``'s (a system's own draws: masks, pairings) where it has one."""
-    import random
 
     name, keys, position, has_gauss, gauss = np.random.get_state()
     return {"torch": torch.get_rng_state(), "python": random.getstate(),
@@ -67,8 +72,6 @@ def rng_state(generator: torch.Generator | None = None) -> dict:
 
 
 def set_rng_state(state: dict, generator: torch.Generator | None = None) -> None:
-    import random
-
     if generator is not None and "generator" in state:
         generator.set_state(state["generator"])
     torch.set_rng_state(state["torch"])
@@ -105,8 +108,6 @@ class MLflowRun:
 
     def __init__(self, tracking_uri: str | None, experiment: str, run_name: str, params: dict,
                  tags: dict, metric_prefix: str = ""):
-        import queue
-        import threading
 
         import mlflow
 
@@ -143,8 +144,6 @@ class MLflowRun:
         self.pending.put([Metric(self.metric_prefix + k, float(v), timestamp, step) for k, v in metrics.items()])
 
     def _send_until_closed(self) -> None:
-        import queue
-
         unsent: list = []
         delay, down_since, closing = 1.0, None, False
         while not closing or unsent:
@@ -421,7 +420,6 @@ def _report(cfg, model, optimizer, scheduler, step, metrics, rank, with_checkpoi
             position: dict | None = None, rng: dict | None = None) -> None:
     """Report ``metrics`` to Ray Train, with a checkpoint when ``with_checkpoint`` that also holds
     ``position`` (where in the data the run stands) and ``rng`` (its RNG streams)."""
-    import dataclasses
 
     import ray.train
 
@@ -446,7 +444,6 @@ def fit(cfg: Any, build_system: Callable[[Any, torch.device], System], dataset, 
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from vidray import storage
 
     filesystem, path = (storage.arrow_filesystem(storage_path) if storage.is_remote(storage_path)
                         else (None, os.path.abspath(storage_path)))

@@ -12,7 +12,6 @@ Rows hold numpy arrays of varying length; :func:`collate` pads them into the bat
 from __future__ import annotations
 
 import dataclasses
-
 import math
 import zlib
 from dataclasses import dataclass
@@ -21,7 +20,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vidray.config import option
+from vidray.config import ConfigError, option
+from vidray.manifest import read_manifest
 
 
 @dataclass
@@ -164,7 +164,6 @@ def text_table(text_uri: str, manifest_uri: str = "", split: str = "") -> pa.Tab
     table = pa.concat_tables([store.read_parquet(u, ["video_id", "captions"])
                               for u in store.open_version(text_uri).part_uris])
     if manifest_uri:
-        from vidray.manifest import read_manifest
 
         keep = read_manifest(manifest_uri)
         keep = keep.filter(pc.equal(keep["split"], split))["video_id"]
@@ -177,7 +176,6 @@ def with_video_dim(cfg, features_uri: str):
     at ``features_uri`` (its manifest's ``dims``: 512 for S3D, 1280 for image2d); a set value
     that disagrees is refused. A copy, so the caller's config (and the run name hashed from a
     resolved one) does not change under it."""
-    from vidray.config import ConfigError
     from vidray.feature_store import store
 
     width = store.open_version(features_uri).manifest.get("dims", {}).get("features")

@@ -21,19 +21,20 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from vidray.caption_metrics import caption_metrics
 from vidray.checkpoint import load_state
 from vidray.config import ConfigError, from_dict
 from vidray.eval.multiple_choice import mc_row, mc_summary, read_mc_rows
 from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
 from vidray.eval.retrieval import score_retrieval
+from vidray.manifest import split_videos
+from vidray.masking import IGNORE_INDEX
+from vidray.models.weights import text_tokenizer
 from vidray.train.config import EvaluateConfig, FinetuneConfig
 from vidray.vlm.data import collate
-from vidray.manifest import split_videos
-from vidray.models.weights import text_tokenizer
 from vidray.vlm.finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
                                  text_budget, video_rows)
 from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm
-from vidray.masking import IGNORE_INDEX
 from vidray.vlm.tasks import build_task_model
 
 # --- loading -----------------------------------------------------------------------------------
@@ -161,7 +162,6 @@ def generate_captions(model, clips: list[dict], batch_size: int, max_video_token
 
 def evaluate_captioning(model, clips: list[dict], tokenizer, cfg: EvaluateConfig,
                         max_video_tokens: int, max_text_tokens: int) -> tuple[dict, list[dict], dict]:
-    from vidray.caption_metrics import caption_metrics
 
     max_tokens = min(cfg.max_caption_tokens, max_text_tokens)
     # Several clips may share a video: key by clip, reference = that clip's caption.

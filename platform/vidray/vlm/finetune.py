@@ -17,25 +17,26 @@ import numpy as np
 import pyarrow as pa
 import torch
 
+from vidray.adapters import label_vocabulary, per_second_labels, read_action_segments
+from vidray.checkpoint import init_from
 from vidray.config import ConfigError
 from vidray.feature_store.store import open_version
 from vidray.manifest import split_videos
+from vidray.masking import IGNORE_INDEX
 from vidray.train.config import FinetuneConfig
-from vidray.vlm.config import ModelConfig
-from vidray.checkpoint import init_from
 from vidray.train.job import run_name, run_training
+from vidray.vlm.config import ModelConfig
 from vidray.vlm.data import (_ragged, clip_examples_of_video, collate, with_video_dim, segment_windows,
                              text_table)
 from vidray.vlm.model import SEP_ID, build_vlm
-from vidray.masking import IGNORE_INDEX
 from vidray.vlm.tasks import build_task_model
+
 
 EXPERIMENT = "vidray-finetune"
 
 
 def segment_classes(labels_uri: str) -> tuple[dict[str, list[dict]], dict[str, int]]:
     """Segments per video and the label vocabulary of a COIN-format file."""
-    from vidray.adapters import label_vocabulary, read_action_segments
 
     if not labels_uri:
         raise ConfigError("data.labels", "is required for action_segmentation: a COIN-format "
@@ -109,7 +110,6 @@ def captions_by_video(text_uri: str, manifest: str = "", split: str = "") -> dic
 def task_examples(task: str, rows, *, max_video_tokens: int, max_text_tokens: int,
                   segments: dict | None = None, classes: dict | None = None, stride: int = 16) -> list[dict]:
     """The examples of ``task`` from :func:`video_rows`."""
-    from vidray.adapters import per_second_labels
 
     out: list[dict] = []
     for video_id, features, captions in rows:
