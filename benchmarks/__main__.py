@@ -11,7 +11,8 @@ import time
 BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache",
               "sweep_asha": "benchmarks.sweep_asha", "ray_overhead": "benchmarks.ray_overhead",
               "retrieval_eval": "benchmarks.retrieval_eval", "ingest": "benchmarks.ingest",
-              "extract_scaling": "benchmarks.extract_scaling", "memory": "benchmarks.memory",
+              "extract_scaling": "benchmarks.extract_scaling", "text_extract": "benchmarks.text_extract",
+              "memory": "benchmarks.memory",
               "ablations": "benchmarks.ablations", "frames_ablations": "benchmarks.frames_ablations"}
 # Tens of minutes to an hour on 2 cores each: not part of `all` (`make bench`).
 BY_NAME_ONLY = {"ablations", "frames_ablations"}

@@ -124,23 +124,14 @@ def part_key(ident: dict, videos: list[dict]) -> str:
     return store.digest({**extractor, "videos": [{k: v.get(k) for k in SOURCE_COLUMNS} for v in videos]})
 
 
-class ShardWorker:
-    """A Ray actor: builds the extractor once, then extracts and writes whole shards."""
+class ShardWriter:
+    """Builds the extractor once, then extracts and writes whole shards: in the actors of a Ray
+    Data pool (:class:`ShardWorker`), or in the driver for an extractor that needs no actor."""
 
-    def __init__(self, cfg_dict: dict, version: str, use_gpu: bool, cpus: int):
-        import torch
-
-
-        torch.set_num_threads(max(1, cpus))
-        self.cfg = from_dict(ExtractConfig, cfg_dict)
-        self.version = version
-        _, extractor_cls = EXTRACTORS[self.cfg.extractor]
-        self.extractor = extractor_cls(self.cfg.extractor_config, "cuda" if use_gpu else "cpu")
-
-    def __call__(self, batch: dict) -> dict:
-        summaries = [self.write_shard(int(shard), json.loads(videos))
-                     for shard, videos in zip(batch["shard"], batch["videos"])]
-        return {k: [s[k] for s in summaries] for k in summaries[0]}
+    def __init__(self, cfg: ExtractConfig, version: str, device: str = "cpu"):
+        self.cfg, self.version = cfg, version
+        _, extractor_cls = EXTRACTORS[cfg.extractor]
+        self.extractor = extractor_cls(cfg.extractor_config, device)
 
     def write_shard(self, shard: int, videos: list[dict]) -> dict:
         """Extract and write one shard; returns its summary. Storage that does not answer is
@@ -174,6 +165,22 @@ class ShardWorker:
         per call: a retry after a storage error must not repeat the failed try's records."""
         overruns: list[dict] = []
         return self.extractor.extract(video, overruns=overruns), overruns
+
+
+class ShardWorker(ShardWriter):
+    """A Ray actor of the pool: a :class:`ShardWriter` with its share of the node's CPUs as torch
+    threads, fed one shard per call."""
+
+    def __init__(self, cfg_dict: dict, version: str, use_gpu: bool, cpus: int):
+        import torch
+
+        torch.set_num_threads(max(1, cpus))
+        super().__init__(from_dict(ExtractConfig, cfg_dict), version, "cuda" if use_gpu else "cpu")
+
+    def __call__(self, batch: dict) -> dict:
+        summaries = [self.write_shard(int(shard), json.loads(videos))
+                     for shard, videos in zip(batch["shard"], batch["videos"])]
+        return {k: [s[k] for s in summaries] for k in summaries[0]}
 
 
 def _ends_shard(video_id: str, per_part: int) -> bool:
@@ -240,7 +247,6 @@ def _resources(cfg: ExtractConfig) -> tuple[bool, int]:
 def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list[dict]]],
                  progress: bool) -> None:
     import ray
-    from tqdm import tqdm
 
     use_gpu, workers = _resources(cfg)
     workers = min(workers, len(pending))
@@ -251,10 +257,25 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
         fn_constructor_kwargs={"cfg_dict": asdict(cfg), "version": version, "use_gpu": use_gpu,
                                "cpus": cpus},
         num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cpus)
-    total = sum(len(v) for _, v in pending)
+    _follow(cfg, version, ds.iter_rows(), sum(len(v) for _, v in pending), progress)
+
+
+def _run_in_driver(cfg: ExtractConfig, version: str, pending: list[tuple[int, list[dict]]],
+                   progress: bool) -> None:
+    """The shards one after the other in this process, for an extractor with ``runs_in_driver``
+    (text: a tokenizer does in a second what an actor pool takes ten to start); no Ray at all."""
+    writer = ShardWriter(cfg, version)
+    _follow(cfg, version, (writer.write_shard(shard, videos) for shard, videos in pending),
+            sum(len(v) for _, v in pending), progress)
+
+
+def _follow(cfg: ExtractConfig, version: str, summaries, total: int, progress: bool) -> None:
+    """Show the shards' summaries as they come; stop at the first that could not reach storage."""
+    from tqdm import tqdm
+
     # disable=None: a bar on a terminal only (in a pipe or a job's log its redraws are noise)
     with tqdm(total=total, unit="video", desc=f"extract {cfg.extractor}", disable=None if progress else True) as bar:
-        for summary in ds.iter_rows():
+        for summary in summaries:
             if summary["unreachable"]:  # stop here: every other shard would wait out the same outage
                 raise storage.StorageUnreachable(f"{summary['unreachable']}; {version} stays uncommitted")
             bar.update(summary["videos"])
@@ -338,7 +359,9 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
         say(f"{version}: reusing {len(reused)} of {len(shards)} parts from "
             f"{', '.join(sorted(set(reused.values())))}, whose videos and extractor are the same")
     pending = [(s, v) for s, v in shards if s not in done and s not in reused]
-    if pending:
+    if pending and getattr(extractor_cls, "runs_in_driver", False):
+        _run_in_driver(cfg, version, pending, progress)
+    elif pending:
         if not ray.is_initialized():
             init_ray(address=cfg.ray_address)
         _run_pending(cfg, version, pending, progress)

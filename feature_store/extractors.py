@@ -237,6 +237,9 @@ class TextExtractConfig:
 
 class TextExtractor:
     key = ["video_id"]
+    # Tokenizing captions needs no model, no decoding and no GPU: `vidray extract` runs it in the
+    # driver (thousands of videos a second) instead of starting an actor pool.
+    runs_in_driver = True
     schema_version = 1
     dims: dict[str, int] = {}
     schema = pa.schema([("video_id", pa.string()), ("captions", pa.list_(CAPTION_IDS_TYPE))])

@@ -377,3 +377,18 @@ def test_adding_videos_extracts_only_their_shards_and_reuses_the_other_parts(ray
     assert [r["video_id"] for r in rows] == ids
     assert rows == sorted(read_rows(store.open_version(feature_sets["text"])), key=lambda r: r["video_id"])
     assert {p: fs.cat(p) for p in fs.find(path)} == before
+
+
+def test_text_extraction_runs_in_the_driver_without_ray(feature_sets, tmp_path):
+    """A tokenizer needs no actor pool: in a fresh process, `run_extract` of the text set leaves
+    Ray uninitialised, and the set equals the session's (extracted the same way)."""
+    code = ("import json, sys, ray; from vidray.feature_store.extract import ExtractConfig, run_extract; "
+            "r = run_extract(ExtractConfig(manifest=sys.argv[1], root=sys.argv[2], extractor='text'), progress=False, "
+            "say=lambda m: None); print(json.dumps({'uri': r['uri'], 'ray': ray.is_initialized()}))")
+    out = subprocess.run([sys.executable, "-c", code, feature_sets["manifest"], str(tmp_path)], cwd=REPO,
+                         capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.splitlines()[-1])
+    assert result["ray"] is False
+    by_id = lambda uri: sorted(read_rows(store.open_version(uri)), key=lambda r: r["video_id"])
+    assert by_id(result["uri"]) == by_id(feature_sets["text"])

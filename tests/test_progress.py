@@ -144,8 +144,10 @@ def test_a_jobs_stdout_holds_its_json_report_alone(ray_cluster, feature_sets, tm
     thread = threading.Thread(target=chatter, daemon=True)
     thread.start()
     try:
-        rc = main(["extract", f"manifest={feature_sets['manifest']}", f"root={tmp_path}", "extractor=text",
-                   "limit=2"])  # a real extraction (seconds of Ray Data) for the chatter to run beside
+        # A real extraction (seconds of Ray Data: frames decodes; text would take a fraction of one
+        # in the driver) for the chatter to run beside.
+        rc = main(["extract", f"manifest={feature_sets['manifest']}", f"root={tmp_path}", "extractor=frames",
+                   "frames.num_frames=2", "frames.size=32", "limit=2"])
     finally:
         stop.set()
         thread.join()
