@@ -291,13 +291,13 @@ def _quarantine_counts(version: str, shards: list) -> dict[str, int]:
 
 
 def _manifest(cfg: ExtractConfig, ident: dict, version: str, shards: list, extractor_cls,
-              reused: dict[int, str]) -> dict:
+              keys: dict[int, str], reused: dict[int, str]) -> dict:
     parts = []
     for shard, videos in shards:
         fs, path = storage.arrow_filesystem(storage.join(version, store.part_name(shard)))
         parts.append({"file": store.part_name(shard), "quarantine": store.quarantine_name(shard),
                       "videos": len(videos), "rows": pq.read_metadata(path, filesystem=fs).num_rows,
-                      "content": part_key(ident, videos),
+                      "content": keys[shard],
                       **({"reused_from": reused[shard]} if shard in reused else {})})
     fs, path = storage.arrow_filesystem(storage.join(version, parts[0]["file"]))
     schema = pq.read_schema(path, filesystem=fs)
@@ -353,7 +353,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
     done = store.done_shards(version)
     if done:
         say(f"resuming {version}: {len(done)} of {len(shards)} parts already written")
-    wanted = {shard: part_key(ident, rows) for shard, rows in shards if shard not in done}
+    keys = {shard: part_key(ident, rows) for shard, rows in shards}
+    wanted = {shard: key for shard, key in keys.items() if shard not in done}
     reused = _reuse_parts(version, wanted, _earlier_parts(cfg, version)) if wanted else {}
     if reused:
         say(f"{version}: reusing {len(reused)} of {len(shards)} parts from "
@@ -368,8 +369,8 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
     missing = {s for s, _ in shards} - store.done_shards(version)
     if missing:
         raise RuntimeError(f"{version}: parts {sorted(missing)[:10]} were not written; rerun to finish")
-    manifest = storage.call_with_retries(lambda: _manifest(cfg, ident, version, shards, extractor_cls, reused),
-                                         version)
+    manifest = storage.call_with_retries(
+        lambda: _manifest(cfg, ident, version, shards, extractor_cls, keys, reused), version)
     feature_set = store.commit(version, manifest)
     seconds = time.monotonic() - started
     extracted = sum(len(v) for _, v in pending)
@@ -378,7 +379,6 @@ def run_extract(cfg: ExtractConfig, progress: bool = True, say=print) -> dict:
         f"({manifest['quarantined']} quarantined; captions past the end: {manifest['clips_clipped']} "
         f"clipped, {manifest['clips_skipped']} skipped) in {seconds:.1f} s")
     return {**report, "extracted_videos": extracted, "rows": manifest["rows"], **_counts(manifest),
-            "skipped_parts": len(done), "reused_parts": len(reused),
-            "reused_videos": sum(len(v) for s, v in shards if s in reused),
+            "skipped_parts": len(done), "reused_parts": len(reused), "reused_videos": manifest["reused_videos"],
             "seconds": round(seconds, 2),
             "videos_per_s": round(extracted / seconds, 2) if seconds and extracted else None}

@@ -77,7 +77,7 @@ def _resolve(args: argparse.Namespace, cls: type):
     path, overrides = _split_config_and_overrides(args)
     if args.print_config:
         cfg = load_config(cls, path, overrides, validate=False)
-        print(dump_yaml(cfg), end="", file=getattr(args, "out", sys.stdout))
+        print(dump_yaml(cfg), end="", file=args.stdout)
         todo = [f"{key}: required ({help_text})" for key, help_text in missing_required(cfg)]
         try:
             load_config(cls, path, overrides)
@@ -85,7 +85,7 @@ def _resolve(args: argparse.Namespace, cls: type):
             todo += [] if any(line.startswith(err.key + ":") for line in todo) else [f"{err.key}: {err.message}"]
         if todo:
             print("# still to set before it runs:\n" + "\n".join(f"#   {line}" for line in todo),
-                  file=getattr(args, "out", sys.stdout))
+                  file=args.stdout)
         raise SystemExit(0)
     cfg = load_config(cls, path, overrides)
     missing = missing_required(cfg)
@@ -105,7 +105,7 @@ def arch_of(path: str | None, overrides: list[str]) -> str:
 def _print_report(args: argparse.Namespace, report: dict) -> None:
     """A job's JSON report: alone on stdout (`vidray extract ... | jq .uri`), as :func:`main` sends
     everything else a Ray job prints to stderr."""
-    print(json.dumps(report, indent=2, default=str), file=getattr(args, "out", sys.stdout), flush=True)
+    print(json.dumps(report, indent=2, default=str), file=args.stdout, flush=True)
 
 
 def _run_training_command(args: argparse.Namespace) -> int:
@@ -231,7 +231,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     if args.print_config:
         from vidray.config import dump_yaml
 
-        print(dump_yaml(cfg), end="", file=getattr(args, "out", sys.stdout))
+        print(dump_yaml(cfg), end="", file=args.stdout)
         return 0
     from vidray.tuning.sweep import run_sweep
 
@@ -523,13 +523,13 @@ def main(argv: list[str] | None = None) -> int:
     # `finally`, leaving the local stack's servers and Ray behind: make it unwind like Ctrl-C.
     main_thread = threading.current_thread() is threading.main_thread()   # where signals can be set
     previous = signal.signal(signal.SIGTERM, _raise_terminated) if main_thread else None
+    args.stdout = sys.stdout  # where a command's result goes (a job's report, --print-config)
     try:
         if args.run not in RAY_JOBS:
             return args.run(args) or 0
         # Ray prints to the driver's sys.stdout from its own threads (a raylet's "worker processes
         # have been started" warning landed inside `vidray finetune`'s JSON): in a job, all of that
         # goes to stderr and stdout carries the report alone.
-        args.out = sys.stdout
         with contextlib.redirect_stdout(sys.stderr):
             return args.run(args) or 0
     except ConfigError as err:

@@ -102,33 +102,14 @@ def library_modules() -> dict[str, str]:
 
 def read_imports(modules: dict[str, str]) -> tuple[dict[str, set[str]], dict[str, set[str]]]:
     """(module -> the library modules it imports, module -> the top-level names of what it imports
-    from outside: ``ray``, ``mlflow`` ...). ``from pkg import mod`` counts as importing ``pkg.mod``."""
-    import ast
-
+    from outside: ``ray``, ``mlflow`` ...), imports inside functions included (:func:`function_imports`).
+    ``from pkg import mod`` counts as importing ``pkg.mod``."""
+    top, inside = function_imports(modules)
     graph, externals = {}, {}
-    for module, path in modules.items():
-        package = module if path.endswith("__init__.py") else module.rpartition(".")[0]
-        targets, outside = set(), set()
-        for node in ast.walk(ast.parse(open(path).read(), path)):
-            if isinstance(node, ast.Import):
-                targets |= {alias.name for alias in node.names}
-                outside |= {alias.name.split(".")[0] for alias in node.names}
-            elif isinstance(node, ast.ImportFrom):
-                base = node.module or ""
-                if node.level:
-                    parent = package.split(".")[:len(package.split(".")) - node.level + 1]
-                    base = ".".join(parent + ([node.module] if node.module else []))
-                else:
-                    outside.add(base.split(".")[0])
-                targets |= {f"{base}.{alias.name}" if f"{base}.{alias.name}" in modules else base
-                            for alias in node.names}
-        found = set()
-        for target in targets:
-            while target not in modules and "." in target:  # vidray.x.y.name -> vidray.x.y
-                target = target.rpartition(".")[0]
-            if target in modules and target != module:
-                found.add(target)
-        graph[module], externals[module] = found, outside
+    for module in modules:
+        names = top[module] | {target for _, target in inside[module]}
+        graph[module] = {n for n in names if n in modules and n != module}
+        externals[module] = {n.split(".")[0] for n in names if n not in modules}
     return graph, externals
 
 

@@ -254,11 +254,15 @@ def merge(base: dict, update: dict) -> dict:
 PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
 
 
+def _preset_file(name: str) -> str:
+    """Where the packaged preset ``name`` would be (``configs/`` and ``.yaml`` optional)."""
+    relative = name.removeprefix("configs/")
+    return os.path.join(PRESETS_DIR, relative if relative.endswith((".yaml", ".yml")) else relative + ".yaml")
+
+
 def preset(name: str) -> str:
     """The file of a packaged preset: ``demo/pretrain.yaml`` (``configs/`` and ``.yaml`` optional)."""
-    relative = name.removeprefix("configs/")
-    relative = relative if relative.endswith((".yaml", ".yml")) else relative + ".yaml"
-    path = os.path.join(PRESETS_DIR, relative)
+    path = _preset_file(name)
     if not os.path.isfile(path):
         raise ConfigError("", f"no preset {name!r}; the presets are: {', '.join(preset_names())}")
     return path
@@ -272,13 +276,12 @@ def preset_names() -> list[str]:
 
 def config_path(path: str) -> str:
     """``path`` if it names a file (or a URI); else the packaged preset of that name, so
-    `vidray pretrain demo/pretrain.yaml` and `configs/demo/pretrain.yaml` work from any directory."""
+    `vidray pretrain demo/pretrain.yaml` and `configs/demo/pretrain.yaml` work from any directory
+    (neither: ``path``, which read_yaml then says does not exist)."""
     if "://" in path or os.path.exists(path):
         return path
-    try:
-        return preset(path)
-    except ConfigError:
-        return path  # read_yaml then says it does not exist
+    packaged = _preset_file(path)
+    return packaged if os.path.isfile(packaged) else path
 
 
 def read_yaml(path: str) -> dict:
