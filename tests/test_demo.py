@@ -97,6 +97,8 @@ def test_demo_runs_what_exists_and_reuses_it(tmp_path):
     second = demo(tmp_path, 400, "--quick", "--no-sweep", "--keep-stack")
     try:
         assert second.returncode == 0, second.stderr[-3000:]
+        # Finished training runs are found, not started again (a Ray Train start each).
+        assert second.stdout.count("finished before at step") == 3, second.stdout
         _the_data_is_on_the_endpoint_and_its_configs_run_again(tmp_path, features)
         _mlflow_reads_at_a_glance(tmp_path)
     finally:

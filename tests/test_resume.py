@@ -131,6 +131,8 @@ def test_a_finished_run_is_found_by_its_newest_checkpoint(tmp_path, s3_uri):
         for step in (10, 20):
             storage.makedirs(storage.join(root, "r", f"checkpoint_{step:08d}"))
             storage.write_bytes(storage.join(root, "r", f"checkpoint_{step:08d}", CHECKPOINT_FILE), b"x")
+        # What Ray Train 2.60 writes beside them: a name that sorts after every checkpoint folder.
+        storage.write_bytes(storage.join(root, "r", "checkpoint_manager_snapshot.json"), b"{}")
         assert finished_checkpoint(root, "r", 20) == storage.join(root, "r", "checkpoint_00000020")
         assert finished_checkpoint(root, "r", 10) is None      # a newer checkpoint: not this command's end
         assert finished_checkpoint(root, "r", 30) is None      # not finished: Ray Train resumes it

@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 import tempfile
 from contextlib import nullcontext
 from functools import partial
@@ -42,6 +43,9 @@ def find_run(tracking_uri: str | None, experiment: str, run_name: str):
     return runs[0] if runs else None
 
 
+CHECKPOINT_DIR = re.compile(r"checkpoint_\d{8}")  # Ray Train's folder per reported checkpoint
+
+
 def finished_checkpoint(storage_path: str, run_name: str, steps: int) -> str | None:
     """The run's final checkpoint (URI) when its newest checkpoint is the one at ``steps``, else None."""
     root = storage.join(storage_path if storage.is_remote(storage_path) else os.path.abspath(storage_path), run_name)
@@ -50,7 +54,8 @@ def finished_checkpoint(storage_path: str, run_name: str, steps: int) -> str | N
         return None
     fs, path = storage.filesystem(root)
     names = [os.path.basename(p.rstrip("/")) for p in storage.reach(root, lambda: fs.ls(path, detail=False))]
-    return final if max(n for n in names if n.startswith("checkpoint_")) == f"checkpoint_{steps:08d}" else None
+    # Only checkpoint folders: Ray Train also keeps checkpoint_manager_snapshot.json beside them.
+    return final if max(n for n in names if CHECKPOINT_DIR.fullmatch(n)) == f"checkpoint_{steps:08d}" else None
 
 
 def ensure_ray(num_train_workers: int) -> None:
