@@ -551,5 +551,16 @@ def main(argv: list[str] | None = None) -> int:
             signal.signal(signal.SIGTERM, previous)
 
 
+def run() -> None:
+    """The `vidray` command: :func:`main`, then Ray's last words kept off stdout. Ray prints from
+    its own threads until the process ends (a node lost mid-job: "(raylet) Raylet is terminated",
+    seen after the report of a `vidray extract` on a multi-node cluster); a job's stdout is its
+    report alone."""
+    code = main()
+    sys.stdout.flush()
+    sys.stdout = sys.stderr
+    sys.exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    run()

@@ -47,7 +47,10 @@ class TrainConfig:
                             "masking so runs compare); 0 = none", ge=0)
     storage_path: str = option("runs", "checkpoint root (local path or s3://)")
     run_name: Optional[str] = option(None, "stable name so a rerun resumes; null = derived", name=True)
-    max_failures: int = option(2, "worker-group restarts before giving up", ge=0)
+    max_failures: int = option(2, "worker-group restarts before giving up (a lost node or worker)", ge=0)
+    placement: Literal["PACK", "SPREAD"] = option(
+        "PACK", "where Ray puts the workers: PACK fills a node before the next (all-reduce within a "
+        "node); SPREAD puts them on different nodes where it can (a lost node takes fewer of them)")
     seed: int = option(0, "global seed")
 
 

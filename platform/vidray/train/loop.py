@@ -137,6 +137,9 @@ class MLflowRun:
     def run_id(self) -> str:
         return self.run.info.run_id
 
+    def set_tag(self, key: str, value: str) -> None:
+        self.client.set_tag(self.run_id, key, value)
+
     def log(self, metrics: dict, step: int) -> None:
         from mlflow.entities import Metric
 
@@ -254,7 +257,12 @@ def train_loop_per_worker(config: dict) -> None:
             torch.manual_seed(_stream_seed(cfg.train.seed, rank, step))
             if generator is not None:
                 generator.manual_seed(_stream_seed(cfg.train.seed, rank, step, 1))
+    nodes = worker_nodes(world)
     tracker = config["make_tracker"]() if rank == 0 else None
+    if tracker:  # set at every (re)start: after a lost node, where the run went on
+        tracker.set_tag("ray.worker_nodes", ",".join(nodes))
+        if len(set(nodes)) > 1:
+            note(f"workers on {len(set(nodes))} nodes: " + ", ".join(f"rank {r} on {n[:8]}" for r, n in enumerate(nodes)))
     board = config.get("progress") if rank == 0 else None
     try:
         _train(cfg, system, model, optimizer, scheduler, step, position, tracker, board, rank, world, device)
@@ -264,6 +272,18 @@ def train_loop_per_worker(config: dict) -> None:
         raise
     if tracker:
         tracker.finish()
+
+
+def worker_nodes(world: int) -> list[str]:
+    """The Ray node id of every rank, in rank order (all ranks call it: a collective)."""
+    import ray
+
+    node = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [node]
+    nodes: list = [None] * world
+    torch.distributed.all_gather_object(nodes, node)
+    return nodes
 
 
 def _stream_seed(*parts: int) -> int:
@@ -451,7 +471,8 @@ def fit(cfg: Any, build_system: Callable[[Any, torch.device], System], dataset, 
         train_loop_per_worker,
         train_loop_config={"cfg_obj": cfg, "build_system": build_system, "make_tracker": make_tracker,
                            "progress": progress},
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu),
+        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=cfg.train.use_gpu,
+                                     placement_strategy=cfg.train.placement),
         run_config=RunConfig(name=run_name, storage_path=path, storage_filesystem=filesystem,
                              failure_config=FailureConfig(max_failures=cfg.train.max_failures),
                              checkpoint_config=CheckpointConfig(num_to_keep=2),
