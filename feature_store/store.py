@@ -212,13 +212,19 @@ def list_sets(root: str) -> list[dict]:
 
 
 def open_dataset(uri: str, columns: list[str] | None = None):
-    """A committed version as a Ray Dataset (only the parts its manifest lists)."""
+    """A committed version as a Ray Dataset: the parts its manifest lists, read lazily, a block per
+    part. Not ``ray.data.read_parquet``: its listing and metadata steps cost 2-4 s per dataset on a
+    warm cluster (3 parts on the S3 endpoint: 2.9-4.3 s, against 0.3 s this way), paid by every
+    training run, its validation set and every evaluation; the manifest already names the files."""
     import ray
 
-    feature_set = open_version(uri)
-    fs, _ = storage.arrow_filesystem(uri)
-    paths = [storage.arrow_filesystem(p)[1] for p in feature_set.part_uris]
-    return ray.data.read_parquet(paths, filesystem=fs, columns=columns)
+    parts = [{"part": p} for p in open_version(uri).part_uris]
+    return ray.data.from_items(parts, override_num_blocks=max(1, len(parts))).map_batches(
+        _read_parts, batch_size=1, batch_format="pyarrow", fn_kwargs={"columns": columns})
+
+
+def _read_parts(batch: pa.Table, columns: list[str] | None) -> pa.Table:
+    return pa.concat_tables([read_parquet(uri, columns=columns) for uri in batch["part"].to_pylist()])
 
 
 def with_manifest_columns(ds, manifest_uri: str, columns: tuple[str, ...] = ("captions", "split")):
