@@ -11,11 +11,14 @@ import time
 BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache",
               "sweep_asha": "benchmarks.sweep_asha", "ray_overhead": "benchmarks.ray_overhead",
               "retrieval_eval": "benchmarks.retrieval_eval", "ingest": "benchmarks.ingest",
+              "frames_ingest": "benchmarks.frames_ingest", "gpu_check": "benchmarks.gpu_check",
+              "scale": "benchmarks.scale",
               "extract_scaling": "benchmarks.extract_scaling", "text_extract": "benchmarks.text_extract",
               "memory": "benchmarks.memory",
               "ablations": "benchmarks.ablations", "frames_ablations": "benchmarks.frames_ablations"}
-# Tens of minutes to an hour on 2 cores each: not part of `all` (`make bench`).
-BY_NAME_ONLY = {"ablations", "frames_ablations"}
+# Not part of `all` (`make bench`): the ablations take tens of minutes to an hour on 2 cores each,
+# scale about ten; gpu_check needs a CUDA device (`make gpu-check`).
+BY_NAME_ONLY = {"ablations", "frames_ablations", "gpu_check", "scale"}
 
 
 def main() -> None:

@@ -1,4 +1,4 @@
-"""A synthetic corpus with its tiny-S3D and text feature sets, shared by the training benchmarks."""
+"""Synthetic corpora with their feature sets (tiny-S3D + text, or frames), shared by the benchmarks."""
 
 from __future__ import annotations
 
@@ -22,3 +22,20 @@ def feature_sets(workdir: str, videos: int, seed: int = 5) -> dict:
                                     s3d=S3DExtractConfig(flavour="tiny", size=32)), progress=False)
     text = run_extract(ExtractConfig(**common, extractor="text"), progress=False)
     return {"s3d": s3d["uri"], "text": text["uri"], "manifest": manifest}
+
+
+def frames_set(workdir: str, videos: int, num_frames: int, size: int, seed: int = 7) -> dict:
+    """Synthesize ``videos`` videos under ``workdir`` (once) and extract their ``frames`` set
+    (``num_frames`` JPEG frames per caption clip at ``size`` px); returns its URI and the manifest."""
+    from vidray.feature_store.extract import ExtractConfig, run_extract
+    from vidray.feature_store.extractors import FramesExtractConfig
+    from vidray.synth import SynthConfig, synthesize
+
+    corpus = os.path.join(workdir, "corpus")
+    manifest = os.path.join(corpus, "manifest.parquet")
+    if not os.path.exists(manifest):
+        synthesize(corpus, SynthConfig(videos=videos, seed=seed, min_seconds=4.0, max_seconds=8.0), progress=False)
+    report = run_extract(ExtractConfig(manifest=manifest, root=os.path.join(workdir, "features"), extractor="frames",
+                                       frames=FramesExtractConfig(num_frames=num_frames, size=size)), progress=False)
+    return {"frames": report["uri"], "manifest": manifest}
+

@@ -59,8 +59,11 @@ class ExtractConfig:
                                   "unit of exactly-once and of reuse by later versions)", ge=1)
     split: Optional[str] = option(None, "only videos of this split; null = all")
     limit: Optional[int] = option(None, "only the first N videos by id (smoke runs)", ge=1)
-    num_workers: Optional[int] = option(None, "extractor actors; null = one per GPU, else per CPU", ge=1)
+    num_workers: Optional[int] = option(None, "extractor actors; null = actors_per_gpu per GPU, else one per CPU",
+                                        ge=1)
     use_gpu: Optional[bool] = option(None, "GPU actors; null = when the cluster has GPUs")
+    actors_per_gpu: int = option(1, "GPU actors sharing each GPU (each asks for 1/N of one): while one decodes "
+                                 "on the CPU another runs its network", ge=1)
     ray_address: Optional[str] = option(None, "Ray cluster address; null = $RAY_ADDRESS or local")
 
     def validate(self) -> None:
@@ -240,7 +243,7 @@ def _resources(cfg: ExtractConfig) -> tuple[bool, int]:
     use_gpu = gpus > 0 if cfg.use_gpu is None else cfg.use_gpu
     if use_gpu and gpus == 0:
         raise ValueError("use_gpu=true but the Ray cluster has no GPUs; set use_gpu=null or false")
-    workers = cfg.num_workers or (gpus if use_gpu else cpus)
+    workers = cfg.num_workers or (gpus * cfg.actors_per_gpu if use_gpu else cpus)
     return use_gpu, workers
 
 
@@ -256,7 +259,7 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
         ShardWorker, batch_size=1, compute=ray.data.ActorPoolStrategy(size=workers),
         fn_constructor_kwargs={"cfg_dict": asdict(cfg), "version": version, "use_gpu": use_gpu,
                                "cpus": cpus},
-        num_gpus=1 if use_gpu else 0, num_cpus=1 if use_gpu else cpus)
+        num_gpus=1 / cfg.actors_per_gpu if use_gpu else 0, num_cpus=1 if use_gpu else cpus)
     _follow(cfg, version, ds.iter_rows(), sum(len(v) for _, v in pending), progress)
 
 

@@ -18,6 +18,7 @@ import threading
 
 import vidray
 from vidray.archs import ARCH_JOBS, load
+from vidray.cluster import WithoutRayNoise, verbose
 from vidray.config import ConfigError
 
 EXIT_FAILED, EXIT_USAGE = 1, 2
@@ -558,7 +559,7 @@ def run() -> None:
     report alone."""
     code = main()
     sys.stdout.flush()
-    sys.stdout = sys.stderr
+    sys.stdout = sys.stderr if verbose() else WithoutRayNoise(sys.stderr)
     sys.exit(code)
 
 
