@@ -47,7 +47,8 @@ class Nodes:
 
 
 @pytest.fixture(scope="module")
-def nodes(stack, tmp_path_factory):
+def nodes(stack, ray_cluster, tmp_path_factory):
+    """The cluster, started beside the session's (whose driver this process stays)."""
     from ray.cluster_utils import Cluster
     from ray._private.utils import get_ray_address_file
 
@@ -94,13 +95,22 @@ def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict | No
         pytest.fail(f"stdout is not the JSON report alone:\n{out}")
 
 
+def ray_list(nodes: Nodes, kind: str) -> list[dict]:
+    """`ray list actors|nodes` on this cluster's State API, as a person would ask it. Not
+    ray.util.state from this process: connected to the session's cluster, it answered about that
+    one (no actor found here in a full session)."""
+    out = subprocess.run([os.path.join(os.path.dirname(sys.executable), "ray"), "list", kind, "--address",
+                          nodes.env["RAY_API_SERVER_ADDRESS"], "--format", "json", "--detail", "--limit", "10000"],
+                         env=nodes.env, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return json.loads(out.stdout)
+
+
 def actor_nodes(nodes: Nodes, class_fragment: str) -> set[str]:
     """Names of the nodes that ran actors whose class name holds ``class_fragment`` (dead or alive)."""
-    from ray.util.state import list_actors
-
-    actors = list_actors(address=nodes.env["RAY_API_SERVER_ADDRESS"], limit=1000, raise_on_missing_output=False)
-    return {nodes.name_of(a.node_id) for a in actors
-            if class_fragment in (a.class_name or "") and a.node_id in {n.node_id for n in nodes.workers.values()}}
+    workers = {node.node_id for node in nodes.workers.values()}
+    return {nodes.name_of(a["node_id"]) for a in ray_list(nodes, "actors")
+            if class_fragment in (a.get("class_name") or "") and a.get("node_id") in workers}
 
 
 def wait_for(predicate, timeout: float, what: str):
@@ -134,14 +144,17 @@ def test_extraction_spreads_over_nodes_and_a_lost_node_loses_no_video(nodes, cor
 
     features = f"{corpus['root']}/features"
     job = vidray(nodes, "extract", *_s3d_args(corpus))
-    fs, path = storage.filesystem(features)
-    # Once parts are being written, kill a node that holds an extraction actor.
-    wait_for(lambda: fs.glob(f"{path}/**/part-*.parquet"), 300, "the first part")
-    running = wait_for(lambda: actor_nodes(nodes, "ShardWorker"), 60, "an extraction actor")
-    victim = sorted(running)[0]
-    assert job.poll() is None, "the extraction ended before the node went: the test proves nothing"
-    nodes.kill(victim)
-    code, report, err = finish(job)
+    try:
+        fs, path = storage.filesystem(features)
+        # Once parts are being written, kill a node that holds an extraction actor.
+        wait_for(lambda: fs.glob(f"{path}/**/part-*.parquet"), 300, "the first part")
+        running = wait_for(lambda: actor_nodes(nodes, "ShardWorker"), 60, "an extraction actor")
+        victim = sorted(running)[0]
+        assert job.poll() is None, "the extraction ended before the node went: the test proves nothing"
+        nodes.kill(victim)
+        code, report, err = finish(job)
+    finally:
+        job.kill()
     if code != 0:  # the job may fail with the node; the same command then finishes what is left
         print(f"the extraction failed with node {victim}; rerunning it:\n{err[-2000:]}")
         code, report, err = finish(vidray(nodes, "extract", *_s3d_args(corpus)))
@@ -155,9 +168,8 @@ def test_extraction_spreads_over_nodes_and_a_lost_node_loses_no_video(nodes, cor
     code, again, err = finish(vidray(nodes, "extract", *_s3d_args(corpus)))
     assert code == 0 and again["uri"] == report["uri"], err[-3000:]
     # The node's loss: its raylet and workers are gone; Ray marked it dead.
-    import ray.util.state as state
-    dead = [n for n in state.list_nodes(address=nodes.env["RAY_API_SERVER_ADDRESS"]) if n.state == "DEAD"]
-    assert nodes.workers[victim].node_id in {n.node_id for n in dead}
+    dead = {n["node_id"] for n in ray_list(nodes, "nodes") if n["state"] == "DEAD"}
+    assert nodes.workers[victim].node_id in dead
     # A new machine takes the lost one's place, as an autoscaler would start one.
     nodes.cluster.remove_node(nodes.workers.pop(victim), allow_graceful=False)
     nodes.workers[victim + "_new"] = nodes.cluster.add_node(num_cpus=3, object_store_memory=300 * 2**20)
@@ -195,15 +207,18 @@ def test_pretraining_spreads_over_nodes_and_goes_on_after_a_lost_node(nodes, fea
                                                   "tags.`vidray.run_name` = 'multinode'")
         return found and "ray.worker_nodes" in found[0].data.tags and found[0]
 
-    first = wait_for(run, 300, "the run's MLflow tags").data.tags["ray.worker_nodes"].split(",")
-    started_on = [nodes.name_of(n) for n in first]
-    assert len(set(started_on)) == 2, started_on   # SPREAD: one worker per node
-    fs, path = storage.filesystem(runs)
-    wait_for(lambda: fs.exists(f"{path}/multinode/checkpoint_00000010/state.pt"), 300, "the first checkpoint")
-    victim = started_on[1]
-    assert job.poll() is None, "training ended before the node went: the test proves nothing"
-    nodes.kill(victim)
-    code, report, err = finish(job)
+    try:
+        first = wait_for(run, 300, "the run's MLflow tags").data.tags["ray.worker_nodes"].split(",")
+        started_on = [nodes.name_of(n) for n in first]
+        assert len(set(started_on)) == 2, started_on   # SPREAD: one worker per node
+        fs, path = storage.filesystem(runs)
+        wait_for(lambda: fs.exists(f"{path}/multinode/checkpoint_00000010/state.pt"), 300, "the first checkpoint")
+        victim = started_on[1]
+        assert job.poll() is None, "training ended before the node went: the test proves nothing"
+        nodes.kill(victim)
+        code, report, err = finish(job)
+    finally:
+        job.kill()
     assert code == 0, err[-3000:]
     assert report["metrics"]["step"] == 40 and report["checkpoint"] == f"{runs}/multinode/checkpoint_00000040"
 

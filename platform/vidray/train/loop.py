@@ -262,7 +262,8 @@ def train_loop_per_worker(config: dict) -> None:
     if tracker:  # set at every (re)start: after a lost node, where the run went on
         tracker.set_tag("ray.worker_nodes", ",".join(nodes))
         if len(set(nodes)) > 1:
-            note(f"workers on {len(set(nodes))} nodes: " + ", ".join(f"rank {r} on {n[:8]}" for r, n in enumerate(nodes)))
+            placed = ", ".join(f"rank {i} on {node[:8]}" for i, node in enumerate(nodes))
+            note(f"workers on {len(set(nodes))} nodes: {placed}")
     board = config.get("progress") if rank == 0 else None
     try:
         _train(cfg, system, model, optimizer, scheduler, step, position, tracker, board, rank, world, device)
