@@ -154,6 +154,8 @@ def _mlflow_reads_at_a_glance(workdir):
         "synth,clips,extract,pretrain,finetune,evaluate"] * 2
     pretrain = next(r for r in runs if r.data.tags.get("job") == "pretrain")
     assert {"chance_acc_video", "grad_norm_clipped"} <= set(pretrain.data.metrics)
+    # VLM trained on the image2d set at the set's width (model.video_dim null in the config).
+    assert pretrain.data.params["model.video_dim"] == "1280" and "feature_set.image2d" in pretrain.data.tags
     assert pretrain.data.tags["mlflow.source.name"].startswith("vidray demo ")
     chromium = _chromium()
     if chromium is None:

@@ -99,22 +99,5 @@ def test_vlm_takes_the_feature_width_from_the_set(image2d_set):
         with_video_dim(dataclasses.replace(cfg, model=ModelConfig(video_dim=512)), uri)
 
 
-@pytest.mark.heavy
-def test_vlm_pretrains_on_image2d_features(image2d_set, tmp_path, stack):
-    from vidray.config import load_config
-    from vidray.train.config import PretrainConfig
-    from vidray.vlm.pretrain import run_pretrain
-
-    text = run_extract(ExtractConfig(manifest=image2d_set["manifest"], root=storage.join(image2d_set["root"], "features"),
-                                     extractor="text"), progress=False)
-    cfg = load_config(PretrainConfig, None, [
-        f"data.features={image2d_set['report']['uri']}", f"data.text={text['uri']}",
-        "train.steps=6", "train.batch_size=8", "train.num_workers=2", "train.checkpoint_every=6",
-        f"train.storage_path={tmp_path / 'runs'}", f"mlflow.tracking_uri={stack.env['MLFLOW_TRACKING_URI']}",
-        "mlflow.experiment=test-image2d"])
-    report = run_pretrain(cfg, say=lambda m: None)
-    assert report["metrics"]["step"] == 6 and np.isfinite(report["metrics"]["loss"])
-    # the run trained at the feature set's width (resolved on a copy of cfg, logged as a param)
-    import mlflow
-    params = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"]).get_run(report["mlflow_run_id"]).data.params
-    assert params["model.video_dim"] == "1280" and cfg.model.video_dim is None
+# VLM pre-training on an image2d set at its width (model.video_dim from the manifest): the demo test
+# (tests/test_demo.py), whose pre-training reads the pretrain_image2d set.
