@@ -11,7 +11,7 @@ import time
 BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.feature_cache",
               "sweep_asha": "benchmarks.sweep_asha", "ray_overhead": "benchmarks.ray_overhead",
               "retrieval_eval": "benchmarks.retrieval_eval", "ingest": "benchmarks.ingest",
-              "frames_ingest": "benchmarks.frames_ingest", "gpu_check": "benchmarks.gpu_check",
+              "frames_ingest": "benchmarks.frames_ingest", "open_dataset": "benchmarks.open_dataset", "gpu_check": "benchmarks.gpu_check",
               "scale": "benchmarks.scale",
               "extract_scaling": "benchmarks.extract_scaling", "text_extract": "benchmarks.text_extract",
               "memory": "benchmarks.memory",

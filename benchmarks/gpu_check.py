@@ -6,8 +6,9 @@ first batch) and MFU against the GPU's bf16 peak; the steady rate is read from t
 timestamps after the first ``--warm`` steps (the first steps pay cuDNN/Inductor start-up).
 `vidray extract` runs the S3D (full, 224 px) and EfficientNet-Lite0 (image2d) extractors with 1
 and 2 actors per GPU. On a CUDA machine it writes its section of BENCHMARKS.md with the device
-named. ``--dry-run`` runs the same path on CPU with tiny models and a few steps and publishes
-nothing: the test suite runs it, so the script works when a GPU turns up.
+named. ``--dry-run`` runs the same jobs on CPU with tiny models and a few steps and publishes
+nothing, leaving out the compiled step (Inductor's CPU build takes minutes) and image2d at 2
+actors: the test suite runs it, so the script works when a GPU turns up.
 """
 
 from __future__ import annotations

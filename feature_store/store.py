@@ -213,9 +213,9 @@ def list_sets(root: str) -> list[dict]:
 
 def open_dataset(uri: str, columns: list[str] | None = None):
     """A committed version as a Ray Dataset: the parts its manifest lists, read lazily, a block per
-    part. Not ``ray.data.read_parquet``: its listing and metadata steps cost 2-4 s per dataset on a
-    warm cluster (3 parts on the S3 endpoint: 2.9-4.3 s, against 0.3 s this way), paid by every
-    training run, its validation set and every evaluation; the manifest already names the files."""
+    part. Not ``ray.data.read_parquet``: its listing and metadata steps made opening a set 46x slower
+    on a warm cluster (``python -m benchmarks open_dataset``), paid by every training run, its
+    validation set and every evaluation; the manifest already names the files."""
     import ray
 
     parts = [{"part": p} for p in open_version(uri).part_uris]
