@@ -1,14 +1,15 @@
-"""gpu_check: the GPU figures in one call (`make gpu-check`): bf16 training step and MFU of VLM-base and All-in-one-base, the compiled step, and extraction throughput with actors per GPU.
+"""gpu_check: the GPU figures in one call (`make gpu-check`): bf16 training step and MFU of VLM-base and All-in-one-base, the compiled step, and extraction throughput (fused with actors per GPU, split).
 
 Every figure comes from the real jobs on a local Ray cluster over the machine's GPUs, one Train
 worker: `vidray pretrain` logs each step's rate and model FLOPs (torch's FLOP counter on the
 first batch) and MFU against the GPU's bf16 peak; the steady rate is read from the MLflow metric
 timestamps after the first ``--warm`` steps (the first steps pay cuDNN/Inductor start-up).
-`vidray extract` runs the S3D (full, 224 px) and EfficientNet-Lite0 (image2d) extractors with 1
-and 2 actors per GPU. On a CUDA machine it writes its section of BENCHMARKS.md with the device
-named. ``--dry-run`` runs the same jobs on CPU with tiny models and a few steps and publishes
-nothing, leaving out the compiled step (Inductor's CPU build takes minutes) and image2d at 2
-actors: the test suite runs it, so the script works when a GPU turns up.
+`vidray extract` runs the S3D (full, 224 px) and EfficientNet-Lite0 (image2d) extractors fused
+with 1 and 2 actors per GPU, and split (CPU decode tasks feeding one network actor per GPU). On
+a CUDA machine it writes its section of BENCHMARKS.md with the device named. ``--dry-run`` runs
+the same jobs on CPU with tiny models and a few steps and publishes nothing, leaving out the
+compiled step (Inductor's CPU build takes minutes), 2 actors per GPU (no GPU to share) and
+image2d split: the test suite runs it, so the script works when a GPU turns up.
 """
 
 from __future__ import annotations
@@ -94,14 +95,19 @@ def _extract_runs(args, workdir: str, device: str) -> list[dict]:
     extractors = {"s3d": {"s3d": S3DExtractConfig(flavour="tiny" if args.dry_run else "full",
                                                   size=32 if args.dry_run else 224)},
                   "image2d": {"image2d": Image2DExtractConfig(flavour="tiny" if args.dry_run else "lite0")}}
+    # (pipeline, actors per GPU): each actor decoding its own videos, alone or two to a GPU, against
+    # CPU decode tasks feeding the GPU's network actor.
+    variants = [("fused", 1), ("fused", 2), ("split", 1)]
     out = []
     for name, settings in extractors.items():
-        for per_gpu in (1, 2) if device == "cuda" or name == "s3d" else (1,):
-            report = run_extract(ExtractConfig(manifest=manifest, root=os.path.join(workdir, f"extract-{per_gpu}"),
+        for pipeline, per_gpu in variants if device == "cuda" else [v for v in variants if v[1] == 1]:
+            if args.dry_run and name != "s3d" and pipeline != "fused":
+                continue
+            report = run_extract(ExtractConfig(manifest=manifest, root=os.path.join(workdir, f"extract-{pipeline}-{per_gpu}"),
                                                extractor=name, use_gpu=device == "cuda", actors_per_gpu=per_gpu,
-                                               **settings), progress=False)
-            out.append({"extractor": name, "actors_per_gpu": per_gpu, "videos_per_s": report["videos_per_s"],
-                        "videos": report["videos"], "seconds": report["seconds"]})
+                                               pipeline=pipeline, **settings), progress=False)
+            out.append({"extractor": name, "pipeline": pipeline, "actors_per_gpu": per_gpu,
+                        "videos_per_s": report["videos_per_s"], "videos": report["videos"], "seconds": report["seconds"]})
     return out
 
 
@@ -152,9 +158,9 @@ def _markdown(r: dict) -> str:
         mfu = f"{t['mfu']:.1%}" if t["mfu"] is not None else "n/a"
         lines.append(f"| {t['model']} | {t['steady_examples_per_s']:,.1f} | {t['training_gflops_per_example']:,.1f} | "
                      f"{t['achieved_tflops']:,.1f} | {mfu} |")
-    lines += ["", "| extractor | actors per GPU | videos/s | vs 1 actor |", "|---|---:|---:|---:|"]
-    one = {e["extractor"]: e["videos_per_s"] for e in r["extract"] if e["actors_per_gpu"] == 1}
+    lines += ["", "| extractor | pipeline | actors per GPU | videos/s | vs fused, 1 actor |", "|---|---|---:|---:|---:|"]
+    one = {e["extractor"]: e["videos_per_s"] for e in r["extract"] if e["actors_per_gpu"] == 1 and e["pipeline"] == "fused"}
     for e in r["extract"]:
-        lines.append(f"| {e['extractor']} | {e['actors_per_gpu']} | {e['videos_per_s']:,.2f} | "
+        lines.append(f"| {e['extractor']} | {e['pipeline']} | {e['actors_per_gpu']} | {e['videos_per_s']:,.2f} | "
                      f"{e['videos_per_s'] / one[e['extractor']]:.2f}x |")
     return "\n".join(lines)

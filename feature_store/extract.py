@@ -44,6 +44,10 @@ from vidray.manifest import read_manifest
 from vidray.quarantine import QUARANTINE_SCHEMA, conform, overrun_counts, quarantine_record
 
 
+# The extractors the split pipeline runs: a network fed one-second windows (feature_store.split).
+SPLIT_EXTRACTORS = ("s3d", "image2d")
+
+
 @dataclass
 class ExtractConfig:
     manifest: str = option("", "source manifest.parquet (local path or s3://)", required=True)
@@ -62,6 +66,10 @@ class ExtractConfig:
     num_workers: Optional[int] = option(None, "extractor actors; null = actors_per_gpu per GPU, else one per CPU",
                                         ge=1)
     use_gpu: Optional[bool] = option(None, "GPU actors; null = when the cluster has GPUs")
+    pipeline: Literal["auto", "fused", "split"] = option(
+        "auto", "fused: each actor decodes its videos and runs the network in turn; split (s3d, image2d): "
+        "CPU decode tasks feed the network's actors (one per GPU, or actors_per_gpu) through Ray Data, so "
+        "the GPUs wait for no decoding; auto = split on GPUs, fused on CPUs")
     actors_per_gpu: int = option(1, "GPU actors sharing each GPU (each asks for 1/N of one): while one decodes "
                                  "on the CPU another runs its network", ge=1)
     ray_address: Optional[str] = option(None, "Ray cluster address; null = $RAY_ADDRESS or local")
@@ -70,6 +78,9 @@ class ExtractConfig:
         missing = missing_required(self)
         if missing:
             raise ConfigError(missing[0][0], "is required (a local path or s3:// URI)")
+        if self.pipeline == "split" and self.extractor not in SPLIT_EXTRACTORS:
+            raise ConfigError("pipeline", f"split runs the per-second extractors ({', '.join(SPLIT_EXTRACTORS)}); "
+                              f"{self.extractor} has no network to feed: use fused or auto")
         rate = getattr(self.extractor_config, "fps", None)
         if rate is not None and (rate < 1 or rate != round(rate)):
             raise ConfigError(f"{self.extractor}.fps", f"is {rate}: use a whole number of frames per "
@@ -252,6 +263,13 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
     import ray
 
     use_gpu, workers = _resources(cfg)
+    if cfg.pipeline == "split" or (cfg.pipeline == "auto" and use_gpu and cfg.extractor in SPLIT_EXTRACTORS):
+        from vidray.feature_store.split import run_split
+
+        # On CPUs the network's actors take half the cores; the decode tasks the rest.
+        actors = cfg.num_workers or (workers if use_gpu else max(1, workers // 2))
+        run_split(cfg, version, pending, actors, use_gpu, progress)
+        return
     workers = min(workers, len(pending))
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers) if not use_gpu else 1
     items = [{"shard": shard, "videos": json.dumps(videos, default=str)} for shard, videos in pending]
@@ -260,7 +278,7 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
         fn_constructor_kwargs={"cfg_dict": asdict(cfg), "version": version, "use_gpu": use_gpu,
                                "cpus": cpus},
         num_gpus=1 / cfg.actors_per_gpu if use_gpu else 0, num_cpus=1 if use_gpu else cpus)
-    _follow(cfg, version, ds.iter_rows(), sum(len(v) for _, v in pending), progress)
+    follow(cfg, version, ds.iter_rows(), sum(len(v) for _, v in pending), progress)
 
 
 def _run_in_driver(cfg: ExtractConfig, version: str, pending: list[tuple[int, list[dict]]],
@@ -268,12 +286,13 @@ def _run_in_driver(cfg: ExtractConfig, version: str, pending: list[tuple[int, li
     """The shards one after the other in this process, for an extractor with ``runs_in_driver``
     (text: a tokenizer does in a second what an actor pool takes ten to start); no Ray at all."""
     writer = ShardWriter(cfg, version)
-    _follow(cfg, version, (writer.write_shard(shard, videos) for shard, videos in pending),
+    follow(cfg, version, (writer.write_shard(shard, videos) for shard, videos in pending),
             sum(len(v) for _, v in pending), progress)
 
 
-def _follow(cfg: ExtractConfig, version: str, summaries, total: int, progress: bool) -> None:
-    """Show the shards' summaries as they come; stop at the first that could not reach storage."""
+def follow(cfg: ExtractConfig, version: str, summaries, total: int, progress: bool) -> None:
+    """Show the shards' summaries (``shard``, ``videos``, ``quarantined``, ``unreachable``) as they
+    come; stop at the first that could not reach storage."""
     from tqdm import tqdm
 
     # disable=None: a bar on a terminal only (in a pipe or a job's log its redraws are noise)

@@ -63,42 +63,67 @@ class PerSecondExtractor:
     ``fps`` by timestamp and cut into one-second windows of ``size`` px frames (``iter_windows``:
     streaming, bounded memory), a subclass's ``_forward`` turns a batch of windows into features.
     Both count ``ceil(duration)`` seconds, so the two sets of one manifest line up second by second.
+
+    Decoding (:meth:`window_batches`) needs only the config, not the network, so the split
+    pipeline (:mod:`vidray.feature_store.split`) runs it in CPU tasks and :meth:`features` in
+    the network's actors; :meth:`embed` does both in turn.
     """
 
     key = ["video_id"]
     cfg: Any
     dim: int
-    size: int  # frame side fed to the network
 
     @property
     def schema(self) -> pa.Schema:
-        return pa.schema([("video_id", pa.string()), ("num_seconds", pa.int32()),
-                          ("features", pa.list_(pa.list_(pa.float16(), self.dim)))])
+        return per_second_schema(self.dim)
 
     @property
     def dims(self) -> dict[str, int]:
         return {"features": self.dim}
 
-    def embed(self, source: Any, uri: str | None = None) -> np.ndarray:
-        """``[seconds, dim]`` float16 features of one video (streaming: bounded memory)."""
-        import torch
+    @classmethod
+    def frame_size(cls, cfg) -> int:
+        """The side of the square frames the network takes."""
+        return cfg.size
 
+    @classmethod
+    def window_shape(cls, cfg) -> tuple[int, int, int, int]:
+        """``(frames, size, size, 3)``: one second of decoded video."""
+        return (round(cfg.fps), cls.frame_size(cfg), cls.frame_size(cfg), 3)
+
+    @classmethod
+    def output_dim(cls, cfg) -> int:
+        """The width of one feature, from the network's shape alone (no weights read)."""
+        raise NotImplementedError
+
+    @classmethod
+    def window_batches(cls, cfg, source: Any, uri: str | None = None) -> Iterator[np.ndarray]:
+        """uint8 ``[k, frames, size, size, 3]``: the video's one-second windows,
+        ``seconds_per_batch`` at a time (the last batch may hold fewer)."""
         from vidray.video import iter_windows
 
-        chunks, batch = [], []
-        windows = iter_windows(source, fps=self.cfg.fps, size=self.size,
-                               frames_per_window=round(self.cfg.fps), uri=uri)
-        for window in windows:
+        frames, size = cls.window_shape(cfg)[:2]
+        batch = []
+        for window in iter_windows(source, fps=cfg.fps, size=size, frames_per_window=frames, uri=uri):
             batch.append(window)
-            if len(batch) == self.cfg.seconds_per_batch:
-                chunks.append(self._forward(np.stack(batch)))
+            if len(batch) == cfg.seconds_per_batch:
+                yield np.stack(batch)
                 batch = []
         if batch:
-            chunks.append(self._forward(np.stack(batch)))
-        features = torch.cat(chunks)
+            yield np.stack(batch)
+
+    def features(self, windows: np.ndarray) -> np.ndarray:
+        """``[k, dim]`` float16 features (L2-normalised if configured) of a batch of windows."""
+        import torch
+
+        features = self._forward(windows)
         if self.cfg.normalize:
             features = torch.nn.functional.normalize(features, dim=-1)
         return features.to(torch.float16).numpy()
+
+    def embed(self, source: Any, uri: str | None = None) -> np.ndarray:
+        """``[seconds, dim]`` float16 features of one video (streaming: bounded memory)."""
+        return np.concatenate([self.features(batch) for batch in self.window_batches(self.cfg, source, uri)])
 
     def _forward(self, windows: np.ndarray):
         """uint8 ``[seconds, frames, size, size, 3]`` -> float ``[seconds, dim]`` on the CPU."""
@@ -109,16 +134,25 @@ class PerSecondExtractor:
         return [{"video_id": row["video_id"], "num_seconds": len(features), "features": features}]
 
     def to_table(self, rows: list[dict]) -> pa.Table:
-        offsets, flat = [0], []
-        for row in rows:
-            offsets.append(offsets[-1] + row["num_seconds"])
-            flat.append(row["features"].reshape(-1))
-        values = pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float16), pa.float16())
-        features = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()),
-                                            pa.FixedSizeListArray.from_arrays(values, self.dim))
-        return pa.table({"video_id": [r["video_id"] for r in rows],
-                         "num_seconds": pa.array([r["num_seconds"] for r in rows], pa.int32()),
-                         "features": features}, schema=self.schema)
+        return per_second_table(rows, self.dim)
+
+
+def per_second_schema(dim: int) -> pa.Schema:
+    return pa.schema([("video_id", pa.string()), ("num_seconds", pa.int32()),
+                      ("features", pa.list_(pa.list_(pa.float16(), dim)))])
+
+
+def per_second_table(rows: list[dict], dim: int) -> pa.Table:
+    """A part of a per-second set from rows ``{video_id, num_seconds, features: [seconds, dim] fp16}``."""
+    offsets, flat = [0], []
+    for row in rows:
+        offsets.append(offsets[-1] + row["num_seconds"])
+        flat.append(row["features"].reshape(-1))
+    values = pa.array(np.concatenate(flat) if flat else np.zeros(0, np.float16), pa.float16())
+    features = pa.ListArray.from_arrays(pa.array(offsets, pa.int32()), pa.FixedSizeListArray.from_arrays(values, dim))
+    return pa.table({"video_id": [r["video_id"] for r in rows],
+                     "num_seconds": pa.array([r["num_seconds"] for r in rows], pa.int32()),
+                     "features": features}, schema=per_second_schema(dim))
 
 
 def _autocast(device: str):
@@ -144,13 +178,18 @@ class S3DExtractor(PerSecondExtractor):
             calibrate_batchnorm(self.model, seed=cfg.seed)
         self.model.to(device).eval()
         self.dim = self.model.fc.out_features
-        self.size = cfg.size
 
     @staticmethod
     def weights_digest(cfg: S3DExtractConfig) -> str:
         from vidray.models.weights import file_digest
 
         return file_digest(cfg.weights) if cfg.weights else f"random-init(seed={cfg.seed}, bn-calibrated)"
+
+    @classmethod
+    def output_dim(cls, cfg: S3DExtractConfig) -> int:
+        from vidray.models.s3d import build_s3d
+
+        return build_s3d(cfg.flavour).fc.out_features
 
     def _forward(self, windows: np.ndarray):
         import torch
@@ -201,7 +240,19 @@ class Image2DExtractor(PerSecondExtractor):
             load_weights(self.model, cfg.weights)
         self.model.to(device).eval()
         self.dim = self.model.feature_dim(cfg.block)
-        self.size = cfg.size or self.model.config.resolution
+        self.size = self.frame_size(cfg)
+
+    @classmethod
+    def frame_size(cls, cfg: Image2DExtractConfig) -> int:
+        from vidray.models.efficientnet import EFFICIENTNET_FLAVOURS
+
+        return cfg.size or EFFICIENTNET_FLAVOURS[cfg.flavour].resolution
+
+    @classmethod
+    def output_dim(cls, cfg: Image2DExtractConfig) -> int:
+        from vidray.models.efficientnet import build_efficientnet
+
+        return build_efficientnet(cfg.flavour).feature_dim(cfg.block)
 
     @staticmethod
     def weights_digest(cfg: Image2DExtractConfig) -> str:

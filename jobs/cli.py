@@ -36,7 +36,9 @@ e.g.  vidray sweep configs/demo/sweep.yaml pretrain.data.features=URI pretrain.d
 pretrain.model.arch picks the pretrain.* and finetune.* keys (those of `vidray pretrain|finetune`).
 overrides are dotted keys of the sweep config; space.<path>=SPEC sets one search-space entry.
 Unknown paths and malformed entries are rejected before anything starts; a value the schema
-rejects fails its own trial only. --print-config shows the resolved sweep (with its name)."""
+rejects fails its own trial only (a failed trial is started again max_failures times: a lost
+node). The report goes to stdout; the exit status is 1 when no trial finished.
+--print-config shows the resolved sweep (with its name)."""
 
 
 # Each config-taking subcommand's example preset (configs/ in the repo; `vidray demo` writes its own).
@@ -238,7 +240,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
     report = run_sweep(cfg, resume=args.resume, say=lambda m: print(m, file=sys.stderr))
     _print_report(args, report)
-    return 0
+    return 0 if report["best"] else 1  # every trial failed: a script must not read it as done
 
 
 def cmd_stack(args: argparse.Namespace) -> int:

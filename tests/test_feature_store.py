@@ -22,7 +22,7 @@ import pytest
 from conftest import REPO
 from videogen import broken_videos, write_overrunning_video
 from vidray import storage
-from vidray.config import load_config
+from vidray.config import ConfigError, load_config
 from vidray.feature_store import store
 from vidray.feature_store.extract import ExtractConfig, run_extract
 from vidray.feature_store.extractors import (FramesExtractConfig, FramesExtractor,
@@ -324,6 +324,64 @@ def test_s3d_features_equal_a_direct_computation(ray_cluster, corpus, tmp_path):
         raw += sum(part.read(columns=["num_seconds"])["num_seconds"].to_pylist()) * 512 * 2
         on_disk += os.path.getsize(uri)
     assert on_disk < raw + 4096 * len(feature_set.part_uris), (on_disk, raw)
+
+
+def test_split_pipeline_writes_the_set_the_fused_one_does(ray_cluster, corpus, tmp_path):
+    """Decode tasks feeding network actors give the same version, byte for byte, as actors that
+    decode and run the network in turn: same rows, same quarantine, same manifest counts."""
+    from vidray.feature_store.extractors import S3DExtractConfig
+
+    s3d = S3DExtractConfig(flavour="tiny", size=32, seconds_per_batch=1)  # several batches a video
+    sets = {}
+    for pipeline in ("fused", "split"):
+        cfg = ExtractConfig(manifest=corpus["manifest"], root=str(tmp_path / pipeline), extractor="s3d", s3d=s3d,
+                            videos_per_part=2, pipeline=pipeline)
+        report = run_extract(cfg, progress=False)
+        assert report["extracted_videos"] == len(corpus["rows"])
+        sets[pipeline] = store.open_version(report["uri"])
+    fused, split = sets["fused"], sets["split"]
+    assert fused.manifest["version"] == split.manifest["version"]   # the pipeline is not content
+    assert store.validate(split.uri)["ok"]
+    for key in ("rows", "videos", "quarantined", "dims"):
+        assert split.manifest[key] == fused.manifest[key], key
+    assert [p["content"] for p in split.manifest["parts"]] == [p["content"] for p in fused.manifest["parts"]]
+    for a, b in zip(fused.part_uris, split.part_uris):
+        assert store.read_parquet(a).equals(store.read_parquet(b))
+    quarantined = {r["video_id"]: r["error"] for r in split.quarantine().to_pylist()}
+    assert quarantined == {r["video_id"]: r["error"] for r in fused.quarantine().to_pylist()}
+    assert set(quarantined) == {"zero_byte", "truncated"}
+
+
+def test_split_pipeline_puts_videos_together_once_whatever_the_order():
+    """The driver's side of the split pipeline: batches out of order, a batch seen twice (a task run
+    again) and a video that fails after some batches; each shard comes out once, complete."""
+    from vidray.feature_store.split import Assembler
+
+    videos = [{"video_id": v, "uri": f"s3://b/{v}.mp4"} for v in ("a", "b", "c")]
+    assembler = Assembler([(0, videos[:2]), (1, videos[2:])], dim=2)
+
+    def row(video, index, count=1, last=False, error=""):
+        shard = 1 if video == "c" else 0
+        features = np.full((count, 2), index, np.float16).tobytes() if not error else b""
+        return {"shard": shard, "video_id": video, "index": index, "count": count, "last": last,
+                "error": error, "unreachable": False, "features": features}
+
+    assert assembler.add(row("a", 1, count=2, last=True)) == []
+    assert assembler.add(row("b", 0)) == []
+    assert assembler.add(row("b", 1, error="VideoDecodeError: cut short")) == []
+    assert assembler.add(row("a", 0)) == [0]                       # a complete, b quarantined
+    assert assembler.add(row("a", 0)) == [] and assembler.add(row("b", 0)) == []   # seen again
+    rows, records = assembler.shard(0)
+    assert [r["video_id"] for r in rows] == ["a"] and rows[0]["num_seconds"] == 3
+    assert rows[0]["features"][:, 0].tolist() == [0, 1, 1]         # batches in their order
+    assert records == [{"video_id": "b", "uri": "s3://b/b.mp4", "clip_index": None,
+                        "error": "VideoDecodeError: cut short"}]
+    assert assembler.add(row("c", 0, last=True)) == [1]
+
+
+def test_split_is_refused_for_an_extractor_without_a_network():
+    with pytest.raises(ConfigError, match="pipeline.*frames has no network"):
+        ExtractConfig(manifest="m.parquet", root="features", extractor="frames", pipeline="split").validate()
 
 
 def test_shards_are_cut_by_id_so_added_videos_change_only_the_shards_they_fall_into():

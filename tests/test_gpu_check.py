@@ -22,8 +22,9 @@ def test_the_gpu_check_runs_its_jobs_on_cpu_and_reads_their_figures(ray_cluster,
         # Rates from MLflow's metric timestamps, FLOPs from the loop's counter; no peak on a CPU.
         assert run["steps"] == 6 and run["steady_examples_per_s"] > 0 and run["mfu"] is None, run
         assert run["training_gflops_per_example"] > 0 and run["achieved_tflops"] > 0
-    assert [(e["extractor"], e["actors_per_gpu"]) for e in result["extract"]] == [("s3d", 1), ("s3d", 2), ("image2d", 1)]
+    assert [(e["extractor"], e["pipeline"]) for e in result["extract"]] == [("s3d", "fused"), ("s3d", "split"),
+                                                                           ("image2d", "fused")]
     assert all(e["videos"] == 6 and e["videos_per_s"] > 0 for e in result["extract"])
 
     section = gpu_check._markdown(result)   # what a GPU run writes into BENCHMARKS.md
-    assert "cpu (dry run)" in section and "| VLM tiny |" in section and "| s3d | 2 |" in section
+    assert "cpu (dry run)" in section and "| VLM tiny |" in section and "| s3d | split | 1 |" in section

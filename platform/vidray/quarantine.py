@@ -33,10 +33,11 @@ def conform(table: pa.Table) -> pa.Table:
     return table.select(QUARANTINE_SCHEMA.names).cast(QUARANTINE_SCHEMA)
 
 
-def quarantine_record(row: dict[str, Any], err: BaseException) -> dict[str, Any]:
-    """Why one video of the manifest could not be read: ``{video_id, uri, clip_index: None, error}``."""
+def quarantine_record(row: dict[str, Any], err: BaseException | str) -> dict[str, Any]:
+    """Why one video of the manifest could not be read: ``{video_id, uri, clip_index: None, error}``
+    (``err``: the exception, or the reason a record made elsewhere gave)."""
     return {"video_id": row["video_id"], "uri": row["uri"], "clip_index": None,
-            "error": f"{type(err).__name__}: {err}"}
+            "error": err if isinstance(err, str) else f"{type(err).__name__}: {err}"}
 
 
 def overrun_counts(quarantine: pa.Table) -> dict[str, int]:

@@ -29,6 +29,7 @@ import bisect
 import io
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass
 from fractions import Fraction
@@ -65,6 +66,21 @@ _FRAME_TABLE_FORMATS = {"mov", "mp4"}
 _PTS_SCAN_FRAMES = 48
 # Packets read from the end to find the last frame's end: more than any B-frame reorder span.
 _TAIL_PACKETS = 32
+
+
+def decode_threads() -> int:
+    """Decoder threads for a video opened in this process: ``$VIDRAY_DECODE_THREADS`` if set,
+    else the CPUs Ray gave the task or actor that opens it (1 for a Ray Data map task), else 1
+    (outside Ray the caller's processes are assumed to use the cores already)."""
+    if os.environ.get("VIDRAY_DECODE_THREADS"):
+        return max(1, int(os.environ["VIDRAY_DECODE_THREADS"]))
+    ray = sys.modules.get("ray")  # not imported here: a plain script never pays for Ray
+    if ray is not None and ray.is_initialized():
+        try:
+            return max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1)))
+        except AssertionError:  # the driver, which Ray assigns nothing (it says so by asserting)
+            pass
+    return 1
 
 
 class VideoDecodeError(RuntimeError):
@@ -454,6 +470,13 @@ class _Reader:
             raise VideoDecodeError(self.uri, f"frames of {width}x{height} are larger than 8K UHD (7680x4320), "
                                    "the most a decode worker takes", "scale it down first, e.g. "
                                    "`ffmpeg -i in.mp4 -vf scale=-2:2160 out.mp4`")
+        # FFmpeg's default (slice threads, one per core of the machine) oversubscribes a node where
+        # every core runs its own decode task; a task that holds several cores decodes frames in
+        # parallel instead (FFmpeg applies skip_frame per packet sent, so skipping is unchanged).
+        threads = decode_threads()
+        stream.thread_count = threads
+        if threads > 1:
+            stream.thread_type = "AUTO"
         return stream
 
     def _first_frame(self) -> av.VideoFrame:
