@@ -354,6 +354,11 @@ def _markdown(s: dict, args) -> str:
                   "|---|---|---:|---:|---:|"]
         for t in s["threads"]:
             lines.append(f"| `{t['file']}` | {t['codec']} | {t['one']:.0f} | {t['many']:.0f} | {t['many'] / t['one']:.2f}x |")
+        gains = [t["many"] / t["one"] for t in s["threads"]]
+        lines += ["", f"Threads speed up FFmpeg's decoding only; the reader's scaling and cropping of each frame stay "
+                  f"on one thread, so the whole reader gains {min(gains):.2f}-{max(gains):.2f}x with {cores} threads "
+                  "(least on the codecs that are cheap to decode). A Ray Data map task holds one CPU and gets one "
+                  "thread; an extraction actor given several CPUs gets that many."]
     if s["real_footage"]:
         lines += ["", "Real footage (package-shipped clips), an 8-frame uniform sample each by `sample_frames`:", "",
                   "| file | codec | frames | keyframes | mean / longest GOP | frames decoded | decoded per returned |",

@@ -141,14 +141,19 @@ def _markdown(r: dict) -> str:
         "workers also share them with the driver and Ray's own processes.",
     ]
     st = r["stages"]
+    decode, network, two = st["decode_videos_per_s"], st["network_videos_per_s"], r["runs"][1]["steady_videos_per_s"]
+    fused_bound, split_bound = 2 / (1 / decode + 1 / network), min(decode, network)
     lines += [
         "",
         f"Split stages alone, one core each, in one process: decoding into one-second windows "
         f"{st['decode_videos_per_s']:.2f} videos/s, the network on decoded windows {st['network_videos_per_s']:.2f} "
-        f"videos/s ({st['video_seconds']} seconds of video). On 2 CPUs the split pipeline runs at "
-        f"**{r['split_vs_fused']:.2f}x** the fused one with 2 workers: here the cores are the limit either way, "
-        "and split pays for moving windows through the object store and reassembling them in the driver. "
-        "Its case is a GPU node: the network leaves the CPUs, whose cores all decode, and the GPU never waits "
-        "for its own actor's decoding (`make gpu-check` measures it on a device).",
+        f"videos/s ({st['video_seconds']} seconds of video). From these alone, fused on 2 cores can reach "
+        f"2 / (1/decode + 1/network) = {fused_bound:.2f} videos/s (measured {two:.2f}); split, with one core "
+        f"decoding and one running the network, min(decode, network) = {split_bound:.2f} (measured "
+        f"{r['runs'][3]['steady_videos_per_s']:.2f}, **{r['split_vs_fused']:.2f}x** fused). On CPUs the network "
+        "is the slow stage, and fused runs it on every core, so fused stays the CPU default (`pipeline=auto`). "
+        "On a GPU node the network is the fast stage and decoding the slow one: split decodes on every core "
+        "and the GPU waits for none of it, where a fused actor's GPU idles while that actor decodes "
+        "(`make gpu-check` measures both on a device).",
     ]
     return "\n".join(lines)

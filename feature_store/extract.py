@@ -40,6 +40,7 @@ from vidray.config import ConfigError, from_dict, missing_required, option
 from vidray.feature_store import store
 from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, Image2DExtractConfig,
                                              S3DExtractConfig, TextExtractConfig, VQExtractConfig)
+from vidray.feature_store.split import shard_summaries
 from vidray.manifest import read_manifest
 from vidray.quarantine import QUARANTINE_SCHEMA, conform, overrun_counts, quarantine_record
 
@@ -264,11 +265,11 @@ def _run_pending(cfg: ExtractConfig, version: str, pending: list[tuple[int, list
 
     use_gpu, workers = _resources(cfg)
     if cfg.pipeline == "split" or (cfg.pipeline == "auto" and use_gpu and cfg.extractor in SPLIT_EXTRACTORS):
-        from vidray.feature_store.split import run_split
-
         # On CPUs the network's actors take half the cores; the decode tasks the rest.
         actors = cfg.num_workers or (workers if use_gpu else max(1, workers // 2))
-        run_split(cfg, version, pending, actors, use_gpu, progress)
+        summaries = shard_summaries(cfg.extractor, cfg.extractor_config, version, pending, actors, use_gpu,
+                                    cfg.actors_per_gpu)
+        follow(cfg, version, summaries, sum(len(v) for _, v in pending), progress)
         return
     workers = min(workers, len(pending))
     cpus = max(1, int(ray.cluster_resources().get("CPU", 1)) // workers) if not use_gpu else 1

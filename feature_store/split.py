@@ -30,6 +30,7 @@ import pyarrow as pa
 from vidray import storage
 from vidray.config import from_dict
 from vidray.feature_store import store
+from vidray.feature_store.extractors import EXTRACTORS, per_second_table
 from vidray.quarantine import QUARANTINE_SCHEMA, quarantine_record
 
 # One row per batch of windows; ``windows`` holds ``count`` windows (uint8, C order) and is
@@ -39,25 +40,21 @@ DECODED_SCHEMA = pa.schema([("shard", pa.int64()), ("video_id", pa.string()), ("
                             ("unreachable", pa.bool_()), ("windows", pa.large_binary())])
 
 
-def _extract_config(cfg_dict: dict):
-    from vidray.feature_store.extract import ExtractConfig
-
-    return from_dict(ExtractConfig, cfg_dict)
+def _extractor(name: str, settings: dict):
+    """(the extractor's class, its config) from what a task or actor is handed."""
+    config_cls, extractor_cls = EXTRACTORS[name]
+    return extractor_cls, from_dict(config_cls, settings)
 
 
 # --- decode: Ray Data tasks ------------------------------------------------------------------
 
-def decode_videos(batch: pa.Table, cfg_dict: dict) -> Iterator[pa.Table]:
+def decode_videos(batch: pa.Table, name: str, settings: dict) -> Iterator[pa.Table]:
     """The decode stage: each video of ``batch`` as rows of windows, a batch of them at a time
     (a generator, so one batch is in memory, not the video)."""
-    from vidray.feature_store.extractors import EXTRACTORS
-
-    cfg = _extract_config(cfg_dict)
-    extractor_cls = EXTRACTORS[cfg.extractor][1]
-    settings = cfg.extractor_config
+    extractor_cls, cfg = _extractor(name, settings)
     for shard, video in zip(batch["shard"].to_pylist(), batch["video"].to_pylist()):
         video = json.loads(video)
-        for row in _decoded(shard, video, extractor_cls.window_batches(settings, video["uri"])):
+        for row in _decoded(shard, video, extractor_cls.window_batches(cfg, video["uri"])):
             yield pa.Table.from_pylist([row], schema=DECODED_SCHEMA)
 
 
@@ -91,15 +88,13 @@ class NetworkWorker:
     """The network stage: an extractor's network, built once per actor, turning batches of
     windows into features (L2-normalised fp16, as the fused pipeline writes them)."""
 
-    def __init__(self, cfg_dict: dict, use_gpu: bool, cpus: int):
+    def __init__(self, name: str, settings: dict, use_gpu: bool, cpus: int):
         import torch
 
-        from vidray.feature_store.extractors import EXTRACTORS
-
         torch.set_num_threads(max(1, cpus))
-        cfg = _extract_config(cfg_dict)
-        self.extractor = EXTRACTORS[cfg.extractor][1](cfg.extractor_config, "cuda" if use_gpu else "cpu")
-        self.shape = self.extractor.window_shape(cfg.extractor_config)
+        extractor_cls, cfg = _extractor(name, settings)
+        self.extractor = extractor_cls(cfg, "cuda" if use_gpu else "cpu")
+        self.shape = self.extractor.window_shape(cfg)
 
     def __call__(self, batch: pa.Table) -> pa.Table:
         features = []
@@ -156,45 +151,40 @@ class Assembler:
         return [d["row"] for d in done if "row" in d], [d["quarantine"] for d in done if "quarantine" in d]
 
 
-def run_split(cfg, version: str, pending: list[tuple[int, list[dict]]], workers: int, use_gpu: bool,
-              progress: bool) -> None:
-    """Extract ``pending`` shards into ``version`` through the split pipeline (see the module)."""
+def shard_summaries(name: str, settings, version: str, pending: list[tuple[int, list[dict]]], workers: int,
+                    use_gpu: bool, actors_per_gpu: int) -> Iterator[dict]:
+    """Extract ``pending`` shards of the ``name`` extractor (config ``settings``) into ``version``
+    through the split pipeline (see the module); yields each shard's summary once its part is
+    written, as the fused pipeline's actors do (``extract.follow`` shows them)."""
     import ray
 
-    from vidray.feature_store.extract import follow
-    from vidray.feature_store.extractors import EXTRACTORS, per_second_table
-
-    extractor_cls = EXTRACTORS[cfg.extractor][1]
-    dim = extractor_cls.output_dim(cfg.extractor_config)
-    cfg_dict = asdict(cfg)
+    dim = EXTRACTORS[name][1].output_dim(settings)
+    settings = asdict(settings)
     items = pa.table({"shard": [s for s, videos in pending for _ in videos],
                       "video": [json.dumps(v, default=str) for _, videos in pending for v in videos]})
     cpus = int(ray.cluster_resources().get("CPU", 1))
     ds = (ray.data.from_arrow(items).repartition(max(1, min(items.num_rows, cpus * 4)))
           .map_batches(decode_videos, batch_format="pyarrow", batch_size=1, num_cpus=1,
-                       fn_kwargs={"cfg_dict": cfg_dict})
+                       fn_kwargs={"name": name, "settings": settings})
           .map_batches(NetworkWorker, batch_format="pyarrow", batch_size=1,
                        compute=ray.data.ActorPoolStrategy(size=workers),
-                       fn_constructor_kwargs={"cfg_dict": cfg_dict, "use_gpu": use_gpu, "cpus": 1},
-                       num_gpus=1 / cfg.actors_per_gpu if use_gpu else 0, num_cpus=1))
+                       fn_constructor_kwargs={"name": name, "settings": settings, "use_gpu": use_gpu, "cpus": 1},
+                       num_gpus=1 / actors_per_gpu if use_gpu else 0, num_cpus=1))
     ds.context.op_resource_reservation_enabled = False  # as in clips.video_blocks: decode needs the CPUs
     assembler = Assembler(pending, dim)
+    for row in ds.iter_rows():
+        if row["unreachable"]:
+            yield {"shard": row["shard"], "videos": 0, "quarantined": 0, "unreachable": row["error"]}
+            return
+        for shard in assembler.add(row):
+            rows, records = assembler.shard(shard)
+            storage.call_with_retries(lambda: _write_shard(version, shard, rows, records, dim), version)
+            yield {"shard": shard, "videos": len(assembler.order[shard]), "quarantined": len(records),
+                   "unreachable": ""}
 
-    def summaries():
-        for row in ds.iter_rows():
-            if row["unreachable"]:
-                yield {"shard": row["shard"], "videos": 0, "quarantined": 0, "unreachable": row["error"]}
-                return
-            for shard in assembler.add(row):
-                rows, records = assembler.shard(shard)
-                storage.call_with_retries(lambda: _write_shard(version, shard, rows, records, dim), version)
-                yield {"shard": shard, "videos": len(assembler.order[shard]), "quarantined": len(records),
-                       "unreachable": ""}
 
-    def _write_shard(version, shard, rows, records, dim):
-        # Quarantine first, part last: the part's existence marks the shard done.
-        store.write_table_atomically(pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA),
-                                     storage.join(version, store.quarantine_name(shard)))
-        store.write_table_atomically(per_second_table(rows, dim), storage.join(version, store.part_name(shard)))
-
-    follow(cfg, version, summaries(), sum(len(v) for _, v in pending), progress)
+def _write_shard(version: str, shard: int, rows: list[dict], records: list[dict], dim: int) -> None:
+    # Quarantine first, part last: the part's existence marks the shard done.
+    store.write_table_atomically(pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA),
+                                 storage.join(version, store.quarantine_name(shard)))
+    store.write_table_atomically(per_second_table(rows, dim), storage.join(version, store.part_name(shard)))

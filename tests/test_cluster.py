@@ -127,21 +127,49 @@ def _run_named(experiment: str, run_name: str):
     return run
 
 
+def documented_submit() -> list[str]:
+    """Step 4 of docs/cluster.md's "Run on a cluster", one command a line (continuations joined,
+    comments dropped)."""
+    text = open(os.path.join(REPO, "docs", "cluster.md")).read()
+    block = text.split("**4. Submit jobs**", 1)[1].split("```bash\n", 1)[1].split("```", 1)[0]
+    return [line.split("  #")[0].strip() for line in block.replace("\\\n", " ").splitlines() if line.strip()]
+
+
+# What the documented pre-training needs to fit a CPU test: the paper preset is BERT-base on 8 GPUs.
+CPU_SCALE = ["model.flavour=tiny", "model.text_backbone=null", "train.use_gpu=false", "train.num_workers=1",
+             "train.batch_size=8", "train.steps=10", "train.checkpoint_every=10", "train.log_every=5",
+             "optim.warmup_steps=5", "optim.lr=1e-3", "data.clips_per_video=32", "mlflow.experiment=test-job-submit"]
+
+
 @pytest.mark.heavy
 @pytest.mark.timeout(900)
-def test_ray_job_submit_runs_pretrain_to_s3_and_mlflow(ray_head, feature_sets, stack):
+def test_the_documented_ray_job_submit_runs_pretrain_to_s3_and_mlflow(ray_head, feature_sets, stack):
+    """docs/cluster.md's step 4 as written, in a shell: its exports, then its `ray job submit`
+    with the placeholders filled (this head, this MLflow, these sets) and CPU_SCALE appended."""
     import mlflow
 
     from vidray import storage
 
     storage_path = f"s3://{stack.bucket}/jobs-{uuid.uuid4().hex[:8]}"
-    job_id = f"vidray-test-{uuid.uuid4().hex[:8]}"
-    # As docs/cluster.md "Run on a cluster" has it: the repository as working dir, vidray as the entrypoint.
-    _ray(["job", "submit", "--address", ray_head["address"], "--working-dir", ".", "--submission-id", job_id,
-          "--no-wait", "--", "vidray", *_pretrain_args(feature_sets, storage_path, steps=10)], ray_head["env"])
-    status = _wait(ray_head, job_id)
+    lines = documented_submit()
+    exports = [line for line in lines if line.startswith("export ")]
+    (submit,) = [line for line in lines if line.startswith("ray job submit")]
+    filled = {"http://127.0.0.1:8265": ray_head["address"],
+              "http://mlflow.example.internal:5000": stack.env["MLFLOW_TRACKING_URI"],
+              "data.features=s3://...": f"data.features={feature_sets['s3d']}",
+              "data.text=s3://...": f"data.text={feature_sets['text']}",
+              "data.manifest=s3://.../manifest.parquet": f"data.manifest={feature_sets['manifest']}",
+              "train.storage_path=s3://vidray-runs/runs": f"train.storage_path={storage_path}"}
+    script = "\n".join([*exports, submit + " " + " ".join(CPU_SCALE)])
+    for placeholder, value in filled.items():
+        assert placeholder in script, f"docs/cluster.md no longer says {placeholder!r}: update this test"
+        script = script.replace(placeholder, value)
+    env = {k: v for k, v in ray_head["env"].items() if k not in ("RAY_AUTH_MODE", "MLFLOW_TRACKING_URI")}
+    out = subprocess.run(["bash", "-euc", script], cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-4000:] + out.stderr[-2000:]
+    job_id = re.search(r"Job '(raysubmit_\w+)' submitted successfully", out.stdout + out.stderr).group(1)
     logs = _logs(ray_head, job_id)
-    assert status == "SUCCEEDED", logs[-4000:]
+    assert _status(ray_head, job_id) == "SUCCEEDED", logs[-4000:]
     report = json.loads(logs[logs.rindex('{\n  "run_name"'):].split("\n}\n")[0] + "\n}")
     assert report["metrics"]["step"] == 10
     # What the job printed (after Ray's own lines about starting it): its progress lines once each,

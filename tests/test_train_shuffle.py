@@ -104,4 +104,6 @@ def test_the_loop_hands_ray_data_a_collate_class_not_a_deprecated_function(ray_c
         # Ray 2.60: "Passing a function to `iter_torch_batches(collate_fn)` is deprecated ..."
         warnings.filterwarnings("error", message="Passing a function to `iter_torch_batches")
         batches = list(ray.data.range(8).iter_torch_batches(batch_size=4, collate_fn=batch_collate(system)))
-    assert [b["id"].tolist() for b in batches] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+    # Rows in batches of 4, every row once (Ray Data keeps no order across blocks unless asked).
+    assert [len(b["id"]) for b in batches] == [4, 4]
+    assert sorted(i for b in batches for i in b["id"].tolist()) == list(range(8))

@@ -29,7 +29,7 @@ from vidray.archs import runner
 from vidray.cluster import verbose
 from vidray.config import ConfigError, dump_yaml, flatten, from_dict, merge, parse_overrides, read_yaml
 from vidray.feature_store.store import digest
-from vidray.tracking import alive_nodes, decide_tracking_uri, use_experiment
+from vidray.tracking import alive_nodes, decide_tracking_uri, find_run, use_experiment
 from vidray.tuning.config import SweepConfig, experiment_of, forced_settings, mlflow_client
 from vidray.tuning.report import finish_sweep
 from vidray.tuning.space import check, overrides_of, trial_configs, tune_space
@@ -135,8 +135,6 @@ def _now() -> int:
 def _child_run(client, sweep: SweepConfig, trial_id: str, params: dict, parent_run_id: str) -> str:
     """The trial's MLflow run, found by its stable name (a restarted trial continues it). The
     pre-training job finds the same run by the same ``vidray.run_name`` tag and logs into it."""
-    from vidray.train.job import find_run
-
     name = f"{sweep.name}-{trial_id}"
     found = find_run(sweep.mlflow.resolved_uri(), experiment_of(sweep), name)
     if found:

@@ -41,6 +41,21 @@ def use_experiment(name: str) -> str:
     return experiment.experiment_id
 
 
+def find_run(tracking_uri: str | None, experiment: str, run_name: str):
+    """The MLflow run tagged ``vidray.run_name = run_name`` in ``experiment``, or None: how a job
+    run again (a rerun, a restart, a sweep's retried trial) finds the run it logs into."""
+    import mlflow
+
+    if tracking_uri:
+        mlflow.set_tracking_uri(tracking_uri)
+    found = mlflow.get_experiment_by_name(experiment)
+    if found is None:
+        return None
+    runs = mlflow.search_runs([found.experiment_id], output_format="list", max_results=1,
+                              filter_string=f"tags.`vidray.run_name` = '{run_name}'")
+    return runs[0] if runs else None
+
+
 def alive_nodes() -> int:
     """Nodes of the Ray cluster this process is connected to (1 without Ray)."""
     import ray

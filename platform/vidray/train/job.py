@@ -17,7 +17,7 @@ from vidray import storage
 from vidray.cluster import command_line, init_ray, ray_job_id
 from vidray.feature_store.store import digest
 from vidray.stack import free_port
-from vidray.tracking import alive_nodes, decide_tracking_uri
+from vidray.tracking import alive_nodes, decide_tracking_uri, find_run
 from vidray.train.progress import live_progress
 from vidray.checkpoint import CHECKPOINT_FILE
 from vidray.train.loop import MLflowRun, fit, load_checkpoint
@@ -27,20 +27,6 @@ def run_name(cfg: Any, prefix: str, kind: str) -> str:
     """``train.run_name``, or ``<prefix>-<kind>-<digest of the whole config>``: stable for the same
     config, so rerunning the same command resumes the same run (and names its checkpoints)."""
     return cfg.train.run_name or f"{prefix}-{kind}-" + digest(dataclasses.asdict(cfg))[:10]
-
-
-def find_run(tracking_uri: str | None, experiment: str, run_name: str):
-    """The MLflow run tagged ``vidray.run_name = run_name`` in ``experiment``, or None."""
-    import mlflow
-
-    if tracking_uri:
-        mlflow.set_tracking_uri(tracking_uri)
-    found = mlflow.get_experiment_by_name(experiment)
-    if found is None:
-        return None
-    runs = mlflow.search_runs([found.experiment_id], output_format="list", max_results=1,
-                              filter_string=f"tags.`vidray.run_name` = '{run_name}'")
-    return runs[0] if runs else None
 
 
 CHECKPOINT_DIR = re.compile(r"checkpoint_\d{8}")  # Ray Train's folder per reported checkpoint

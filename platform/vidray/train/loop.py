@@ -33,7 +33,7 @@ from vidray import storage
 from vidray.checkpoint import CHECKPOINT_FILE, read_checkpoint
 from vidray.config import redact
 from vidray.notes import note
-from vidray.tracking import use_experiment
+from vidray.tracking import find_run, use_experiment
 from vidray.train.parallel import compile_layers, full_state, load_full_state, local_value, parallelize
 
 
@@ -114,11 +114,10 @@ class MLflowRun:
         self.mlflow, self.metric_prefix = mlflow, metric_prefix
         if tracking_uri:
             mlflow.set_tracking_uri(tracking_uri)
-        experiment_id = use_experiment(experiment)
-        found = mlflow.search_runs([experiment_id], filter_string=f"tags.`vidray.run_name` = '{run_name}'",
-                                   output_format="list", max_results=1)
+        use_experiment(experiment)
+        found = find_run(None, experiment, run_name)
         if found:
-            self.run = mlflow.start_run(run_id=found[0].info.run_id)
+            self.run = mlflow.start_run(run_id=found.info.run_id)
         else:
             # Shown as tags' mlflow.runName when given (a sweep's "finetune mmm_ratio=0.5"), found by run_name.
             self.run = mlflow.start_run(run_name=tags.get("mlflow.runName", run_name),
