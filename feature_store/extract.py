@@ -42,7 +42,7 @@ from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, Im
                                              S3DExtractConfig, TextExtractConfig, VQExtractConfig)
 from vidray.feature_store.split import shard_summaries
 from vidray.manifest import read_manifest
-from vidray.quarantine import QUARANTINE_SCHEMA, conform, overrun_counts, quarantine_record
+from vidray.quarantine import conform, overrun_counts, quarantine_record
 
 
 # The extractors the split pipeline runs: a network fed one-second windows (feature_store.split).
@@ -164,11 +164,7 @@ class ShardWriter:
                     video_rows, overruns, bad = [], [quarantine_record(video, err)], bad + 1
                 rows.extend(video_rows)
                 records.extend(overruns)
-            # Quarantine first, part last: the part's existence marks the shard done.
-            store.write_table_atomically(pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA),
-                                         storage.join(self.version, store.quarantine_name(shard)))
-            store.write_table_atomically(self.extractor.to_table(rows),
-                                         storage.join(self.version, store.part_name(shard)))
+            store.write_shard(self.version, shard, self.extractor.to_table(rows), records)
         except storage.StorageUnreachable as err:
             return {"shard": shard, "videos": 0, "rows": 0, "quarantined": 0, "seconds": 0.0,
                     "unreachable": str(err)}

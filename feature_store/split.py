@@ -31,7 +31,7 @@ from vidray import storage
 from vidray.config import from_dict
 from vidray.feature_store import store
 from vidray.feature_store.extractors import EXTRACTORS, per_second_table
-from vidray.quarantine import QUARANTINE_SCHEMA, quarantine_record
+from vidray.quarantine import quarantine_record
 
 # One row per batch of windows; ``windows`` holds ``count`` windows (uint8, C order) and is
 # empty on the row that reports a video's error.
@@ -178,13 +178,7 @@ def shard_summaries(name: str, settings, version: str, pending: list[tuple[int, 
             return
         for shard in assembler.add(row):
             rows, records = assembler.shard(shard)
-            storage.call_with_retries(lambda: _write_shard(version, shard, rows, records, dim), version)
+            storage.call_with_retries(lambda: store.write_shard(version, shard, per_second_table(rows, dim), records),
+                                      version)
             yield {"shard": shard, "videos": len(assembler.order[shard]), "quarantined": len(records),
                    "unreachable": ""}
-
-
-def _write_shard(version: str, shard: int, rows: list[dict], records: list[dict], dim: int) -> None:
-    # Quarantine first, part last: the part's existence marks the shard done.
-    store.write_table_atomically(pa.Table.from_pylist(records, schema=QUARANTINE_SCHEMA),
-                                 storage.join(version, store.quarantine_name(shard)))
-    store.write_table_atomically(per_second_table(rows, dim), storage.join(version, store.part_name(shard)))

@@ -112,6 +112,14 @@ def write_table_atomically(table: pa.Table, uri: str) -> None:
     os.replace(tmp, path)
 
 
+def write_shard(version: str, shard: int, part: pa.Table, quarantine: list[dict]) -> None:
+    """A shard's quarantine records, then its part, each atomically: the part's existence marks
+    the shard done (:func:`done_shards`), so a rerun never skips a shard whose records are missing."""
+    write_table_atomically(pa.Table.from_pylist(quarantine, schema=QUARANTINE_SCHEMA),
+                           storage.join(version, quarantine_name(shard)))
+    write_table_atomically(part, storage.join(version, part_name(shard)))
+
+
 def done_shards(version: str) -> set[int]:
     """Shards whose part file exists in the version folder (committed or not)."""
     fs, path = storage.filesystem(version)
