@@ -85,7 +85,7 @@ def verdict(mean: float, half: float, higher_is_better: bool = True) -> str:
 def corpora(workdir: str, videos: int) -> dict:
     """The downstream (clean) and pre-training (asr) corpora with their text and image2d sets."""
     from vidray.feature_store.extract import ExtractConfig, run_extract
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     out = {}
     for style, count in (("clean", videos), ("asr", 2 * videos)):
@@ -133,9 +133,9 @@ def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     """Pre-train (unless no_pretrain), fine-tune, evaluate; the metrics, saved so a rerun reuses them."""
     from vidray.config import load_config
     from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
-    from vidray.evaluate import run_evaluate
-    from vidray.vlm.finetune import run_finetune
-    from vidray.vlm.pretrain import run_pretrain
+    from vidray.eval.evaluate import run_evaluate
+    from vidray.train.vlm_finetune import run_finetune
+    from vidray.train.vlm_pretrain import run_pretrain
 
     pretrained, steps = settings(args)
     saved = os.path.join(workdir, "results", f"{variant}-{steps}-seed{seed}.json")

@@ -7,7 +7,7 @@ import os
 
 def corpus(workdir: str, videos: int, seed: int) -> str:
     """Synthesize ``videos`` videos of 4-8 s under ``workdir`` (once); returns the manifest's path."""
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     folder = os.path.join(workdir, "corpus")
     manifest = os.path.join(folder, "manifest.parquet")

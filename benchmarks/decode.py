@@ -129,7 +129,7 @@ def gop_of(path: str) -> dict:
 
 
 def real_footage(frames: int = 8) -> list[dict]:
-    from vidray.video import sample_frames
+    from vidray.data.video import sample_frames
 
     out = []
     for path in real_files():
@@ -141,7 +141,7 @@ def real_footage(frames: int = 8) -> list[dict]:
 
 def decode_threads_table(repeats: int = 3) -> list[dict]:
     """Frames/s of the windows reader on each real file with 1 decoder thread and with one per core."""
-    from vidray.video import iter_windows
+    from vidray.data.video import iter_windows
 
     cores = os.cpu_count() or 1
     out = []
@@ -167,7 +167,7 @@ def uniform_times(duration: float, count: int = FRAMES_PER_VIDEO) -> np.ndarray:
 
 
 def read_vidray(path: str) -> tuple[int, int]:
-    from vidray.video import sample_frames
+    from vidray.data.video import sample_frames
 
     sample = sample_frames(path, FRAMES_PER_VIDEO)
     return sample.decoded_frames, len(sample.frames)
@@ -176,7 +176,7 @@ def read_vidray(path: str) -> tuple[int, int]:
 def read_vidray_frames(path: str) -> tuple[int, int, np.ndarray]:
     """The sampler, its frames returned to the parent process: the work the Ray pipeline does
     (whose frames reach the consumer through the object store)."""
-    from vidray.video import sample_frames
+    from vidray.data.video import sample_frames
 
     sample = sample_frames(path, FRAMES_PER_VIDEO)
     return sample.decoded_frames, len(sample.frames), sample.frames
@@ -238,8 +238,8 @@ def time_ray_read_videos(paths: list[str]) -> dict:
 
 
 def time_ray_clip_pipeline(paths: list[str], workers: int, repeats: int) -> dict:
-    from vidray.clips import ClipsConfig, build_clip_dataset
-    from vidray.manifest import manifest_table
+    from vidray.data.clips import ClipsConfig, build_clip_dataset
+    from vidray.data.manifest import manifest_table
 
     videos = manifest_table([{"video_id": f"{i}-{os.path.basename(p)}", "uri": p} for i, p in enumerate(paths)])
     cfg = ClipsConfig(manifest="-", output=tempfile.mkdtemp(), num_frames=FRAMES_PER_VIDEO,

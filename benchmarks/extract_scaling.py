@@ -61,7 +61,7 @@ def stage_rates(manifest: str, size: int) -> dict:
     import torch
 
     from vidray.feature_store.extractors import S3DExtractConfig, S3DExtractor
-    from vidray.manifest import read_manifest
+    from vidray.data.manifest import read_manifest
 
     torch.set_num_threads(1)
     cfg = S3DExtractConfig(flavour="tiny", size=size)
@@ -82,7 +82,7 @@ def stage_rates(manifest: str, size: int) -> dict:
 
 def run(args) -> dict:
     from benchmarks.report import publish, versions
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-extract-")
     corpus = os.path.join(workdir, "corpus")

@@ -55,8 +55,8 @@ def run(args) -> dict:
     from vidray.feature_store import store
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import S3DExtractConfig
-    from vidray.manifest import read_manifest
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.manifest import read_manifest
+    from vidray.data.synth import SynthConfig, synthesize
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-features-")
     corpus = os.path.join(workdir, "corpus")

@@ -84,7 +84,7 @@ def corpus(workdir: str, videos: int, arch: str) -> dict:
     for E-ViLM also the semantic and pixel tokenizers' vq sets."""
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import FramesExtractConfig
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     root = os.path.join(workdir, "corpus")
     manifest = os.path.join(root, "manifest.parquet")
@@ -105,8 +105,8 @@ def vq_codes(workdir: str, data: dict, kind: str) -> str:
     from vidray.config import load_config
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import VQExtractConfig
-    from vidray.frames.config import VQTokenizerConfig
-    from vidray.frames.run import run_train_vq
+    from vidray.train.frames_config import VQTokenizerConfig
+    from vidray.train.frames_run import run_train_vq
 
     cfg = load_config(VQTokenizerConfig, None, [
         f"model.kind={kind}", "model.flavour=tiny", "model.image_size=64", "model.num_frames=4", "model.patch=16",
@@ -131,10 +131,10 @@ def one_run(workdir: str, data: dict, arch: str, variant: str, seed: int) -> dic
     """Pre-train, fine-tune for retrieval and QA (LAVENDER multi: both in one run), evaluate; saved
     so a rerun reuses it."""
     from vidray.config import load_config
-    from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
-    from vidray.frames.run import run_frames_finetune, run_frames_pretrain
+    from vidray.train.frames_config import FramesFinetuneConfig, FramesPretrainConfig
+    from vidray.train.frames_run import run_frames_finetune, run_frames_pretrain
     from vidray.train.config import EvaluateConfig
-    from vidray.evaluate import run_evaluate
+    from vidray.eval.evaluate import run_evaluate
 
     saved = os.path.join(workdir, "results", f"{arch}-{variant}-seed{seed}.json")
     if os.path.exists(saved):

@@ -1,7 +1,7 @@
 """frames_ingest: the frames set -> Ray Data -> iter_torch_batches at 224 px, vs what All-in-one-base and LAVENDER-base consume.
 
 The frames models train on clips of JPEG frames (the ``frames`` feature set), so their CPU cost per
-example is decoding and resizing those JPEGs in the Ray Data map (:func:`vidray.frames.data.clip_examples`),
+example is decoding and resizing those JPEGs in the Ray Data map (:func:`vidray.data.frames.clip_examples`),
 then the collate. Measured here per CPU core, at 3 and 8 frames per clip:
 
 - the decode stage alone on one thread (the map's work per clip: JPEG decode, resize, tokenize);
@@ -37,13 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model(arch: str, frames: int, size: int, flavour: str = "base"):
-    from vidray.frames.config import FramesModelConfig
+    from vidray.train.frames_config import FramesModelConfig
 
     return FramesModelConfig(arch=arch, flavour=flavour, num_frames=frames, image_size=size)
 
 
 def _data(data: dict):
-    from vidray.frames.config import FramesDataConfig
+    from vidray.train.frames_config import FramesDataConfig
 
     return FramesDataConfig(frames=data["frames"], manifest="", split="train")
 
@@ -62,7 +62,7 @@ def _decode_rate(data: dict, model, rows: int = 64) -> float:
     import torch
 
     from vidray.feature_store.store import open_version, read_parquet
-    from vidray.frames.data import CLIP_COLUMNS, clip_examples, example_kwargs
+    from vidray.data.frames import CLIP_COLUMNS, clip_examples, example_kwargs
 
     torch.set_num_threads(1)
     table = read_parquet(open_version(data["frames"]).part_uris[0], columns=CLIP_COLUMNS).slice(0, rows)
@@ -79,7 +79,7 @@ def _pipeline_rate(data: dict, model, batch: int, passes: int) -> dict:
     ``passes`` times in one dataset, each read decoding its JPEGs again, as every epoch does."""
     from functools import partial
 
-    from vidray.frames.data import collate, examples_dataset
+    from vidray.data.frames import collate, examples_dataset
     from vidray.models.weights import text_tokenizer
 
     tok = text_tokenizer(model.tokenizer)
@@ -102,7 +102,7 @@ def _demand(arch: str, frames: int, size: int) -> dict:
     """Training GFLOPs per clip of the base flavour and the clips/s one H100 takes at the MFU target."""
     import torch
 
-    from vidray.frames.nets import size_figures
+    from vidray.models.build import size_figures
 
     torch.set_num_threads(os.cpu_count() or 1)
     figures = size_figures(_model(arch, frames, size))

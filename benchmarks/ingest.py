@@ -44,9 +44,9 @@ def _config(data: dict, batch: int, workers: int):
 
 def _collate_and_special(cfg):
     """The VLM collate of ``cfg`` and its special ids, without building the model (VLMSystem's)."""
-    from vidray.vlm.data import collate
-    from vidray.vlm.model import BERT_UNCASED_VOCAB
-    from vidray.vlm.objectives import SpecialIds
+    from vidray.data.vlm import collate
+    from vidray.models.vlm import BERT_UNCASED_VOCAB
+    from vidray.objectives.vlm import SpecialIds
 
     special = SpecialIds(vocab_size=BERT_UNCASED_VOCAB)
     return partial(collate, max_video_tokens=cfg.model.max_video_tokens, max_text_tokens=cfg.data.max_text_tokens,
@@ -60,7 +60,7 @@ def _consume(config: dict) -> None:
     import torch
     import torch.distributed as dist
 
-    from vidray.vlm.objectives import mask_batch
+    from vidray.objectives.vlm import mask_batch
 
     cfg, per_worker, batches = config["cfg"], config["per_worker"], config["batches"]
     torch.set_num_threads(1)
@@ -111,7 +111,7 @@ def _model_consumption(cfg, dataset, step_batch: int) -> dict:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from vidray.vlm.system import build_system
+    from vidray.train.vlm_system import build_system
 
     torch.set_num_threads(os.cpu_count() or 1)
     system = build_system(cfg, torch.device("cpu"))
@@ -143,7 +143,7 @@ def _stage_rates(cfg, dataset, batch: int, batches: int) -> dict:
     masking, so the stages overlap)."""
     import torch
 
-    from vidray.vlm.objectives import mask_batch
+    from vidray.objectives.vlm import mask_batch
 
     torch.set_num_threads(1)
     collate_fn, special = _collate_and_special(cfg)
@@ -171,7 +171,7 @@ def run(args) -> dict:
     from benchmarks.corpus import feature_sets
     from benchmarks.report import publish, versions
     from vidray.train.job import repeat_for_steps, start_local_ray
-    from vidray.vlm.data import examples_dataset
+    from vidray.data.vlm import examples_dataset
 
     counts = [int(w) for w in args.workers.split(",")]
     workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-ingest-")

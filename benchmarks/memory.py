@@ -72,7 +72,7 @@ def _status_mb(field: str) -> float:
 def _child(kind: str, row: dict, args) -> dict:
     """Runs in a fresh process: load what the worker loads, then do one video."""
     if kind == "clips":
-        from vidray.clips import ClipsConfig, decode_video_clips
+        from vidray.data.clips import ClipsConfig, decode_video_clips
 
         cfg = ClipsConfig(manifest="-", output=tempfile.mkdtemp(), num_frames=4, size=args.clip_size,
                           timeout_s=3600)

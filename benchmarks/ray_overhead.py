@@ -1,6 +1,6 @@
 """ray_overhead: a VLM pre-training step under Ray Train vs the same step in a plain PyTorch loop.
 
-Both run the same system (:func:`vidray.vlm.system.build_system`: model, collate, MMM + masked
+Both run the same system (:func:`vidray.train.vlm_system.build_system`: model, collate, MMM + masked
 token loss), the same Adam settings and gradient clipping, on one process with the same number of
 torch threads (Ray gives a 1-CPU Train worker one thread). The plain loop steps over batches
 collated in memory beforehand, so it measures compute alone; the Ray Train run is the real
@@ -52,8 +52,8 @@ def _plain_loop(cfg, threads: int, steps: int, compile: bool = False) -> dict:
 
     from vidray.train.loop import warmup_poly_decay
     from vidray.train.parallel import compile_layers
-    from vidray.vlm.data import examples_dataset
-    from vidray.vlm.system import build_system
+    from vidray.data.vlm import examples_dataset
+    from vidray.train.vlm_system import build_system
 
     torch.set_num_threads(threads)
     torch.manual_seed(cfg.train.seed)
@@ -97,7 +97,7 @@ def run(args) -> dict:
     from benchmarks.corpus import feature_sets
     from benchmarks.report import publish, versions
     from vidray.train.job import start_local_ray
-    from vidray.vlm.pretrain import run_pretrain
+    from vidray.train.vlm_pretrain import run_pretrain
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-overhead-")
     start_local_ray(num_cpus=4, log_to_driver=False)

@@ -4,7 +4,7 @@ Separate encoding (All-in-one's fast retrieval, VLM's too) passes each text and 
 the model once and scores all pairs with one matrix product: N + N passes. All-pairs fusion
 (LAVENDER: p(true) / (p(true) + p(false)) at an appended [MASK]) runs the fusion encoder on every
 (text, clip) pair: N x N passes. Both sides are the platform's own scoring code
-(:meth:`vidray.frames.scoring.TowerScorer.similarity`) on the tiny demo models, with random weights and
+(:meth:`vidray.eval.frames.TowerScorer.similarity`) on the tiny demo models, with random weights and
 random inputs: the cost of a forward pass does not depend on either. The fusion side is timed on
 the first ``--fusion-texts`` texts against all N clips and scaled to N texts (every text costs
 the same: one fusion pass per clip); the scaled figure is marked as such. A third row times the
@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model(arch: str, args):
-    from vidray.frames.config import FramesModelConfig
-    from vidray.frames.nets import build_net, size_figures
-    from vidray.frames.system import RetrievalModel
+    from vidray.train.frames_config import FramesModelConfig
+    from vidray.models.build import build_net, size_figures
+    from vidray.train.frames_system import RetrievalModel
 
     cfg = FramesModelConfig(arch=arch, flavour="tiny", image_size=args.image_size, num_frames=args.num_frames,
                             max_text_tokens=args.text_tokens)
@@ -62,7 +62,7 @@ def _per_pair_scores(net, words, frames, text_ids, text_mask, batch_size: int, s
     text slot onto the vocabulary, then reads the one [MASK] slot."""
     import torch
 
-    from vidray.frames.lavender_tasks import append_mask_slot, true_score
+    from vidray.train.lavender_tasks import append_mask_slot, true_score
 
     ids, mask, positions, slots = append_mask_slot(text_ids, text_mask, size_txt, words.mask)
     rows = []
@@ -83,9 +83,9 @@ def run(args) -> dict:
     import torch
 
     from benchmarks.report import publish, versions
-    from vidray.frames.data import collate
-    from vidray.frames.lavender_tasks import Words, pair_scores
-    from vidray.frames.scoring import TowerScorer
+    from vidray.data.frames import collate
+    from vidray.train.lavender_tasks import Words, pair_scores
+    from vidray.eval.frames import TowerScorer
 
     if not 0 < args.fusion_texts <= args.n:
         raise SystemExit(f"--fusion-texts must be in 1..--n ({args.n})")

@@ -56,7 +56,7 @@ def _extract(manifest: str, root: str, limit: int, per_part: int) -> dict:
 
 def run(args) -> dict:
     from benchmarks.report import publish, versions
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-scale-")
     corpus = os.path.join(workdir, "corpus")

@@ -30,7 +30,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def _manifest(path: str, videos: int) -> None:
     import numpy as np
 
-    from vidray.manifest import manifest_table, write_manifest
+    from vidray.data.manifest import manifest_table, write_manifest
 
     rng = np.random.default_rng(0)
     rows = [{"video_id": f"v{i:07d}", "uri": f"s3://nowhere/v{i:07d}.mp4", "split": "train",

@@ -41,8 +41,8 @@ from vidray.feature_store import store
 from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, Image2DExtractConfig,
                                              S3DExtractConfig, TextExtractConfig, VQExtractConfig)
 from vidray.feature_store.split import shard_summaries
-from vidray.manifest import read_manifest
-from vidray.quarantine import conform, overrun_counts, quarantine_record
+from vidray.data.manifest import read_manifest
+from vidray.data.quarantine import conform, overrun_counts, quarantine_record
 
 
 # The extractors the split pipeline runs: a network fed one-second windows (feature_store.split).

@@ -13,11 +13,11 @@ job quarantines that video):
 - ``text``   one row per video: each caption's WordPiece ids (no special tokens) with its times,
              as the manifest gives them, also past the video's end: the text set never opens the
              video, so it cannot tell (whoever pairs them with frames or seconds decides).
-- ``frames`` one row per clip: the sparse frames of :func:`vidray.video.iter_clips`, JPEG.
+- ``frames`` one row per clip: the sparse frames of :func:`vidray.data.video.iter_clips`, JPEG.
 - ``vq``     one row per clip of a frames set: E-ViLM's VQ tokenizer code of every frame region.
 
 The clip extractors (frames, vq) cut a caption that runs past the video's end at the end and
-skip one that starts at or after it (:func:`vidray.clips.iter_video_clips`); each lands in the
+skip one that starts at or after it (:func:`vidray.data.clips.iter_video_clips`); each lands in the
 list ``overruns`` as a quarantine record with its ``clip_index``, while the video's other clips
 are kept.
 """
@@ -100,7 +100,7 @@ class PerSecondExtractor:
     def window_batches(cls, cfg, source: Any, uri: str | None = None) -> Iterator[np.ndarray]:
         """uint8 ``[k, frames, size, size, 3]``: the video's one-second windows,
         ``seconds_per_batch`` at a time (the last batch may hold fewer)."""
-        from vidray.video import iter_windows
+        from vidray.data.video import iter_windows
 
         frames, size = cls.window_shape(cfg)[:2]
         batch = []
@@ -364,7 +364,7 @@ class FramesExtractor:
         """The clips of one manifest row with their raw ``frames`` ``uint8 [T, size, size, 3]``, one
         at a time. The one sampler of the set: frames models that decode on the fly
         (``data.source=videos``) call it too, so their clips are this set's clips."""
-        from vidray.clips import iter_video_clips
+        from vidray.data.clips import iter_video_clips
 
         return iter_video_clips(row, num_frames=self.cfg.num_frames, strategy=self.cfg.strategy,
                                 size=self.cfg.size, clip=self.cfg.clip, seed=self.cfg.seed,
@@ -410,8 +410,8 @@ class VQExtractConfig:
 def load_vq_tokenizer(checkpoint: str):
     """(config, tokenizer in eval mode) of a `vidray train-vq` checkpoint folder (local or s3://)."""
     from vidray.checkpoint import load_state
-    from vidray.frames.config import VQTokenizerConfig
-    from vidray.frames.vq import VQ_FLAVOURS, VQTokenizer  # torch with it: loaded when used
+    from vidray.train.frames_config import VQTokenizerConfig
+    from vidray.models.vq import VQ_FLAVOURS, VQTokenizer  # torch with it: loaded when used
     from vidray.models.weights import text_tokenizer
 
     state = load_state(checkpoint)
@@ -467,7 +467,7 @@ class VQExtractor:
     def extract(self, row: dict, overruns: list | None = None) -> list[dict]:
         import torch
 
-        from vidray.frames.pixels import decode_clip
+        from vidray.models.pixels import decode_clip
 
         m = self.tokenizer_cfg.model
         clips = self.frames.extract(row, overruns)

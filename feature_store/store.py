@@ -36,8 +36,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vidray import __version__, storage
-from vidray.manifest import read_manifest
-from vidray.quarantine import QUARANTINE_SCHEMA, conform as conform_quarantine
+from vidray.data.manifest import read_manifest
+from vidray.data.quarantine import QUARANTINE_SCHEMA, conform as conform_quarantine
 
 
 MANIFEST_NAME = "_manifest.json"

@@ -127,7 +127,7 @@ def _run_training_command(args: argparse.Namespace) -> int:
 
 def cmd_synth(args: argparse.Namespace) -> int:
     from vidray.config import from_dict, merge, parse_overrides, read_yaml
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     flags = {"videos": args.videos, "seed": args.seed, "min_seconds": args.min_seconds,
              "max_seconds": args.max_seconds, "workers": args.workers, "style": args.style}
@@ -139,7 +139,7 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from vidray.adapters import adapt, write_result
+    from vidray.data.adapters import adapt, write_result
     from vidray.config import parse_overrides
 
     options = parse_overrides(args.option or [])
@@ -153,7 +153,7 @@ def cmd_adapt(args: argparse.Namespace) -> int:
 
 
 def cmd_clips(args: argparse.Namespace) -> int:
-    from vidray.clips import ClipsConfig, run_clips
+    from vidray.data.clips import ClipsConfig, run_clips
 
     cfg = _resolve(args, ClipsConfig)
     report = run_clips(cfg)
@@ -207,8 +207,8 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_train_vq(args: argparse.Namespace) -> int:
-    from vidray.frames.config import VQTokenizerConfig
-    from vidray.frames.run import run_train_vq
+    from vidray.train.frames_config import VQTokenizerConfig
+    from vidray.train.frames_run import run_train_vq
 
     report = run_train_vq(_resolve(args, VQTokenizerConfig), say=lambda m: print(m, file=sys.stderr))
     _print_report(args, report)
@@ -219,7 +219,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from vidray.train.config import EvaluateConfig
 
     cfg = _resolve(args, EvaluateConfig)
-    from vidray.evaluate import run_evaluate
+    from vidray.eval.evaluate import run_evaluate
 
     report = run_evaluate(cfg, say=lambda m: print(m, file=sys.stderr))
     _print_report(args, report)
@@ -299,14 +299,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _config_keys(command: str) -> str:
     """The config keys of a training command, with type, default and help, for its --help."""
-    from vidray.clips import ClipsConfig
+    from vidray.data.clips import ClipsConfig
     from vidray.config import describe
     from vidray.feature_store.extract import ExtractConfig
     from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 
     from vidray.tuning.config import SweepConfig
 
-    from vidray.frames.config import VQTokenizerConfig
+    from vidray.train.frames_config import VQTokenizerConfig
 
     cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
            "sweep": SweepConfig, "train-vq": VQTokenizerConfig, "clips": ClipsConfig,

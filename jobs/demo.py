@@ -13,7 +13,7 @@ import time
 from typing import Any
 
 from vidray import stack, storage
-from vidray.clips import clip_row_frames
+from vidray.data.clips import clip_row_frames
 from vidray.config import dump_yaml, flatten
 from vidray.tracking import use_experiment
 
@@ -40,8 +40,8 @@ def _corpus(data: str, configs_dir: str, videos: int, style: str = "clean") -> d
     """The downstream corpus (``clean``: exact captions, train/val/test, QA) or the pre-training
     corpus (``asr``: another set of videos of the same world, HowTo100M-like noisy captions),
     written under ``data`` (the stack's bucket)."""
-    from vidray.manifest import read_manifest
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.manifest import read_manifest
+    from vidray.data.synth import SynthConfig, synthesize
 
     cfg = SynthConfig(videos=videos, seed=0, min_seconds=4.0, max_seconds=10.0, style=style)
     step, folder = ("synth", "corpus") if style == "clean" else ("synth_pretrain", "pretrain_corpus")
@@ -63,8 +63,8 @@ def _corpus(data: str, configs_dir: str, videos: int, style: str = "clean") -> d
 
 
 def _clips(data: str, configs_dir: str, manifest_uri: str) -> dict:
-    from vidray.clips import ClipsConfig, count_rows, run_clips
-    from vidray.quarantine import overrun_counts
+    from vidray.data.clips import ClipsConfig, count_rows, run_clips
+    from vidray.data.quarantine import overrun_counts
 
     cfg = ClipsConfig(manifest=manifest_uri, output=storage.join(data, "clips"), num_frames=4,
                       size=112, clip="captions", overwrite=True)
@@ -140,7 +140,7 @@ def _pretrain(workdir: str, configs_dir: str, corpus: dict, features: dict, quic
     """A short VLM pre-training (BERT from MiniLM) on the pre-training corpus, 2 Ray Train
     workers: its curves land in MLflow. The downstream corpus stays unseen until fine-tuning."""
     from vidray.train.config import PretrainConfig
-    from vidray.vlm.pretrain import run_pretrain
+    from vidray.train.vlm_pretrain import run_pretrain
 
     cfg = _from_preset(PretrainConfig, "demo/pretrain.yaml", quick, [
         f"data.features={features['pretrain_image2d']['uri']}", f"data.text={features['pretrain_text']['uri']}",
@@ -160,7 +160,7 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
     model alone (no video-text pre-training); both evaluated on the held-out test split (R@K both
     ways + multiple-choice QA)."""
     from vidray.train.config import EvaluateConfig, FinetuneConfig
-    from vidray.vlm.finetune import run_finetune
+    from vidray.train.vlm_finetune import run_finetune
 
     mc = storage.join(corpus["uri"], "mc.jsonl")
     out = {}
@@ -184,7 +184,7 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
 
 def _evaluate_once(workdir: str, configs_dir: str, label: str, evaluation) -> dict:
     """Evaluate a checkpoint, or reuse the saved report of the same evaluation."""
-    from vidray.evaluate import run_evaluate
+    from vidray.eval.evaluate import run_evaluate
 
     saved = os.path.join(workdir, "eval", f"{label}.json")
     if _step_is_done(configs_dir, f"evaluate_{label}", evaluation, saved):
@@ -203,8 +203,8 @@ def _vq_codes(workdir: str, data: str, configs_dir: str, corpus: dict, features:
     configs/demo/vq_semantic.yaml), then cache its codes as the vq feature set."""
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import VQExtractConfig
-    from vidray.frames.config import VQTokenizerConfig
-    from vidray.frames.run import run_train_vq
+    from vidray.train.frames_config import VQTokenizerConfig
+    from vidray.train.frames_run import run_train_vq
 
     cfg = _from_preset(VQTokenizerConfig, "demo/vq_semantic.yaml", quick, [
         f"data.frames={features['frames']['uri']}", f"data.manifest={corpus['manifest']}", "data.split=train",
@@ -229,8 +229,8 @@ def _frames_model(workdir: str, data: str, configs_dir: str, corpus: dict, featu
     tokenizer trained first), then retrieval and open-ended QA fine-tuning from its checkpoint,
     both evaluated on the held-out test split next to chance. The settings are the presets
     configs/demo/<arch>_*.yaml (why each: their comments)."""
-    from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig
-    from vidray.frames.run import run_frames_finetune, run_frames_pretrain
+    from vidray.train.frames_config import FramesFinetuneConfig, FramesPretrainConfig
+    from vidray.train.frames_run import run_frames_finetune, run_frames_pretrain
     from vidray.train.config import EvaluateConfig
 
     out: dict = {}

@@ -62,7 +62,7 @@ def feature_sets(ray_cluster, tmp_path_factory):
     feature sets, shared by the pre-training and fine-tuning tests."""
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import S3DExtractConfig
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("vlm")
     synthesize(str(root / "corpus"), SynthConfig(videos=16, seed=11, min_seconds=4.0, max_seconds=6.0,
@@ -86,8 +86,8 @@ def frames_corpus(ray_cluster, stack):
     from vidray import storage
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import FramesExtractConfig
-    from vidray.frames.config import FramesDataConfig
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.train.frames_config import FramesDataConfig
+    from vidray.data.synth import SynthConfig, synthesize
 
     root = f"s3://{stack.bucket}/frames-data"
     synthesize(root, SynthConfig(videos=6, seed=21, min_seconds=2.0, max_seconds=3.0, workers=2,

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from vidray import storage
-from vidray.adapters import (
+from vidray.data.adapters import (
     ADAPTERS,
     QA_SCHEMA,
     AdapterError,
@@ -22,7 +22,7 @@ from vidray.adapters import (
     read_action_segments,
     write_result,
 )
-from vidray.manifest import MANIFEST_SCHEMA, read_manifest
+from vidray.data.manifest import MANIFEST_SCHEMA, read_manifest
 
 
 def write(path, text: str) -> str:
@@ -515,7 +515,7 @@ def test_per_second_labels_gaps_boundaries_and_unknown_labels():
 
 def test_synth_coin_json_reads_back(tmp_path):
     """vidray synth's coin.json (built from plans, no encoding) reads back with no problems."""
-    from vidray.synth import captions, coin_json, plan_video
+    from vidray.data.synth import captions, coin_json, plan_video
 
     plans = [plan_video(3, i, 2.0, 6.0) for i in range(3)]
     path = tmp_path / "coin.json"

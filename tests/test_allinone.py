@@ -5,12 +5,12 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidray.frames import allinone
-from vidray.frames.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads, temporal_roll
+from vidray.models import allinone
+from vidray.models.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads, temporal_roll
 from vidray.config import ConfigError, load_config
-from vidray.frames.config import FramesModelConfig, FramesPretrainConfig
-from vidray.frames.nets import size_figures
-from vidray.masking import mask_text
+from vidray.train.frames_config import FramesModelConfig, FramesPretrainConfig
+from vidray.models.build import size_figures
+from vidray.objectives.masking import mask_text
 
 
 def official_roll(visual: torch.Tensor) -> torch.Tensor:
@@ -187,7 +187,7 @@ def _worker_loss(rank, text, video, results):
 
     import torch.distributed as dist
 
-    from vidray.losses import contrastive_loss
+    from vidray.objectives.contrastive import contrastive_loss
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533")
     dist.init_process_group("gloo", rank=rank, world_size=2)

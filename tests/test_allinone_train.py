@@ -13,9 +13,9 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from vidray.frames.config import (FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
+from vidray.train.frames_config import (FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
                                   FramesObjectiveConfig, FramesPretrainConfig)
-from vidray.frames.run import run_frames_evaluate, run_frames_finetune, run_frames_pretrain
+from vidray.train.frames_run import run_frames_evaluate, run_frames_finetune, run_frames_pretrain
 from vidray.train.config import EvaluateConfig, OptimConfig, TrainConfig
 from vidray.checkpoint import load_state
 
@@ -28,7 +28,7 @@ def frames_data(ray_cluster, tmp_path_factory):
     enough clips for "beats chance" to mean something; 4 frames per clip in the set, 3 in the model."""
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import FramesExtractConfig
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("allinone")
     synthesize(str(root / "corpus"), SynthConfig(videos=80, seed=5, min_seconds=4.0, max_seconds=6.0, workers=2,
@@ -213,8 +213,8 @@ def test_evilm_tokenizer_codes_and_masked_video_modelling(frames_data, tmp_path)
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import VQExtractConfig
     from vidray.feature_store.store import open_version, read_parquet
-    from vidray.frames.config import VQModelConfig, VQTokenizerConfig
-    from vidray.frames.run import run_train_vq
+    from vidray.train.frames_config import VQModelConfig, VQTokenizerConfig
+    from vidray.train.frames_run import run_train_vq
 
     client = mlflow.MlflowClient()
     vq_cfg = VQTokenizerConfig(model=VQModelConfig(kind="semantic", flavour="tiny", image_size=64, num_frames=4,

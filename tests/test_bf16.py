@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from vidray.frames.config import FramesModelConfig, FramesPretrainConfig
-from vidray.frames.system import build_pretrain_system
+from vidray.train.frames_config import FramesModelConfig, FramesPretrainConfig
+from vidray.train.frames_system import build_pretrain_system
 from vidray.train.config import PretrainConfig
-from vidray.vlm.model import SEP_ID
-from vidray.vlm.system import build_system
+from vidray.models.vlm import SEP_ID
+from vidray.train.vlm_system import build_system
 
 B = 4
 

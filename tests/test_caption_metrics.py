@@ -3,7 +3,7 @@
 METEOR starts a JVM that loads a 60 MB paraphrase table (~6 s), so only the tests about METEOR
 itself run it; the others simulate an absent JRE (`no_jre`) to keep this file fast.
 
-The PTB tokenizer (vidray.ptb_tokenizer) is checked against the output of the CoreNLP jar that
+The PTB tokenizer (vidray.eval.ptb_tokenizer) is checked against the output of the CoreNLP jar that
 pycocoevalcap runs, recorded in tests/data/ptb_captions.txt (its header says how it was made),
 and against the jar itself where Java and pycocoevalcap's jar are installed.
 """
@@ -19,9 +19,9 @@ from pathlib import Path
 
 import pytest
 
-from vidray import caption_metrics as cm
-from vidray.caption_metrics import caption_metrics
-from vidray.ptb_tokenizer import ptb_tokenize_lines, tokenize_captions
+from vidray.eval import captioning as cm
+from vidray.eval.captioning import caption_metrics
+from vidray.eval.ptb_tokenizer import ptb_tokenize_lines, tokenize_captions
 
 FIXTURE = Path(__file__).parent / "data" / "ptb_captions.txt"
 

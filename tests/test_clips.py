@@ -13,12 +13,12 @@ import pytest
 
 from videogen import broken_videos, write_overrunning_video, write_video
 from vidray import storage
-from vidray.clips import (ClipsConfig, clip_row_frames, clip_specs, decode_video_clips, iter_video_clips,
+from vidray.data.clips import (ClipsConfig, clip_row_frames, clip_specs, decode_video_clips, iter_video_clips,
                           run_clips)
-from vidray.manifest import manifest_table, read_manifest, write_manifest
-from vidray.quarantine import gather_quarantine
-from vidray.synth import SynthConfig, synthesize
-from vidray.video import sample_frames
+from vidray.data.manifest import manifest_table, read_manifest, write_manifest
+from vidray.data.quarantine import gather_quarantine
+from vidray.data.synth import SynthConfig, synthesize
+from vidray.data.video import sample_frames
 
 
 def test_clip_specs_per_caption_or_per_video():

@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from test_vlm_model import CFG, make_batch
-from vidray.frames.allinone import ALLINONE_FLAVOURS, AllInOne
+from vidray.models.allinone import ALLINONE_FLAVOURS, AllInOne
 from vidray.train.parallel import compile_layers, transformer_layers
-from vidray.vlm.model import build_vlm
+from vidray.models.vlm import build_vlm
 
 
 def vlm_loss(model) -> torch.Tensor:
@@ -66,11 +66,11 @@ def test_every_network_names_its_transformer_layers_as_its_shard_units():
     them and in module order, wrapped in the task modules as training builds them."""
     from transformers.models.bert.modeling_bert import BertLayer
 
-    from vidray.frames.allinone import Block
-    from vidray.frames.config import FramesModelConfig, VQModelConfig
-    from vidray.frames.nets import build_net
-    from vidray.frames.system import PretrainModel
-    from vidray.frames.vq import VQ_FLAVOURS, VQTokenizer
+    from vidray.models.allinone import Block
+    from vidray.train.frames_config import FramesModelConfig, VQModelConfig
+    from vidray.models.build import build_net
+    from vidray.train.frames_system import PretrainModel
+    from vidray.models.vq import VQ_FLAVOURS, VQTokenizer
 
     def frames(arch):
         return build_net(FramesModelConfig(arch=arch, flavour="tiny", image_size=64, num_frames=3, max_text_tokens=12))

@@ -11,9 +11,9 @@ import pytest
 import yaml
 
 from conftest import REPO
-from vidray.clips import ClipsConfig
+from vidray.data.clips import ClipsConfig
 from vidray.config import ConfigError, dump_yaml, flatten, from_dict, load_config, parse_overrides
-from vidray.frames.config import FramesFinetuneConfig, FramesPretrainConfig, VQTokenizerConfig
+from vidray.train.frames_config import FramesFinetuneConfig, FramesPretrainConfig, VQTokenizerConfig
 from vidray.train.config import FinetuneConfig, PretrainConfig
 from vidray.tuning.config import SweepConfig
 

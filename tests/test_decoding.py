@@ -12,7 +12,7 @@ import math
 import pytest
 import torch
 
-from vidray.vlm.decoding import beam_search, greedy_decode
+from vidray.models.decoding import beam_search, greedy_decode
 
 BOS, EOS = 0, 1
 

@@ -16,7 +16,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vidray import storage, video
+from vidray import storage
+from vidray.data import video
 from vidray.config import ConfigError, from_dict
 from vidray.models import efficientnet
 from vidray.models.efficientnet import (

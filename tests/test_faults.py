@@ -24,8 +24,8 @@ from faults import TcpFront
 from vidray import storage
 from vidray.cluster import _client, submit
 from vidray.feature_store import store
-from vidray.manifest import read_manifest
-from vidray.synth import SynthConfig, synthesize
+from vidray.data.manifest import read_manifest
+from vidray.data.synth import SynthConfig, synthesize
 
 VIDEOS = 12
 

@@ -27,10 +27,10 @@ from vidray.feature_store import store
 from vidray.feature_store.extract import ExtractConfig, run_extract
 from vidray.feature_store.extractors import (FramesExtractConfig, FramesExtractor,
                                              TextExtractor, decode_jpeg)
-from vidray.manifest import manifest_table, read_manifest, write_manifest
-from vidray.quarantine import QUARANTINE_SCHEMA
-from vidray.synth import SynthConfig, synthesize
-from vidray.video import iter_clips
+from vidray.data.manifest import manifest_table, read_manifest, write_manifest
+from vidray.data.quarantine import QUARANTINE_SCHEMA
+from vidray.data.synth import SynthConfig, synthesize
+from vidray.data.video import iter_clips
 
 BAD = ["zero_byte", "truncated", "no_captions"]
 

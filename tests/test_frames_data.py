@@ -16,9 +16,9 @@ from vidray import storage
 from vidray.config import ConfigError
 from vidray.feature_store import store
 from vidray.feature_store.extractors import decode_jpeg, encode_jpeg
-from vidray.frames.config import FramesDataConfig, FramesModelConfig, FramesPretrainConfig
-from vidray.frames.data import clip_keys, examples_dataset, read_examples, read_qa, read_video_clips
-from vidray.manifest import manifest_table, read_manifest, write_manifest
+from vidray.train.frames_config import FramesDataConfig, FramesModelConfig, FramesPretrainConfig
+from vidray.data.frames import clip_keys, examples_dataset, read_examples, read_qa, read_video_clips
+from vidray.data.manifest import manifest_table, read_manifest, write_manifest
 from vidray.train.config import OptimConfig, TrainConfig
 
 # The set is extracted at the model's frame count and size, so both sources sample the same times.
@@ -117,7 +117,7 @@ def test_unreadable_videos_are_skipped_and_named_while_the_rest_arrive(corpus, s
 
 
 def test_pretraining_on_decoded_videos_tags_its_source(corpus, tmp_path):
-    from vidray.frames.run import run_frames_pretrain
+    from vidray.train.frames_run import run_frames_pretrain
 
     cfg = FramesPretrainConfig(model=MODEL, optim=OptimConfig(lr=1e-4, warmup_steps=1),
                                train=TrainConfig(steps=3, batch_size=4, num_workers=2, checkpoint_every=3,
@@ -136,9 +136,9 @@ def test_every_frames_model_pretrains_under_fsdp_and_checkpoints_whole_states(ar
     and its checkpoint holds whole tensors under plain names that a one-device model loads."""
     import torch
 
-    from vidray.frames.run import run_frames_pretrain
-    from vidray.frames.allinone import Block
-    from vidray.frames.system import build_pretrain_system
+    from vidray.train.frames_run import run_frames_pretrain
+    from vidray.models.allinone import Block
+    from vidray.train.frames_system import build_pretrain_system
     from vidray.checkpoint import load_state
     from vidray.train.parallel import transformer_layers
 

@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from vidray.config import ConfigError, from_dict
-from vidray.frames.config import (FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
+from vidray.train.frames_config import (FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
                                   FramesObjectiveConfig, FramesPretrainConfig)
-from vidray.frames.data import IGNORE_INDEX, clip_examples
-from vidray.frames.lavender import LAVENDER_FLAVOURS, Lavender
-from vidray.frames.lavender_tasks import (LavenderFinetuneSystem, LavenderPretrainSystem, LavenderRetrievalModel,
+from vidray.data.frames import IGNORE_INDEX, clip_examples
+from vidray.models.lavender import LAVENDER_FLAVOURS, Lavender
+from vidray.train.lavender_tasks import (LavenderFinetuneSystem, LavenderPretrainSystem, LavenderRetrievalModel,
                                           Words, append_mask_slot, insert_mask_slot, matching_batch, pair_scores,
                                           sampled_pairs, true_score)
-from vidray.frames.run import evaluate_mc, run_frames_finetune
-from vidray.frames.scoring import MatchingScorer, TowerScorer
-from vidray.frames.nets import build_net, size_figures
-from vidray.masking import mask_text
+from vidray.train.frames_run import evaluate_mc, run_frames_finetune
+from vidray.eval.frames import MatchingScorer, TowerScorer
+from vidray.models.build import build_net, size_figures
+from vidray.objectives.masking import mask_text
 
 CLS, SEP, MASK, PAD = 101, 102, 103, 0
 MODEL_24 = FramesModelConfig(arch="lavender", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)
@@ -328,7 +328,7 @@ def test_mc_option_scores_equal_one_forward_per_question_and_option():
 
 
 def test_all_in_one_scores_mc_options_through_retrieval():
-    from vidray.frames.system import RetrievalModel
+    from vidray.train.frames_system import RetrievalModel
 
     cfg = FramesModelConfig(arch="allinone", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)
     torch.manual_seed(0)

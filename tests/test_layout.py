@@ -146,11 +146,11 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
 
 # Model and objective code: one device, pure tensors. It may read config sections and weight files
 # (vidray.models.weights, through vidray.storage), nothing of training, Ray, MLflow or the jobs.
-MODEL_MODULES = ("vidray.models", "vidray.masking", "vidray.losses", "vidray.frames.allinone", "vidray.frames.lavender",
-                 "vidray.frames.evilm", "vidray.frames.vq", "vidray.frames.nets", "vidray.frames.pixels",
-                 "vidray.vlm.model", "vidray.vlm.masks", "vidray.vlm.decoding", "vidray.vlm.objectives",
-                 "vidray.vlm.tasks")
-MODEL_MAY_IMPORT = ("vidray.config", "vidray.vlm.config", "vidray.archs")
+MODEL_MODULES = ("vidray.models", "vidray.objectives.masking", "vidray.objectives.contrastive", "vidray.models.allinone", "vidray.models.lavender",
+                 "vidray.models.evilm", "vidray.models.vq", "vidray.models.build", "vidray.models.pixels",
+                 "vidray.models.vlm", "vidray.models.vlm_masks", "vidray.models.decoding", "vidray.objectives.vlm",
+                 "vidray.objectives.vlm_tasks")
+MODEL_MAY_IMPORT = ("vidray.config", "vidray.models.vlm_config", "vidray.archs")
 
 
 def is_model_module(module: str) -> bool:
@@ -176,11 +176,11 @@ def rule_breaks(graph: dict[str, set[str]], externals: dict[str, set[str]]) -> l
 
 def test_the_library_keeps_its_import_rules():
     modules = library_modules()
-    assert {"vidray.frames.nets", "vidray.feature_store.extractors", "vidray.jobs.cli", "vidray.tuning.sweep"} <= set(modules)
+    assert {"vidray.models.build", "vidray.feature_store.extractors", "vidray.jobs.cli", "vidray.tuning.sweep"} <= set(modules)
     graph, externals = read_imports(modules)
     # The graph sees what it must: an import inside a function, a relative import, `from pkg import mod`.
-    assert "vidray.frames.vq" in graph["vidray.feature_store.extractors"]
-    assert "vidray.eval.report" in graph["vidray.frames.run"]
+    assert "vidray.models.vq" in graph["vidray.feature_store.extractors"]
+    assert "vidray.eval.report" in graph["vidray.train.frames_run"]
     assert rule_breaks(graph, externals) == []
 
 
@@ -188,13 +188,13 @@ def test_the_import_rules_catch_a_deliberate_violation():
     modules = library_modules()
     graph, externals = read_imports(modules)
     broken = {**graph, "vidray.eval.report": graph["vidray.eval.report"] | {"vidray.jobs.demo"},
-              "vidray.frames.allinone": graph["vidray.frames.allinone"] | {"vidray.frames.lavender", "vidray.train.loop"}}
-    found = rule_breaks(broken, {**externals, "vidray.vlm.model": externals["vidray.vlm.model"] | {"ray"}})
+              "vidray.models.allinone": graph["vidray.models.allinone"] | {"vidray.models.lavender", "vidray.train.loop"}}
+    found = rule_breaks(broken, {**externals, "vidray.models.vlm": externals["vidray.models.vlm"] | {"ray"}})
     assert "vidray.eval.report -> vidray.jobs.demo: the library never imports the jobs" in found
-    assert ("vidray.frames.allinone -> vidray.train.loop: model code imports only models, objectives and config"
+    assert ("vidray.models.allinone -> vidray.train.loop: model code imports only models, objectives and config"
             in found)
-    assert "vidray.vlm.model -> ray: model code knows nothing of Ray or MLflow" in found
-    assert any(b.endswith(": an import cycle") and "vidray.frames.allinone" in b and "vidray.frames.lavender" in b
+    assert "vidray.models.vlm -> ray: model code knows nothing of Ray or MLflow" in found
+    assert any(b.endswith(": an import cycle") and "vidray.models.allinone" in b and "vidray.models.lavender" in b
                for b in found), found
 
 
@@ -278,5 +278,5 @@ def test_only_heavy_dependencies_are_imported_inside_functions():
     assert light_imports_inside_functions(modules) == []
     top, _ = function_imports(modules)
     heavy = heavy_modules(modules, top)
-    assert {"vidray.models.s3d", "vidray.train.loop", "vidray.frames.vq"} <= heavy
+    assert {"vidray.models.s3d", "vidray.train.loop", "vidray.models.vq"} <= heavy
     assert not {"vidray.config", "vidray.storage", "vidray.archs"} & heavy  # light: `--help` reads them

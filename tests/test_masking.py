@@ -1,4 +1,4 @@
-"""One rule for BERT-style token corruption (vidray.masking), shared by VLM and the frames models,
+"""One rule for BERT-style token corruption (vidray.objectives.masking), shared by VLM and the frames models,
 checked against the official rule: MMPT's TextMaskingProcessor and HuggingFace's
 DataCollatorForLanguageModeling (All-in-one's collator) both draw random replacements with
 ``torch.randint(len(tokenizer), shape)``: the whole vocabulary, special tokens included."""
@@ -8,12 +8,12 @@ from __future__ import annotations
 import torch
 from torch.testing import assert_close
 
-import vidray.frames.system as frames_system
-import vidray.masking as masking
-import vidray.vlm.objectives as vlm_objectives
-from vidray.masking import mask_text
-from vidray.vlm.config import ObjectiveConfig
-from vidray.vlm.objectives import IGNORE_INDEX, SpecialIds, mask_batch
+import vidray.train.frames_system as frames_system
+import vidray.objectives.masking as masking
+import vidray.objectives.vlm as vlm_objectives
+from vidray.objectives.masking import mask_text
+from vidray.models.vlm_config import ObjectiveConfig
+from vidray.objectives.vlm import IGNORE_INDEX, SpecialIds, mask_batch
 
 PAD, CLS, SEP, MASK, VOCAB = 0, 1, 2, 3, 6
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from vidray.metrics import ranks_of_correct, retrieval_metrics
+from vidray.eval.metrics import ranks_of_correct, retrieval_metrics
 
 
 def naive_rank(row: np.ndarray, correct: int) -> int:

@@ -150,7 +150,7 @@ def wait_for(predicate, timeout: float, what: str, job: subprocess.Popen | None 
 @pytest.fixture(scope="module")
 def corpus(stack, nodes):
     from vidray import storage
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     root = f"s3://{stack.bucket}/multinode"
     synthesize(root, SynthConfig(videos=24, seed=5, min_seconds=3.0, max_seconds=4.0, workers=2), progress=False)

@@ -1,4 +1,4 @@
-"""vidray.video on real camera and film footage and on transcodes of it (issue 18).
+"""vidray.data.video on real camera and film footage and on transcodes of it (issue 18).
 
 Every file is checked against a full decode (tests/videoref.py): the same pixels and timestamps
 from `sample_frames` (uniform and random) and `iter_windows`. The sources come from the
@@ -20,8 +20,9 @@ import pytest
 import realvideo
 import videogen
 from videoref import Decoded, assert_matches_reference
-from vidray import storage, video
-from vidray.clips import clip_row_frames
+from vidray import storage
+from vidray.data import video
+from vidray.data.clips import clip_row_frames
 
 
 @pytest.fixture(scope="module")
@@ -179,11 +180,11 @@ def test_frame_count_is_what_the_stream_holds_or_marked_as_an_estimate(files):
 
 @pytest.mark.heavy
 def test_clip_pipeline_and_extractors_over_real_footage_on_s3(files, ray_cluster, s3_uri):
-    from vidray.clips import ClipsConfig, run_clips
+    from vidray.data.clips import ClipsConfig, run_clips
     from vidray.feature_store import store
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import S3DExtractConfig
-    from vidray.manifest import manifest_table, write_manifest
+    from vidray.data.manifest import manifest_table, write_manifest
 
     names = [n for n in NAMES if n != "vtest.avi"]  # 8 MB and 80 s: its MJPEG transcode stands in
     rows, durations = [], {}

@@ -96,8 +96,8 @@ def _train_overrides(tmp_path, stack) -> list[str]:
 
 
 def test_vlm_resumed_after_a_crash_equals_the_uninterrupted_run(feature_sets, tmp_path, stack, ordered_data):
-    from vidray.vlm.data import examples_dataset, with_video_dim
-    from vidray.vlm.system import build_system
+    from vidray.data.vlm import examples_dataset, with_video_dim
+    from vidray.train.vlm_system import build_system
 
     cfg = load_config(PretrainConfig, None, _train_overrides(tmp_path, stack) + [
         f"data.features={feature_sets['s3d']}", f"data.text={feature_sets['text']}", "model.flavour=tiny",
@@ -110,9 +110,9 @@ def test_vlm_resumed_after_a_crash_equals_the_uninterrupted_run(feature_sets, tm
 
 
 def test_allinone_resumed_after_a_crash_equals_the_uninterrupted_run(frames_corpus, tmp_path, stack, ordered_data):
-    from vidray.frames.config import FramesModelConfig, FramesPretrainConfig
-    from vidray.frames.data import examples_dataset
-    from vidray.frames.system import build_pretrain_system
+    from vidray.train.frames_config import FramesModelConfig, FramesPretrainConfig
+    from vidray.data.frames import examples_dataset
+    from vidray.train.frames_system import build_pretrain_system
 
     model = FramesModelConfig(arch="allinone", flavour="tiny", image_size=32, num_frames=3, max_text_tokens=16)
     base = load_config(PretrainConfig, None, _train_overrides(tmp_path, stack))

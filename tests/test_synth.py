@@ -18,9 +18,10 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
-from vidray import manifest, storage
+from vidray import storage
+from vidray.data import manifest
 from vidray.config import ConfigError, from_dict
-from vidray.synth import (COLOURS, DIRECTIONS, FILLER_WORDS, SHAPES, SynthConfig, captions,
+from vidray.data.synth import (COLOURS, DIRECTIONS, FILLER_WORDS, SHAPES, SynthConfig, captions,
                           plan_video, synthesize)
 
 # Seed 8 happens to draw every shape kind, fps and frame size, and two three-shape videos.

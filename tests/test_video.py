@@ -1,4 +1,4 @@
-"""vidray.video against a naive reference that decodes every frame and picks by timestamp."""
+"""vidray.data.video against a naive reference that decodes every frame and picks by timestamp."""
 
 from __future__ import annotations
 
@@ -13,8 +13,9 @@ import pytest
 
 import videogen
 from videoref import Decoded, assert_matches_reference, reference_windows
-from vidray import storage, video
-from vidray.video import VideoDecodeError
+from vidray import storage
+from vidray.data import video
+from vidray.data.video import VideoDecodeError
 
 
 # -- the awkward files -----------------------------------------------------------------------

@@ -18,9 +18,9 @@ import pytest
 from vidray.config import ConfigError, load_config
 from vidray.jobs.cli import main as cli
 from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
-from vidray.evaluate import run_evaluate
-from vidray.vlm.finetune import run_finetune
-from vidray.vlm.pretrain import run_pretrain
+from vidray.eval.evaluate import run_evaluate
+from vidray.train.vlm_finetune import run_finetune
+from vidray.train.vlm_pretrain import run_pretrain
 
 
 def _common(sets: dict, tmp_path, stack, experiment: str) -> list[str]:
@@ -49,7 +49,7 @@ def _evaluate(checkpoint: str, stack, **fields) -> dict:
 def downstream(ray_cluster, tmp_path_factory):
     """40 clean synthetic videos (28 train, 4 val, 8 test) with their image2d and text sets."""
     from vidray.feature_store.extract import ExtractConfig, run_extract
-    from vidray.synth import SynthConfig, synthesize
+    from vidray.data.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("downstream")
     synthesize(str(root / "corpus"), SynthConfig(videos=40, seed=11, min_seconds=4.0, max_seconds=6.0,
@@ -130,7 +130,7 @@ def test_retrieval_from_a_pretrained_checkpoint_beats_chance_and_is_tracked(down
 
 
 def _test_videos(sets) -> set[str]:
-    from vidray.manifest import read_manifest
+    from vidray.data.manifest import read_manifest
 
     table = read_manifest(sets["manifest"]).to_pylist()
     return {r["video_id"] for r in table if r["split"] == "test"}
@@ -154,8 +154,8 @@ def test_captioning_beats_the_best_constant_caption_on_held_out_clips(downstream
     assert len(references) == metrics["examples"] > 15
 
     # The majority baseline: the most frequent training caption, said of every test clip.
-    from vidray.caption_metrics import caption_metrics
-    from vidray.manifest import read_manifest
+    from vidray.eval.captioning import caption_metrics
+    from vidray.data.manifest import read_manifest
 
     train = [c["text"] for r in read_manifest(downstream["manifest"]).to_pylist() if r["split"] == "train"
              for c in r["captions"]]
@@ -213,7 +213,7 @@ def test_init_from_a_checkpoint_of_another_model_size_is_refused(s3d_sets, tmp_p
     pretrained = _pretrain(s3d_sets, tmp_path_factory, stack)
     cfg = load_config(FinetuneConfig, None, _common(s3d_sets, tmp_path, stack, "x") + [
         f"init_from={pretrained}", "model.flavour=small"])
-    from vidray.vlm.finetune import FinetuneSystem
+    from vidray.train.vlm_finetune import FinetuneSystem
 
     with pytest.raises(ConfigError, match=r"model.flavour.*'tiny' there"):
         FinetuneSystem(cfg, "cpu")

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vidray.vlm.masks import (
+from vidray.models.vlm_masks import (
     ATTENTION_MASKS,
     causal_text_mask,
     full_mask,

@@ -11,9 +11,9 @@ import torch
 import torch.nn.functional as F
 
 from vidray.config import ConfigError
-from vidray.vlm.config import ModelConfig
-from vidray.vlm.masks import ATTENTION_MASKS, full_mask
-from vidray.vlm.model import (
+from vidray.models.vlm_config import ModelConfig
+from vidray.models.vlm_masks import ATTENTION_MASKS, full_mask
+from vidray.models.vlm import (
     CLS_ID,
     FLAVOURS,
     SEP_ID,

@@ -8,7 +8,7 @@ import pytest
 
 from vidray.config import load_config
 from vidray.train.config import PretrainConfig
-from vidray.vlm.pretrain import run_pretrain
+from vidray.train.vlm_pretrain import run_pretrain
 
 
 def _config(feature_sets, tmp_path, stack, steps: int) -> PretrainConfig:
@@ -28,8 +28,8 @@ def test_fsdp_pretraining_checkpoints_whole_states_and_resumes(feature_sets, tmp
     import torch
 
     from vidray.checkpoint import load_state
-    from vidray.vlm.system import Pretrainer
-    from vidray.vlm.model import build_vlm
+    from vidray.train.vlm_system import Pretrainer
+    from vidray.models.vlm import build_vlm
 
     base = _config(feature_sets, tmp_path, stack, steps=10)
     overrides = ["train.strategy=fsdp", "train.run_name=fsdp-run", "train.checkpoint_every=10",
@@ -69,8 +69,8 @@ def test_compiled_training_on_two_workers_logs_flops_and_checkpoints_plain_names
     import torch
 
     from vidray.checkpoint import load_state
-    from vidray.vlm.model import build_vlm
-    from vidray.vlm.system import Pretrainer
+    from vidray.models.vlm import build_vlm
+    from vidray.train.vlm_system import Pretrainer
 
     cfg = _config(feature_sets, tmp_path, stack, steps=4)
     cfg.train.compile, cfg.train.checkpoint_every, cfg.train.run_name = True, 4, "compiled"

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from vidray.vlm.config import ModelConfig
-from vidray.vlm.data import clip_examples_of_video, collate, segment_windows, seconds_of_span
-from vidray.vlm.finetune import collate_windows
-from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm, pool
-from vidray.vlm.objectives import IGNORE_INDEX
-from vidray.losses import contrastive_loss
-from vidray.vlm.tasks import CaptioningModel, RetrievalModel, SegmentationModel, shift_right
+from vidray.models.vlm_config import ModelConfig
+from vidray.data.vlm import clip_examples_of_video, collate, segment_windows, seconds_of_span
+from vidray.train.vlm_finetune import collate_windows
+from vidray.models.vlm import CLS_ID, SEP_ID, build_vlm, pool
+from vidray.objectives.vlm import IGNORE_INDEX
+from vidray.objectives.contrastive import contrastive_loss
+from vidray.objectives.vlm_tasks import CaptioningModel, RetrievalModel, SegmentationModel, shift_right
 
 LV, LT, DIM = 4, 7, 8
 CFG = ModelConfig(flavour="tiny", video_dim=DIM, max_video_tokens=LV, max_seq_len=LV + LT + 2)
@@ -219,7 +219,7 @@ def test_segment_windows_cover_every_second_and_end_at_the_end():
 def test_segmentation_evaluation_averages_overlapping_windows():
     """A stand-in model whose logits say "class = second index mod 2, confidence = window's first
     second + 1": where windows overlap the sum (= average for argmax) must decide per second."""
-    from vidray.vlm.evaluate import evaluate_segmentation
+    from vidray.eval.vlm import evaluate_segmentation
 
     class Scripted:
         def logits(self, video, video_mask):

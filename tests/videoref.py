@@ -20,7 +20,7 @@ from fractions import Fraction
 import av
 import numpy as np
 
-from vidray import video
+from vidray.data import video
 
 
 class Decoded:

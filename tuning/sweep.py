@@ -110,7 +110,7 @@ def trial_label(params: dict) -> str:
 
 
 def _finetune_and_evaluate(sweep: SweepConfig, finetune, checkpoint: str, parent: str, label: str) -> dict:
-    from vidray.evaluate import run_evaluate  # follows the checkpoint to VLM or a frames model
+    from vidray.eval.evaluate import run_evaluate  # follows the checkpoint to VLM or a frames model
 
     run_finetune = runner("finetune", finetune.model.arch)
     finetune = dataclasses.replace(finetune, init_from=checkpoint)

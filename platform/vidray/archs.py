@@ -33,13 +33,13 @@ class FramesArch:
 
 
 # model.arch -> the frames model. The recipes are the frames path's systems and scorers
-# (vidray.frames.system.RECIPES): "allinone" trains MLM + video-text matching, then contrastive
+# (vidray.train.frames_system.RECIPES): "allinone" trains MLM + video-text matching, then contrastive
 # retrieval on separate passes or a QA classifier on a joint one; "lavender" does every task as MLM
 # through the one MLM head.
 FRAMES_ARCHS: dict[str, FramesArch] = {
-    "allinone": FramesArch("vidray.frames.allinone:build", token_rolling=True),
-    "lavender": FramesArch("vidray.frames.lavender:build", recipe="lavender"),
-    "evilm": FramesArch("vidray.frames.evilm:build", masked_video=True),
+    "allinone": FramesArch("vidray.models.allinone:build", token_rolling=True),
+    "lavender": FramesArch("vidray.models.lavender:build", recipe="lavender"),
+    "evilm": FramesArch("vidray.models.evilm:build", masked_video=True),
     "example": FramesArch("vidray.models.example:build"),
 }
 
@@ -50,25 +50,25 @@ RECIPE_TASKS: dict[str, tuple[str, ...]] = {
 }
 
 _FRAMES_JOBS = {
-    "pretrain": ("vidray.frames.config:FramesPretrainConfig", "vidray.frames.run:run_frames_pretrain"),
-    "finetune": ("vidray.frames.config:FramesFinetuneConfig", "vidray.frames.run:run_frames_finetune"),
+    "pretrain": ("vidray.train.frames_config:FramesPretrainConfig", "vidray.train.frames_run:run_frames_pretrain"),
+    "finetune": ("vidray.train.frames_config:FramesFinetuneConfig", "vidray.train.frames_run:run_frames_finetune"),
 }
 
 # job -> model.arch -> ("module:ConfigClass", "module:runner"). A runner takes
 # ``(cfg, say=print, tags=None)``; pre-training runners also take ``callbacks`` (Ray Train's,
 # e.g. a sweep's TuneReportCallback).
 ARCH_JOBS: dict[str, dict[str, tuple[str, str]]] = {
-    "pretrain": {"vlm": ("vidray.train.config:PretrainConfig", "vidray.vlm.pretrain:run_pretrain"),
+    "pretrain": {"vlm": ("vidray.train.config:PretrainConfig", "vidray.train.vlm_pretrain:run_pretrain"),
                  **{arch: _FRAMES_JOBS["pretrain"] for arch in FRAMES_ARCHS}},
-    "finetune": {"vlm": ("vidray.train.config:FinetuneConfig", "vidray.vlm.finetune:run_finetune"),
+    "finetune": {"vlm": ("vidray.train.config:FinetuneConfig", "vidray.train.vlm_finetune:run_finetune"),
                  **{arch: _FRAMES_JOBS["finetune"] for arch in FRAMES_ARCHS}},
 }
 
 # model.arch of a fine-tuning checkpoint -> "module:evaluator" of `vidray evaluate`; an evaluator
 # takes ``(cfg: EvaluateConfig, state, say=print, tags=None)`` with the checkpoint's state loaded.
 EVALUATORS: dict[str, str] = {
-    "vlm": "vidray.vlm.evaluate:run_vlm_evaluate",
-    **{arch: "vidray.frames.run:run_frames_evaluate" for arch in FRAMES_ARCHS},
+    "vlm": "vidray.eval.vlm:run_vlm_evaluate",
+    **{arch: "vidray.train.frames_run:run_frames_evaluate" for arch in FRAMES_ARCHS},
 }
 
 DEFAULT_ARCH = "vlm"

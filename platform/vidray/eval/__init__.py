@@ -1,1 +1,2 @@
-"""Evaluation shared by every model: retrieval and multiple-choice scoring, and the MLflow report of an evaluation."""
+"""Evaluation: retrieval, multiple-choice, captioning and segmentation scoring shared by every
+model, each model family's evaluator, and the MLflow report of an evaluation."""

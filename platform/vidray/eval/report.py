@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 
 from vidray.config import dump_yaml, flatten
-from vidray.metrics import ranks_of_correct
+from vidray.eval.metrics import ranks_of_correct
 from vidray.tracking import use_experiment
 
 EXPERIMENT = "vidray-evaluate"

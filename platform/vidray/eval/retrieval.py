@@ -1,15 +1,15 @@
 """Retrieval scoring, for every model: a text x clip similarity matrix (row i's clip is column i)
--> the metrics of :mod:`vidray.metrics` and a per-text table (its rank, the clip ranked first).
+-> the metrics of :mod:`vidray.eval.metrics` and a per-text table (its rank, the clip ranked first).
 
 How the matrix is made is the model's business: VLM and All-in-one / E-ViLM encode texts and clips
-apart and take dot products; LAVENDER fuses every pair (:mod:`vidray.frames.run`).
+apart and take dot products; LAVENDER fuses every pair (:mod:`vidray.train.frames_run`).
 """
 
 from __future__ import annotations
 
 import numpy as np
 
-from vidray.metrics import ranks_of_correct, retrieval_metrics
+from vidray.eval.metrics import ranks_of_correct, retrieval_metrics
 
 
 def score_retrieval(similarity: np.ndarray, clips: list[dict], caption_key: str = "caption") -> tuple[dict, list[dict]]:

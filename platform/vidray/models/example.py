@@ -6,7 +6,7 @@
 Each frame is the mean of its 16-px patch embeddings, the clip one more token (the mean over its
 frames); the text is word + position embeddings; a few transformer layers fuse both. No temporal
 modelling and no patch-level attention: a baseline, not a paper's model. It follows All-in-one's
-recipe (``FramesArch.recipe``), so it wears :class:`vidray.frames.allinone.AllInOneHeads` and
+recipe (``FramesArch.recipe``), so it wears :class:`vidray.models.allinone.AllInOneHeads` and
 pre-trains with MLM + video-text matching, fine-tunes for retrieval (separate passes) or QA (a
 classifier), and is scored as All-in-one is. That recipe asks this of the backbone:
 
@@ -24,7 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vidray.frames.allinone import AllInOneHeads, flavour_of
+from vidray.models.allinone import AllInOneHeads, flavour_of
 
 
 @dataclass(frozen=True)

@@ -1,2 +1,2 @@
-"""Pre-training and fine-tuning (Ray Train). Only the typed configs exist so far; the loop,
-models and objectives arrive with the VLM training issue."""
+"""Training: the loop and its ``System`` contract, parallelism, the Ray Train job, and each
+model's systems and runners (VLM, the frames models, the VQ tokenizer)."""

@@ -7,8 +7,8 @@ from typing import Literal, Optional
 
 from vidray.config import ConfigError, option
 from vidray.tracking import MLflowConfig
-from vidray.vlm.config import ModelConfig, ObjectiveConfig
-from vidray.vlm.data import DataConfig
+from vidray.models.vlm_config import ModelConfig, ObjectiveConfig
+from vidray.data.vlm import DataConfig
 
 
 @dataclass

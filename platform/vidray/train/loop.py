@@ -189,8 +189,8 @@ class MLflowRun:
 
 class System(Protocol):
     """What the loop needs of a model and its objective; ``build_system(cfg, device)`` makes one per
-    worker (VLM's: :mod:`vidray.vlm.system`, :mod:`vidray.vlm.finetune`; the frames recipes':
-    ``vidray.frames.system.RECIPES``).
+    worker (VLM's: :mod:`vidray.train.vlm_system`, :mod:`vidray.train.vlm_finetune`; the frames recipes':
+    ``vidray.train.frames_system.RECIPES``).
 
     - ``model``: an ``nn.Module`` whose forward returns ``(loss, logs)``, so DDP and FSDP wrap all
       that touches parameters; the networks in it name their transformer layers

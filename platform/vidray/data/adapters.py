@@ -88,7 +88,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vidray import storage
-from vidray.manifest import SPLITS, manifest_table, write_manifest
+from vidray.data.manifest import SPLITS, manifest_table, write_manifest
 
 QA_SCHEMA = pa.schema(
     [

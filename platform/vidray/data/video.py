@@ -1,6 +1,6 @@
 """Read frames from videos with PyAV: probe, seek-based sparse sampling, fixed-fps windows.
 
-    from vidray import video
+    from vidray.data import video
 
     info = video.probe("s3://bucket/clip.mp4")          # VideoInfo(duration_s=12.0, fps=25.0, ...)
     sample = video.sample_frames("clip.mp4", 8, size=224, strategy="random", seed=0)

@@ -19,7 +19,7 @@ near chance at test scale (tiny, 64 px: median rank 19 of 74 clips, 10 through t
 
 MVM (:func:`block_mask`, :func:`zero_regions`): BEiT-style block-wise masks over each frame's
 grid (40% of regions), the masked regions' pixels set to zero, and a head on the decoder's region
-states predicting the VQ tokenizer's code of each masked region (:mod:`vidray.frames.vq`).
+states predicting the VQ tokenizer's code of each masked region (:mod:`vidray.models.vq`).
 """
 
 from __future__ import annotations
@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidray.config import ConfigError
-from vidray.frames.allinone import AllInOneHeads, Block, Dims, flavour_of
-from vidray.frames.lavender import bert_init
+from vidray.models.allinone import AllInOneHeads, Block, Dims, flavour_of
+from vidray.models.lavender import bert_init
 
 
 @dataclass(frozen=True)

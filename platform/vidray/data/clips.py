@@ -39,11 +39,12 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
-from vidray import storage, video
+from vidray import storage
+from vidray.data import video
 from vidray.cluster import init_ray
 from vidray.config import ConfigError, missing_required, option
-from vidray.manifest import read_manifest
-from vidray.quarantine import (SKIPPED, gather_quarantine, overrun_counts, quarantine_record,
+from vidray.data.manifest import read_manifest
+from vidray.data.quarantine import (SKIPPED, gather_quarantine, overrun_counts, quarantine_record,
                                 write_quarantine)
 
 # Every part of OUT/clips is written with this schema, so the folder reads as one table: left to
@@ -117,7 +118,7 @@ def _seconds(t: float) -> str:
 
 def overrun_reason(spec: dict[str, Any], sampled) -> str:
     """Why caption ``spec`` is a quarantine record: it was clipped (``sampled`` is the
-    ``SampledFrames`` of :func:`vidray.video.iter_clips`) or skipped (a ``SkippedSpan``)."""
+    ``SampledFrames`` of :func:`vidray.data.video.iter_clips`) or skipped (a ``SkippedSpan``)."""
     span = f"span [{_seconds(spec['start_s'])}, {_seconds(spec['end_s'])})"
     ends = f"the video's end ({_seconds(sampled.video_duration_s)} s)"
     if not isinstance(sampled, video.SkippedSpan):

@@ -20,9 +20,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidray.losses import contrastive_loss
-from vidray.vlm.model import CLS_ID, SEP_ID, VLM, pool, sequence_slices
-from vidray.masking import IGNORE_INDEX
+from vidray.objectives.contrastive import contrastive_loss
+from vidray.models.vlm import CLS_ID, SEP_ID, VLM, pool, sequence_slices
+from vidray.objectives.masking import IGNORE_INDEX
 
 
 def _lone_sep(batch: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
@@ -47,7 +47,7 @@ class RetrievalModel(nn.Module):
     def forward(self, video, video_mask, text_ids, text_mask):
         hidden = self.vlm(video, video_mask, text_ids, text_mask, attention="isolated")
         video_vec, text_vec = pool(hidden, video_mask, text_mask)
-        # MMPT's: text -> video over this worker's batch, no temperature (vidray.losses).
+        # MMPT's: text -> video over this worker's batch, no temperature (vidray.objectives.contrastive).
         loss, t2v, target = contrastive_loss(text_vec, video_vec)
         with torch.no_grad():
             accuracy = (t2v.argmax(1) == target).float().mean()

@@ -7,14 +7,14 @@
 
 Sequence (fixed slots, ``L = Lv + Lt + 2``): 0 = [CLS]; ``1..Lv`` = video; ``Lv+1`` = [SEP];
 ``Lv+2..`` = text slots, which hold the text, its final [SEP] and then [PAD] (``text_ids`` come
-from the data pipeline that way, see :func:`vidray.vlm.data.collate`). Video slots are embedded
+from the data pipeline that way, see :func:`vidray.data.vlm.collate`). Video slots are embedded
 by ``video_mlp`` (512 -> H, GELU, LayerNorm, H -> H), [CLS]/[SEP] and text by BERT's word
 embeddings; BERT's embedding module then adds position and token-type embeddings, LayerNorm and
 dropout. Position ids follow REFERENCE.md: text continues after ``max_video_tokens + 1`` however
 many video slots a batch carries; token type is 0 up to the first [SEP], 1 on text slots.
 
 Which slot may attend to which is chosen per call (``attention="full" | "isolated" |
-"causal_text"`` from :mod:`vidray.vlm.masks`, or an explicit bool mask); padded slots are never
+"causal_text"`` from :mod:`vidray.models.vlm_masks`, or an explicit bool mask); padded slots are never
 attended to. The LM head is BERT's: prediction-head transform, then a decoder TIED to the word
 embeddings plus a bias over the vocabulary.
 """
@@ -33,8 +33,8 @@ from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from vidray.config import ConfigError
 from vidray.models.weights import resolve_text_model
-from vidray.vlm.config import ModelConfig
-from vidray.vlm.masks import ATTENTION_MASKS, restrict_to_valid, valid_slots
+from vidray.models.vlm_config import ModelConfig
+from vidray.models.vlm_masks import ATTENTION_MASKS, restrict_to_valid, valid_slots
 
 logger = logging.getLogger(__name__)
 

@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from vidray.archs import frames_arch
-from vidray.frames.data import collate
-from vidray.frames.lavender_tasks import Words, append_mask_slot, insert_mask_slot, pair_scores, true_score
+from vidray.data.frames import collate
+from vidray.train.lavender_tasks import Words, append_mask_slot, insert_mask_slot, pair_scores, true_score
 from vidray.models.weights import text_tokenizer
 
 

@@ -6,7 +6,7 @@ until the text reaches a random length in [min_text_tokens, max_text_tokens] (or
 the model's ``max_video_tokens``. ``clips_per_video`` examples are drawn per video per epoch.
 
 Rows hold numpy arrays of varying length; :func:`collate` pads them into the batch contract of
-:mod:`vidray.vlm.model` (text ends with [SEP], then [PAD]).
+:mod:`vidray.models.vlm` (text ends with [SEP], then [PAD]).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import pyarrow as pa
 import pyarrow.compute as pc
 
 from vidray.config import ConfigError, option
-from vidray.manifest import read_manifest
+from vidray.data.manifest import read_manifest
 
 
 @dataclass

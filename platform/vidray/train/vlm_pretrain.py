@@ -9,8 +9,8 @@ from vidray.config import ConfigError
 from vidray.feature_store.store import open_version
 from vidray.train.config import PretrainConfig
 from vidray.train.job import run_name, run_training
-from vidray.vlm.data import examples_dataset, with_video_dim
-from vidray.vlm.system import build_system
+from vidray.data.vlm import examples_dataset, with_video_dim
+from vidray.train.vlm_system import build_system
 
 EXPERIMENT = "vidray-pretrain"
 

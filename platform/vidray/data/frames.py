@@ -30,9 +30,9 @@ from vidray import storage
 from vidray.config import ConfigError
 from vidray.eval.multiple_choice import read_mc_rows
 from vidray.feature_store.extractors import FramesExtractConfig, FramesExtractor
-from vidray.frames.pixels import decode_clip, pick_frames, square
-from vidray.manifest import read_manifest, split_videos
-from vidray.masking import IGNORE_INDEX
+from vidray.models.pixels import decode_clip, pick_frames, square
+from vidray.data.manifest import read_manifest, split_videos
+from vidray.objectives.masking import IGNORE_INDEX
 from vidray.models.weights import text_tokenizer
 
 
@@ -273,7 +273,7 @@ def clip_keys(model, data) -> list[tuple[str, int]]:
     ``data.source=videos`` the manifest's clips as the sampler cuts them (nothing decoded; a
     caption that starts at or after the video's probed end is skipped there, so not listed)."""
     if data.source == "videos":
-        from vidray.clips import clip_specs
+        from vidray.data.clips import clip_specs
 
         mode = video_sampler(model).clip
         rows = read_manifest(data.manifest).select(["video_id", "captions", "duration_s"]).to_pylist()
@@ -310,7 +310,7 @@ def video_sampler(model):
 def decode_video(row: dict, sampler, overruns: list[dict] | None = None) -> list[dict]:
     """Every clip row of one manifest row with raw ``frames``, cut by the frames extractor itself;
     captions past the video's end are clipped or skipped and recorded in ``overruns``. Raises
-    :class:`vidray.video.VideoDecodeError` on an unreadable video; storage that does not answer is
+    :class:`vidray.data.video.VideoDecodeError` on an unreadable video; storage that does not answer is
     waited for (never a reason to skip a video)."""
 
     def attempt() -> list[dict]:
@@ -333,8 +333,8 @@ def _video_examples(videos: pa.Table, *, sampler, skipped_to: str, **kwargs) -> 
     """Ray Data map: the examples of manifest rows, one output batch per video; a video that
     cannot be decoded, and each caption past a video's end, gets a record under ``skipped_to``
     (as the clip pipeline quarantines)."""
-    from vidray.quarantine import quarantine_video, write_quarantine
-    from vidray.video import VideoDecodeError
+    from vidray.data.quarantine import quarantine_video, write_quarantine
+    from vidray.data.video import VideoDecodeError
 
     for row in videos.to_pylist():
         overruns: list[dict] = []
@@ -357,8 +357,8 @@ def video_examples_dataset(model, data, split: str, kwargs: dict, skipped_to: st
     their records are gathered into ``skipped_to/quarantine.parquet`` and named through ``say``."""
     import ray
 
-    from vidray.clips import video_blocks
-    from vidray.quarantine import gather_quarantine
+    from vidray.data.clips import video_blocks
+    from vidray.data.quarantine import gather_quarantine
 
     if not skipped_to:
         raise ValueError("data.source=videos needs skipped_to: a folder on storage every node reaches, for "
@@ -383,8 +383,8 @@ def video_examples_dataset(model, data, split: str, kwargs: dict, skipped_to: st
 def read_video_clips(model, data, split: str, say: Callable[[str], None] = print) -> list[dict]:
     """Every clip of ``split``'s videos, decoded in this process (evaluation); unreadable videos are
     skipped and named through ``say``."""
-    from vidray.quarantine import quarantine_record
-    from vidray.video import VideoDecodeError
+    from vidray.data.quarantine import quarantine_record
+    from vidray.data.video import VideoDecodeError
 
     sampler, clips, skipped = video_sampler(model), [], []
     videos = split_manifest(data, split).to_pylist()

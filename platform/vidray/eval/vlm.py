@@ -4,7 +4,7 @@
   against the model); with ``mc=FILE`` also multiple-choice QA accuracy, each option scored
   against its clip with the same encoders (VLM's MC-QA setup).
 - captioning: greedy and beam-search captions, BLEU-3/4, METEOR, ROUGE-L, CIDEr
-  (:mod:`vidray.caption_metrics`, pycocoevalcap's scorers).
+  (:mod:`vidray.eval.captioning`, pycocoevalcap's scorers).
 - action_segmentation: sliding windows, logits averaged over overlapping windows, frame accuracy.
 
 Each evaluation is an MLflow run (:mod:`vidray.eval.report`; experiment ``vidray-evaluate`` unless ``mlflow.experiment``)
@@ -21,21 +21,21 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vidray.caption_metrics import caption_metrics
+from vidray.eval.captioning import caption_metrics
 from vidray.checkpoint import load_state
 from vidray.config import ConfigError, from_dict
 from vidray.eval.multiple_choice import mc_row, mc_summary, read_mc_rows
 from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
 from vidray.eval.retrieval import score_retrieval
-from vidray.manifest import split_videos
-from vidray.masking import IGNORE_INDEX
+from vidray.data.manifest import split_videos
+from vidray.objectives.masking import IGNORE_INDEX
 from vidray.models.weights import text_tokenizer
 from vidray.train.config import EvaluateConfig, FinetuneConfig
-from vidray.vlm.data import collate
-from vidray.vlm.finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
+from vidray.data.vlm import collate
+from vidray.train.vlm_finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
                                  text_budget, video_rows)
-from vidray.vlm.model import CLS_ID, SEP_ID, build_vlm
-from vidray.vlm.tasks import build_task_model
+from vidray.models.vlm import CLS_ID, SEP_ID, build_vlm
+from vidray.objectives.vlm_tasks import build_task_model
 
 # --- loading -----------------------------------------------------------------------------------
 
@@ -107,7 +107,7 @@ def evaluate_retrieval(model, clips: list[dict], batch_size: int, max_video_toke
 def mc_questions(mc_uri: str, features: dict[str, np.ndarray], tokenizer,
                  max_video_tokens: int, max_text_tokens: int) -> list[dict]:
     """MC rows of the evaluated videos, with the clip's seconds and each option's ids."""
-    from vidray.vlm.data import seconds_of_span
+    from vidray.data.vlm import seconds_of_span
 
     out = []
     for row in read_mc_rows(mc_uri):
@@ -142,7 +142,7 @@ def evaluate_mc(model, questions: list[dict], max_video_tokens: int, max_text_to
 def generate_captions(model, clips: list[dict], batch_size: int, max_video_tokens: int, max_tokens: int,
                       beam_size: int) -> list[list[int]]:
     """Token ids of a caption per clip (greedy when ``beam_size == 1``)."""
-    from vidray.vlm.decoding import beam_search, greedy_decode
+    from vidray.models.decoding import beam_search, greedy_decode
 
     out: list[list[int]] = []
     for chunk in _chunks(clips, batch_size):
@@ -224,7 +224,7 @@ def evaluate_segmentation(model, windows: list[dict], classes: dict[str, int], b
 def run_vlm_evaluate(cfg: EvaluateConfig, state: dict, say: Callable[[str], None] = print,
                      tags: dict | None = None) -> dict[str, Any]:
     """Evaluate a VLM fine-tuning checkpoint (``state`` already loaded, see
-    :func:`vidray.evaluate.run_evaluate`); ``tags`` go on the MLflow run."""
+    :func:`vidray.eval.evaluate.run_evaluate`); ``tags`` go on the MLflow run."""
     ft, model = load_finetuned(cfg.checkpoint, state)
     # The data it read, resolved: the params of the run name it (empty meant "the checkpoint's").
     cfg = dataclasses.replace(cfg, features=cfg.features or ft.data.features, text=cfg.text or ft.data.text,

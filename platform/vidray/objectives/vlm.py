@@ -4,7 +4,7 @@ Masking (:func:`mask_batch`): each example is, with probability ``mmm_ratio``, a
 modality model (MMM) example whose whole text or whole video (coin flip) is masked; otherwise it
 is an MFM-MLM example (15% of text tokens 80/10/10, 15% of video slots zeroed). As in MMPT, the
 tokens of a whole masked text are corrupted 80/10/10 too (``objective.mmm_text_corruption``), and
-random replacements come from the whole vocabulary (:mod:`vidray.masking`, shared with the frames
+random replacements come from the whole vocabulary (:mod:`vidray.objectives.masking`, shared with the frames
 models).
 
 Losses, pure functions on tensors (one device; no model code):
@@ -34,8 +34,8 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from vidray.masking import IGNORE_INDEX, corrupt, random_token_ids, uniform
-from vidray.vlm.config import ObjectiveConfig
+from vidray.objectives.masking import IGNORE_INDEX, corrupt, random_token_ids, uniform
+from vidray.models.vlm_config import ObjectiveConfig
 
 MMM_NONE, MMM_TEXT, MMM_VIDEO = 0, 1, 2
 """Values of :attr:`MaskedBatch.mmm`: MFM-MLM example, whole text masked, whole video masked."""
@@ -55,7 +55,7 @@ class SpecialIds:
     """[MASK]: what a picked text token becomes 80% of the time (MLM and whole-text MMM alike)."""
     vocab_size: int = 30522
     """Size of the word-embedding matrix; random replacements are drawn from all of [0, vocab_size),
-    special ids included (:mod:`vidray.masking`, as MMPT and HuggingFace's MLM collator do)."""
+    special ids included (:mod:`vidray.objectives.masking`, as MMPT and HuggingFace's MLM collator do)."""
 
 
 @dataclass
@@ -99,11 +99,11 @@ class MaskingDraws:
     u_text: torch.Tensor
     """float [B, Lt]: an MFM-MLM example picks a text token when below ``mlm_prob``."""
     u_kind: torch.Tensor
-    """float [B, Lt]: a picked token's fate, :func:`vidray.masking.corrupt`'s roll (80/10/10)."""
+    """float [B, Lt]: a picked token's fate, :func:`vidray.objectives.masking.corrupt`'s roll (80/10/10)."""
     u_video: torch.Tensor
     """float [B, Lv]: an MFM-MLM example zeroes a video slot when below ``mfm_prob``."""
     random_ids: torch.Tensor
-    """long [B, Lt]: replacement ids, uniform over the whole vocabulary (:mod:`vidray.masking`)."""
+    """long [B, Lt]: replacement ids, uniform over the whole vocabulary (:mod:`vidray.objectives.masking`)."""
 
 
 def draw_masking(B: int, Lv: int, Lt: int, vocab_size: int, generator: Optional[torch.Generator],

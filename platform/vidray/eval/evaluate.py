@@ -1,7 +1,7 @@
 """`vidray evaluate`: a fine-tuning checkpoint scored on a split by its model's evaluator.
 
 The checkpoint says which model it holds (``model.arch`` of its config); :data:`vidray.archs.EVALUATORS`
-names the evaluator (VLM: :mod:`vidray.vlm.evaluate`; the frames models: :mod:`vidray.frames.run`).
+names the evaluator (VLM: :mod:`vidray.eval.vlm`; the frames models: :mod:`vidray.train.frames_run`).
 Every evaluation is one MLflow run (:mod:`vidray.eval.report`).
 """
 

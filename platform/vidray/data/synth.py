@@ -10,7 +10,7 @@ visible in one frame; the direction needs two, so temporal modelling matters.
 What lands under ``OUT`` (a local path or an ``s3://`` URI):
 
 - ``videos/<video_id>.mp4``  libx264, yuv420p, 24/25/30 fps, 160x120 ... 320x240, 1-3 s events.
-- ``manifest.parquet``       one row per video (see :mod:`vidray.manifest`); ``captions`` are the
+- ``manifest.parquet``       one row per video (see :mod:`vidray.data.manifest`); ``captions`` are the
   timestamped events (HowTo100M-like). ``duration_s`` is exactly ``frames / fps``.
 - ``qa.jsonl``               open-ended QA, one-word answers: ``{"video", "question", "answer",
   "type", "start", "end"}``, e.g. "what colour is the shape moving up?" -> "red"; ``type`` is
@@ -82,7 +82,8 @@ import av
 import numpy as np
 from tqdm import tqdm
 
-from vidray import config, manifest, storage
+from vidray import config, storage
+from vidray.data import manifest
 from vidray.config import ConfigError, option
 
 # Plain names a tokenizer knows; saturated colours far apart in RGB and far from the dark

@@ -28,10 +28,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidray.checkpoint import init_from
-from vidray.frames.config import FINETUNE_TASKS
-from vidray.frames.data import collate
-from vidray.frames.nets import build_net
-from vidray.masking import IGNORE_INDEX, mask_text
+from vidray.train.frames_config import FINETUNE_TASKS
+from vidray.data.frames import collate
+from vidray.models.build import build_net
+from vidray.objectives.masking import IGNORE_INDEX, mask_text
 from vidray.models.weights import text_tokenizer
 
 

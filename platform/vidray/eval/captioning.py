@@ -4,7 +4,7 @@
 COCO toolkit does: BLEU over the whole corpus with the "closest" reference length, METEOR from
 the jar's aggregate statistics, ROUGE-L (beta = 1.2) and CIDEr-D (x10) averaged over items.
 
-Captions are tokenized as the toolkit tokenizes them (`vidray.ptb_tokenizer.tokenize_captions`:
+Captions are tokenized as the toolkit tokenizes them (`vidray.eval.ptb_tokenizer.tokenize_captions`:
 Stanford CoreNLP 3.4.1's PTB tokenizer with `-preserveLines -lowerCase`, then its punctuation
 tokens dropped), in pure Python, so no JVM is needed for BLEU, ROUGE-L and CIDEr and the scores
 equal pycocoevalcap's on the same captions ("man's" -> "man 's", "isn't" -> "is n't", "(red)" ->
@@ -27,7 +27,7 @@ from pycocoevalcap.cider.cider import Cider
 from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 
-from vidray.ptb_tokenizer import tokenize_captions
+from vidray.eval.ptb_tokenizer import tokenize_captions
 
 METRIC_NAMES = ("BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 JAVA_MISSING_REASON = "needs a Java runtime (java not on PATH): apt-get install default-jre-headless"

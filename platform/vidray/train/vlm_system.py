@@ -11,10 +11,10 @@ from functools import partial
 import torch
 from torch import nn
 
-from vidray.vlm.config import ObjectiveConfig
-from vidray.vlm.data import collate
-from vidray.vlm.model import build_vlm
-from vidray.vlm.objectives import (OBJECTIVES, SpecialIds, gather_predictions, mask_batch,
+from vidray.models.vlm_config import ObjectiveConfig
+from vidray.data.vlm import collate
+from vidray.models.vlm import build_vlm
+from vidray.objectives.vlm import (OBJECTIVES, SpecialIds, gather_predictions, mask_batch,
                                    video_candidates)
 
 

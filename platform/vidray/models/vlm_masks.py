@@ -1,7 +1,7 @@
 """Attention masks of the VLM sequence ``[CLS] video [SEP] text``: which slot may attend to which.
 
 Every mask is bool ``[B, L, L]`` with ``L = Lv + Lt + 2``; ``mask[b, q, k]`` is True when query slot
-``q`` may attend to key slot ``k``. The slots are fixed (see :mod:`vidray.vlm.model`): 0 = [CLS],
+``q`` may attend to key slot ``k``. The slots are fixed (see :mod:`vidray.models.vlm`): 0 = [CLS],
 ``1..Lv`` = video, ``Lv+1`` = the [SEP] after the video, ``Lv+2..`` = text (its own final [SEP]
 included, then padding).
 

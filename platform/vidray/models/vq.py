@@ -12,7 +12,7 @@ ablation compares against). Gradients pass the quantisation straight through; th
 ``||sg[E(x)] - c||²`` moves the codes and the commitment term ``||E(x) - sg[c]||²`` holds the
 encoder to them (REFERENCE.md). After training only the encoder and codebook are used.
 
-`vidray train-vq CONFIG` trains one (:func:`vidray.frames.run.run_train_vq`, the shared Ray Train loop and MLflow);
+`vidray train-vq CONFIG` trains one (:func:`vidray.train.frames_run.run_train_vq`, the shared Ray Train loop and MLflow);
 the ``vq`` extractor caches its codes into the feature store (:mod:`vidray.feature_store.extractors`).
 """
 
@@ -27,8 +27,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidray.config import ConfigError
-from vidray.frames.allinone import Block, Dims
-from vidray.frames.lavender import VideoEncoder
+from vidray.models.allinone import Block, Dims
+from vidray.models.lavender import VideoEncoder
 
 
 

@@ -1,1 +1,0 @@
-"""Frames models: trained end to end on sparsely sampled frames (the ``frames`` feature set)."""
