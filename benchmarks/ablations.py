@@ -84,8 +84,8 @@ def verdict(mean: float, half: float, higher_is_better: bool = True) -> str:
 
 def corpora(workdir: str, videos: int) -> dict:
     """The downstream (clean) and pre-training (asr) corpora with their text and image2d sets."""
-    from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.data.synth import SynthConfig, synthesize
+    from vidray.feature_store.extract import ExtractConfig, run_extract
 
     out = {}
     for style, count in (("clean", videos), ("asr", 2 * videos)):
@@ -132,8 +132,8 @@ def saved_results(args, workdir: str) -> list[dict]:
 def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     """Pre-train (unless no_pretrain), fine-tune, evaluate; the metrics, saved so a rerun reuses them."""
     from vidray.config import load_config
-    from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
     from vidray.eval.evaluate import run_evaluate
+    from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
     from vidray.train.vlm_finetune import run_finetune
     from vidray.train.vlm_pretrain import run_pretrain
 

@@ -60,8 +60,8 @@ def stage_rates(manifest: str, size: int) -> dict:
     """Videos/s of each split stage alone on one core: decode into windows; the network on them."""
     import torch
 
-    from vidray.feature_store.extractors import S3DExtractConfig, S3DExtractor
     from vidray.data.manifest import read_manifest
+    from vidray.feature_store.extractors import S3DExtractConfig, S3DExtractor
 
     torch.set_num_threads(1)
     cfg = S3DExtractConfig(flavour="tiny", size=size)

@@ -52,11 +52,11 @@ def run(args) -> dict:
     import ray
 
     from benchmarks.report import publish, versions
+    from vidray.data.manifest import read_manifest
+    from vidray.data.synth import SynthConfig, synthesize
     from vidray.feature_store import store
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import S3DExtractConfig
-    from vidray.data.manifest import read_manifest
-    from vidray.data.synth import SynthConfig, synthesize
 
     workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-features-")
     corpus = os.path.join(workdir, "corpus")

@@ -82,9 +82,9 @@ def batches_of(arch: str) -> dict:
 def corpus(workdir: str, videos: int, arch: str) -> dict:
     """The clean corpus and its frames set (4 frames of 112 px per caption clip, as the demo's);
     for E-ViLM also the semantic and pixel tokenizers' vq sets."""
+    from vidray.data.synth import SynthConfig, synthesize
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import FramesExtractConfig
-    from vidray.data.synth import SynthConfig, synthesize
 
     root = os.path.join(workdir, "corpus")
     manifest = os.path.join(root, "manifest.parquet")
@@ -131,10 +131,10 @@ def one_run(workdir: str, data: dict, arch: str, variant: str, seed: int) -> dic
     """Pre-train, fine-tune for retrieval and QA (LAVENDER multi: both in one run), evaluate; saved
     so a rerun reuses it."""
     from vidray.config import load_config
+    from vidray.eval.evaluate import run_evaluate
+    from vidray.train.config import EvaluateConfig
     from vidray.train.frames_config import FramesFinetuneConfig, FramesPretrainConfig
     from vidray.train.frames_run import run_frames_finetune, run_frames_pretrain
-    from vidray.train.config import EvaluateConfig
-    from vidray.eval.evaluate import run_evaluate
 
     saved = os.path.join(workdir, "results", f"{arch}-{variant}-seed{seed}.json")
     if os.path.exists(saved):

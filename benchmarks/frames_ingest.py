@@ -61,8 +61,8 @@ def _decode_rate(data: dict, model, rows: int = 64) -> float:
     """Clips/s of the map's work on one thread: JPEG decode + resize + tokenize."""
     import torch
 
-    from vidray.feature_store.store import open_version, read_parquet
     from vidray.data.frames import CLIP_COLUMNS, clip_examples, example_kwargs
+    from vidray.feature_store.store import open_version, read_parquet
 
     torch.set_num_threads(1)
     table = read_parquet(open_version(data["frames"]).part_uris[0], columns=CLIP_COLUMNS).slice(0, rows)

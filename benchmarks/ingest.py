@@ -170,8 +170,8 @@ def run(args) -> dict:
 
     from benchmarks.corpus import feature_sets
     from benchmarks.report import publish, versions
-    from vidray.train.job import repeat_for_steps, start_local_ray
     from vidray.data.vlm import examples_dataset
+    from vidray.train.job import repeat_for_steps, start_local_ray
 
     counts = [int(w) for w in args.workers.split(",")]
     workdir = args.workdir or tempfile.mkdtemp(prefix="vidray-bench-ingest-")

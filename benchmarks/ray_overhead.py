@@ -50,9 +50,9 @@ def _plain_loop(cfg, threads: int, steps: int, compile: bool = False) -> dict:
     """The same steps in this process: batches collated first, then timed steps."""
     import torch
 
+    from vidray.data.vlm import examples_dataset
     from vidray.train.loop import warmup_poly_decay
     from vidray.train.parallel import compile_layers
-    from vidray.data.vlm import examples_dataset
     from vidray.train.vlm_system import build_system
 
     torch.set_num_threads(threads)

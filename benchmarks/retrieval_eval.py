@@ -30,8 +30,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model(arch: str, args):
-    from vidray.train.frames_config import FramesModelConfig
     from vidray.models.build import build_net, size_figures
+    from vidray.train.frames_config import FramesModelConfig
     from vidray.train.frames_system import RetrievalModel
 
     cfg = FramesModelConfig(arch=arch, flavour="tiny", image_size=args.image_size, num_frames=args.num_frames,
@@ -84,8 +84,8 @@ def run(args) -> dict:
 
     from benchmarks.report import publish, versions
     from vidray.data.frames import collate
-    from vidray.train.lavender_tasks import Words, pair_scores
     from vidray.eval.frames import TowerScorer
+    from vidray.train.lavender_tasks import Words, pair_scores
 
     if not 0 < args.fusion_texts <= args.n:
         raise SystemExit(f"--fusion-texts must be in 1..--n ({args.n})")

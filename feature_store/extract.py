@@ -37,12 +37,12 @@ import pyarrow.parquet as pq
 from vidray import storage
 from vidray.cluster import init_ray
 from vidray.config import ConfigError, from_dict, missing_required, option
+from vidray.data.manifest import read_manifest
+from vidray.data.quarantine import conform, overrun_counts, quarantine_record
 from vidray.feature_store import store
 from vidray.feature_store.extractors import (EXTRACTORS, FramesExtractConfig, Image2DExtractConfig,
                                              S3DExtractConfig, TextExtractConfig, VQExtractConfig)
 from vidray.feature_store.split import shard_summaries
-from vidray.data.manifest import read_manifest
-from vidray.data.quarantine import conform, overrun_counts, quarantine_record
 
 
 # The extractors the split pipeline runs: a network fed one-second windows (feature_store.split).

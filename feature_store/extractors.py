@@ -410,9 +410,9 @@ class VQExtractConfig:
 def load_vq_tokenizer(checkpoint: str):
     """(config, tokenizer in eval mode) of a `vidray train-vq` checkpoint folder (local or s3://)."""
     from vidray.checkpoint import load_state
-    from vidray.train.frames_config import VQTokenizerConfig
     from vidray.models.vq import VQ_FLAVOURS, VQTokenizer  # torch with it: loaded when used
     from vidray.models.weights import text_tokenizer
+    from vidray.train.frames_config import VQTokenizerConfig
 
     state = load_state(checkpoint)
     if state.get("config", {}).get("model", {}).get("kind") not in ("semantic", "pixel"):
@@ -457,8 +457,8 @@ class VQExtractor:
 
     @staticmethod
     def weights_digest(cfg: VQExtractConfig) -> str:
-        from vidray.feature_store.store import digest, open_version
         from vidray.checkpoint import CHECKPOINT_FILE
+        from vidray.feature_store.store import digest, open_version
 
         _require_vq_settings(cfg)
         weights = storage.read_bytes(storage.join(cfg.checkpoint, CHECKPOINT_FILE))

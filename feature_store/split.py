@@ -29,9 +29,9 @@ import pyarrow as pa
 
 from vidray import storage
 from vidray.config import from_dict
+from vidray.data.quarantine import quarantine_record
 from vidray.feature_store import store
 from vidray.feature_store.extractors import EXTRACTORS, per_second_table
-from vidray.data.quarantine import quarantine_record
 
 # One row per batch of windows; ``windows`` holds ``count`` windows (uint8, C order) and is
 # empty on the row that reports a video's error.

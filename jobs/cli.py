@@ -139,8 +139,8 @@ def cmd_synth(args: argparse.Namespace) -> int:
 
 
 def cmd_adapt(args: argparse.Namespace) -> int:
-    from vidray.data.adapters import adapt, write_result
     from vidray.config import parse_overrides
+    from vidray.data.adapters import adapt, write_result
 
     options = parse_overrides(args.option or [])
     result = adapt(args.format, args.annotations, args.videos, split=args.split, **options)
@@ -299,8 +299,8 @@ def cmd_demo(args: argparse.Namespace) -> int:
 
 def _config_keys(command: str) -> str:
     """The config keys of a training command, with type, default and help, for its --help."""
-    from vidray.data.clips import ClipsConfig
     from vidray.config import describe
+    from vidray.data.clips import ClipsConfig
     from vidray.feature_store.extract import ExtractConfig
     from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 

@@ -13,8 +13,8 @@ import time
 from typing import Any
 
 from vidray import stack, storage
-from vidray.data.clips import clip_row_frames
 from vidray.config import dump_yaml, flatten
+from vidray.data.clips import clip_row_frames
 from vidray.tracking import use_experiment
 
 def say(message: str) -> None:
@@ -229,9 +229,9 @@ def _frames_model(workdir: str, data: str, configs_dir: str, corpus: dict, featu
     tokenizer trained first), then retrieval and open-ended QA fine-tuning from its checkpoint,
     both evaluated on the held-out test split next to chance. The settings are the presets
     configs/demo/<arch>_*.yaml (why each: their comments)."""
+    from vidray.train.config import EvaluateConfig
     from vidray.train.frames_config import FramesFinetuneConfig, FramesPretrainConfig
     from vidray.train.frames_run import run_frames_finetune, run_frames_pretrain
-    from vidray.train.config import EvaluateConfig
 
     out: dict = {}
     vq = []

@@ -60,9 +60,9 @@ def ray_cluster(stack):
 def feature_sets(ray_cluster, tmp_path_factory):
     """A synthetic corpus (16 short videos: train/val/test splits) with its tiny-S3D and text
     feature sets, shared by the pre-training and fine-tuning tests."""
+    from vidray.data.synth import SynthConfig, synthesize
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import S3DExtractConfig
-    from vidray.data.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("vlm")
     synthesize(str(root / "corpus"), SynthConfig(videos=16, seed=11, min_seconds=4.0, max_seconds=6.0,
@@ -84,10 +84,10 @@ def frames_corpus(ray_cluster, stack):
     import dataclasses
 
     from vidray import storage
+    from vidray.data.synth import SynthConfig, synthesize
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import FramesExtractConfig
     from vidray.train.frames_config import FramesDataConfig
-    from vidray.data.synth import SynthConfig, synthesize
 
     root = f"s3://{stack.bucket}/frames-data"
     synthesize(root, SynthConfig(videos=6, seed=21, min_seconds=2.0, max_seconds=3.0, workers=2,

@@ -13,11 +13,11 @@ import numpy as np
 import pytest
 
 from conftest import REPO
-from vidray.train.frames_config import (FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
-                                  FramesObjectiveConfig, FramesPretrainConfig)
-from vidray.train.frames_run import run_frames_evaluate, run_frames_finetune, run_frames_pretrain
-from vidray.train.config import EvaluateConfig, OptimConfig, TrainConfig
 from vidray.checkpoint import load_state
+from vidray.train.config import EvaluateConfig, OptimConfig, TrainConfig
+from vidray.train.frames_config import (FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
+                                        FramesObjectiveConfig, FramesPretrainConfig)
+from vidray.train.frames_run import run_frames_evaluate, run_frames_finetune, run_frames_pretrain
 
 MODEL = FramesModelConfig(arch="allinone", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)
 
@@ -26,9 +26,9 @@ MODEL = FramesModelConfig(arch="allinone", flavour="tiny", image_size=64, num_fr
 def frames_data(ray_cluster, tmp_path_factory):
     """Its own corpus (80 short videos, 30% held out for test) so retrieval and QA are scored on
     enough clips for "beats chance" to mean something; 4 frames per clip in the set, 3 in the model."""
+    from vidray.data.synth import SynthConfig, synthesize
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import FramesExtractConfig
-    from vidray.data.synth import SynthConfig, synthesize
 
     root = tmp_path_factory.mktemp("allinone")
     synthesize(str(root / "corpus"), SynthConfig(videos=80, seed=5, min_seconds=4.0, max_seconds=6.0, workers=2,

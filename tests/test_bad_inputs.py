@@ -32,11 +32,11 @@ from conftest import REPO
 from videogen import broken_videos, write_audio_only, write_video
 from vidray import storage
 from vidray.data.clips import ClipsConfig, run_clips
+from vidray.data.manifest import manifest_table, read_manifest, write_manifest
+from vidray.data.synth import SynthConfig, synthesize
 from vidray.feature_store import store
 from vidray.feature_store.extract import ExtractConfig, run_extract
 from vidray.feature_store.extractors import FramesExtractConfig
-from vidray.data.manifest import manifest_table, read_manifest, write_manifest
-from vidray.data.synth import SynthConfig, synthesize
 
 # kind -> what its quarantine row says
 QUARANTINED = {

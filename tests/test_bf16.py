@@ -9,10 +9,10 @@ import numpy as np
 import pytest
 import torch
 
+from vidray.models.vlm import SEP_ID
+from vidray.train.config import PretrainConfig
 from vidray.train.frames_config import FramesModelConfig, FramesPretrainConfig
 from vidray.train.frames_system import build_pretrain_system
-from vidray.train.config import PretrainConfig
-from vidray.models.vlm import SEP_ID
 from vidray.train.vlm_system import build_system
 
 B = 4

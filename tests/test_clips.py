@@ -14,7 +14,7 @@ import pytest
 from videogen import broken_videos, write_overrunning_video, write_video
 from vidray import storage
 from vidray.data.clips import (ClipsConfig, clip_row_frames, clip_specs, decode_video_clips, iter_video_clips,
-                          run_clips)
+                               run_clips)
 from vidray.data.manifest import manifest_table, read_manifest, write_manifest
 from vidray.data.quarantine import gather_quarantine
 from vidray.data.synth import SynthConfig, synthesize

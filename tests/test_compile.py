@@ -9,8 +9,8 @@ import torch
 
 from test_vlm_model import CFG, make_batch
 from vidray.models.allinone import ALLINONE_FLAVOURS, AllInOne
-from vidray.train.parallel import compile_layers, transformer_layers
 from vidray.models.vlm import build_vlm
+from vidray.train.parallel import compile_layers, transformer_layers
 
 
 def vlm_loss(model) -> torch.Tensor:
@@ -67,10 +67,10 @@ def test_every_network_names_its_transformer_layers_as_its_shard_units():
     from transformers.models.bert.modeling_bert import BertLayer
 
     from vidray.models.allinone import Block
-    from vidray.train.frames_config import FramesModelConfig, VQModelConfig
     from vidray.models.build import build_net
-    from vidray.train.frames_system import PretrainModel
     from vidray.models.vq import VQ_FLAVOURS, VQTokenizer
+    from vidray.train.frames_config import FramesModelConfig, VQModelConfig
+    from vidray.train.frames_system import PretrainModel
 
     def frames(arch):
         return build_net(FramesModelConfig(arch=arch, flavour="tiny", image_size=64, num_frames=3, max_text_tokens=12))

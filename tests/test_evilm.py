@@ -11,13 +11,13 @@ import torch
 import torch.nn.functional as F
 
 from vidray.config import ConfigError
-from vidray.train.frames_config import (FramesDataConfig, FramesModelConfig, FramesObjectiveConfig,
-                                  FramesPretrainConfig, VQModelConfig, VQObjectiveConfig)
-from vidray.models.evilm import EVILM_FLAVOURS, block_mask, clip_masks, mvm_loss, zero_regions
 from vidray.models.build import build_net, size_figures
-from vidray.train.frames_system import PretrainModel, mvm_settings
+from vidray.models.evilm import EVILM_FLAVOURS, block_mask, clip_masks, mvm_loss, zero_regions
 from vidray.models.vq import (VQ_FLAVOURS, VQTokenizer, VQTrainModel, caption_words, focal_loss, patches_of,
                               quantize)
+from vidray.train.frames_config import (FramesDataConfig, FramesModelConfig, FramesObjectiveConfig,
+                                        FramesPretrainConfig, VQModelConfig, VQObjectiveConfig)
+from vidray.train.frames_system import PretrainModel, mvm_settings
 
 TINY = FramesModelConfig(arch="evilm", flavour="tiny", image_size=64, num_frames=4, max_text_tokens=16)
 

@@ -23,9 +23,9 @@ from conftest import REPO
 from faults import TcpFront
 from vidray import storage
 from vidray.cluster import _client, submit
-from vidray.feature_store import store
 from vidray.data.manifest import read_manifest
 from vidray.data.synth import SynthConfig, synthesize
+from vidray.feature_store import store
 
 VIDEOS = 12
 

@@ -23,14 +23,14 @@ from conftest import REPO
 from videogen import broken_videos, write_overrunning_video
 from vidray import storage
 from vidray.config import ConfigError, load_config
-from vidray.feature_store import store
-from vidray.feature_store.extract import ExtractConfig, run_extract
-from vidray.feature_store.extractors import (FramesExtractConfig, FramesExtractor,
-                                             TextExtractor, decode_jpeg)
 from vidray.data.manifest import manifest_table, read_manifest, write_manifest
 from vidray.data.quarantine import QUARANTINE_SCHEMA
 from vidray.data.synth import SynthConfig, synthesize
 from vidray.data.video import iter_clips
+from vidray.feature_store import store
+from vidray.feature_store.extract import ExtractConfig, run_extract
+from vidray.feature_store.extractors import (FramesExtractConfig, FramesExtractor,
+                                             TextExtractor, decode_jpeg)
 
 BAD = ["zero_byte", "truncated", "no_captions"]
 

@@ -14,12 +14,12 @@ import pytest
 from videogen import broken_videos, write_overrunning_video
 from vidray import storage
 from vidray.config import ConfigError
-from vidray.feature_store import store
-from vidray.feature_store.extractors import decode_jpeg, encode_jpeg
-from vidray.train.frames_config import FramesDataConfig, FramesModelConfig, FramesPretrainConfig
 from vidray.data.frames import clip_keys, examples_dataset, read_examples, read_qa, read_video_clips
 from vidray.data.manifest import manifest_table, read_manifest, write_manifest
+from vidray.feature_store import store
+from vidray.feature_store.extractors import decode_jpeg, encode_jpeg
 from vidray.train.config import OptimConfig, TrainConfig
+from vidray.train.frames_config import FramesDataConfig, FramesModelConfig, FramesPretrainConfig
 
 # The set is extracted at the model's frame count and size, so both sources sample the same times.
 MODEL = FramesModelConfig(arch="allinone", flavour="tiny", image_size=32, num_frames=3, max_text_tokens=16)
@@ -136,10 +136,10 @@ def test_every_frames_model_pretrains_under_fsdp_and_checkpoints_whole_states(ar
     and its checkpoint holds whole tensors under plain names that a one-device model loads."""
     import torch
 
-    from vidray.train.frames_run import run_frames_pretrain
-    from vidray.models.allinone import Block
-    from vidray.train.frames_system import build_pretrain_system
     from vidray.checkpoint import load_state
+    from vidray.models.allinone import Block
+    from vidray.train.frames_run import run_frames_pretrain
+    from vidray.train.frames_system import build_pretrain_system
     from vidray.train.parallel import transformer_layers
 
     cfg = FramesPretrainConfig(model=dataclasses.replace(MODEL, arch=arch), optim=OptimConfig(lr=1e-3, warmup_steps=1),

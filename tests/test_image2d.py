@@ -12,17 +12,17 @@ import torch
 
 from vidray import storage
 from vidray.config import ConfigError
+from vidray.data.manifest import read_manifest
+from vidray.data.synth import SynthConfig, synthesize
+from vidray.data.video import iter_windows
+from vidray.data.vlm import with_video_dim
 from vidray.feature_store import store
 from vidray.feature_store.extract import ExtractConfig, run_extract
 from vidray.feature_store.extractors import Image2DExtractConfig
-from vidray.data.manifest import read_manifest
 from vidray.models.efficientnet import build_efficientnet, default_weights, load_weights, preprocess
-from vidray.models.weights import file_digest as weights_digest
-from vidray.data.synth import SynthConfig, synthesize
-from vidray.train.config import PretrainConfig
 from vidray.models.vlm_config import ModelConfig
-from vidray.data.video import iter_windows
-from vidray.data.vlm import with_video_dim
+from vidray.models.weights import file_digest as weights_digest
+from vidray.train.config import PretrainConfig
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +70,9 @@ def test_image2d_rows_equal_a_direct_forward_and_tell_videos_apart(image2d_set):
 
 def test_image2d_settings_change_the_version_and_bad_rates_are_refused(image2d_set):
     from vidray.config import load_config
+    from vidray.data.manifest import manifest_table
     from vidray.feature_store.extract import identity
     from vidray.feature_store.extractors import Image2DExtractor
-    from vidray.data.manifest import manifest_table
 
     videos = manifest_table(image2d_set["rows"])
     base = ["extractor=image2d", f"manifest={image2d_set['manifest']}", f"root={image2d_set['root']}",

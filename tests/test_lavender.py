@@ -10,17 +10,17 @@ import pytest
 import torch
 
 from vidray.config import ConfigError, from_dict
-from vidray.train.frames_config import (FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
-                                  FramesObjectiveConfig, FramesPretrainConfig)
 from vidray.data.frames import IGNORE_INDEX, clip_examples
-from vidray.models.lavender import LAVENDER_FLAVOURS, Lavender
-from vidray.train.lavender_tasks import (LavenderFinetuneSystem, LavenderPretrainSystem, LavenderRetrievalModel,
-                                          Words, append_mask_slot, insert_mask_slot, matching_batch, pair_scores,
-                                          sampled_pairs, true_score)
-from vidray.train.frames_run import evaluate_mc, run_frames_finetune
 from vidray.eval.frames import MatchingScorer, TowerScorer
 from vidray.models.build import build_net, size_figures
+from vidray.models.lavender import LAVENDER_FLAVOURS, Lavender
 from vidray.objectives.masking import mask_text
+from vidray.train.frames_config import (FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
+                                        FramesObjectiveConfig, FramesPretrainConfig)
+from vidray.train.frames_run import evaluate_mc, run_frames_finetune
+from vidray.train.lavender_tasks import (LavenderFinetuneSystem, LavenderPretrainSystem, LavenderRetrievalModel,
+                                         Words, append_mask_slot, insert_mask_slot, matching_batch, pair_scores,
+                                         sampled_pairs, true_score)
 
 CLS, SEP, MASK, PAD = 101, 102, 103, 0
 MODEL_24 = FramesModelConfig(arch="lavender", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)

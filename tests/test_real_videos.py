@@ -181,10 +181,10 @@ def test_frame_count_is_what_the_stream_holds_or_marked_as_an_estimate(files):
 @pytest.mark.heavy
 def test_clip_pipeline_and_extractors_over_real_footage_on_s3(files, ray_cluster, s3_uri):
     from vidray.data.clips import ClipsConfig, run_clips
+    from vidray.data.manifest import manifest_table, write_manifest
     from vidray.feature_store import store
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import S3DExtractConfig
-    from vidray.data.manifest import manifest_table, write_manifest
 
     names = [n for n in NAMES if n != "vtest.avi"]  # 8 MB and 80 s: its MJPEG transcode stands in
     rows, durations = [], {}

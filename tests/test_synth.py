@@ -19,10 +19,10 @@ import pyarrow.parquet as pq
 import pytest
 
 from vidray import storage
-from vidray.data import manifest
 from vidray.config import ConfigError, from_dict
+from vidray.data import manifest
 from vidray.data.synth import (COLOURS, DIRECTIONS, FILLER_WORDS, SHAPES, SynthConfig, captions,
-                          plan_video, synthesize)
+                               plan_video, synthesize)
 
 # Seed 8 happens to draw every shape kind, fps and frame size, and two three-shape videos.
 CFG = SynthConfig(videos=6, seed=8, min_seconds=1.5, max_seconds=3.0, workers=1)

@@ -16,9 +16,9 @@ import mlflow
 import pytest
 
 from vidray.config import ConfigError, load_config
+from vidray.eval.evaluate import run_evaluate
 from vidray.jobs.cli import main as cli
 from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
-from vidray.eval.evaluate import run_evaluate
 from vidray.train.vlm_finetune import run_finetune
 from vidray.train.vlm_pretrain import run_pretrain
 
@@ -48,8 +48,8 @@ def _evaluate(checkpoint: str, stack, **fields) -> dict:
 @pytest.fixture(scope="module")
 def downstream(ray_cluster, tmp_path_factory):
     """40 clean synthetic videos (28 train, 4 val, 8 test) with their image2d and text sets."""
-    from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.data.synth import SynthConfig, synthesize
+    from vidray.feature_store.extract import ExtractConfig, run_extract
 
     root = tmp_path_factory.mktemp("downstream")
     synthesize(str(root / "corpus"), SynthConfig(videos=40, seed=11, min_seconds=4.0, max_seconds=6.0,
@@ -154,8 +154,8 @@ def test_captioning_beats_the_best_constant_caption_on_held_out_clips(downstream
     assert len(references) == metrics["examples"] > 15
 
     # The majority baseline: the most frequent training caption, said of every test clip.
-    from vidray.eval.captioning import caption_metrics
     from vidray.data.manifest import read_manifest
+    from vidray.eval.captioning import caption_metrics
 
     train = [c["text"] for r in read_manifest(downstream["manifest"]).to_pylist() if r["split"] == "train"
              for c in r["captions"]]

@@ -11,20 +11,20 @@ import torch
 import torch.nn.functional as F
 
 from vidray.config import ConfigError
+from vidray.models.vlm import (
+                               CLS_ID,
+                               FLAVOURS,
+                               SEP_ID,
+                               VLM,
+                               bert_config,
+                               build_vlm,
+                               pool,
+                               position_ids,
+                               sequence_slices,
+                               token_type_ids,
+                               )
 from vidray.models.vlm_config import ModelConfig
 from vidray.models.vlm_masks import ATTENTION_MASKS, full_mask
-from vidray.models.vlm import (
-    CLS_ID,
-    FLAVOURS,
-    SEP_ID,
-    VLM,
-    bert_config,
-    build_vlm,
-    pool,
-    position_ids,
-    sequence_slices,
-    token_type_ids,
-)
 
 LV, LT, VIDEO_DIM = 4, 6, 8
 CFG = ModelConfig(flavour="tiny", video_dim=VIDEO_DIM, max_video_tokens=LV, max_seq_len=LV + LT + 2)

@@ -28,8 +28,8 @@ def test_fsdp_pretraining_checkpoints_whole_states_and_resumes(feature_sets, tmp
     import torch
 
     from vidray.checkpoint import load_state
-    from vidray.train.vlm_system import Pretrainer
     from vidray.models.vlm import build_vlm
+    from vidray.train.vlm_system import Pretrainer
 
     base = _config(feature_sets, tmp_path, stack, steps=10)
     overrides = ["train.strategy=fsdp", "train.run_name=fsdp-run", "train.checkpoint_every=10",

@@ -40,12 +40,12 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from vidray import storage
-from vidray.data import video
 from vidray.cluster import init_ray
 from vidray.config import ConfigError, missing_required, option
+from vidray.data import video
 from vidray.data.manifest import read_manifest
 from vidray.data.quarantine import (SKIPPED, gather_quarantine, overrun_counts, quarantine_record,
-                                write_quarantine)
+                                    write_quarantine)
 
 # Every part of OUT/clips is written with this schema, so the folder reads as one table: left to
 # inference, a part whose clips all had an unknown end stored end_s as type null. Plain Arrow

@@ -28,12 +28,12 @@ import pyarrow as pa
 
 from vidray import storage
 from vidray.config import ConfigError
+from vidray.data.manifest import read_manifest, split_videos
 from vidray.eval.multiple_choice import read_mc_rows
 from vidray.feature_store.extractors import FramesExtractConfig, FramesExtractor
 from vidray.models.pixels import decode_clip, pick_frames, square
-from vidray.data.manifest import read_manifest, split_videos
-from vidray.objectives.masking import IGNORE_INDEX
 from vidray.models.weights import text_tokenizer
+from vidray.objectives.masking import IGNORE_INDEX
 
 
 CLIP_COLUMNS = ["video_id", "clip_index", "start_s", "texts", "jpeg"]

@@ -83,8 +83,8 @@ import numpy as np
 from tqdm import tqdm
 
 from vidray import config, storage
-from vidray.data import manifest
 from vidray.config import ConfigError, option
+from vidray.data import manifest
 
 # Plain names a tokenizer knows; saturated colours far apart in RGB and far from the dark
 # background, so compression and chroma subsampling never make one look like another.

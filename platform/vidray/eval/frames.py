@@ -15,8 +15,8 @@ import torch
 
 from vidray.archs import frames_arch
 from vidray.data.frames import collate
-from vidray.train.lavender_tasks import Words, append_mask_slot, insert_mask_slot, pair_scores, true_score
 from vidray.models.weights import text_tokenizer
+from vidray.train.lavender_tasks import Words, append_mask_slot, insert_mask_slot, pair_scores, true_score
 
 
 class TowerScorer:

@@ -32,9 +32,9 @@ from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from vidray.config import ConfigError
-from vidray.models.weights import resolve_text_model
 from vidray.models.vlm_config import ModelConfig
 from vidray.models.vlm_masks import ATTENTION_MASKS, restrict_to_valid, valid_slots
+from vidray.models.weights import resolve_text_model
 
 logger = logging.getLogger(__name__)
 

@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from vidray.objectives.contrastive import contrastive_loss
 from vidray.models.vlm import CLS_ID, SEP_ID, VLM, pool, sequence_slices
+from vidray.objectives.contrastive import contrastive_loss
 from vidray.objectives.masking import IGNORE_INDEX
 
 

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from vidray.config import ConfigError, option
-from vidray.tracking import MLflowConfig
-from vidray.models.vlm_config import ModelConfig, ObjectiveConfig
 from vidray.data.vlm import DataConfig
+from vidray.models.vlm_config import ModelConfig, ObjectiveConfig
+from vidray.tracking import MLflowConfig
 
 
 @dataclass

@@ -14,21 +14,21 @@ import numpy as np
 import torch
 
 from vidray.config import ConfigError, from_dict
-from vidray.eval.multiple_choice import mc_row, mc_summary
-from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
-from vidray.eval.retrieval import score_retrieval
-from vidray.train.frames_config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPretrainConfig
 from vidray.data.frames import (VQCodes, answer_vocabulary, clip_keys, examples_dataset, read_examples,
                                 read_clip_rows, read_mc, read_qa, skipped_videos_uri, source_tags,
                                 with_task_columns)
-from vidray.models.build import measure_size, size_figures
-from vidray.eval.frames import scorer_of
-from vidray.train.frames_system import (VQTrainSystem, build_finetune_system, build_pretrain_system, finetuned_model,
-                                  mvm_settings)
-from vidray.models.vq import VQ_FLAVOURS, VQTokenizer
 from vidray.data.manifest import split_videos
+from vidray.eval.frames import scorer_of
+from vidray.eval.multiple_choice import mc_row, mc_summary
+from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
+from vidray.eval.retrieval import score_retrieval
+from vidray.models.build import measure_size, size_figures
+from vidray.models.vq import VQ_FLAVOURS, VQTokenizer
 from vidray.models.weights import text_tokenizer
 from vidray.train.config import EvaluateConfig
+from vidray.train.frames_config import FINETUNE_TASKS, FramesFinetuneConfig, FramesPretrainConfig
+from vidray.train.frames_system import (VQTrainSystem, build_finetune_system, build_pretrain_system, finetuned_model,
+                                        mvm_settings)
 from vidray.train.job import run_name, run_training
 
 PRETRAIN_EXPERIMENT, FINETUNE_EXPERIMENT, EVALUATE_EXPERIMENT = (

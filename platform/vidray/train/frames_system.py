@@ -22,15 +22,15 @@ from torch import nn
 from vidray.archs import frames_arch
 from vidray.checkpoint import init_from
 from vidray.config import ConfigError
-from vidray.models.allinone import AllInOneHeads
 from vidray.data.frames import collate
-from vidray.models.evilm import EVILM_FLAVOURS, clip_masks, mvm_loss, zero_regions
-from vidray.train.lavender_tasks import LavenderFinetuneSystem, LavenderPretrainSystem
+from vidray.models.allinone import AllInOneHeads
 from vidray.models.build import build_net
+from vidray.models.evilm import EVILM_FLAVOURS, clip_masks, mvm_loss, zero_regions
 from vidray.models.vq import VQ_FLAVOURS, VQTokenizer, VQTrainModel, caption_words
+from vidray.models.weights import text_tokenizer
 from vidray.objectives.contrastive import contrastive_loss
 from vidray.objectives.masking import IGNORE_INDEX, mask_text
-from vidray.models.weights import text_tokenizer
+from vidray.train.lavender_tasks import LavenderFinetuneSystem, LavenderPretrainSystem
 
 RETRIEVAL_TEMPERATURE = 0.05
 

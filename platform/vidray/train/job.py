@@ -12,15 +12,15 @@ from contextlib import nullcontext
 from functools import partial
 from typing import Any, Callable
 
-from vidray.config import ConfigError, dump_yaml, flatten
 from vidray import storage
+from vidray.checkpoint import CHECKPOINT_FILE
 from vidray.cluster import command_line, init_ray, ray_job_id
+from vidray.config import ConfigError, dump_yaml, flatten
 from vidray.feature_store.store import digest
 from vidray.stack import free_port
 from vidray.tracking import alive_nodes, decide_tracking_uri, find_run
-from vidray.train.progress import live_progress
-from vidray.checkpoint import CHECKPOINT_FILE
 from vidray.train.loop import MLflowRun, fit, load_checkpoint
+from vidray.train.progress import live_progress
 
 
 def run_name(cfg: Any, prefix: str, kind: str) -> str:

@@ -28,11 +28,11 @@ import torch.nn.functional as F
 from torch import nn
 
 from vidray.checkpoint import init_from
-from vidray.train.frames_config import FINETUNE_TASKS
 from vidray.data.frames import collate
 from vidray.models.build import build_net
-from vidray.objectives.masking import IGNORE_INDEX, mask_text
 from vidray.models.weights import text_tokenizer
+from vidray.objectives.masking import IGNORE_INDEX, mask_text
+from vidray.train.frames_config import FINETUNE_TASKS
 
 
 def insert_mask_slot(text_ids: torch.Tensor, text_mask: torch.Tensor, prefix: list[int], mask_id: int,

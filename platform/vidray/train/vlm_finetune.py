@@ -17,19 +17,19 @@ import numpy as np
 import pyarrow as pa
 import torch
 
-from vidray.data.adapters import label_vocabulary, per_second_labels, read_action_segments
 from vidray.checkpoint import init_from
 from vidray.config import ConfigError
-from vidray.feature_store.store import open_version
+from vidray.data.adapters import label_vocabulary, per_second_labels, read_action_segments
 from vidray.data.manifest import split_videos
-from vidray.objectives.masking import IGNORE_INDEX
-from vidray.train.config import FinetuneConfig
-from vidray.train.job import run_name, run_training
-from vidray.models.vlm_config import ModelConfig
 from vidray.data.vlm import (_ragged, clip_examples_of_video, collate, with_video_dim, segment_windows,
                              text_table)
+from vidray.feature_store.store import open_version
 from vidray.models.vlm import SEP_ID, build_vlm
+from vidray.models.vlm_config import ModelConfig
+from vidray.objectives.masking import IGNORE_INDEX
 from vidray.objectives.vlm_tasks import build_task_model
+from vidray.train.config import FinetuneConfig
+from vidray.train.job import run_name, run_training
 
 
 EXPERIMENT = "vidray-finetune"
