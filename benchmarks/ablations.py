@@ -132,8 +132,8 @@ def saved_results(args, workdir: str) -> list[dict]:
 def one_run(args, workdir: str, data: dict, variant: str, seed: int) -> dict:
     """Pre-train (unless no_pretrain), fine-tune, evaluate; the metrics, saved so a rerun reuses them."""
     from vidray.config import load_config
+    from vidray.config.train import EvaluateConfig, FinetuneConfig, PretrainConfig
     from vidray.eval.evaluate import run_evaluate
-    from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
     from vidray.train.vlm_finetune import run_finetune
     from vidray.train.vlm_pretrain import run_pretrain
 

@@ -103,9 +103,9 @@ def vq_codes(workdir: str, data: dict, kind: str) -> str:
     """A VQ tokenizer of ``kind`` trained on the train split (the demo's settings), its codes of every
     clip cached as a vq feature set; the set's URI (reused when the run already finished)."""
     from vidray.config import load_config
+    from vidray.config.frames import VQTokenizerConfig
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import VQExtractConfig
-    from vidray.train.frames_config import VQTokenizerConfig
     from vidray.train.frames_run import run_train_vq
 
     cfg = load_config(VQTokenizerConfig, None, [
@@ -131,9 +131,9 @@ def one_run(workdir: str, data: dict, arch: str, variant: str, seed: int) -> dic
     """Pre-train, fine-tune for retrieval and QA (LAVENDER multi: both in one run), evaluate; saved
     so a rerun reuses it."""
     from vidray.config import load_config
+    from vidray.config.frames import FramesFinetuneConfig, FramesPretrainConfig
+    from vidray.config.train import EvaluateConfig
     from vidray.eval.evaluate import run_evaluate
-    from vidray.train.config import EvaluateConfig
-    from vidray.train.frames_config import FramesFinetuneConfig, FramesPretrainConfig
     from vidray.train.frames_run import run_frames_finetune, run_frames_pretrain
 
     saved = os.path.join(workdir, "results", f"{arch}-{variant}-seed{seed}.json")

@@ -37,13 +37,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model(arch: str, frames: int, size: int, flavour: str = "base"):
-    from vidray.train.frames_config import FramesModelConfig
+    from vidray.config.frames import FramesModelConfig
 
     return FramesModelConfig(arch=arch, flavour=flavour, num_frames=frames, image_size=size)
 
 
 def _data(data: dict):
-    from vidray.train.frames_config import FramesDataConfig
+    from vidray.config.frames import FramesDataConfig
 
     return FramesDataConfig(frames=data["frames"], manifest="", split="train")
 

@@ -49,8 +49,8 @@ def _steady(run_id: str, tracking_uri: str, batch: int, warm: int) -> dict:
 def _train_runs(args, workdir: str, device: str, tracking_uri: str) -> list[dict]:
     from benchmarks.corpus import feature_sets, frames_set
     from vidray.config import load_config
-    from vidray.train.config import PretrainConfig
-    from vidray.train.frames_config import FramesPretrainConfig
+    from vidray.config.frames import FramesPretrainConfig
+    from vidray.config.train import PretrainConfig
     from vidray.train.frames_run import run_frames_pretrain
     from vidray.train.loop import peak_tflops
     from vidray.train.vlm_pretrain import run_pretrain

@@ -32,7 +32,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 def _config(args, workdir: str, data: dict):
     from vidray.config import load_config
-    from vidray.train.config import PretrainConfig
+    from vidray.config.train import PretrainConfig
 
     return load_config(PretrainConfig, None, [
         f"data.features={data['s3d']}", f"data.text={data['text']}", "data.clips_per_video=16",

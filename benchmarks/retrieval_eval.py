@@ -30,9 +30,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def _model(arch: str, args):
+    from vidray.config.frames import FramesModelConfig
     from vidray.models.build import build_net, size_figures
-    from vidray.train.frames_config import FramesModelConfig
-    from vidray.train.frames_system import RetrievalModel
+    from vidray.objectives.allinone import RetrievalModel
 
     cfg = FramesModelConfig(arch=arch, flavour="tiny", image_size=args.image_size, num_frames=args.num_frames,
                             max_text_tokens=args.text_tokens)
@@ -62,7 +62,7 @@ def _per_pair_scores(net, words, frames, text_ids, text_mask, batch_size: int, s
     text slot onto the vocabulary, then reads the one [MASK] slot."""
     import torch
 
-    from vidray.train.lavender_tasks import append_mask_slot, true_score
+    from vidray.objectives.lavender import append_mask_slot, true_score
 
     ids, mask, positions, slots = append_mask_slot(text_ids, text_mask, size_txt, words.mask)
     rows = []
@@ -85,7 +85,7 @@ def run(args) -> dict:
     from benchmarks.report import publish, versions
     from vidray.data.frames import collate
     from vidray.eval.frames import TowerScorer
-    from vidray.train.lavender_tasks import Words, pair_scores
+    from vidray.objectives.lavender import Words, pair_scores
 
     if not 0 < args.fusion_texts <= args.n:
         raise SystemExit(f"--fusion-texts must be in 1..--n ({args.n})")

@@ -35,6 +35,7 @@ import pyarrow as pa
 
 from vidray import storage
 from vidray.config import ConfigError, from_dict, option
+from vidray.config.frames import VQTokenizerConfig
 
 
 CAPTION_IDS_TYPE = pa.struct([("start", pa.float64()), ("end", pa.float64()), ("text", pa.string()),
@@ -412,7 +413,6 @@ def load_vq_tokenizer(checkpoint: str):
     from vidray.checkpoint import load_state
     from vidray.models.vq import VQ_FLAVOURS, VQTokenizer  # torch with it: loaded when used
     from vidray.models.weights import text_tokenizer
-    from vidray.train.frames_config import VQTokenizerConfig
 
     state = load_state(checkpoint)
     if state.get("config", {}).get("model", {}).get("kind") not in ("semantic", "pixel"):

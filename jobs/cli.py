@@ -207,7 +207,7 @@ def cmd_finetune(args: argparse.Namespace) -> int:
 
 
 def cmd_train_vq(args: argparse.Namespace) -> int:
-    from vidray.train.frames_config import VQTokenizerConfig
+    from vidray.config.frames import VQTokenizerConfig
     from vidray.train.frames_run import run_train_vq
 
     report = run_train_vq(_resolve(args, VQTokenizerConfig), say=lambda m: print(m, file=sys.stderr))
@@ -216,7 +216,7 @@ def cmd_train_vq(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from vidray.train.config import EvaluateConfig
+    from vidray.config.train import EvaluateConfig
 
     cfg = _resolve(args, EvaluateConfig)
     from vidray.eval.evaluate import run_evaluate
@@ -300,13 +300,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def _config_keys(command: str) -> str:
     """The config keys of a training command, with type, default and help, for its --help."""
     from vidray.config import describe
+    from vidray.config.train import EvaluateConfig, FinetuneConfig, PretrainConfig
     from vidray.data.clips import ClipsConfig
     from vidray.feature_store.extract import ExtractConfig
-    from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 
     from vidray.tuning.config import SweepConfig
 
-    from vidray.train.frames_config import VQTokenizerConfig
+    from vidray.config.frames import VQTokenizerConfig
 
     cls = {"pretrain": PretrainConfig, "finetune": FinetuneConfig, "evaluate": EvaluateConfig,
            "sweep": SweepConfig, "train-vq": VQTokenizerConfig, "clips": ClipsConfig,

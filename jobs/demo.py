@@ -139,7 +139,7 @@ def _from_preset(cls: type, name: str, quick: bool, overrides: list[str]):
 def _pretrain(workdir: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
     """A short VLM pre-training (BERT from MiniLM) on the pre-training corpus, 2 Ray Train
     workers: its curves land in MLflow. The downstream corpus stays unseen until fine-tuning."""
-    from vidray.train.config import PretrainConfig
+    from vidray.config.train import PretrainConfig
     from vidray.train.vlm_pretrain import run_pretrain
 
     cfg = _from_preset(PretrainConfig, "demo/pretrain.yaml", quick, [
@@ -159,7 +159,7 @@ def _finetune_and_evaluate(workdir: str, configs_dir: str, corpus: dict, feature
     """Retrieval fine-tuning from the pre-trained checkpoint and, as the control, from the text
     model alone (no video-text pre-training); both evaluated on the held-out test split (R@K both
     ways + multiple-choice QA)."""
-    from vidray.train.config import EvaluateConfig, FinetuneConfig
+    from vidray.config.train import EvaluateConfig, FinetuneConfig
     from vidray.train.vlm_finetune import run_finetune
 
     mc = storage.join(corpus["uri"], "mc.jsonl")
@@ -201,9 +201,9 @@ def _evaluate_once(workdir: str, configs_dir: str, label: str, evaluation) -> di
 def _vq_codes(workdir: str, data: str, configs_dir: str, corpus: dict, features: dict, quick: bool) -> dict:
     """E-ViLM's MVM targets: train the semantic VQ tokenizer on the frames set (the preset
     configs/demo/vq_semantic.yaml), then cache its codes as the vq feature set."""
+    from vidray.config.frames import VQTokenizerConfig
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import VQExtractConfig
-    from vidray.train.frames_config import VQTokenizerConfig
     from vidray.train.frames_run import run_train_vq
 
     cfg = _from_preset(VQTokenizerConfig, "demo/vq_semantic.yaml", quick, [
@@ -229,8 +229,8 @@ def _frames_model(workdir: str, data: str, configs_dir: str, corpus: dict, featu
     tokenizer trained first), then retrieval and open-ended QA fine-tuning from its checkpoint,
     both evaluated on the held-out test split next to chance. The settings are the presets
     configs/demo/<arch>_*.yaml (why each: their comments)."""
-    from vidray.train.config import EvaluateConfig
-    from vidray.train.frames_config import FramesFinetuneConfig, FramesPretrainConfig
+    from vidray.config.frames import FramesFinetuneConfig, FramesPretrainConfig
+    from vidray.config.train import EvaluateConfig
     from vidray.train.frames_run import run_frames_finetune, run_frames_pretrain
 
     out: dict = {}

@@ -84,10 +84,10 @@ def frames_corpus(ray_cluster, stack):
     import dataclasses
 
     from vidray import storage
+    from vidray.config.frames import FramesDataConfig
     from vidray.data.synth import SynthConfig, synthesize
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import FramesExtractConfig
-    from vidray.train.frames_config import FramesDataConfig
 
     root = f"s3://{stack.bucket}/frames-data"
     synthesize(root, SynthConfig(videos=6, seed=21, min_seconds=2.0, max_seconds=3.0, workers=2,

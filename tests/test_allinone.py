@@ -6,11 +6,11 @@ import pytest
 import torch
 
 from vidray.config import ConfigError, load_config
+from vidray.config.frames import FramesModelConfig, FramesPretrainConfig
 from vidray.models import allinone
 from vidray.models.allinone import ALLINONE_FLAVOURS, AllInOne, AllInOneHeads, temporal_roll
 from vidray.models.build import size_figures
 from vidray.objectives.masking import mask_text
-from vidray.train.frames_config import FramesModelConfig, FramesPretrainConfig
 
 
 def official_roll(visual: torch.Tensor) -> torch.Tensor:

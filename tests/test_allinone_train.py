@@ -14,10 +14,11 @@ import pytest
 
 from conftest import REPO
 from vidray.checkpoint import load_state
-from vidray.train.config import EvaluateConfig, OptimConfig, TrainConfig
-from vidray.train.frames_config import (FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
-                                        FramesObjectiveConfig, FramesPretrainConfig)
-from vidray.train.frames_run import run_frames_evaluate, run_frames_finetune, run_frames_pretrain
+from vidray.config.frames import (FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
+                                  FramesObjectiveConfig, FramesPretrainConfig)
+from vidray.config.train import EvaluateConfig, OptimConfig, TrainConfig
+from vidray.eval.frames import run_frames_evaluate
+from vidray.train.frames_run import run_frames_finetune, run_frames_pretrain
 
 MODEL = FramesModelConfig(arch="allinone", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)
 
@@ -210,10 +211,10 @@ EVILM = FramesModelConfig(arch="evilm", flavour="tiny", image_size=64, num_frame
 
 @pytest.mark.heavy
 def test_evilm_tokenizer_codes_and_masked_video_modelling(frames_data, tmp_path):
+    from vidray.config.frames import VQModelConfig, VQTokenizerConfig
     from vidray.feature_store.extract import ExtractConfig, run_extract
     from vidray.feature_store.extractors import VQExtractConfig
     from vidray.feature_store.store import open_version, read_parquet
-    from vidray.train.frames_config import VQModelConfig, VQTokenizerConfig
     from vidray.train.frames_run import run_train_vq
 
     client = mlflow.MlflowClient()

@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 
+from vidray.config.frames import FramesModelConfig, FramesPretrainConfig
+from vidray.config.train import PretrainConfig
 from vidray.models.vlm import SEP_ID
-from vidray.train.config import PretrainConfig
-from vidray.train.frames_config import FramesModelConfig, FramesPretrainConfig
 from vidray.train.frames_system import build_pretrain_system
 from vidray.train.vlm_system import build_system
 

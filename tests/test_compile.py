@@ -66,11 +66,11 @@ def test_every_network_names_its_transformer_layers_as_its_shard_units():
     them and in module order, wrapped in the task modules as training builds them."""
     from transformers.models.bert.modeling_bert import BertLayer
 
+    from vidray.config.frames import FramesModelConfig, VQModelConfig
     from vidray.models.allinone import Block
     from vidray.models.build import build_net
     from vidray.models.vq import VQ_FLAVOURS, VQTokenizer
-    from vidray.train.frames_config import FramesModelConfig, VQModelConfig
-    from vidray.train.frames_system import PretrainModel
+    from vidray.objectives.allinone import PretrainModel
 
     def frames(arch):
         return build_net(FramesModelConfig(arch=arch, flavour="tiny", image_size=64, num_frames=3, max_text_tokens=12))

@@ -12,9 +12,9 @@ import yaml
 
 from conftest import REPO
 from vidray.config import ConfigError, dump_yaml, flatten, from_dict, load_config, parse_overrides
+from vidray.config.frames import FramesFinetuneConfig, FramesPretrainConfig, VQTokenizerConfig
+from vidray.config.train import FinetuneConfig, PretrainConfig
 from vidray.data.clips import ClipsConfig
-from vidray.train.config import FinetuneConfig, PretrainConfig
-from vidray.train.frames_config import FramesFinetuneConfig, FramesPretrainConfig, VQTokenizerConfig
 from vidray.tuning.config import SweepConfig
 
 PRESETS = {"pretrain": PretrainConfig, "vlm_pretrain": PretrainConfig, "clips": ClipsConfig,

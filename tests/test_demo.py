@@ -12,9 +12,9 @@ import pytest
 from conftest import REPO
 from vidray import stack as local_stack
 from vidray.config import load_config, preset
+from vidray.config.train import PretrainConfig
 from vidray.data.clips import ClipsConfig
 from vidray.data.synth import SynthConfig
-from vidray.train.config import PretrainConfig
 from vidray.tuning.space import check, trial_configs
 
 

@@ -11,13 +11,14 @@ import torch
 import torch.nn.functional as F
 
 from vidray.config import ConfigError
+from vidray.config.frames import (FramesDataConfig, FramesModelConfig, FramesObjectiveConfig,
+                                  FramesPretrainConfig, VQModelConfig, VQObjectiveConfig)
 from vidray.models.build import build_net, size_figures
 from vidray.models.evilm import EVILM_FLAVOURS, block_mask, clip_masks, mvm_loss, zero_regions
 from vidray.models.vq import (VQ_FLAVOURS, VQTokenizer, VQTrainModel, caption_words, focal_loss, patches_of,
                               quantize)
-from vidray.train.frames_config import (FramesDataConfig, FramesModelConfig, FramesObjectiveConfig,
-                                        FramesPretrainConfig, VQModelConfig, VQObjectiveConfig)
-from vidray.train.frames_system import PretrainModel, mvm_settings
+from vidray.objectives.allinone import PretrainModel
+from vidray.train.frames_system import mvm_settings
 
 TINY = FramesModelConfig(arch="evilm", flavour="tiny", image_size=64, num_frames=4, max_text_tokens=16)
 
@@ -196,7 +197,7 @@ def test_retrieval_training_leaves_no_trainable_parameter_without_gradient():
     """DDP fails on trainable parameters a step never reaches. Retrieval's text-only and video-only
     passes go through the decoder (the paper's fast retrieval), so every parameter but the MLM, VTM
     and QA heads gets a gradient."""
-    from vidray.train.frames_system import RetrievalModel
+    from vidray.objectives.allinone import RetrievalModel
 
     model = RetrievalModel(build_net(TINY))
     ids = torch.tensor([[101, 7, 8, 102], [101, 9, 10, 102]])

@@ -14,8 +14,8 @@ import torch
 
 from conftest import REPO
 from vidray import archs
+from vidray.config.frames import FramesModelConfig
 from vidray.models.build import build_net, size_figures
-from vidray.train.frames_config import FramesModelConfig
 
 MODEL = FramesModelConfig(arch="example", flavour="tiny", image_size=32, num_frames=3, max_text_tokens=12)
 

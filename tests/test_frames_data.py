@@ -14,12 +14,12 @@ import pytest
 from videogen import broken_videos, write_overrunning_video
 from vidray import storage
 from vidray.config import ConfigError
+from vidray.config.frames import FramesDataConfig, FramesModelConfig, FramesPretrainConfig
+from vidray.config.train import OptimConfig, TrainConfig
 from vidray.data.frames import clip_keys, examples_dataset, read_examples, read_qa, read_video_clips
 from vidray.data.manifest import manifest_table, read_manifest, write_manifest
 from vidray.feature_store import store
 from vidray.feature_store.extractors import decode_jpeg, encode_jpeg
-from vidray.train.config import OptimConfig, TrainConfig
-from vidray.train.frames_config import FramesDataConfig, FramesModelConfig, FramesPretrainConfig
 
 # The set is extracted at the model's frame count and size, so both sources sample the same times.
 MODEL = FramesModelConfig(arch="allinone", flavour="tiny", image_size=32, num_frames=3, max_text_tokens=16)

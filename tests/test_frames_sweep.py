@@ -16,8 +16,8 @@ import yaml
 from conftest import REPO
 from vidray import archs
 from vidray.config import ConfigError
-from vidray.train.config import FinetuneConfig, PretrainConfig
-from vidray.train.frames_config import FramesFinetuneConfig, FramesPretrainConfig
+from vidray.config.frames import FramesFinetuneConfig, FramesPretrainConfig
+from vidray.config.train import FinetuneConfig, PretrainConfig
 from vidray.tuning.config import pretrain_metrics
 from vidray.tuning.space import check, trial_configs
 from vidray.tuning.sweep import concurrency, load_sweep

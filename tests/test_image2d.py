@@ -12,6 +12,8 @@ import torch
 
 from vidray import storage
 from vidray.config import ConfigError
+from vidray.config.train import PretrainConfig
+from vidray.config.vlm import ModelConfig
 from vidray.data.manifest import read_manifest
 from vidray.data.synth import SynthConfig, synthesize
 from vidray.data.video import iter_windows
@@ -20,9 +22,7 @@ from vidray.feature_store import store
 from vidray.feature_store.extract import ExtractConfig, run_extract
 from vidray.feature_store.extractors import Image2DExtractConfig
 from vidray.models.efficientnet import build_efficientnet, default_weights, load_weights, preprocess
-from vidray.models.vlm_config import ModelConfig
 from vidray.models.weights import file_digest as weights_digest
-from vidray.train.config import PretrainConfig
 
 
 @pytest.fixture(scope="module")

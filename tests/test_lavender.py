@@ -10,17 +10,18 @@ import pytest
 import torch
 
 from vidray.config import ConfigError, from_dict
+from vidray.config.frames import (FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
+                                  FramesObjectiveConfig, FramesPretrainConfig)
 from vidray.data.frames import IGNORE_INDEX, clip_examples
 from vidray.eval.frames import MatchingScorer, TowerScorer
+from vidray.eval.frames import evaluate_mc
 from vidray.models.build import build_net, size_figures
 from vidray.models.lavender import LAVENDER_FLAVOURS, Lavender
+from vidray.objectives.lavender import (LavenderRetrievalModel, Words, append_mask_slot, insert_mask_slot,
+                                        matching_batch, pair_scores, sampled_pairs, true_score)
 from vidray.objectives.masking import mask_text
-from vidray.train.frames_config import (FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
-                                        FramesObjectiveConfig, FramesPretrainConfig)
-from vidray.train.frames_run import evaluate_mc, run_frames_finetune
-from vidray.train.lavender_tasks import (LavenderFinetuneSystem, LavenderPretrainSystem, LavenderRetrievalModel,
-                                         Words, append_mask_slot, insert_mask_slot, matching_batch, pair_scores,
-                                         sampled_pairs, true_score)
+from vidray.train.frames_run import run_frames_finetune
+from vidray.train.lavender_system import LavenderFinetuneSystem, LavenderPretrainSystem
 
 CLS, SEP, MASK, PAD = 101, 102, 103, 0
 MODEL_24 = FramesModelConfig(arch="lavender", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)
@@ -328,7 +329,7 @@ def test_mc_option_scores_equal_one_forward_per_question_and_option():
 
 
 def test_all_in_one_scores_mc_options_through_retrieval():
-    from vidray.train.frames_system import RetrievalModel
+    from vidray.objectives.allinone import RetrievalModel
 
     cfg = FramesModelConfig(arch="allinone", flavour="tiny", image_size=64, num_frames=3, max_text_tokens=24)
     torch.manual_seed(0)

@@ -144,17 +144,26 @@ def cycles(graph: dict[str, set[str]]) -> list[list[str]]:
     return found
 
 
-# Model and objective code: one device, pure tensors. It may read config sections and weight files
+# The layers, bottom up (issue 20): a module imports only its own layer and those below it. Models
+# and objectives are pure tensors; data (the feature store with it) turns storage into rows; eval
+# scores models on those rows; train runs them; tuning sweeps training; the jobs are the CLI.
+# Everything else is the base every layer may use (config and its sections, storage, tracking,
+# the cluster and the local stack, checkpoints, the registry) and imports no layer.
+LAYERS = {"vidray.models": 0, "vidray.objectives": 0, "vidray.data": 1, "vidray.feature_store": 1,
+          "vidray.eval": 2, "vidray.train": 3, "vidray.tuning": 4, "vidray.jobs": 5}
+# Model and objective code: one device. It may read config sections and weight files
 # (vidray.models.weights, through vidray.storage), nothing of training, Ray, MLflow or the jobs.
-MODEL_MODULES = ("vidray.models", "vidray.objectives.masking", "vidray.objectives.contrastive", "vidray.models.allinone", "vidray.models.lavender",
-                 "vidray.models.evilm", "vidray.models.vq", "vidray.models.build", "vidray.models.pixels",
-                 "vidray.models.vlm", "vidray.models.vlm_masks", "vidray.models.decoding", "vidray.objectives.vlm",
-                 "vidray.objectives.vlm_tasks")
-MODEL_MAY_IMPORT = ("vidray.config", "vidray.models.vlm_config", "vidray.archs")
+MODEL_MAY_IMPORT = ("vidray.config", "vidray.archs")
+
+
+def layer_of(module: str) -> int | None:
+    """The layer of a library module, None for the base."""
+    return next((level for package, level in LAYERS.items()
+                 if module == package or module.startswith(package + ".")), None)
 
 
 def is_model_module(module: str) -> bool:
-    return any(module == m or module.startswith(m + ".") for m in MODEL_MODULES)
+    return layer_of(module) == 0
 
 
 def rule_breaks(graph: dict[str, set[str]], externals: dict[str, set[str]]) -> list[str]:
@@ -164,8 +173,13 @@ def rule_breaks(graph: dict[str, set[str]], externals: dict[str, set[str]]) -> l
         for target in sorted(imported):
             if target.startswith("vidray.jobs") and not module.startswith("vidray.jobs"):
                 breaks.append(f"{module} -> {target}: the library never imports the jobs")
-            if is_model_module(module) and not (is_model_module(target) or target in MODEL_MAY_IMPORT
-                                                or (module, target) == ("vidray.models.weights", "vidray.storage")):
+            elif layer_of(module) is None and layer_of(target) is not None:
+                breaks.append(f"{module} -> {target}: the base imports no layer")
+            elif layer_of(module) is not None and (layer_of(target) or 0) > layer_of(module):
+                breaks.append(f"{module} -> {target}: a layer imports only its own and those below")
+            if is_model_module(module) and not (
+                    is_model_module(target) or any(target == m or target.startswith(m + ".") for m in MODEL_MAY_IMPORT)
+                    or (module, target) == ("vidray.models.weights", "vidray.storage")):
                 breaks.append(f"{module} -> {target}: model code imports only models, objectives and config")
         if is_model_module(module):
             breaks += [f"{module} -> {name}: model code knows nothing of Ray or MLflow"
@@ -180,7 +194,7 @@ def test_the_library_keeps_its_import_rules():
     graph, externals = read_imports(modules)
     # The graph sees what it must: an import inside a function, a relative import, `from pkg import mod`.
     assert "vidray.models.vq" in graph["vidray.feature_store.extractors"]
-    assert "vidray.eval.report" in graph["vidray.train.frames_run"]
+    assert "vidray.eval.report" in graph["vidray.eval.frames"]
     assert rule_breaks(graph, externals) == []
 
 
@@ -188,12 +202,17 @@ def test_the_import_rules_catch_a_deliberate_violation():
     modules = library_modules()
     graph, externals = read_imports(modules)
     broken = {**graph, "vidray.eval.report": graph["vidray.eval.report"] | {"vidray.jobs.demo"},
-              "vidray.models.allinone": graph["vidray.models.allinone"] | {"vidray.models.lavender", "vidray.train.loop"}}
+              "vidray.models.allinone": graph["vidray.models.allinone"] | {"vidray.models.lavender", "vidray.train.loop"},
+              "vidray.data.frames": graph["vidray.data.frames"] | {"vidray.eval.multiple_choice"},
+              "vidray.storage": graph["vidray.storage"] | {"vidray.data.video"}}
     found = rule_breaks(broken, {**externals, "vidray.models.vlm": externals["vidray.models.vlm"] | {"ray"}})
     assert "vidray.eval.report -> vidray.jobs.demo: the library never imports the jobs" in found
     assert ("vidray.models.allinone -> vidray.train.loop: model code imports only models, objectives and config"
             in found)
     assert "vidray.models.vlm -> ray: model code knows nothing of Ray or MLflow" in found
+    assert ("vidray.data.frames -> vidray.eval.multiple_choice: a layer imports only its own and those below"
+            in found)
+    assert "vidray.storage -> vidray.data.video: the base imports no layer" in found
     assert any(b.endswith(": an import cycle") and "vidray.models.allinone" in b and "vidray.models.lavender" in b
                for b in found), found
 

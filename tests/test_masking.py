@@ -11,7 +11,7 @@ from torch.testing import assert_close
 import vidray.train.frames_system as frames_system
 import vidray.objectives.masking as masking
 import vidray.objectives.vlm as vlm_objectives
-from vidray.models.vlm_config import ObjectiveConfig
+from vidray.config.vlm import ObjectiveConfig
 from vidray.objectives.masking import mask_text
 from vidray.objectives.vlm import IGNORE_INDEX, SpecialIds, mask_batch
 

@@ -20,7 +20,7 @@ import torch
 
 from vidray.checkpoint import load_state
 from vidray.config import load_config
-from vidray.train.config import PretrainConfig
+from vidray.config.train import PretrainConfig
 from vidray.train.job import run_training
 
 ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # the wrapper travels to the workers
@@ -110,8 +110,8 @@ def test_vlm_resumed_after_a_crash_equals_the_uninterrupted_run(feature_sets, tm
 
 
 def test_allinone_resumed_after_a_crash_equals_the_uninterrupted_run(frames_corpus, tmp_path, stack, ordered_data):
+    from vidray.config.frames import FramesModelConfig, FramesPretrainConfig
     from vidray.data.frames import examples_dataset
-    from vidray.train.frames_config import FramesModelConfig, FramesPretrainConfig
     from vidray.train.frames_system import build_pretrain_system
 
     model = FramesModelConfig(arch="allinone", flavour="tiny", image_size=32, num_frames=3, max_text_tokens=16)

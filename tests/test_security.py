@@ -15,7 +15,7 @@ import torch
 from conftest import REPO
 from vidray.checkpoint import read_checkpoint
 from vidray.config import ConfigError, check_name, dump_yaml, flatten, load_config, redact
-from vidray.train.config import PretrainConfig
+from vidray.config.train import PretrainConfig
 from vidray.train.loop import load_checkpoint, rng_state, save_checkpoint, set_rng_state
 
 SECRET = "s3cr3t-pa55"

@@ -18,7 +18,7 @@ import yaml
 
 from conftest import REPO
 from vidray.config import ConfigError, load_config
-from vidray.train.config import PretrainConfig
+from vidray.config.train import PretrainConfig
 from vidray.tuning.report import best_row, format_table, trial_rows
 from vidray.tuning.space import check, trial_configs
 from vidray.tuning.sweep import concurrency, load_sweep

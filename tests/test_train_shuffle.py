@@ -11,7 +11,7 @@ import ray.cloudpickle
 import torch
 
 from vidray.config import load_config
-from vidray.train.config import PretrainConfig
+from vidray.config.train import PretrainConfig
 from vidray.train.job import run_training
 from vidray.train.loop import shuffle_options
 

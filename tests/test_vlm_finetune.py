@@ -16,9 +16,9 @@ import mlflow
 import pytest
 
 from vidray.config import ConfigError, load_config
+from vidray.config.train import EvaluateConfig, FinetuneConfig, PretrainConfig
 from vidray.eval.evaluate import run_evaluate
 from vidray.jobs.cli import main as cli
-from vidray.train.config import EvaluateConfig, FinetuneConfig, PretrainConfig
 from vidray.train.vlm_finetune import run_finetune
 from vidray.train.vlm_pretrain import run_pretrain
 

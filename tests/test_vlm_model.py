@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 
 from vidray.config import ConfigError
+from vidray.config.vlm import ModelConfig
 from vidray.models.vlm import (
                                CLS_ID,
                                FLAVOURS,
@@ -23,7 +24,6 @@ from vidray.models.vlm import (
                                sequence_slices,
                                token_type_ids,
                                )
-from vidray.models.vlm_config import ModelConfig
 from vidray.models.vlm_masks import ATTENTION_MASKS, full_mask
 
 LV, LT, VIDEO_DIM = 4, 6, 8

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.testing import assert_close
 
-from vidray.models.vlm_config import ObjectiveConfig
+from vidray.config.vlm import ObjectiveConfig
 from vidray.objectives.vlm import (IGNORE_INDEX, MMM_NONE, MMM_TEXT, MMM_VIDEO, OBJECTIVES, MaskedBatch,
                                    SpecialIds, apply_masking, draw_masking, gather_predictions, mask_batch,
                                    masked_token_loss, mfm_mlm_loss, video_candidates)

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 
 from vidray.config import load_config
-from vidray.train.config import PretrainConfig
+from vidray.config.train import PretrainConfig
 from vidray.train.vlm_pretrain import run_pretrain
 
 

@@ -10,13 +10,13 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from vidray.config.vlm import ModelConfig
 from vidray.data.vlm import clip_examples_of_video, collate, segment_windows, seconds_of_span
+from vidray.data.vlm import collate_windows
 from vidray.models.vlm import CLS_ID, SEP_ID, build_vlm, pool
-from vidray.models.vlm_config import ModelConfig
 from vidray.objectives.contrastive import contrastive_loss
 from vidray.objectives.vlm import IGNORE_INDEX
 from vidray.objectives.vlm_tasks import CaptioningModel, RetrievalModel, SegmentationModel, shift_right
-from vidray.train.vlm_finetune import collate_windows
 
 LV, LT, DIM = 4, 7, 8
 CFG = ModelConfig(flavour="tiny", video_dim=DIM, max_video_tokens=LV, max_seq_len=LV + LT + 2)

@@ -19,8 +19,8 @@ from typing import Any, Literal, Optional
 
 from vidray import archs
 from vidray.config import ConfigError, from_dict, merge, option
+from vidray.config.train import EvaluateConfig, PretrainConfig
 from vidray.tracking import MLflowConfig
-from vidray.train.config import EvaluateConfig, PretrainConfig
 
 EXPERIMENT = "vidray-sweep"
 

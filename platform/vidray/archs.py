@@ -50,17 +50,17 @@ RECIPE_TASKS: dict[str, tuple[str, ...]] = {
 }
 
 _FRAMES_JOBS = {
-    "pretrain": ("vidray.train.frames_config:FramesPretrainConfig", "vidray.train.frames_run:run_frames_pretrain"),
-    "finetune": ("vidray.train.frames_config:FramesFinetuneConfig", "vidray.train.frames_run:run_frames_finetune"),
+    "pretrain": ("vidray.config.frames:FramesPretrainConfig", "vidray.train.frames_run:run_frames_pretrain"),
+    "finetune": ("vidray.config.frames:FramesFinetuneConfig", "vidray.train.frames_run:run_frames_finetune"),
 }
 
 # job -> model.arch -> ("module:ConfigClass", "module:runner"). A runner takes
 # ``(cfg, say=print, tags=None)``; pre-training runners also take ``callbacks`` (Ray Train's,
 # e.g. a sweep's TuneReportCallback).
 ARCH_JOBS: dict[str, dict[str, tuple[str, str]]] = {
-    "pretrain": {"vlm": ("vidray.train.config:PretrainConfig", "vidray.train.vlm_pretrain:run_pretrain"),
+    "pretrain": {"vlm": ("vidray.config.train:PretrainConfig", "vidray.train.vlm_pretrain:run_pretrain"),
                  **{arch: _FRAMES_JOBS["pretrain"] for arch in FRAMES_ARCHS}},
-    "finetune": {"vlm": ("vidray.train.config:FinetuneConfig", "vidray.train.vlm_finetune:run_finetune"),
+    "finetune": {"vlm": ("vidray.config.train:FinetuneConfig", "vidray.train.vlm_finetune:run_finetune"),
                  **{arch: _FRAMES_JOBS["finetune"] for arch in FRAMES_ARCHS}},
 }
 
@@ -68,7 +68,7 @@ ARCH_JOBS: dict[str, dict[str, tuple[str, str]]] = {
 # takes ``(cfg: EvaluateConfig, state, say=print, tags=None)`` with the checkpoint's state loaded.
 EVALUATORS: dict[str, str] = {
     "vlm": "vidray.eval.vlm:run_vlm_evaluate",
-    **{arch: "vidray.train.frames_run:run_frames_evaluate" for arch in FRAMES_ARCHS},
+    **{arch: "vidray.eval.frames:run_frames_evaluate" for arch in FRAMES_ARCHS},
 }
 
 DEFAULT_ARCH = "vlm"

@@ -88,6 +88,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from vidray import storage
+from vidray.config import ConfigError
 from vidray.data.manifest import SPLITS, manifest_table, write_manifest
 
 QA_SCHEMA = pa.schema(
@@ -609,6 +610,33 @@ def adapt_mc(annotations: str, video_root: str, *, split: str | None = None, ext
         raise AdapterError(f"mc option index_base={index_base!r}: use 0 or 1")
     return _adapt_questions(annotations, video_root, split, ext,
                             lambda record: _choice_answer(record, index_base))
+
+
+# The multiple-choice file an evaluation reads as it is (answer: an option index; start/end: the clip).
+MC_KEYS = ("video", "question", "options", "answer", "start", "end")
+
+
+def read_mc_rows(uri: str, key: str = "mc") -> list[dict]:
+    """The rows of a multiple-choice jsonl (``{video, question, options, answer, start, end}``,
+    the synthetic corpus's mc.jsonl), checked; ``key`` is the config key named in errors."""
+    if not uri:
+        raise ConfigError(key, "is required: a multiple-choice jsonl of {video, question, options, answer, "
+                          "start, end} (the synthetic corpus writes mc.jsonl)")
+    if not storage.exists(uri):
+        raise ConfigError(key, f"{uri} does not exist")
+    rows = []
+    for number, line in enumerate(storage.read_bytes(uri).decode("utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        row = json.loads(line)
+        missing = set(MC_KEYS) - set(row)
+        if missing:
+            raise ConfigError(key, f"{uri} line {number} lacks {sorted(missing)}")
+        if not 0 <= int(row["answer"]) < len(row["options"]):
+            raise ConfigError(key, f"{uri} line {number}: answer {row['answer']} is not an index of its "
+                              f"{len(row['options'])} options")
+        rows.append(row)
+    return rows
 
 
 def _adapt_questions(annotations: str, video_root: str, split: str | None, ext: str,

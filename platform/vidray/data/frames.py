@@ -28,8 +28,8 @@ import pyarrow as pa
 
 from vidray import storage
 from vidray.config import ConfigError
+from vidray.data.adapters import read_mc_rows
 from vidray.data.manifest import read_manifest, split_videos
-from vidray.eval.multiple_choice import read_mc_rows
 from vidray.feature_store.extractors import FramesExtractConfig, FramesExtractor
 from vidray.models.pixels import decode_clip, pick_frames, square
 from vidray.models.weights import text_tokenizer

@@ -14,27 +14,18 @@ from __future__ import annotations
 import dataclasses
 import math
 import zlib
-from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
-from vidray.config import ConfigError, option
-from vidray.data.manifest import read_manifest
-
-
-@dataclass
-class DataConfig:
-    features: str = option("", "video feature-set version URI (<root>/s3d/<version>, or image2d)", required=True)
-    text: str = option("", "text feature-set version URI (<root>/text/<version>)", required=True)
-    clips_per_video: int = option(8, "examples drawn per video per epoch (paper: 32)", ge=1)
-    min_text_tokens: int = option(8, "shortest text of an example, in WordPiece tokens", ge=1)
-    max_text_tokens: int = option(61, "longest text of an example (96 - 32 video - 3 special)", ge=1)
-    max_span_s: float = option(256.0, "longest span of one example, seconds", gt=0)
-    split: str = option("train", "manifest split of the videos to train on (needs data.manifest)")
-    manifest: str = option("", "manifest, to select the split; empty = every video in the sets")
-    val_split: str = option("val", "manifest split scored every train.val_every steps (needs data.manifest)")
+from vidray.config import ConfigError
+from vidray.config.train import FinetuneConfig
+from vidray.config.vlm import DataConfig, ModelConfig
+from vidray.data.adapters import label_vocabulary, per_second_labels, read_action_segments
+from vidray.data.manifest import read_manifest, split_videos
+from vidray.objectives.masking import IGNORE_INDEX
 
 
 def grow_span(captions: list[dict], centre: int, target_tokens: int, max_span_s: float) -> tuple[int, int]:
@@ -197,3 +188,98 @@ def examples_dataset(cfg: DataConfig, max_video_tokens: int, seed: int = 0, epoc
     return ds.map_batches(_to_examples, batch_format="pyarrow", batch_size=4,
                           fn_kwargs={"text": text, "cfg": cfg, "max_video_tokens": max_video_tokens,
                                      "seed": seed, "epoch": epoch})
+
+
+# --- fine-tuning examples (retrieval and captioning clips, segmentation windows) -----------------
+
+def segment_classes(labels_uri: str) -> tuple[dict[str, list[dict]], dict[str, int]]:
+    """Segments per video and the label vocabulary of a COIN-format file."""
+
+    if not labels_uri:
+        raise ConfigError("data.labels", "is required for action_segmentation: a COIN-format "
+                          "annotation file (the synthetic corpus writes coin.json)")
+    segments = read_action_segments(labels_uri).segments
+    return segments, label_vocabulary(segments)
+
+
+def text_budget(model: ModelConfig) -> int:
+    """Text tokens a clip may carry: the sequence minus [CLS], the video slots and two [SEP]."""
+    return model.max_seq_len - model.max_video_tokens - 3
+
+
+def collate_windows(examples: dict, window: int) -> dict:
+    """Pad windows of seconds (and their labels) into ``video, video_mask, labels``."""
+    import torch
+
+    videos, labels = list(examples["video"]), list(examples["labels"])
+    dim = np.asarray(videos[0]).reshape(len(videos[0]), -1).shape[-1]
+    video = torch.zeros(len(videos), window, dim)
+    video_mask = torch.zeros(len(videos), window, dtype=torch.bool)
+    target = torch.full((len(videos), window), IGNORE_INDEX, dtype=torch.long)
+    for b, (v, y) in enumerate(zip(videos, labels)):
+        v = np.asarray(v, np.float32).reshape(-1, dim)[:window]
+        video[b, :len(v)] = torch.from_numpy(v)
+        video_mask[b, :len(v)] = True
+        target[b, :len(v)] = torch.from_numpy(np.asarray(y, np.int64)[:len(v)])
+    return {"video": video, "video_mask": video_mask, "labels": target}
+
+
+def video_rows(batch: pa.Table, captions: dict[str, list] | None = None,
+               keep: set[str] | None = None) -> Iterator[tuple[str, np.ndarray, list[dict]]]:
+    """(video_id, S3D features [seconds, dim], its captions) of each feature row; only videos in
+    ``keep`` (if given) and, when ``captions`` is given, only videos that have captions there."""
+    for row in batch.to_pylist():
+        video_id = row["video_id"]
+        if (keep is not None and video_id not in keep) or (captions is not None and video_id not in captions):
+            continue
+        features = np.asarray(row["features"], np.float32).reshape(len(row["features"]), -1)
+        yield video_id, features, (captions or {}).get(video_id, [])
+
+
+def captions_by_video(text_uri: str, manifest: str = "", split: str = "") -> dict[str, list]:
+    """Captions with ids of a committed text set (of one manifest split if given), per video."""
+    table = text_table(text_uri, manifest, split)
+    return dict(zip(table["video_id"].to_pylist(), table["captions"].to_pylist()))
+
+
+def task_examples(task: str, rows, *, max_video_tokens: int, max_text_tokens: int,
+                  segments: dict | None = None, classes: dict | None = None, stride: int = 16) -> list[dict]:
+    """The examples of ``task`` from :func:`video_rows`."""
+
+    out: list[dict] = []
+    for video_id, features, captions in rows:
+        if task == "action_segmentation":
+            if video_id in segments:
+                labels = per_second_labels(segments[video_id], len(features), classes, IGNORE_INDEX)
+                out.extend(segment_windows(video_id, features, labels, max_video_tokens, stride))
+        else:
+            out.extend(clip_examples_of_video(video_id, features, captions, max_video_tokens, max_text_tokens))
+    return out
+
+
+def _to_task_examples(batch: pa.Table, captions: dict | None, keep: set | None, task: str,
+                      kwargs: dict) -> dict:
+    examples = task_examples(task, video_rows(batch, captions, keep), **kwargs)
+    keys = ("video", "labels") if task == "action_segmentation" else ("video", "text_ids")
+    return {k: _ragged([e[k] for e in examples]) for k in keys}
+
+
+def example_kwargs(cfg: FinetuneConfig, labels: str | None = None) -> dict:
+    kwargs = {"max_video_tokens": cfg.model.max_video_tokens, "max_text_tokens": text_budget(cfg.model),
+              "stride": cfg.data.segment_stride}
+    if cfg.task == "action_segmentation":
+        kwargs["segments"], kwargs["classes"] = segment_classes(labels or cfg.data.labels)
+    return kwargs
+
+
+def finetune_dataset(cfg: FinetuneConfig):
+    """A Ray Dataset of the task's examples from the committed feature sets."""
+    from vidray.feature_store import store
+
+    ds = store.open_dataset(cfg.data.features, columns=["video_id", "features"])
+    keep = split_videos(cfg.data.manifest, cfg.data.split)
+    captions = (None if cfg.task == "action_segmentation"
+                else captions_by_video(cfg.data.text, cfg.data.manifest, cfg.data.split))
+    return ds.map_batches(_to_task_examples, batch_format="pyarrow", batch_size=8,
+                          fn_kwargs={"captions": captions, "keep": keep, "task": cfg.task,
+                                     "kwargs": example_kwargs(cfg)})

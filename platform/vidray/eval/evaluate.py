@@ -1,7 +1,7 @@
 """`vidray evaluate`: a fine-tuning checkpoint scored on a split by its model's evaluator.
 
 The checkpoint says which model it holds (``model.arch`` of its config); :data:`vidray.archs.EVALUATORS`
-names the evaluator (VLM: :mod:`vidray.eval.vlm`; the frames models: :mod:`vidray.train.frames_run`).
+names the evaluator (VLM: :mod:`vidray.eval.vlm`; the frames models: :mod:`vidray.eval.frames`).
 Every evaluation is one MLflow run (:mod:`vidray.eval.report`).
 """
 
@@ -12,7 +12,7 @@ from typing import Any, Callable
 from vidray import archs
 from vidray.checkpoint import load_state
 from vidray.config import ConfigError
-from vidray.train.config import EvaluateConfig
+from vidray.config.train import EvaluateConfig
 
 
 def run_evaluate(cfg: EvaluateConfig, say: Callable[[str], None] = print,

@@ -1,4 +1,5 @@
-"""Multiple-choice QA, for every model: reading the questions and scoring the picks.
+"""Multiple-choice QA, for every model: scoring the picks (the questions are read by
+:func:`vidray.data.adapters.read_mc_rows`).
 
 A question's options are scored by the model (VLM: each option's text vector against the clip's
 video vector; a frames model: its matching score of option and clip); the option scoring strictly
@@ -7,37 +8,7 @@ highest is picked (ties count against the model) and accuracy is reported next t
 
 from __future__ import annotations
 
-import json
-
 import numpy as np
-
-from vidray import storage
-from vidray.config import ConfigError
-
-MC_KEYS = ("video", "question", "options", "answer", "start", "end")
-
-
-def read_mc_rows(uri: str, key: str = "mc") -> list[dict]:
-    """The rows of a multiple-choice jsonl (``{video, question, options, answer, start, end}``,
-    the synthetic corpus's mc.jsonl), checked; ``key`` is the config key named in errors."""
-    if not uri:
-        raise ConfigError(key, "is required: a multiple-choice jsonl of {video, question, options, answer, "
-                          "start, end} (the synthetic corpus writes mc.jsonl)")
-    if not storage.exists(uri):
-        raise ConfigError(key, f"{uri} does not exist")
-    rows = []
-    for number, line in enumerate(storage.read_bytes(uri).decode("utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        row = json.loads(line)
-        missing = set(MC_KEYS) - set(row)
-        if missing:
-            raise ConfigError(key, f"{uri} line {number} lacks {sorted(missing)}")
-        if not 0 <= int(row["answer"]) < len(row["options"]):
-            raise ConfigError(key, f"{uri} line {number}: answer {row['answer']} is not an index of its "
-                              f"{len(row['options'])} options")
-        rows.append(row)
-    return rows
 
 
 def mc_correct(scores: np.ndarray, answer: int) -> bool:

@@ -2,7 +2,7 @@
 -> the metrics of :mod:`vidray.eval.metrics` and a per-text table (its rank, the clip ranked first).
 
 How the matrix is made is the model's business: VLM and All-in-one / E-ViLM encode texts and clips
-apart and take dot products; LAVENDER fuses every pair (:mod:`vidray.train.frames_run`).
+apart and take dot products; LAVENDER fuses every pair (:mod:`vidray.eval.frames`).
 """
 
 from __future__ import annotations

@@ -23,19 +23,19 @@ import torch
 
 from vidray.checkpoint import load_state
 from vidray.config import ConfigError, from_dict
+from vidray.config.train import EvaluateConfig, FinetuneConfig
+from vidray.data.adapters import read_mc_rows
 from vidray.data.manifest import split_videos
-from vidray.data.vlm import collate
+from vidray.data.vlm import (captions_by_video, collate, collate_windows, example_kwargs, task_examples,
+                             text_budget, video_rows)
 from vidray.eval.captioning import caption_metrics
-from vidray.eval.multiple_choice import mc_row, mc_summary, read_mc_rows
+from vidray.eval.multiple_choice import mc_row, mc_summary
 from vidray.eval.report import bar_figure, log_evaluation, recall_curve_figure
 from vidray.eval.retrieval import score_retrieval
 from vidray.models.vlm import CLS_ID, SEP_ID, build_vlm
 from vidray.models.weights import text_tokenizer
 from vidray.objectives.masking import IGNORE_INDEX
 from vidray.objectives.vlm_tasks import build_task_model
-from vidray.train.config import EvaluateConfig, FinetuneConfig
-from vidray.train.vlm_finetune import (captions_by_video, collate_windows, example_kwargs, task_examples,
-                                       text_budget, video_rows)
 
 # --- loading -----------------------------------------------------------------------------------
 

@@ -136,7 +136,7 @@ class Lavender(nn.Module):
         FLOPs). ``video``: the clips' ``video_tokens`` computed once (all-pairs scoring fuses each
         clip with every text; ``frames`` is then None). ``positions``: the text's position ids
         ``[B, Lt]`` (default 0, 1, ..): the matching [MASK] sits at the text width, after the
-        padding (:func:`vidray.train.lavender_tasks.append_mask_slot`)."""
+        padding (:func:`vidray.objectives.lavender.append_mask_slot`)."""
         video = self.video_tokens(frames) if video is None else video
         text = self.embeddings(input_ids=text_ids, token_type_ids=torch.ones_like(text_ids), position_ids=positions)
         x = torch.cat([video, text], dim=1)

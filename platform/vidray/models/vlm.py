@@ -32,7 +32,7 @@ from transformers import BertConfig, BertModel
 from transformers.models.bert.modeling_bert import BertPredictionHeadTransform
 
 from vidray.config import ConfigError
-from vidray.models.vlm_config import ModelConfig
+from vidray.config.vlm import ModelConfig
 from vidray.models.vlm_masks import ATTENTION_MASKS, restrict_to_valid, valid_slots
 from vidray.models.weights import resolve_text_model
 

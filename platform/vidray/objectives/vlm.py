@@ -34,7 +34,7 @@ from typing import Mapping, Optional
 import torch
 import torch.nn.functional as F
 
-from vidray.models.vlm_config import ObjectiveConfig
+from vidray.config.vlm import ObjectiveConfig
 from vidray.objectives.masking import IGNORE_INDEX, corrupt, random_token_ids, uniform
 
 MMM_NONE, MMM_TEXT, MMM_VIDEO = 0, 1, 2

@@ -1,14 +1,6 @@
-"""Training systems of the frames models: a model + its objective behind ``training_step(batch)``.
-
-Pre-training (All-in-one, E-ViLM): MLM (15% of text tokens, 80/10/10) on each clip's own frames +
-video-text matching in a second pass on whole text, where half of the clips get another clip's
-frames (the batch rolled by one) and the text [CLS] state says match or not; E-ViLM adds masked
-video modelling on the first pass. Fine-tuning: ``retrieval`` (contrastive loss over
-text-only and video-only passes, both directions) or ``qa`` (a classifier over the answer
-vocabulary on a joint pass of question + frames).
-
-The loss is computed inside one ``nn.Module`` forward so DDP wraps everything that touches
-parameters; heads a task never reads are frozen (DDP would wait for their gradients).
+"""Training systems of the frames models: what the training loop needs (``model``, ``collate``,
+``training_step``, ...) for each recipe's pre-training and fine-tuning, and for the VQ tokenizer.
+The objectives they train are :mod:`vidray.objectives.allinone` and :mod:`vidray.objectives.lavender`.
 """
 
 from __future__ import annotations
@@ -16,101 +8,18 @@ from __future__ import annotations
 from functools import partial
 
 import torch
-import torch.nn.functional as F
-from torch import nn
 
 from vidray.archs import frames_arch
 from vidray.checkpoint import init_from
 from vidray.config import ConfigError
 from vidray.data.frames import collate
-from vidray.models.allinone import AllInOneHeads
 from vidray.models.build import build_net
-from vidray.models.evilm import EVILM_FLAVOURS, clip_masks, mvm_loss, zero_regions
+from vidray.models.evilm import EVILM_FLAVOURS, clip_masks
 from vidray.models.vq import VQ_FLAVOURS, VQTokenizer, VQTrainModel, caption_words
 from vidray.models.weights import text_tokenizer
-from vidray.objectives.contrastive import contrastive_loss
-from vidray.objectives.masking import IGNORE_INDEX, mask_text
-from vidray.train.lavender_tasks import LavenderFinetuneSystem, LavenderPretrainSystem
-
-RETRIEVAL_TEMPERATURE = 0.05
-
-
-def freeze(*modules: nn.Module | nn.Parameter | None) -> None:
-    for m in modules:
-        if m is None:
-            continue
-        for p in ([m] if isinstance(m, nn.Parameter) else m.parameters()):
-            p.requires_grad_(False)
-
-
-class PretrainModel(nn.Module):
-    """Two joint passes, as ViLT and All-in-one do: MLM on the clips' own frames with masked text,
-    VTM on whole text where half of the clips see the next clip's frames. With ``mvm_codes``
-    (E-ViLM), the first pass also sees block-masked frames and a head predicts the VQ code of each
-    masked region from the decoder's region states (MVM)."""
-
-    def __init__(self, net: AllInOneHeads, vtm_weight: float, mvm_codes: int = 0, mvm_weight: float = 1.0):
-        super().__init__()
-        self.net, self.vtm_weight, self.mvm_weight = net, vtm_weight, mvm_weight
-        h = net.backbone.hidden_size
-        self.mvm = (nn.Sequential(nn.Linear(h, h), nn.GELU(), nn.LayerNorm(h, eps=1e-12), nn.Linear(h, mvm_codes))
-                    if mvm_codes else None)
-        freeze(net.text_proj, net.video_proj)
-
-    def forward(self, frames, text_ids, masked_ids, text_mask, mlm_targets, matched, mvm_masks=None, vq_codes=None):
-        inputs = frames if self.mvm is None else zero_regions(frames, mvm_masks)
-        states = self.net.backbone(inputs, masked_ids, text_mask)
-        lt = masked_ids.shape[1]
-        logits = self.net.mlm_logits(states[:, :lt])
-        mlm = F.cross_entropy(logits.float().flatten(0, 1), mlm_targets.flatten(), ignore_index=IGNORE_INDEX)
-        mlm = torch.nan_to_num(mlm)  # a batch with no masked token
-        paired = torch.where(matched.view(-1, 1, 1, 1, 1), frames, frames.roll(1, dims=0))
-        vtm_logits = self.net.vtm(self.net.backbone(paired, text_ids, text_mask)[:, 0])
-        vtm = F.cross_entropy(vtm_logits.float(), matched.long())
-        with torch.no_grad():
-            vtm_accuracy = (vtm_logits.argmax(-1) == matched.long()).float().mean()
-        loss = mlm + self.vtm_weight * vtm
-        logs = {"mlm_loss": mlm.item(), "vtm_loss": vtm.item(), "vtm_accuracy": vtm_accuracy.item()}
-        if self.mvm is not None:
-            mvm, mvm_accuracy = mvm_loss(self.mvm(states[:, lt:]), vq_codes, mvm_masks.flatten(1))
-            loss = loss + self.mvm_weight * mvm
-            logs.update(mvm_loss=mvm.item(), mvm_accuracy=mvm_accuracy.item())
-        return loss, logs
-
-
-class RetrievalModel(nn.Module):
-    """Contrastive loss both ways against the clips and texts of *every* worker's batch (as CLIP
-    trains): with 2 workers each text meets twice the negatives a per-worker loss would give it."""
-
-    def __init__(self, net: AllInOneHeads):
-        super().__init__()
-        self.net = net
-        freeze(net.mlm_transform, net.mlm_bias, net.vtm)
-
-    def forward(self, frames, text_ids, text_mask):
-        text, video = self.net.encode_text(text_ids, text_mask), self.net.encode_video(frames)
-        loss, t2v, target = contrastive_loss(text, video, temperature=RETRIEVAL_TEMPERATURE, both_ways=True,
-                                             across_workers=True)
-        with torch.no_grad():
-            accuracy = (t2v.argmax(1) == target).float().mean()
-        return loss, {"t2v_batch_accuracy": accuracy.item()}
-
-
-class QAModel(nn.Module):
-    def __init__(self, net: AllInOneHeads):
-        super().__init__()
-        self.net = net
-        freeze(net.mlm_transform, net.mlm_bias, net.vtm, net.text_proj, net.video_proj)
-
-    def logits(self, frames, text_ids, text_mask) -> torch.Tensor:
-        return self.net.qa(self.net.backbone(frames, text_ids, text_mask)[:, 0])
-
-    def forward(self, frames, text_ids, text_mask, answer):
-        logits = self.logits(frames, text_ids, text_mask)
-        loss = torch.nan_to_num(F.cross_entropy(logits.float(), answer, ignore_index=IGNORE_INDEX))
-        with torch.no_grad():
-            accuracy = (logits.argmax(-1) == answer).float().mean()
-        return loss, {"qa_batch_accuracy": accuracy.item()}
+from vidray.objectives.allinone import PretrainModel, task_model
+from vidray.objectives.masking import mask_text
+from vidray.train.lavender_system import LavenderFinetuneSystem, LavenderPretrainSystem
 
 
 class FramesPretrainSystem:
@@ -159,17 +68,11 @@ class FramesPretrainSystem:
 class FramesFinetuneSystem:
     def __init__(self, cfg, device: torch.device):
         tok = text_tokenizer(cfg.model.tokenizer)
-        model = self.task_model(cfg)
+        model = task_model(cfg)
         if cfg.init_from:
             init_from(model.net, cfg.init_from, cfg.model, prefix="net.", fresh=("qa.",))
         self.model = model.to(device)
         self.collate = partial(collate, max_text_tokens=cfg.model.max_text_tokens, pad_id=tok.pad_token_id)
-
-    @staticmethod
-    def task_model(cfg) -> nn.Module:
-        """The untrained module of ``cfg.task`` (evaluation loads a checkpoint's weights into it)."""
-        net = build_net(cfg.model, len(cfg.answers) if cfg.task == "qa" else 0)
-        return QAModel(net) if cfg.task == "qa" else RetrievalModel(net)
 
     def training_step(self, batch: dict):
         return self.model(**batch)
@@ -217,11 +120,6 @@ def build_pretrain_system(cfg, device):
 
 def build_finetune_system(cfg, device):
     return RECIPES[frames_arch(cfg.model.arch).recipe]["finetune"](cfg, device)
-
-
-def finetuned_model(cfg) -> nn.Module:
-    """The untrained module a fine-tuning run of ``cfg`` trains, for its checkpoint's weights."""
-    return RECIPES[frames_arch(cfg.model.arch).recipe]["finetune"].task_model(cfg)
 
 
 class VQTrainSystem:

@@ -6,9 +6,9 @@ import dataclasses
 from typing import Any
 
 from vidray.config import ConfigError
+from vidray.config.train import PretrainConfig
 from vidray.data.vlm import examples_dataset, with_video_dim
 from vidray.feature_store.store import open_version
-from vidray.train.config import PretrainConfig
 from vidray.train.job import run_name, run_training
 from vidray.train.vlm_system import build_system
 

@@ -11,9 +11,9 @@ from functools import partial
 import torch
 from torch import nn
 
+from vidray.config.vlm import ObjectiveConfig
 from vidray.data.vlm import collate
 from vidray.models.vlm import build_vlm
-from vidray.models.vlm_config import ObjectiveConfig
 from vidray.objectives.vlm import (OBJECTIVES, SpecialIds, gather_predictions, mask_batch,
                                    video_candidates)
 

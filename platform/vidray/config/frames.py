@@ -11,8 +11,8 @@ from typing import Literal, Optional
 
 from vidray.archs import RECIPE_TASKS, frames_arch
 from vidray.config import ConfigError, option
+from vidray.config.train import OptimConfig, TrainConfig
 from vidray.tracking import MLflowConfig
-from vidray.train.config import OptimConfig, TrainConfig
 
 MVM_TOKENIZERS = ("semantic", "pixel", "none")
 # The tasks a fine-tuning run trains; a row of a multi-task dataset carries its task's index here.

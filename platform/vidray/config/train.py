@@ -6,8 +6,7 @@ from dataclasses import dataclass, field
 from typing import Literal, Optional
 
 from vidray.config import ConfigError, option
-from vidray.data.vlm import DataConfig
-from vidray.models.vlm_config import ModelConfig, ObjectiveConfig
+from vidray.config.vlm import DataConfig, ModelConfig, ObjectiveConfig
 from vidray.tracking import MLflowConfig
 
 

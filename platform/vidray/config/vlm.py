@@ -1,7 +1,8 @@
-"""VLM's own config sections: the model (``model.*``) and its pre-training objective (``objective.*``).
+"""VLM's own config sections: the model (``model.*``), its pre-training objective (``objective.*``)
+and its pre-training data (``data.*``).
 
-Light (no torch): the model and objective modules and the job configs of
-:mod:`vidray.train.config` all read them from here.
+Light (no torch): the model, objective and data modules and the job configs of
+:mod:`vidray.config.train` all read them from here.
 """
 
 from __future__ import annotations
@@ -36,3 +37,16 @@ class ObjectiveConfig:
     mmm_text_corruption: Literal["bert", "mask"] = option(
         "bert", "tokens of a whole-text MMM example (all predicted): bert = 80% [MASK] / 10% random / "
         "10% kept, as MMPT's official code does; mask = every one [MASK] (vidray before issue 18)")
+
+
+@dataclass
+class DataConfig:
+    features: str = option("", "video feature-set version URI (<root>/s3d/<version>, or image2d)", required=True)
+    text: str = option("", "text feature-set version URI (<root>/text/<version>)", required=True)
+    clips_per_video: int = option(8, "examples drawn per video per epoch (paper: 32)", ge=1)
+    min_text_tokens: int = option(8, "shortest text of an example, in WordPiece tokens", ge=1)
+    max_text_tokens: int = option(61, "longest text of an example (96 - 32 video - 3 special)", ge=1)
+    max_span_s: float = option(256.0, "longest span of one example, seconds", gt=0)
+    split: str = option("train", "manifest split of the videos to train on (needs data.manifest)")
+    manifest: str = option("", "manifest, to select the split; empty = every video in the sets")
+    val_split: str = option("val", "manifest split scored every train.val_every steps (needs data.manifest)")

@@ -8,6 +8,10 @@ value raises :class:`ConfigError`, whose one-line message names the dotted key.
     cfg = load_config(PretrainConfig, "configs/demo/pretrain.yaml", ["objective.mmm_ratio=0.3"])
     flatten(cfg)      # {"objective.mmm_ratio": "0.3", ...}  -> MLflow params
     dump_yaml(cfg)    # loads back to an equal config
+
+The sections live beside this module, light dataclasses that every layer may read:
+:mod:`vidray.config.vlm` (VLM's model, objective and data), :mod:`vidray.config.frames` (the
+frames models and the VQ tokenizer) and :mod:`vidray.config.train` (optimiser, loop and the jobs).
 """
 
 from __future__ import annotations
