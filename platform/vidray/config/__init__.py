@@ -255,7 +255,7 @@ def merge(base: dict, update: dict) -> dict:
 
 
 # The presets that ship inside the package (configs/ in the repository is a link to this folder).
-PRESETS_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "presets")
+PRESETS_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "presets")  # vidray/presets
 
 
 def _preset_file(name: str) -> str:

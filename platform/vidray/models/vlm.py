@@ -237,7 +237,7 @@ S3D_DIM = 512
 def build_vlm(cfg: ModelConfig, load_backbone: bool = True) -> VLM:
     """A VLM of ``cfg.flavour`` (random init), or initialised from ``cfg.text_backbone``
     (``load_backbone=False``: its architecture only, for a checkpoint that holds every weight)."""
-    # A job sets video_dim from its feature set (vlm.data.resolve_video_dim); a model built on its
+    # A job sets video_dim from its feature set (vidray.data.vlm.with_video_dim); a model built on its
     # own without one gets S3D's width.
     model = VLM(bert_config(cfg), video_dim=cfg.video_dim or S3D_DIM, max_video_tokens=cfg.max_video_tokens,
                 max_seq_len=cfg.max_seq_len)
