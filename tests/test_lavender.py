@@ -13,8 +13,7 @@ from vidray.config import ConfigError, from_dict
 from vidray.config.frames import (FINETUNE_TASKS, FramesDataConfig, FramesFinetuneConfig, FramesModelConfig,
                                   FramesObjectiveConfig, FramesPretrainConfig)
 from vidray.data.frames import IGNORE_INDEX, clip_examples
-from vidray.eval.frames import MatchingScorer, TowerScorer
-from vidray.eval.frames import evaluate_mc
+from vidray.eval.frames import MatchingScorer, TowerScorer, evaluate_mc
 from vidray.models.build import build_net, size_figures
 from vidray.models.lavender import LAVENDER_FLAVOURS, Lavender
 from vidray.objectives.lavender import (LavenderRetrievalModel, Words, append_mask_slot, insert_mask_slot,

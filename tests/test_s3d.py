@@ -13,16 +13,16 @@ import torch
 
 from vidray import config, storage
 from vidray.models.s3d import (
-                               INCEPTION_CHANNELS,
-                               MaxPool3dSame,
-                               S3DConfig,
-                               S3DWeightsError,
-                               SelfGating,
-                               build_s3d,
-                               load_s3d_weights,
-                               preprocess,
-                               space_to_depth,
-                               )
+    INCEPTION_CHANNELS,
+    MaxPool3dSame,
+    S3DConfig,
+    S3DWeightsError,
+    SelfGating,
+    build_s3d,
+    load_s3d_weights,
+    preprocess,
+    space_to_depth,
+)
 from vidray.models.weights import file_digest as weights_digest
 
 TOP_LEVEL = ["conv1", "maxpool_2a", "conv_2b", "conv_2c", "gating", "maxpool_3a", "mixed_3b",

@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from vidray.models.vlm_masks import (
-                                     ATTENTION_MASKS,
-                                     causal_text_mask,
-                                     full_mask,
-                                     isolated_mask,
-                                     restrict_to_valid,
-                                     valid_slots,
-                                     )
+    ATTENTION_MASKS,
+    causal_text_mask,
+    full_mask,
+    isolated_mask,
+    restrict_to_valid,
+    valid_slots,
+)
 
 # Lv = 3 (2 valid), Lt = 4 (3 valid: two words and the final [SEP]). Slots:
 #   0 CLS | 1 v1 | 2 v2 | 3 v-pad | 4 SEP | 5 t1 | 6 t2 | 7 SEP | 8 t-pad
