@@ -6,24 +6,26 @@ from __future__ import annotations
 
 import os
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from vidray.config import ConfigError
 from vidray.config.vlm import ModelConfig
+from vidray.data.vlm import collate
 from vidray.models.vlm import (
-                               CLS_ID,
-                               FLAVOURS,
-                               SEP_ID,
-                               VLM,
-                               bert_config,
-                               build_vlm,
-                               pool,
-                               position_ids,
-                               sequence_slices,
-                               token_type_ids,
-                               )
+    CLS_ID,
+    FLAVOURS,
+    SEP_ID,
+    VLM,
+    bert_config,
+    build_vlm,
+    pool,
+    position_ids,
+    sequence_slices,
+    token_type_ids,
+)
 from vidray.models.vlm_masks import ATTENTION_MASKS, full_mask
 
 LV, LT, VIDEO_DIM = 4, 6, 8
@@ -114,6 +116,33 @@ def test_padded_slot_content_does_not_change_valid_outputs(model, attention):
     valid = valid_rows(batch)
     assert torch.isfinite(after).all()
     torch.testing.assert_close(after[valid], before[valid])
+
+
+def fully_padded(batch: dict) -> dict:
+    """``batch`` padded with empty slots up to the model's widths (LV video slots, LT text slots)."""
+    lv, lt = batch["video"].shape[1], batch["text_ids"].shape[1]
+    return {"video": F.pad(batch["video"], (0, 0, 0, LV - lv)), "video_mask": F.pad(batch["video_mask"], (0, LV - lv)),
+            "text_ids": F.pad(batch["text_ids"], (0, LT - lt)), "text_mask": F.pad(batch["text_mask"], (0, LT - lt))}
+
+
+@pytest.mark.parametrize("attention", sorted(ATTENTION_MASKS))
+def test_a_batch_padded_to_its_longest_computes_what_the_fully_padded_one_does(model, attention):
+    """collate pads to the batch's longest video and text: every valid slot's state and both pooled
+    vectors equal those of the same rows padded to the model's widths (the text keeps its positions)."""
+    examples = {"video": [np.ones((1, VIDEO_DIM), np.float32), np.full((2, VIDEO_DIM), 0.5, np.float32)],
+                "text_ids": [np.array([1500, 1600]), np.array([1700, 1800, 1900])]}
+    short = collate(examples, max_video_tokens=LV, max_text_tokens=LT - 1, sep_id=SEP_ID)
+    assert short["video"].shape[1] == 2 and short["text_ids"].shape[1] == 4      # not LV and LT
+    full = fully_padded(short)
+    lv = short["video"].shape[1]
+    # Where each slot of the short layout sits in the full one: [CLS] and video, the first [SEP], text.
+    slots = torch.cat([torch.arange(lv + 1), torch.tensor([LV + 1]), torch.arange(short["text_ids"].shape[1]) + LV + 2])
+    hidden_short, hidden_full = run(model, short, attention), run(model, full, attention)
+    valid = valid_rows(short)
+    torch.testing.assert_close(hidden_short[valid], hidden_full[:, slots][valid], atol=1e-5, rtol=1e-5)
+    for a, b in zip(pool(hidden_short, short["video_mask"], short["text_mask"]),
+                    pool(hidden_full, full["video_mask"], full["text_mask"])):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
 
 
 def test_isolated_sides_do_not_see_each_other(model):

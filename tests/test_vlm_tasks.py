@@ -11,8 +11,7 @@ import torch.nn.functional as F
 from torch.testing import assert_close
 
 from vidray.config.vlm import ModelConfig
-from vidray.data.vlm import clip_examples_of_video, collate, segment_windows, seconds_of_span
-from vidray.data.vlm import collate_windows
+from vidray.data.vlm import clip_examples_of_video, collate, collate_windows, segment_windows, seconds_of_span
 from vidray.models.vlm import CLS_ID, SEP_ID, build_vlm, pool
 from vidray.objectives.contrastive import contrastive_loss
 from vidray.objectives.vlm import IGNORE_INDEX
@@ -116,7 +115,7 @@ def test_captioning_loss_is_next_token_cross_entropy_and_causal(vlm):
         inputs, input_mask = shift_right(batch["text_ids"], batch["text_mask"])
         logits = model.text_logits(batch["video"], batch["video_mask"], inputs, input_mask)
     terms = [F.cross_entropy(logits[b, j][None], batch["text_ids"][b, j][None])
-             for b in range(3) for j in range(LT) if batch["text_mask"][b, j]]
+             for b in range(3) for j in range(batch["text_ids"].shape[1]) if batch["text_mask"][b, j]]
     assert_close(loss, torch.stack(terms).mean(), atol=1e-5, rtol=1e-5)
 
     # Changing a later input token leaves the logits of earlier positions as they were.
