@@ -14,7 +14,7 @@ BENCHMARKS = {"decode": "benchmarks.decode", "feature_cache": "benchmarks.featur
               "frames_ingest": "benchmarks.frames_ingest", "open_dataset": "benchmarks.open_dataset", "gpu_check": "benchmarks.gpu_check",
               "scale": "benchmarks.scale",
               "extract_scaling": "benchmarks.extract_scaling", "text_extract": "benchmarks.text_extract",
-              "memory": "benchmarks.memory",
+              "memory": "benchmarks.memory", "padding": "benchmarks.padding",
               "ablations": "benchmarks.ablations", "frames_ablations": "benchmarks.frames_ablations"}
 # Not part of `all` (`make bench`): the ablations take tens of minutes to an hour on 2 cores each,
 # scale about ten; gpu_check needs a CUDA device (`make gpu-check`).
