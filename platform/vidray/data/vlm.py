@@ -104,7 +104,7 @@ def collate(examples: dict, max_video_tokens: int, max_text_tokens: int, sep_id:
     video and text (at most ``max_video_tokens`` / ``max_text_tokens``), not to those maxima:
     padded slots are masked out and the text keeps its positions whatever the video's padding
     (:func:`vidray.models.vlm.position_ids`), so the model computes what it would on fully padded
-    rows, on fewer slots (a demo batch: 68 slots on average instead of 97)."""
+    rows, on fewer slots (a demo pre-training batch: 68 slots on average instead of 96)."""
     import torch
 
     videos, texts = list(examples["video"]), list(examples["text_ids"])
