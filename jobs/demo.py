@@ -473,8 +473,15 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: st
         _print_frames_model(model, frames_model)
     if swept and swept["best"]:
         best = swept["best"]
-        say(f"sweep {swept['name']}: best MMM ratio {best['objective.mmm_ratio']} with val R@1 "
-            f"{best['t2v_R1']:.3f} (trials: {swept['counts']}); MLflow experiment vidray-demo-sweep")
+        if best["tied_with"]:  # picking the first would read as a preference the sweep did not show
+            ratios = sorted(t["objective.mmm_ratio"] for t in swept["trials"] if t["t2v_R1"] == best["t2v_R1"])
+            say(f"sweep {swept['name']}: MMM ratios {' and '.join(map(str, ratios))} tie at val R@1 "
+                f"{best['t2v_R1']:.3f} (trials: {swept['counts']}): its steps and one seed check the machinery; "
+                "`python -m benchmarks ablations` measures MMM with seeds (BENCHMARKS.md); MLflow experiment "
+                "vidray-demo-sweep")
+        else:
+            say(f"sweep {swept['name']}: best MMM ratio {best['objective.mmm_ratio']} with val R@1 "
+                f"{best['t2v_R1']:.3f} (trials: {swept['counts']}); MLflow experiment vidray-demo-sweep")
     say(f"summary: {os.path.join(workdir, 'demo.json')}")
     ui = ("the MLflow server is still running: " + info.services["mlflow"].url) if keep_stack else (
         f"browse the runs:  vidray stack up --dir {stack_dir} --mlflow-dir {mlflow_dir}")

@@ -19,7 +19,7 @@ import yaml
 from conftest import REPO
 from vidray.config import ConfigError, load_config
 from vidray.config.train import PretrainConfig
-from vidray.tuning.report import best_row, format_table, trial_rows
+from vidray.tuning.report import best_row, format_table, tied_with, trial_rows
 from vidray.tuning.space import check, trial_configs
 from vidray.tuning.sweep import concurrency, load_sweep
 
@@ -110,6 +110,9 @@ def test_best_trial_is_a_finished_one_and_the_table_shows_every_trial():
             {"trial": "c", "objective.mmm_ratio": 0.7, "loss": None, "steps": 0, "status": "failed", "error": "boom"},
             {"trial": "d", "objective.mmm_ratio": 0.3, "loss": 2.5, "steps": 30, "status": "done", "error": ""}]
     assert best_row(cfg, rows)["trial"] == "d"          # b is lower, but was stopped early
+    assert tied_with(cfg, rows, best_row(cfg, rows)) == []
+    tie = [*rows, {**rows[3], "trial": "e"}, {**rows[1], "loss": 2.5}]   # e ties with d; a stopped one does not
+    assert best_row(cfg, tie)["trial"] == "d" and tied_with(cfg, tie, best_row(cfg, tie)) == ["e"]
     assert best_row(load_sweep(None, ["space.objective.mmm_ratio={grid: [0.1]}", "metric=loss",
                                       "mode=max"]), rows)["trial"] == "a"
     lines = format_table(cfg, rows).splitlines()

@@ -84,6 +84,15 @@ def best_row(cfg, rows: list[dict]) -> dict | None:
     return pick(scored, key=lambda r: r[cfg.metric])
 
 
+def tied_with(cfg, rows: list[dict], best: dict | None) -> list[str]:
+    """The other finished trials whose metric equals the best's: the pick among them is only the
+    table's order (a short sweep on a small split often scores trials alike)."""
+    if best is None:
+        return []
+    return [r["trial"] for r in rows
+            if r is not best and r["status"] == "done" and r[cfg.metric] == best[cfg.metric]]
+
+
 def format_table(cfg, rows: list[dict]) -> str:
     """A plain-text table of the public columns (those not starting with "_")."""
     columns = [c for c in rows[0] if not c.startswith("_")] if rows else []
@@ -145,6 +154,7 @@ def finish_sweep(cfg, parent_run_id: str, results, say: Callable[[str], None] = 
     for row in rows:
         _settle(client, row, children.get(row["trial"]), ERROR_TAG)
     best = best_row(cfg, rows)
+    ties = tied_with(cfg, rows, best)
     public = [{k: v for k, v in r.items() if not k.startswith("_")} for r in rows]
     table = format_table(cfg, rows)
     counts = {s: sum(r["status"] == s for r in rows) for s in ("done", "stopped", "failed")}
@@ -158,7 +168,8 @@ def finish_sweep(cfg, parent_run_id: str, results, say: Callable[[str], None] = 
             pretrain, finetune = trial_configs(cfg, best["_params"], forced_settings(cfg, best["trial"]))
             mlflow.log_metric(f"best_{cfg.metric}", best[cfg.metric])
             mlflow.set_tags({"best_trial": best["trial"], "best_run_id": str(best["_run_id"]),
-                             "best_params": json.dumps(best["_params"], default=str)[:5000]})
+                             "best_params": json.dumps(best["_params"], default=str)[:5000],
+                             "best_tied_with": ",".join(ties)})
             mlflow.log_text(dump_yaml(pretrain), "best_config.yaml")
             if finetune is not None:
                 mlflow.log_text(dump_yaml(finetune), "best_finetune_config.yaml")
@@ -166,11 +177,13 @@ def finish_sweep(cfg, parent_run_id: str, results, say: Callable[[str], None] = 
         f"{counts['failed']} failed\n{table}")
     if best:
         say(f"best trial {best['trial']}: {cfg.metric} {best[cfg.metric]:.4g} with "
-            + ", ".join(f"{k}={best[k]}" for k in cfg.space) + f" (MLflow run {best['_run_id']})")
+            + ", ".join(f"{k}={best[k]}" for k in cfg.space) + f" (MLflow run {best['_run_id']})"
+            + (f"; tied with {', '.join(ties)}: picked by the table's order" if ties else ""))
     else:
         say(f"no trial finished with {cfg.metric}: see the errors above")
     return {"name": cfg.name, "parent_run_id": parent_run_id, "trials": public, "counts": counts,
-            "best": {k: v for k, v in best.items() if not k.startswith("_")} | {"run_id": best["_run_id"]}
+            "best": {k: v for k, v in best.items() if not k.startswith("_")} | {"run_id": best["_run_id"],
+                                                                                "tied_with": ties}
             if best else None}
 
 
