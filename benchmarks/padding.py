@@ -13,9 +13,8 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 
-WARM_STEPS = 2  # the first steps of a loop are slower (allocator, first kernels): left out of the rate
+from benchmarks.ray_overhead import WARM_STEPS, collated_batches, timed_steps
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -33,16 +32,6 @@ def _overrides(args, data: dict) -> list[str]:
             f"train.batch_size={args.batch}", f"train.steps={args.steps + WARM_STEPS}", "train.num_workers=1"]
 
 
-def _batches(system, dataset, count: int, batch_size: int) -> list[dict]:
-    batches = []
-    while len(batches) < count:
-        for rows in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
-            batches.append(system.collate(rows))
-        if not batches:
-            raise ValueError(f"fewer examples than one batch of {batch_size}: use more --videos")
-    return batches[:count]
-
-
 def fully_padded(batch: dict, video_slots: int, text_slots: int) -> dict:
     """``batch`` with empty slots appended up to the model's widths: what collate made before."""
     import torch.nn.functional as F
@@ -53,25 +42,11 @@ def fully_padded(batch: dict, video_slots: int, text_slots: int) -> dict:
 
 
 def _seconds_per_step(build, cfg, batches: list[dict]) -> float:
-    """Mean seconds of a training step (forward, backward, clip, Adam) after the warm steps, on a
-    freshly built system."""
+    """Mean seconds of a training step after the warm steps, on a freshly built system."""
     import torch
 
     torch.manual_seed(cfg.train.seed)
-    system = build(cfg, torch.device("cpu"))
-    model = system.model.train()
-    prepare = getattr(system, "prepare", lambda batch: batch)
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr)
-    times = []
-    for batch in batches:
-        started = time.perf_counter()
-        loss, _ = system.training_step(prepare(batch))
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        loss.item()
-        times.append(time.perf_counter() - started)
+    times = timed_steps(build(cfg, torch.device("cpu")), batches, cfg)
     return sum(times[WARM_STEPS:]) / len(times[WARM_STEPS:])
 
 
@@ -105,12 +80,12 @@ def run(args) -> dict:
         pre = with_video_dim(load_config(PretrainConfig, None, [*_overrides(args, data), "data.clips_per_video=16"]),
                              data["s3d"])
         system = vlm_system.build_system(pre, torch.device("cpu"))
-        pre_batches = _batches(system, examples_dataset(pre.data, pre.model.max_video_tokens).materialize(), count,
-                               args.batch)
+        pre_batches = collated_batches(system, examples_dataset(pre.data, pre.model.max_video_tokens).materialize(),
+                                       count, args.batch)
         ft = with_video_dim(load_config(FinetuneConfig, None, [*_overrides(args, data), "task=retrieval"]),
                             data["s3d"])
-        ft_batches = _batches(vlm_finetune.build_system(ft, torch.device("cpu")), finetune_dataset(ft).materialize(),
-                              count, args.batch)
+        ft_batches = collated_batches(vlm_finetune.build_system(ft, torch.device("cpu")),
+                                      finetune_dataset(ft).materialize(), count, args.batch)
     finally:
         ray.shutdown()
     rows = [_compare("pre-training", vlm_system.build_system, pre, pre_batches, pre.model.max_video_tokens,

@@ -46,37 +46,35 @@ def _config(args, workdir: str, data: dict):
 WARM_STEPS = 2  # steps before the steady state: the first of each shape is slow, compiled or not
 
 
-def _plain_loop(cfg, threads: int, steps: int, compile: bool = False) -> dict:
-    """The same steps in this process: batches collated first, then timed steps."""
-    import torch
-
-    from vidray.data.vlm import examples_dataset
-    from vidray.train.loop import warmup_poly_decay
-    from vidray.train.parallel import compile_layers
-    from vidray.train.vlm_system import build_system
-
-    torch.set_num_threads(threads)
-    torch.manual_seed(cfg.train.seed)
-    system = build_system(cfg, torch.device("cpu"))
-    dataset = examples_dataset(cfg.data, cfg.model.max_video_tokens, seed=cfg.train.seed).materialize()
+def collated_batches(system, dataset, count: int, batch_size: int) -> list[dict]:
+    """``count`` batches of ``system.collate`` over a materialized dataset, read again as needed."""
     batches = []
-    while len(batches) < steps:
-        for rows in dataset.iter_batches(batch_size=cfg.train.batch_size, batch_format="numpy", drop_last=True):
+    while len(batches) < count:
+        for rows in dataset.iter_batches(batch_size=batch_size, batch_format="numpy", drop_last=True):
             batches.append(system.collate(rows))
         if not batches:
-            raise ValueError(f"fewer examples than one batch of {cfg.train.batch_size}: use more --videos")
+            raise ValueError(f"fewer examples than one batch of {batch_size}: use more --videos")
+    return batches[:count]
+
+
+def timed_steps(system, batches: list[dict], cfg) -> list[float]:
+    """Seconds of each training step over ``batches`` (forward, backward, clipping, Adam and the
+    learning-rate schedule of ``cfg``), in this process."""
+    import torch
+
+    from vidray.train.loop import warmup_poly_decay
+
     model = system.model
     model.train()
-    if compile:
-        compile_layers(model)
+    prepare = getattr(system, "prepare", lambda batch: batch)
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=cfg.optim.lr,
                                  betas=tuple(cfg.optim.betas), weight_decay=cfg.optim.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_poly_decay(cfg.optim.warmup_steps,
                                                                                cfg.train.steps))
     times = []
-    for batch in batches[:steps]:
+    for batch in batches:
         started = time.perf_counter()
-        loss, _ = system.training_step(system.prepare(batch))
+        loss, _ = system.training_step(prepare(batch))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -84,11 +82,30 @@ def _plain_loop(cfg, threads: int, steps: int, compile: bool = False) -> dict:
         optimizer.zero_grad(set_to_none=True)
         loss.item()  # the Ray loop reads the loss every step too
         times.append(time.perf_counter() - started)
+    return times
+
+
+def _plain_loop(cfg, threads: int, steps: int, compile: bool = False) -> dict:
+    """The same steps in this process: batches collated first, then timed steps."""
+    import torch
+
+    from vidray.data.vlm import examples_dataset
+    from vidray.train.parallel import compile_layers
+    from vidray.train.vlm_system import build_system
+
+    torch.set_num_threads(threads)
+    torch.manual_seed(cfg.train.seed)
+    system = build_system(cfg, torch.device("cpu"))
+    dataset = examples_dataset(cfg.data, cfg.model.max_video_tokens, seed=cfg.train.seed).materialize()
+    batches = collated_batches(system, dataset, steps, cfg.train.batch_size)
+    if compile:
+        compile_layers(system.model)
+    times = timed_steps(system, batches, cfg)
     batch_size = cfg.train.batch_size
     return {"seconds": sum(times), "examples_per_s": steps * batch_size / sum(times),
             "warm_seconds": sum(times[:WARM_STEPS]),
             "steady_examples_per_s": (steps - WARM_STEPS) * batch_size / sum(times[WARM_STEPS:]),
-            "params": sum(p.numel() for p in model.parameters())}
+            "params": sum(p.numel() for p in system.model.parameters())}
 
 
 def run(args) -> dict:

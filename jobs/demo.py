@@ -474,7 +474,8 @@ def run_demo(workdir: str, videos: int = 48, keep_stack: bool = False, model: st
     if swept and swept["best"]:
         best = swept["best"]
         if best["tied_with"]:  # picking the first would read as a preference the sweep did not show
-            ratios = sorted(t["objective.mmm_ratio"] for t in swept["trials"] if t["t2v_R1"] == best["t2v_R1"])
+            ratios = sorted(t["objective.mmm_ratio"] for t in swept["trials"]
+                            if t["trial"] == best["trial"] or t["trial"] in best["tied_with"])
             say(f"sweep {swept['name']}: MMM ratios {' and '.join(map(str, ratios))} tie at val R@1 "
                 f"{best['t2v_R1']:.3f} (trials: {swept['counts']}): its steps and one seed check the machinery; "
                 "`python -m benchmarks ablations` measures MMM with seeds (BENCHMARKS.md); MLflow experiment "

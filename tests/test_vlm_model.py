@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.padding import fully_padded
 from vidray.config import ConfigError
 from vidray.config.vlm import ModelConfig
 from vidray.data.vlm import collate
@@ -118,13 +119,6 @@ def test_padded_slot_content_does_not_change_valid_outputs(model, attention):
     torch.testing.assert_close(after[valid], before[valid])
 
 
-def fully_padded(batch: dict) -> dict:
-    """``batch`` padded with empty slots up to the model's widths (LV video slots, LT text slots)."""
-    lv, lt = batch["video"].shape[1], batch["text_ids"].shape[1]
-    return {"video": F.pad(batch["video"], (0, 0, 0, LV - lv)), "video_mask": F.pad(batch["video_mask"], (0, LV - lv)),
-            "text_ids": F.pad(batch["text_ids"], (0, LT - lt)), "text_mask": F.pad(batch["text_mask"], (0, LT - lt))}
-
-
 @pytest.mark.parametrize("attention", sorted(ATTENTION_MASKS))
 def test_a_batch_padded_to_its_longest_computes_what_the_fully_padded_one_does(model, attention):
     """collate pads to the batch's longest video and text: every valid slot's state and both pooled
@@ -133,7 +127,7 @@ def test_a_batch_padded_to_its_longest_computes_what_the_fully_padded_one_does(m
                 "text_ids": [np.array([1500, 1600]), np.array([1700, 1800, 1900])]}
     short = collate(examples, max_video_tokens=LV, max_text_tokens=LT - 1, sep_id=SEP_ID)
     assert short["video"].shape[1] == 2 and short["text_ids"].shape[1] == 4      # not LV and LT
-    full = fully_padded(short)
+    full = fully_padded(short, LV, LT)
     lv = short["video"].shape[1]
     # Where each slot of the short layout sits in the full one: [CLS] and video, the first [SEP], text.
     slots = torch.cat([torch.arange(lv + 1), torch.tensor([LV + 1]), torch.arange(short["text_ids"].shape[1]) + LV + 2])

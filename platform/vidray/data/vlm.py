@@ -107,17 +107,18 @@ def collate(examples: dict, max_video_tokens: int, max_text_tokens: int, sep_id:
     rows, on fewer slots (a demo pre-training batch: 68 slots on average instead of 96)."""
     import torch
 
-    videos, texts = list(examples["video"]), list(examples["text_ids"])
-    batch, dim = len(videos), videos[0].shape[-1]
-    lv = max(1, min(max_video_tokens, max(len(np.asarray(v).reshape(-1, dim)) for v in videos)))
-    lt = min(max_text_tokens, max(len(t) for t in texts)) + 1  # + the final [SEP]
+    dim = examples["video"][0].shape[-1]
+    videos = [np.asarray(v, np.float32).reshape(-1, dim) for v in examples["video"]]
+    texts = [np.asarray(t, np.int64)[:max_text_tokens] for t in examples["text_ids"]]
+    batch = len(videos)
+    lv = max(1, min(max_video_tokens, max(len(v) for v in videos)))
+    lt = max(len(t) for t in texts) + 1  # + the final [SEP]
     video = torch.zeros(batch, lv, dim)
     video_mask = torch.zeros(batch, lv, dtype=torch.bool)
     text_ids = torch.full((batch, lt), pad_id, dtype=torch.long)
     text_mask = torch.zeros(batch, lt, dtype=torch.bool)
     for b, (v, t) in enumerate(zip(videos, texts)):
-        v = np.asarray(v, np.float32).reshape(-1, dim)[:lv]
-        t = np.asarray(t, np.int64)[:max_text_tokens]
+        v = v[:lv]
         video[b, :len(v)] = torch.from_numpy(v)
         video_mask[b, :len(v)] = True
         text_ids[b, :len(t)] = torch.from_numpy(t)
